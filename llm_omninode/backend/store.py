@@ -1,0 +1,258 @@
+"""The on-disk shard store: shards under their CID, manifests under the model id.
+
+Layout under the root (``OMNI_HOME``, by default ``llm.user_dir()/omni``)::
+
+    shards/<cid>            shard bytes received from peers, verified before they got this name
+    tmp/                    partial writes; never read as shards
+    manifests/<model>.json  canonical manifest JSON, file name = model id
+    sources.json            models added from a local GGUF: served from that file, not copied
+
+``put`` writes to a temporary name, hashes while writing, and renames only when the BLAKE3
+digest matches the CID, so a crash or a corrupt sender never leaves a bad shard under a valid id.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+
+from .cid import cid_from_digest, cid_of_chunks, digest_of_cid
+from .shards import Manifest, ShardEntry, shard_chunks
+
+_CHUNK = 8 * 1024 * 1024
+
+
+class StoreError(RuntimeError):
+    """A shard that is missing, corrupt, or cannot be written."""
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A local GGUF whose tensors back a model's shards."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class ShardStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.shard_dir = self.root / "shards"
+        self.tmp_dir = self.root / "tmp"
+        self.manifest_dir = self.root / "manifests"
+        for d in (self.shard_dir, self.tmp_dir, self.manifest_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._sources_path = self.root / "sources.json"
+        self._open_files: dict[str, object] = {}
+
+    # ---- shards ---------------------------------------------------------------------------
+    def _shard_path(self, cid: str) -> Path:
+        digest_of_cid(cid)  # a CID is the only name a caller (or a peer) can give us
+        return self.shard_dir / cid
+
+    def has(self, cid: str) -> bool:
+        return self._shard_path(cid).is_file() or self._file_backed(cid) is not None
+
+    def put(self, cid: str, chunks: Iterable[bytes | memoryview], size: int | None = None) -> Path:
+        """Store a shard from ``chunks``; raises StoreError (and keeps nothing) on a mismatch."""
+        path = self._shard_path(cid)
+        hasher = blake3.blake3()
+        written = 0
+        fd, tmp = tempfile.mkstemp(prefix=cid[:16] + ".", dir=self.tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if size is not None and written > size:
+                        raise StoreError(f"shard {cid}: more than the expected {size} bytes")
+                    hasher.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if size is not None and written != size:
+                raise StoreError(f"shard {cid}: got {written} bytes, expected {size}")
+            got = cid_from_digest(hasher.digest())
+            if got != cid:
+                raise StoreError(f"shard {cid}: content hashes to {got}")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def put_bytes(self, cid: str, data: bytes) -> Path:
+        return self.put(cid, [data], size=len(data))
+
+    def remove(self, cid: str) -> bool:
+        path = self._shard_path(cid)
+        if path.exists():
+            path.unlink()
+            return True
+        return False
+
+    def read(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
+        """A byte range of a shard (what a peer's ranged read gets)."""
+        view = self.open(cid)
+        if offset < 0 or offset > len(view):
+            raise StoreError(f"shard {cid}: offset {offset} outside 0..{len(view)}")
+        end = len(view) if length is None else min(len(view), offset + max(0, length))
+        return bytes(view[offset:end])
+
+    def open(self, cid: str) -> memoryview:
+        """The whole shard, zero-copy (a mapping of the shard file or of the source GGUF)."""
+        path = self._shard_path(cid)
+        if path.is_file():
+            return memoryview(_map(path))
+        backed = self._file_backed(cid)
+        if backed is None:
+            raise StoreError(f"shard {cid} is not in the store")
+        source, shard = backed
+        # a file-backed shard is only contiguous with padding rebuilt; join once on request
+        return memoryview(b"".join(shard_chunks(shard, self._gguf(source).tensor_data)))
+
+    def verify(self, cid: str) -> bool:
+        """Re-hash a stored shard; a mismatch means the disk changed under us."""
+        path = self._shard_path(cid)
+        if path.is_file():
+            with open(path, "rb") as f:
+                return cid_of_chunks(iter(lambda: f.read(_CHUNK), b"")) == cid
+        backed = self._file_backed(cid)
+        if backed is None:
+            return False
+        source, shard = backed
+        return cid_of_chunks(shard_chunks(shard, self._gguf(source).tensor_data)) == cid
+
+    def shards(self) -> Iterator[str]:
+        for path in sorted(self.shard_dir.iterdir()):
+            yield path.name
+
+    # ---- tensors of a shard -----------------------------------------------------------------
+    def tensor_views(self, shard: ShardEntry, model_id: str | None = None) -> dict[str, np.ndarray]:
+        """uint8 views of each tensor of ``shard``, zero-copy from whichever copy we hold."""
+        path = self._shard_path(shard.cid)
+        if path.is_file():
+            data = np.frombuffer(_map(path), dtype=np.uint8)
+            if len(data) != shard.size:
+                raise StoreError(f"shard {shard.name} ({shard.cid}) has the wrong size")
+            return {t.name: data[t.offset : t.offset + t.nbytes] for t in shard.tensors}
+        backed = self._file_backed(shard.cid, model_id)
+        if backed is None:
+            raise StoreError(f"shard {shard.name} ({shard.cid}) is not in the store")
+        gguf = self._gguf(backed[0])
+        return {t.name: gguf.tensor_data(t.name) for t in shard.tensors}
+
+    # ---- manifests and file sources -----------------------------------------------------------
+    def put_manifest(self, manifest: Manifest) -> str:
+        model_id = manifest.model_id
+        target = self.manifest_dir / f"{model_id}.json"
+        if not target.exists():
+            _atomic_write(target, manifest.to_json())
+        return model_id
+
+    def get_manifest(self, model_id: str) -> Manifest:
+        digest_of_cid(model_id)
+        path = self.manifest_dir / f"{model_id}.json"
+        if not path.is_file():
+            raise StoreError(f"no manifest for model {model_id}")
+        return Manifest.from_json(path.read_bytes())
+
+    def has_manifest(self, model_id: str) -> bool:
+        return (self.manifest_dir / f"{model_id}.json").is_file()
+
+    def remove_manifest(self, model_id: str) -> None:
+        digest_of_cid(model_id)
+        (self.manifest_dir / f"{model_id}.json").unlink(missing_ok=True)
+        sources = self._sources()
+        if sources.pop(model_id, None) is not None:
+            _atomic_write(self._sources_path, json.dumps(sources, indent=1).encode())
+
+    def manifests(self) -> list[str]:
+        return sorted(p.stem for p in self.manifest_dir.glob("*.json"))
+
+    def add_file_source(self, model_id: str, path: str | os.PathLike) -> None:
+        """Serve ``model_id``'s shards from ``path``: the file is mapped, never copied."""
+        st = os.stat(path)
+        sources = self._sources()
+        sources[model_id] = {
+            "path": str(Path(path).resolve()),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        }
+        _atomic_write(self._sources_path, json.dumps(sources, indent=1).encode())
+
+    def file_source(self, model_id: str) -> FileSource | None:
+        entry = self._sources().get(model_id)
+        if not isinstance(entry, dict):
+            return None
+        return FileSource(str(entry["path"]), int(entry["size"]), int(entry["mtime_ns"]))
+
+    def _sources(self) -> dict:
+        try:
+            data = json.loads(self._sources_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self._sources_path} is unreadable: {exc}") from exc
+        return data if isinstance(data, dict) else {}
+
+    def _file_backed(
+        self, cid: str, model_id: str | None = None
+    ) -> tuple[FileSource, ShardEntry] | None:
+        ids = [model_id] if model_id else list(self._sources())
+        for mid in ids:
+            source = self.file_source(mid)
+            if source is None or not self.has_manifest(mid):
+                continue
+            for shard in self.get_manifest(mid).shards:
+                if shard.cid == cid:
+                    return source, shard
+        return None
+
+    def _gguf(self, source: FileSource):
+        from .gguf import open_gguf  # deferred: only needed for file-backed models
+
+        try:
+            st = os.stat(source.path)
+        except OSError as exc:
+            raise StoreError(f"model file {source.path} is gone: {exc}") from exc
+        if st.st_size != source.size or st.st_mtime_ns != source.mtime_ns:
+            raise StoreError(f"model file {source.path} changed since it was added; add it again")
+        gguf = self._open_files.get(source.path)
+        if gguf is None:
+            gguf = open_gguf(source.path)
+            self._open_files[source.path] = gguf
+        return gguf
+
+    def close(self) -> None:
+        for gguf in self._open_files.values():
+            gguf.close()
+        self._open_files.clear()
+
+
+def _map(path: Path) -> mmap.mmap | bytes:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

