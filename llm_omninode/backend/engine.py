@@ -1,0 +1,375 @@
+"""A stage: a contiguous slice of transformer blocks executed with MLX.
+
+The first stage also embeds token ids; the last also applies the final norm and the output
+projection. Between stages hidden states travel as float16 (T, d_model); inside a stage the
+compute dtype is float32 by default, which is what llama.cpp's CPU backend uses, so logits
+follow the reference closely.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
+from .quant import QuantizedWeight, TensorData, Weight, load_tensor
+from .spec import ModelSpec, UnsupportedModelError
+
+__all__ = [
+    "ContextOverflowError",
+    "SequenceLimitError",
+    "Stage",
+    "TensorData",
+]
+
+MAX_SEQ_ID_LEN = 256
+# Long prompts are run through the blocks in chunks so attention scores stay bounded
+# (T x T per head); the result is the same as one pass, the caller still makes one call.
+PREFILL_CHUNK = 512
+
+
+class Linear:
+    """``y = x @ W.T (+ b)`` over a dense or quantized GGUF weight."""
+
+    def __init__(self, weight: Weight, bias: mx.array | None = None) -> None:
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if isinstance(self.weight, QuantizedWeight):
+            y = self.weight.matmul_t(x)
+        else:
+            y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def fused(cls, parts: list[Linear]) -> Linear | None:
+        """One Linear computing ``parts`` side by side (fewer matmuls per token), if possible."""
+        ws = [p.weight for p in parts]
+        if all(isinstance(w, QuantizedWeight) for w in ws):
+            if len({(w.bits, w.group_size, w.scales.dtype) for w in ws}) != 1:
+                return None
+            weight: Weight = QuantizedWeight(
+                mx.concatenate([w.weight for w in ws]),
+                mx.concatenate([w.scales for w in ws]),
+                mx.concatenate([w.biases for w in ws]),
+                ws[0].bits,
+                ws[0].group_size,
+            )
+        elif all(isinstance(w, mx.array) for w in ws):
+            weight = mx.concatenate(ws)
+        else:
+            return None
+        biases = [p.bias for p in parts]
+        if all(b is None for b in biases):
+            bias = None
+        elif all(b is not None for b in biases):
+            bias = mx.concatenate(biases)
+        else:
+            return None
+        return cls(weight, bias)
+
+
+class Attention:
+    def __init__(self, spec: ModelSpec, w: _Loader, prefix: str, rope_freqs: mx.array | None):
+        self.spec = spec
+        nh, nkv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+        parts = []
+        for name, n_out in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
+            bias = w.dense(f"{prefix}attn_{name}.bias", (n_out,)) if spec.attn_bias else None
+            parts.append(Linear(w.weight(f"{prefix}attn_{name}.weight", (d, n_out)), bias))
+        self.qkv = Linear.fused(parts)
+        self.q_proj, self.k_proj, self.v_proj = parts if self.qkv is None else (None,) * 3
+        self.o_proj = Linear(w.weight(f"{prefix}attn_output.weight", (nh * hd, d)))
+        self.q_norm = self.k_norm = None
+        if spec.qk_norm:
+            self.q_norm = w.dense(f"{prefix}attn_q_norm.weight", (hd,))
+            self.k_norm = w.dense(f"{prefix}attn_k_norm.weight", (hd,))
+        self.rope_freqs = rope_freqs
+        self.splits = [nh * hd, (nh + nkv) * hd]
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        s = self.spec
+        return mx.fast.rope(
+            x,
+            s.rope_dim,
+            traditional=s.rope_traditional,
+            base=None if self.rope_freqs is not None else s.rope_base,
+            scale=s.rope_scale,
+            offset=offset,
+            freqs=self.rope_freqs,
+        )
+
+    def __call__(
+        self, x: mx.array, cache: KVCache, layer: int, mask: str | None
+    ) -> mx.array:
+        s = self.spec
+        _, T, _ = x.shape
+        if self.qkv is not None:
+            q, k, v = mx.split(self.qkv(x), self.splits, axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(1, T, s.n_heads, s.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(1, T, s.n_kv_heads, s.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(1, T, s.n_kv_heads, s.head_dim).transpose(0, 2, 1, 3)
+        if self.q_norm is not None:
+            q = mx.fast.rms_norm(q, self.q_norm, s.rms_eps)
+            k = mx.fast.rms_norm(k, self.k_norm, s.rms_eps)
+        q = self._rope(q, cache.offset)
+        k = self._rope(k, cache.offset)
+        keys, values = cache.update(layer, k, v)
+        if keys.dtype != q.dtype:
+            keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(1, T, s.n_heads * s.head_dim))
+
+
+class MLP:
+    """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU for llama."""
+
+    def __init__(self, spec: ModelSpec, w: _Loader, prefix: str) -> None:
+        d, f = spec.d_model, spec.d_ff
+        gate = Linear(w.weight(f"{prefix}ffn_gate.weight", (d, f)))
+        up = Linear(w.weight(f"{prefix}ffn_up.weight", (d, f)))
+        self.gate_up = Linear.fused([gate, up])
+        self.gate, self.up = (gate, up) if self.gate_up is None else (None, None)
+        self.down = Linear(w.weight(f"{prefix}ffn_down.weight", (f, d)))
+        self.d_ff = f
+        if spec.activation == "silu":
+            self.act = nn.silu
+        elif spec.activation == "gelu":
+            self.act = nn.gelu_approx  # gemma's gelu_pytorch_tanh, as llama.cpp's ggml_gelu
+        else:
+            raise UnsupportedModelError(f"activation {spec.activation!r} is not supported")
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.gate_up is not None:
+            g, u = mx.split(self.gate_up(x), [self.d_ff], axis=-1)
+        else:
+            g, u = self.gate(x), self.up(x)
+        return self.down(self.act(g) * u)
+
+
+class Block:
+    def __init__(
+        self, spec: ModelSpec, w: _Loader, index: int, rope_freqs: mx.array | None
+    ) -> None:
+        p = f"blk.{index}."
+        d = spec.d_model
+        self.eps = spec.rms_eps
+        self.attn_norm = w.dense(f"{p}attn_norm.weight", (d,))
+        self.attn = Attention(spec, w, p, rope_freqs)
+        self.ffn_norm = w.dense(f"{p}ffn_norm.weight", (d,))
+        self.mlp = MLP(spec, w, p)
+        self.post_attn_norm = self.post_ffn_norm = None
+        if spec.post_norms:
+            self.post_attn_norm = w.dense(f"{p}post_attention_norm.weight", (d,))
+            self.post_ffn_norm = w.dense(f"{p}post_ffw_norm.weight", (d,))
+
+    def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
+        a = self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), cache, layer, mask)
+        if self.post_attn_norm is not None:
+            a = mx.fast.rms_norm(a, self.post_attn_norm, self.eps)
+        h = x + a
+        m = self.mlp(mx.fast.rms_norm(h, self.ffn_norm, self.eps))
+        if self.post_ffn_norm is not None:
+            m = mx.fast.rms_norm(m, self.post_ffn_norm, self.eps)
+        return h + m
+
+
+class _Loader:
+    """Loads named tensors after checking they exist with the shape the spec implies."""
+
+    def __init__(self, tensors: Mapping[str, TensorData], dtype: mx.Dtype) -> None:
+        self.tensors = tensors
+        self.dtype = dtype
+
+    def _get(self, name: str, shape: tuple[int, ...]) -> TensorData:
+        t = self.tensors.get(name)
+        if t is None:
+            raise UnsupportedModelError(f"tensor {name} is missing")
+        if tuple(t.shape) != shape:
+            raise UnsupportedModelError(
+                f"tensor {name} has shape {tuple(t.shape)}, the model spec implies {shape}"
+            )
+        return t
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
+        return load_tensor(self._get(name, shape), dtype=self.dtype)
+
+    def dense(self, name: str, shape: tuple[int, ...]) -> mx.array:
+        w = self.weight(name, shape)
+        if isinstance(w, QuantizedWeight):
+            w = w.dequantize()  # a quantized norm or bias vector is odd but harmless
+        return w
+
+
+class Stage:
+    """Blocks [start, end) of a model, with a KV cache per sequence.
+
+    ``forward(seq_id, x)`` takes int32 token ids (T,) on the first stage, float16 hidden
+    states (T, d_model) otherwise; it returns float16 hidden states (T, d_model), or on the
+    last stage float32 logits (vocab,) of the last position.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tensors: Mapping[str, TensorData],
+        start: int,
+        end: int,
+        *,
+        max_sequences: int = 8,
+        max_context: int | None = None,
+        dtype: mx.Dtype = mx.float32,
+        kv_dtype: mx.Dtype = mx.float16,
+    ) -> None:
+        if not 0 <= start < end <= spec.n_blocks:
+            raise ValueError(f"bad block range [{start}, {end}) for {spec.n_blocks} blocks")
+        if max_context is not None and max_context < 1:
+            raise ValueError(f"max_context must be >= 1, got {max_context}")
+        if dtype not in (mx.float32, mx.float16, mx.bfloat16):
+            raise ValueError(f"compute dtype must be a float type, got {dtype}")
+        self.spec = spec
+        self.start, self.end = start, end
+        self.is_first = start == 0
+        self.is_last = end == spec.n_blocks
+        self.dtype = dtype
+        self.max_context = max_context or spec.context_length
+        d = spec.d_model
+        w = _Loader(tensors, dtype)
+
+        rope_freqs = None
+        if spec.rope_freq_factors:
+            # llama.cpp divides each frequency by its factor; MLX's freqs are periods
+            factors = w.dense("rope_freqs.weight", (spec.rope_dim // 2,)).astype(mx.float32)
+            exps = mx.arange(0, spec.rope_dim, 2, dtype=mx.float32) / spec.rope_dim
+            rope_freqs = mx.power(spec.rope_base, exps) * factors
+
+        tied = spec.tied_embedding or "output.weight" not in tensors
+        self.embedding: Weight | None = None
+        if self.is_first or (self.is_last and tied):
+            self.embedding = w.weight("token_embd.weight", (d, spec.vocab_size))
+        self.blocks = [Block(spec, w, i, rope_freqs) for i in range(start, end)]
+        self.output_norm = self.output = None
+        if self.is_last:
+            self.output_norm = w.dense("output_norm.weight", (d,))
+            self.output = Linear(
+                self.embedding if tied else w.weight("output.weight", (d, spec.vocab_size))
+            )
+        if not self.is_first:
+            self.embedding = None  # only the tied head holds on to it
+        mx.eval(self._parameters())
+        self._caches = SequenceCaches(
+            max_sequences,
+            n_layers=end - start,
+            n_kv_heads=spec.n_kv_heads,
+            head_dim=spec.head_dim,
+            max_len=self.max_context,
+            dtype=kv_dtype,
+        )
+        self._lock = threading.Lock()
+
+    def _parameters(self) -> list[mx.array]:
+        out: list[mx.array] = []
+
+        def walk(obj: object) -> None:
+            if isinstance(obj, mx.array):
+                out.append(obj)
+            elif isinstance(obj, QuantizedWeight):
+                out.extend([obj.weight, obj.scales, obj.biases])
+            elif isinstance(obj, list | tuple):
+                for o in obj:
+                    walk(o)
+            elif isinstance(obj, Linear | Attention | MLP | Block):
+                for v in vars(obj).values():
+                    walk(v)
+
+        walk([self.embedding, self.blocks, self.output_norm, self.output])
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights this stage holds (shared arrays counted once)."""
+        return sum({id(a): a.nbytes for a in self._parameters()}.values())
+
+    # ---- sequences ------------------------------------------------------------------------
+    def sequences(self) -> list[str]:
+        with self._lock:
+            return self._caches.ids()
+
+    def free(self, seq_id: str) -> None:
+        with self._lock:
+            self._caches.free(seq_id)
+
+    def evict_idle(self, max_idle_s: float) -> list[str]:
+        """Free sequences unused for ``max_idle_s`` seconds; returns their ids."""
+        with self._lock:
+            return self._caches.evict_idle(max_idle_s)
+
+    def position(self, seq_id: str) -> int:
+        """Tokens cached for the sequence (0 if unknown)."""
+        with self._lock:
+            cache = self._caches._caches.get(seq_id)
+            return 0 if cache is None else cache.offset
+
+    # ---- compute --------------------------------------------------------------------------
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if self.is_first:
+            if x.ndim != 1 or x.size == 0 or x.dtype.kind not in "iu":
+                raise ValueError(f"first stage takes token ids of shape (T,), got {x.dtype}{x.shape}")
+            if x.min() < 0 or x.max() >= self.spec.vocab_size:
+                raise ValueError(f"token id out of range [0, {self.spec.vocab_size})")
+            return x.astype(np.int32, copy=False)
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.spec.d_model:
+            raise ValueError(
+                f"stage takes hidden states of shape (T, {self.spec.d_model}), got {x.shape}"
+            )
+        if x.dtype != np.float16:
+            raise ValueError(f"hidden states must be float16, got {x.dtype}")
+        return x
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        e = self.embedding
+        h = e.take_rows(ids) if isinstance(e, QuantizedWeight) else e[ids]
+        h = h.astype(self.dtype)
+        if self.spec.embed_scale is not None:
+            h = h * self.spec.embed_scale
+        return h
+
+    def _run(self, x: np.ndarray, cache: KVCache) -> mx.array:
+        T = x.shape[0]
+        h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
+        h = h[None]
+        mask = "causal" if T > 1 else None
+        for i, block in enumerate(self.blocks):
+            h = block(h, cache, i, mask)
+        if not self.is_last:
+            return h[0].astype(mx.float16)
+        h = mx.fast.rms_norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
+        return self.output(h)[0].astype(mx.float32)
+
+    def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
+        if not isinstance(seq_id, str) or not 0 < len(seq_id) <= MAX_SEQ_ID_LEN:
+            raise ValueError(f"seq_id must be a non-empty string of <= {MAX_SEQ_ID_LEN} chars")
+        x = self._check_input(x)
+        T = x.shape[0]
+        with self._lock:
+            cache = self._caches.get(seq_id)
+            cache.reserve(T)  # raises ContextOverflowError before anything changes
+            self._caches.keep(seq_id, cache)
+            outs = []
+            for s in range(0, T, PREFILL_CHUNK):
+                chunk = x[s : s + PREFILL_CHUNK]
+                out = self._run(chunk, cache)
+                mx.eval(out, cache.state())
+                cache.commit(chunk.shape[0])
+                outs.append(out)
+        if self.is_last:
+            return np.array(outs[-1])
+        return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+from tiny_model import write_tiny_llama
+
+from llm_omninode.backend.generate import StopMatcher, generate
+from llm_omninode.backend.gguf import open_gguf
+from llm_omninode.backend.sampling import SamplingOptions
+from llm_omninode.backend.tokenizer import Tokenizer
+
+
+def test_stop_matcher_holds_back_possible_prefixes():
+    m = StopMatcher(["</s>", "User:"])
+    assert m.feed("Hello <") == ("Hello ", False)
+    assert m.feed("/") == ("", False)
+    assert m.feed("p>") == ("</p>", False)
+    assert m.feed(" Us") == (" ", False)
+    assert m.feed("er: hi") == ("", True)
+
+
+def test_stop_matcher_without_stops_passes_through():
+    m = StopMatcher([])
+    assert m.feed("abc") == ("abc", False)
+    assert m.flush() == ""
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = write_tiny_llama(tmp_path_factory.mktemp("tok") / "tiny.gguf")
+    with open_gguf(path) as gguf:
+        return Tokenizer.from_metadata(gguf.metadata)
+
+
+class ScriptedModel:
+    """Logits that force a scripted token sequence: a stand-in for the stages, which have
+    their own tests; here only the loop's bookkeeping is under test."""
+
+    def __init__(self, script, vocab):
+        self.script, self.vocab, self.calls, self.freed = list(script), vocab, [], []
+
+    def forward(self, seq_id, x):
+        self.calls.append(len(x))
+        logits = np.zeros(self.vocab, dtype=np.float32)
+        logits[self.script.pop(0)] = 10.0
+        return logits
+
+    def free(self, seq_id):
+        self.freed.append(seq_id)
+
+
+def run(tokenizer, script, **kw):
+    model = ScriptedModel(script, tokenizer.vocab_size)
+    opts = kw.pop("options", SamplingOptions.greedy())
+    chunks = list(
+        generate(
+            model.forward, tokenizer, [5, 6, 7], options=opts, free=model.free,
+            max_tokens=kw.pop("max_tokens", 50), **kw,
+        )  # fmt: skip
+    )
+    return model, chunks
+
+
+def ids_of(tokenizer, text):
+    return tokenizer.encode(text, add_special=False)
+
+
+def test_prefill_once_then_one_token_per_round_until_eog(tokenizer):
+    script = ids_of(tokenizer, "the cat") + [2]  # 2 = <|im_end|>... eos of the tiny vocab
+    model, chunks = run(tokenizer, script)
+    assert model.calls[0] == 3 and set(model.calls[1:]) == {1}
+    assert "".join(c.text for c in chunks) == "the cat"
+    last = chunks[-1]
+    assert last.done and last.done_reason == "stop"
+    assert last.prompt_tokens == 3 and last.completion_tokens == len(script) - 1
+    assert len(model.freed) == 1  # the KV cache is released
+
+
+def test_max_tokens_gives_length(tokenizer):
+    script = ids_of(tokenizer, "a a a a a a a a")
+    model, chunks = run(tokenizer, script, max_tokens=3)
+    assert chunks[-1].done_reason == "length" and chunks[-1].completion_tokens == 3
+
+
+def test_stop_string_cuts_text(tokenizer):
+    script = ids_of(tokenizer, "one, two; three") + [2]
+    _, chunks = run(tokenizer, script, stop=[";"])
+    assert "".join(c.text for c in chunks) == "one, two"
+    assert chunks[-1].done_reason == "stop"
+
+
+def test_utf8_split_across_tokens_is_never_half_emitted(tokenizer):
+    script = ids_of(tokenizer, "é€") + [2]  # byte tokens: 2 + 3 bytes
+    _, chunks = run(tokenizer, script)
+    texts = [c.text for c in chunks if c.text]
+    assert "".join(texts) == "é€"
+    assert all("\ufffd" not in t for t in texts)
+
+
+def test_prompt_longer_than_context_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="context"):
+        run(tokenizer, [0], context_length=2)
