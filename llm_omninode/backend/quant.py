@@ -173,8 +173,8 @@ def load_tensor(t: TensorData, *, dtype: mx.Dtype = mx.float32) -> Weight:
     """A GGUF tensor as MLX: a QuantizedWeight for Q4_0/Q4_1/Q8_0, else a dense array.
 
     Dense arrays come back in MLX order (reversed GGUF shape) cast to ``dtype``; quantized
-    scales and biases use ``dtype`` too (float32 keeps them exact; float16 does as well, since
-    d, -8d and -128d are all representable when d is).
+    scales and biases use ``dtype`` too. Both float32 and float16 hold d, m, -8d and -128d
+    exactly; with float16 only the dequantized products round.
     """
     try:
         ggml_type = GGMLType(t.ggml_type)

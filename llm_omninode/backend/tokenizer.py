@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -93,7 +94,12 @@ def _pre_table() -> dict[str, tuple[list[str], bool, bool]]:
             table[name] = (regexes, ignore_merges, add_bos)
 
     put("default", _RES_DEFAULT)
-    put("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2", [_RE_LLAMA3], True, True)
+    put(
+        "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2",
+        [_RE_LLAMA3],
+        True,
+        True,
+    )
     put("dbrx smaug-bpe glm4 chatglm-bpe", [_RE_LLAMA3])
     put(
         "gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert "
@@ -149,7 +155,7 @@ _FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
 _FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
 _FIM_SEP_TEXTS = ("<|file_sep|>",)
 
-# metadata key suffix -> attribute; later keys (deprecated names) only fill what is unset
+# metadata key suffix -> attribute, in llama.cpp's order (a later key overrides, as there)
 _SPECIAL_ID_KEYS = (
     ("bos_token_id", "bos_id"),
     ("eos_token_id", "eos_id"),
@@ -172,6 +178,7 @@ _SPECIAL_ID_KEYS = (
 
 _MAX_VOCAB = 4_000_000  # far above any real vocabulary; refuses absurd metadata early
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale, used by LSTRIP/RSTRIP
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: not encodable as UTF-8
 
 
 def _is_hex_byte_token(text: str) -> bool:
@@ -404,9 +411,8 @@ class Tokenizer:
                     attrs[tid[t]] &= ~ATTR_RSTRIP
 
     def _build_hf(self, md: Mapping[str, Any]):
-        from tokenizers import Regex
+        from tokenizers import Regex, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models, pre_tokenizers
 
         merges_md = md.get("tokenizer.ggml.merges")
         if not isinstance(merges_md, (list, tuple)):
@@ -462,8 +468,7 @@ class Tokenizer:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            text = text.encode("utf-8", "replace").decode("utf-8").replace("?", "\ufffd")
-            text = text  # noqa: PLW0127 - keep the simple path readable
+            text = _SURROGATE.sub("\ufffd", text)
         fragments = self._partition(text, parse_special) if text else []
         out: list[int] = []
         if add_special and self.add_bos:
@@ -600,6 +605,15 @@ class Tokenizer:
         if tok is not None:
             out.append(tok)
 
+    def split_words(self, text: str) -> list[str]:
+        """The words the BPE pre-tokenizer cuts ``text`` into (no special-token handling);
+        SentencePiece vocabularies do not pre-split, so they return ``[text]``."""
+        if self._hf is None:
+            return [text] if text else []
+        c2b = _CHAR_TO_BYTE
+        words = self._hf.pre_tokenizer.pre_tokenize_str(text)
+        return [bytes([c2b[c] for c in w]).decode("utf-8", "replace") for w, _ in words]
+
     # ------------------------------------------------------------------ decoding
     def token_text(self, id: int) -> str:
         """The vocabulary entry of one token, as stored in the GGUF."""
@@ -655,10 +669,7 @@ class Tokenizer:
         strip = self.model == "llama" and self.add_space_prefix
         for k in range(first, len(ids)):
             i = ids[k]
-            if skip_special and self.is_special(i):
-                piece = b""
-            else:
-                piece = self.token_bytes(i)
+            piece = b"" if skip_special and self.is_special(i) else self.token_bytes(i)
             if strip and k == first and piece.startswith(b" "):
                 piece = piece[1:]
             buf += piece

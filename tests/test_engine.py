@@ -1,0 +1,390 @@
+"""The MLX stage engine: correctness against a NumPy reference, splits, caches, fidelity."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from llm_omninode.backend import engine
+from llm_omninode.backend.engine import (
+    ContextOverflowError,
+    SequenceLimitError,
+    Stage,
+    TensorData,
+)
+from llm_omninode.backend.ggml_types import GGMLType
+from llm_omninode.backend.gguf import open_gguf
+from llm_omninode.backend.spec import ModelSpec, UnsupportedModelError
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize  # noqa: E402
+from tiny_model import write_tiny_llama  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+class Model:
+    """A GGUF file's spec and tensors (zero-copy views; the file stays open for the test)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open_gguf(path)
+        self.spec = ModelSpec.from_metadata(self.file.metadata, self.file.tensors)
+        self.tensors = {
+            n: TensorData(n, t.ggml_type, t.shape, self.file.tensor_data(n))
+            for n, t in self.file.tensors.items()
+        }
+
+    def stages(self, bounds: Sequence[int], **kw: object) -> list[Stage]:
+        return [Stage(self.spec, self.tensors, a, b, **kw) for a, b in zip(bounds, bounds[1:])]
+
+
+def run(stages: Sequence[Stage], seq_id: str, ids: Sequence[int]) -> np.ndarray:
+    x: np.ndarray = np.asarray(ids, np.int32)
+    for stage in stages:
+        x = stage.forward(seq_id, x)
+    return x
+
+
+def greedy(stages: Sequence[Stage], prompt: Sequence[int], n: int, seq_id: str = "g") -> list[int]:
+    logits = run(stages, seq_id, prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = run(stages, seq_id, out[-1:])
+    for stage in stages:
+        stage.free(seq_id)
+    return out
+
+
+def reference_logits(model: Model, ids: Sequence[int]) -> np.ndarray:
+    """Straightforward float64 NumPy llama forward over gguf-dequantized weights (the oracle)."""
+    spec, tensors = model.spec, model.tensors
+
+    def w(name: str) -> np.ndarray:
+        t = tensors[name]
+        rows = int(np.prod(t.shape[1:]))
+        qt = gguf.GGMLQuantizationType(int(t.ggml_type))
+        a = dequantize(np.asarray(t.data).reshape(rows, -1), qt)
+        return a.reshape(tuple(reversed(t.shape))).astype(np.float64)
+
+    def rms(x: np.ndarray, name: str) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.rms_eps) * w(name)
+
+    def rope(x: np.ndarray) -> np.ndarray:  # llama.cpp mode NORM: rotate adjacent pairs
+        d = spec.rope_dim
+        theta = np.arange(len(x))[:, None] * spec.rope_base ** (-np.arange(0, d, 2) / d)
+        c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+        out = x.copy()
+        out[..., 0:d:2] = x[..., 0:d:2] * c - x[..., 1:d:2] * s
+        out[..., 1:d:2] = x[..., 0:d:2] * s + x[..., 1:d:2] * c
+        return out
+
+    T, nh, nkv, hd = len(ids), spec.n_heads, spec.n_kv_heads, spec.head_dim
+    x = w("token_embd.weight")[list(ids)]
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    for b in range(spec.n_blocks):
+        p = f"blk.{b}."
+        h = rms(x, p + "attn_norm.weight")
+        q = rope((h @ w(p + "attn_q.weight").T).reshape(T, nh, hd))
+        k = rope((h @ w(p + "attn_k.weight").T).reshape(T, nkv, hd))
+        v = (h @ w(p + "attn_v.weight").T).reshape(T, nkv, hd)
+        o = np.zeros((T, nh, hd))
+        for i in range(nh):
+            j = i // (nh // nkv)
+            s = q[:, i] @ k[:, j].T / np.sqrt(hd) + causal
+            s = np.exp(s - s.max(-1, keepdims=True))
+            o[:, i] = (s / s.sum(-1, keepdims=True)) @ v[:, j]
+        x = x + o.reshape(T, -1) @ w(p + "attn_output.weight").T
+        h = rms(x, p + "ffn_norm.weight")
+        g, u = h @ w(p + "ffn_gate.weight").T, h @ w(p + "ffn_up.weight").T
+        x = x + (g / (1 + np.exp(-g)) * u) @ w(p + "ffn_down.weight").T
+    head = "token_embd.weight" if spec.tied_embedding else "output.weight"
+    return (rms(x[-1:], "output_norm.weight") @ w(head).T)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+    path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", n_blocks=4)
+    model = Model(path)
+    yield model
+    model.file.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path: Path) -> Iterator[Model]:
+    model = Model(smollm2_path)
+    yield model
+    model.file.close()
+
+
+PROMPT = [1, 40, 70, 200, 7, 7, 99, 250, 3, 12, 150]
+
+
+# ---- correctness on tiny models --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"weight_type": GGMLType.Q4_0, "embed_type": GGMLType.Q4_0, "tied": False},
+        {"weight_type": GGMLType.Q8_0, "embed_type": GGMLType.F16, "tied": False},
+        {"weight_type": GGMLType.F16, "embed_type": GGMLType.F32, "n_kv_heads": 4},
+        {"weight_type": GGMLType.F32, "embed_type": GGMLType.Q8_0, "n_kv_heads": 1},
+    ],
+    ids=["q4_1-tied", "q4_0", "q8_0-f16emb", "f16-mha", "f32-mqa"],
+)
+def test_matches_numpy_reference(tmp_path: Path, kw: dict[str, object]) -> None:
+    model = Model(write_tiny_llama(tmp_path / "m.gguf", n_blocks=3, seed=5, **kw))
+    (stage,) = model.stages([0, 3], kv_dtype=mx.float32)
+    ids = list(PROMPT)
+    logits = stage.forward("s", np.array(ids[:-3], np.int32))
+    np.testing.assert_allclose(logits, reference_logits(model, ids[:-3]), atol=2e-4, rtol=1e-4)
+    for n in range(len(ids) - 3, len(ids)):  # decode steps against a full recompute
+        logits = stage.forward("s", np.array(ids[n : n + 1], np.int32))
+        np.testing.assert_allclose(logits, reference_logits(model, ids[: n + 1]), atol=2e-4)
+    assert logits.dtype == np.float32 and logits.shape == (model.spec.vocab_size,)
+    model.file.close()
+
+
+def test_float16_kv_cache_is_close(tiny: Model) -> None:
+    (stage,) = tiny.stages([0, 4])  # default kv_dtype float16, as llama.cpp's default cache
+    logits = stage.forward("s", np.array(PROMPT, np.int32))
+    np.testing.assert_allclose(logits, reference_logits(tiny, PROMPT), atol=2e-2)
+
+
+def test_prefill_equals_token_by_token(tiny: Model) -> None:
+    (stage,) = tiny.stages([0, 4], kv_dtype=mx.float32)
+    whole = stage.forward("a", np.array(PROMPT, np.int32))
+    for t in PROMPT:
+        one = stage.forward("b", np.array([t], np.int32))
+    np.testing.assert_allclose(whole, one, atol=1e-4)
+
+
+def test_chunked_prefill(tiny: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    (stage,) = tiny.stages([0, 4], kv_dtype=mx.float32)
+    whole = stage.forward("a", np.array(PROMPT, np.int32))
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 4)
+    chunked = stage.forward("b", np.array(PROMPT, np.int32))
+    np.testing.assert_allclose(whole, chunked, atol=1e-5)
+    (first, last) = tiny.stages([0, 2, 4], kv_dtype=mx.float32)
+    hidden = first.forward("c", np.array(PROMPT, np.int32))
+    assert hidden.shape == (len(PROMPT), tiny.spec.d_model) and hidden.dtype == np.float16
+
+
+def test_split_invariance_tiny(tiny: Model) -> None:
+    one = greedy(tiny.stages([0, 4]), PROMPT, 12)
+    assert greedy(tiny.stages([0, 2, 4]), PROMPT, 12) == one
+    assert greedy(tiny.stages([0, 1, 3, 4]), PROMPT, 12) == one
+    assert greedy(tiny.stages([0, 1, 2, 3, 4]), PROMPT, 12) == one
+
+
+def test_stage_boundaries_are_float16(tiny: Model) -> None:
+    a, b = tiny.stages([0, 2, 4])
+    h = a.forward("s", np.array(PROMPT, np.int32))
+    assert h.dtype == np.float16
+    logits = b.forward("s", h)
+    assert logits.dtype == np.float32 and logits.shape == (tiny.spec.vocab_size,)
+
+
+def test_loads_only_its_tensors(tiny: Model) -> None:
+    spec = tiny.spec
+    middle_names = [n for b in (1, 2) for n in spec.block_tensor_names(b)]
+    middle = Stage(spec, {n: tiny.tensors[n] for n in middle_names}, 1, 3)
+    assert not middle.is_first and not middle.is_last and middle.embedding is None
+    head_names = spec.block_tensor_names(3) + spec.head_tensor_names()
+    last = Stage(spec, {n: tiny.tensors[n] for n in head_names}, 3, 4)
+    assert last.is_last and last.embedding is None  # the tied head holds token_embd itself
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_norm\.weight is missing"):
+        Stage(spec, {n: tiny.tensors[n] for n in middle_names + ["token_embd.weight"]}, 0, 2)
+    with pytest.raises(UnsupportedModelError, match=r"token_embd\.weight is missing"):
+        Stage(spec, {n: tiny.tensors[n] for n in head_names if "token" not in n}, 3, 4)
+    assert middle.nbytes < last.nbytes
+
+
+def test_keeps_no_reference_to_input_buffers(tmp_path: Path) -> None:
+    model = Model(write_tiny_llama(tmp_path / "m.gguf", n_blocks=2, seed=9))
+    copies = {
+        n: TensorData(t.name, t.ggml_type, t.shape, np.array(t.data))
+        for n, t in model.tensors.items()
+    }
+    (stage,) = [Stage(model.spec, copies, 0, 2)]
+    before = stage.forward("a", np.array(PROMPT, np.int32))
+    for t in copies.values():
+        t.data[:] = 0
+    del copies
+    np.testing.assert_array_equal(stage.forward("b", np.array(PROMPT, np.int32)), before)
+    model.file.close()
+
+
+def test_shape_mismatch_is_refused(tiny: Model) -> None:
+    tensors = dict(tiny.tensors)
+    t = tensors["blk.0.ffn_down.weight"]
+    tensors["blk.0.ffn_down.weight"] = TensorData(t.name, t.ggml_type, (64, 128), t.data)
+    with pytest.raises(UnsupportedModelError, match=r"ffn_down\.weight has shape \(64, 128\)"):
+        Stage(tiny.spec, tensors, 0, 1)
+
+
+def test_unsupported_tensor_type(tiny: Model) -> None:
+    tensors = dict(tiny.tensors)
+    t = tensors["blk.0.attn_q.weight"]
+    tensors[t.name] = TensorData(t.name, GGMLType.Q5_K, t.shape, t.data)
+    with pytest.raises(UnsupportedModelError, match="Q5_K"):
+        Stage(tiny.spec, tensors, 0, 1)
+
+
+def test_bad_construction(tiny: Model) -> None:
+    for start, end in [(0, 0), (2, 1), (-1, 2), (0, 5)]:
+        with pytest.raises(ValueError, match="bad block range"):
+            Stage(tiny.spec, tiny.tensors, start, end)
+    with pytest.raises(ValueError, match="max_sequences"):
+        Stage(tiny.spec, tiny.tensors, 0, 1, max_sequences=0)
+    with pytest.raises(ValueError, match="max_context"):
+        Stage(tiny.spec, tiny.tensors, 0, 1, max_context=0)
+
+
+# ---- sequences and caches --------------------------------------------------------------------
+def test_sequences_are_independent(tiny: Model) -> None:
+    (stage,) = tiny.stages([0, 4])
+    alone = greedy([stage], PROMPT, 6, "alone")
+    other = [5, 6, 7, 8, 9]
+    la = stage.forward("a", np.array(PROMPT, np.int32))
+    stage.forward("b", np.array(other, np.int32))
+    out = []
+    for _ in range(6):  # interleave with another sequence's decode steps
+        out.append(int(np.argmax(la)))
+        stage.forward("b", np.array([3], np.int32))
+        la = stage.forward("a", np.array(out[-1:], np.int32))
+    assert out == alone
+    assert sorted(stage.sequences()) == ["a", "b"]
+    assert stage.position("a") == len(PROMPT) + 6 and stage.position("zzz") == 0
+    stage.free("a")
+    stage.free("a")  # freeing twice (or an unknown id) is harmless
+    assert stage.sequences() == ["b"]
+
+
+def test_max_sequences_refuses(tiny: Model) -> None:
+    (stage,) = tiny.stages([0, 4], max_sequences=2)
+    stage.forward("a", np.array([1, 2], np.int32))
+    stage.forward("b", np.array([1, 2], np.int32))
+    with pytest.raises(SequenceLimitError, match="max_sequences=2"):
+        stage.forward("c", np.array([1, 2], np.int32))
+    stage.forward("a", np.array([3], np.int32))  # existing sequences carry on
+    stage.free("b")
+    stage.forward("c", np.array([1, 2], np.int32))
+    assert sorted(stage.sequences()) == ["a", "c"]
+    assert stage.evict_idle(3600) == []
+    assert sorted(stage.evict_idle(0)) == ["a", "c"]
+
+
+def test_context_overflow(tiny: Model) -> None:
+    (stage,) = tiny.stages([0, 4], max_context=12, kv_dtype=mx.float32)
+    assert stage.max_context == 12
+    with pytest.raises(ContextOverflowError, match="context is 12"):
+        stage.forward("a", np.arange(13, dtype=np.int32))
+    assert stage.sequences() == []  # a refused first call leaves nothing behind
+    stage.forward("a", np.arange(10, dtype=np.int32))
+    stage.forward("a", np.array([1], np.int32))
+    with pytest.raises(ContextOverflowError):
+        stage.forward("a", np.array([1, 2], np.int32))
+    assert stage.position("a") == 11  # unchanged by the refusal
+    stage.forward("a", np.array([1], np.int32))
+    with pytest.raises(ContextOverflowError):
+        stage.forward("a", np.array([1], np.int32))
+    assert tiny.stages([0, 1])[0].max_context == tiny.spec.context_length
+
+
+def test_cache_grows_past_one_step(tiny: Model) -> None:
+    (stage,) = tiny.stages([0, 4], kv_dtype=mx.float32)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 280, 250)]
+    stage.forward("a", np.array(ids, np.int32))
+    for t in (5, 6, 7, 8, 9, 10):  # crosses the 256-position allocation step
+        logits = stage.forward("a", np.array([t], np.int32))
+    ids += [5, 6, 7, 8, 9, 10]
+    fresh = stage.forward("b", np.array(ids, np.int32))
+    np.testing.assert_allclose(logits, fresh, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.array([], np.int32), "token ids of shape"),
+        (np.array([[1, 2]], np.int32), "token ids of shape"),
+        (np.array([1.0], np.float32), "token ids of shape"),
+        (np.array([1, 288], np.int32), "out of range"),
+        (np.array([-1], np.int64), "out of range"),
+    ],
+)
+def test_first_stage_input_checks(tiny: Model, x: np.ndarray, message: str) -> None:
+    (stage,) = tiny.stages([0, 1])
+    with pytest.raises(ValueError, match=message):
+        stage.forward("s", x)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.zeros((2, 63), np.float16), "shape"),
+        (np.zeros((0, 64), np.float16), "shape"),
+        (np.zeros(64, np.float16), "shape"),
+        (np.zeros((2, 64), np.float32), "float16"),
+        (np.array([1, 2], np.int32), "shape"),
+    ],
+)
+def test_later_stage_input_checks(tiny: Model, x: np.ndarray, message: str) -> None:
+    (_, stage) = tiny.stages([0, 1, 4])
+    with pytest.raises(ValueError, match=message):
+        stage.forward("s", x)
+    assert stage.sequences() == []
+
+
+@pytest.mark.parametrize("seq_id", ["", "x" * 300, 7])
+def test_bad_seq_id(tiny: Model, seq_id: object) -> None:
+    (stage,) = tiny.stages([0, 1])
+    with pytest.raises(ValueError, match="seq_id"):
+        stage.forward(seq_id, np.array([1], np.int32))  # type: ignore[arg-type]
+
+
+# ---- the real model --------------------------------------------------------------------------
+@pytest.mark.model
+def test_split_invariance_smollm2(smollm2: Model, smollm2_golden: Mapping) -> None:
+    prompt = smollm2_golden["chat"][2]["prompt_ids"]
+    one = greedy(smollm2.stages([0, 30]), prompt, 8)
+    assert greedy(smollm2.stages([0, 15, 30]), prompt, 8) == one
+    assert greedy(smollm2.stages([0, 7, 19, 30]), prompt, 8) == one
+
+
+@pytest.mark.model
+def test_fidelity_smollm2(smollm2: Model, smollm2_golden: Mapping) -> None:
+    """Greedy tokens and first-step logits against llama.cpp (CPU) on the same file."""
+    (stage,) = smollm2.stages([0, 30])
+    matched = []
+    for i, chat in enumerate(smollm2_golden["chat"]):
+        gold = chat["greedy_ids"]
+        n = min(len(gold), 20)
+        ours = greedy([stage], chat["prompt_ids"], n, f"chat{i}")
+        match = next((k for k, (a, b) in enumerate(zip(ours, gold)) if a != b), n)
+        matched.append(match)
+        logits = stage.forward(f"top{i}", np.array(chat["prompt_ids"], np.int32))
+        stage.free(f"top{i}")
+        diffs = [round(float(logits[t]) - v, 3) for t, v in chat["top5_logits_first3"][0]]
+        print(f"chat {i}: greedy match {match}/{n}, top-5 logit diffs {diffs}")
+        assert max(abs(d) for d in diffs) < 1.0
+    print("matched prefix lengths:", matched)
+    assert sum(m >= 1 for m in matched) >= FIRST_TOKEN_MATCHES
+    assert sum(m >= 16 for m in matched) >= 2
+
+
+# llama.cpp quantizes activations to 8 bits before each quantized matmul; the exact (float32)
+# computation here differs by up to ~0.4 in logits, which flips the near-tie first token of
+# chat 0 (llama.cpp: 24.91 vs 24.56; exact f64 NumPy agrees with this engine, not llama.cpp).
+FIRST_TOKEN_MATCHES = 3
+
+
+def test_golden_file_shape() -> None:
+    golden = json.loads((DATA / "smollm2-llamacpp.json").read_text())
+    assert len(golden["chat"]) == 4
