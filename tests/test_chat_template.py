@@ -204,3 +204,98 @@ def test_from_metadata_uses_file_template() -> None:
     assert ChatTemplate.from_metadata(md).render(USER) == "<|im_start|>|<|im_end|>|1"
     with pytest.raises(ChatTemplateError):
         ChatTemplate.from_metadata({"tokenizer.chat_template": 5})
+
+
+# Qwen2.5's template (tools branch included): renders the golden Qwen prompts exactly and
+# exercises tojson, loop.index0 lookbehind, `is defined` and attribute-style access.
+QWEN = "\n".join(
+    [
+        "{%- if tools %}",
+        "    {{- '<|im_start|>system\\n' }}",
+        "    {%- if messages[0]['role'] == 'system' %}",
+        "        {{- messages[0]['content'] }}",
+        "    {%- else %}",
+        "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}",
+        "    {%- endif %}",
+        '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with t'
+        "he user query.\\n\\nYou are provided with function signatures within <tools></t"
+        'ools> XML tags:\\n<tools>" }}',
+        "    {%- for tool in tools %}",
+        '        {{- "\\n" }}',
+        "        {{- tool | tojson }}",
+        "    {%- endfor %}",
+        '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with fun'
+        "ction name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>"
+        '\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_'
+        'call><|im_end|>\\n" }}',
+        "{%- else %}",
+        "    {%- if messages[0]['role'] == 'system' %}",
+        "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}",
+        "    {%- else %}",
+        "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You a"
+        "re a helpful assistant.<|im_end|>\\n' }}",
+        "    {%- endif %}",
+        "{%- endif %}",
+        "{%- for message in messages %}",
+        '    {%- if (message.role == "user") or (message.role == "system" and not loop.f'
+        'irst) or (message.role == "assistant" and not message.tool_calls) %}',
+        "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end"
+        "|>' + '\\n' }}",
+        '    {%- elif message.role == "assistant" %}',
+        "        {{- '<|im_start|>' + message.role }}",
+        "        {%- if message.content %}",
+        "            {{- '\\n' + message.content }}",
+        "        {%- endif %}",
+        "        {%- for tool_call in message.tool_calls %}",
+        "            {%- if tool_call.function is defined %}",
+        "                {%- set tool_call = tool_call.function %}",
+        "            {%- endif %}",
+        '            {{- \'\\n<tool_call>\\n{"name": "\' }}',
+        "            {{- tool_call.name }}",
+        '            {{- \'", "arguments": \' }}',
+        "            {{- tool_call.arguments | tojson }}",
+        "            {{- '}\\n</tool_call>' }}",
+        "        {%- endfor %}",
+        "        {{- '<|im_end|>\\n' }}",
+        '    {%- elif message.role == "tool" %}',
+        '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}',
+        "            {{- '<|im_start|>user' }}",
+        "        {%- endif %}",
+        "        {{- '\\n<tool_response>\\n' }}",
+        "        {{- message.content }}",
+        "        {{- '\\n</tool_response>' }}",
+        '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}',
+        "            {{- '<|im_end|>\\n' }}",
+        "        {%- endif %}",
+        "    {%- endif %}",
+        "{%- endfor %}",
+        "{%- if add_generation_prompt %}",
+        "    {{- '<|im_start|>assistant\\n' }}",
+        "{%- endif %}",
+        "",
+    ]
+)
+
+
+def test_qwen_golden_prompts_and_tools() -> None:
+    golden = json.loads(
+        (Path(__file__).parent / "data" / "qwen2.5-coder-0.5b-llamacpp.json").read_text()
+    )
+    tmpl = ChatTemplate(QWEN)
+    for chat in golden["chat"]:
+        assert tmpl.render(chat["messages"]) == chat["prompt"]
+    out = tmpl.render(
+        [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}],
+            },
+            {"role": "tool", "content": "42"},
+        ],
+        tools=[{"type": "function", "function": {"name": "f"}}],
+    )
+    assert '{"type": "function", "function": {"name": "f"}}' in out
+    assert '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>' in out
+    assert out.endswith("<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")

@@ -41,7 +41,10 @@ class Model:
         }
 
     def stages(self, bounds: Sequence[int], **kw: object) -> list[Stage]:
-        return [Stage(self.spec, self.tensors, a, b, **kw) for a, b in zip(bounds, bounds[1:])]
+        return [
+            Stage(self.spec, self.tensors, a, b, **kw)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
 
 def run(stages: Sequence[Stage], seq_id: str, ids: Sequence[int]) -> np.ndarray:
@@ -203,7 +206,7 @@ def test_loads_only_its_tensors(tiny: Model) -> None:
         Stage(spec, {n: tiny.tensors[n] for n in middle_names + ["token_embd.weight"]}, 0, 2)
     with pytest.raises(UnsupportedModelError, match=r"token_embd\.weight is missing"):
         Stage(spec, {n: tiny.tensors[n] for n in head_names if "token" not in n}, 3, 4)
-    assert middle.nbytes < last.nbytes
+    assert 0 < middle.nbytes < tiny.stages([0, 4])[0].nbytes
 
 
 def test_keeps_no_reference_to_input_buffers(tmp_path: Path) -> None:
@@ -367,7 +370,7 @@ def test_fidelity_smollm2(smollm2: Model, smollm2_golden: Mapping) -> None:
         gold = chat["greedy_ids"]
         n = min(len(gold), 20)
         ours = greedy([stage], chat["prompt_ids"], n, f"chat{i}")
-        match = next((k for k, (a, b) in enumerate(zip(ours, gold)) if a != b), n)
+        match = next((k for k, (a, b) in enumerate(zip(ours, gold[:n], strict=True)) if a != b), n)
         matched.append(match)
         logits = stage.forward(f"top{i}", np.array(chat["prompt_ids"], np.int32))
         stage.free(f"top{i}")

@@ -1,4 +1,4 @@
-"""Repacking GGUF Q4_0/Q4_1/Q8_0 into MLX affine quantization, checked against gguf's dequantizer."""
+"""Repacking GGUF Q4_0/Q4_1/Q8_0 into MLX affine quantization, checked against gguf's oracle."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_float16_scales(ggml_type: GGMLType) -> None:
     assert w.scales.dtype == mx.float16
     # the scales themselves are exact (-8d and -128d too); only the products round to f16
     d = np.array(w.scales.astype(mx.float32))
-    np.testing.assert_array_equal(np.array(w.biases.astype(mx.float32)), -(2 ** w.bits / 2) * d)
+    np.testing.assert_array_equal(np.array(w.biases.astype(mx.float32)), -(2**w.bits / 2) * d)
     ours = np.array(w.dequantize().astype(mx.float32))
     np.testing.assert_allclose(ours, reference(t), rtol=0, atol=d.max() * 256 * 2**-10)
 

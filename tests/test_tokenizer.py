@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import unicodedata
@@ -352,8 +353,12 @@ _ALPHABET = list("abcXYZ'sdtmlrve019 ,.!?-_()$") + [
 @given(parts=st.lists(st.sampled_from(_ALPHABET), max_size=14))
 def test_pre_tokenizer_matches_llama_cpp(pre: str, parts: list[str]) -> None:
     text = "".join(parts)
-    tok = Tokenizer.from_metadata(tiny_bpe_metadata(**{"tokenizer.ggml.pre": pre}))
-    assert tok.split_words(text) == _ref_words(pre, text)
+    assert _tiny_with_pre(pre).split_words(text) == _ref_words(pre, text)
+
+
+@functools.cache
+def _tiny_with_pre(pre: str) -> Tokenizer:
+    return Tokenizer.from_metadata(tiny_bpe_metadata(**{"tokenizer.ggml.pre": pre}))
 
 
 # ----------------------------------------------------------------------------- tiny BPE
@@ -539,3 +544,50 @@ def test_spm_large_vocab_builds_fast() -> None:
 def test_token_bytes_range_check() -> None:
     with pytest.raises(IndexError):
         _TINY.token_bytes(10**6)
+
+
+# ----------------------------------------------------------------------------- partition
+
+
+def _ref_partition(text: str, specials: list[str]) -> list[str]:
+    """llama.cpp tokenizer_st_partition, naively: longest special first, each cut everywhere."""
+    frags: list[object] = [text]
+    for tok in sorted(specials, key=len, reverse=True):
+        new: list[object] = []
+        for f in frags:
+            if not isinstance(f, str):
+                new.append(f)
+                continue
+            pieces = f.split(tok)
+            for k, piece in enumerate(pieces):
+                if k:
+                    new.append((tok,))
+                if piece:
+                    new.append(piece)
+        frags = new
+    return [f[0] if isinstance(f, tuple) else f for f in frags]
+
+
+_MANY_SPECIALS = [f"<u{i}>" for i in range(80)] + ["<u1", "u1>", "<<", "<u10><u11>", "x<u"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_MANY_SPECIALS + ["a", "<", ">", "u", "1", " "]), max_size=12))
+def test_partition_with_many_special_tokens(parts: list[str]) -> None:
+    tok = _tiny_many_specials()
+    text = "".join(parts)
+    got = [tok.token_text(f) if isinstance(f, int) else f for f in tok._partition(text, False)]
+    assert got == _ref_partition(text, _MANY_SPECIALS)
+
+
+@functools.cache
+def _tiny_many_specials() -> Tokenizer:
+    tokens, types, _ = tiny_vocab()
+    return Tokenizer.from_metadata(
+        tiny_bpe_metadata(
+            **{
+                "tokenizer.ggml.tokens": tokens + _MANY_SPECIALS,
+                "tokenizer.ggml.token_type": types + [4] * len(_MANY_SPECIALS),
+            }
+        )
+    )

@@ -104,9 +104,7 @@ class Attention:
             freqs=self.rope_freqs,
         )
 
-    def __call__(
-        self, x: mx.array, cache: KVCache, layer: int, mask: str | None
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
         s = self.spec
         _, T, _ = x.shape
         if self.qkv is not None:
@@ -322,7 +320,9 @@ class Stage:
         x = np.asarray(x)
         if self.is_first:
             if x.ndim != 1 or x.size == 0 or x.dtype.kind not in "iu":
-                raise ValueError(f"first stage takes token ids of shape (T,), got {x.dtype}{x.shape}")
+                raise ValueError(
+                    f"first stage takes token ids of shape (T,), got {x.dtype}{x.shape}"
+                )
             if x.min() < 0 or x.max() >= self.spec.vocab_size:
                 raise ValueError(f"token id out of range [0, {self.spec.vocab_size})")
             return x.astype(np.int32, copy=False)

@@ -98,8 +98,9 @@ def _blocks(t: TensorData) -> np.ndarray:
     if data.dtype != np.uint8 or data.ndim != 1:
         data = data.reshape(-1).view(np.uint8)
     if data.size != expected:
-        raise ValueError(f"{t.name}: {data.size} bytes of data, {t.ggml_type.name} {t.shape} "
-                         f"needs {expected}")
+        raise ValueError(
+            f"{t.name}: {data.size} bytes of data, {t.ggml_type.name} {t.shape} needs {expected}"
+        )
     return data.reshape(-1, block_bytes)
 
 

@@ -78,11 +78,17 @@ class ModelSpec:
         if self.qk_norm:
             names += [f"blk.{block}.attn_q_norm.weight", f"blk.{block}.attn_k_norm.weight"]
         if self.post_norms:
-            names += [f"blk.{block}.post_attention_norm.weight", f"blk.{block}.post_ffw_norm.weight"]
+            names += [
+                f"blk.{block}.post_attention_norm.weight",
+                f"blk.{block}.post_ffw_norm.weight",
+            ]
         return names
 
     def head_tensor_names(self) -> list[str]:
-        return ["output_norm.weight", "token_embd.weight" if self.tied_embedding else "output.weight"]
+        return [
+            "output_norm.weight",
+            "token_embd.weight" if self.tied_embedding else "output.weight",
+        ]
 
     @classmethod
     def from_metadata(

@@ -322,6 +322,10 @@ class Tokenizer:
         special = [i for i, a in enumerate(self._attrs) if a & mask]
         special.sort(key=lambda i: (-len(self._texts[i]), i))
         self._special_ids = special
+        # for a quick "which special tokens occur at all" test (see _special_candidates)
+        self._special_lengths = sorted({len(self._texts[i]) for i in special})
+        firsts = "".join(re.escape(c) for c in sorted({self._texts[i][0] for i in special}))
+        self._special_starts = re.compile(f"[{firsts}]") if firsts else None
         self._piece_cache: list[bytes | None] = [None] * n
 
         if self.model == "gpt2":
@@ -469,7 +473,7 @@ class Tokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError:
             text = _SURROGATE.sub("\ufffd", text)
-        fragments = self._partition(text, parse_special) if text else []
+        fragments = self._partition(text, parse_special)
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self.bos_id)  # type: ignore[arg-type]
@@ -495,13 +499,35 @@ class Tokenizer:
             out.append(self.eos_id)  # type: ignore[arg-type]
         return out
 
+    def _special_candidates(self, text: str) -> list[int]:
+        """The special tokens (in partition order) whose text occurs somewhere in ``text``.
+
+        Vocabularies such as Gemma's have thousands of control/user-defined tokens; testing
+        each against a long prompt would dominate tokenization. Every substring that starts
+        where some special token could start, at every special-token length, goes into a set
+        instead, and only tokens found there take part (same result, far less work)."""
+        ids = self._special_ids
+        if len(ids) <= 64 or self._special_starts is None:
+            return ids
+        seen: set[str] = set()
+        lengths = self._special_lengths
+        for m in self._special_starts.finditer(text):
+            i = m.start()
+            seen.update(text[i : i + n] for n in lengths)
+        if not seen:
+            return []
+        texts = self._texts
+        return [i for i in ids if texts[i] in seen]
+
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Cut special tokens out of the text (llama.cpp ``tokenizer_st_partition``)."""
+        if not text:
+            return []
         frags: list[str | int] = [text]
         attrs = self._attrs
         texts = self._texts
         skip = ATTR_CONTROL | ATTR_UNKNOWN
-        for sid in self._special_ids:
+        for sid in self._special_candidates(text):
             a = attrs[sid]
             if not parse_special and a & skip:
                 continue
