@@ -54,15 +54,19 @@ def run(stages: Sequence[Stage], seq_id: str, ids: Sequence[int]) -> np.ndarray:
     return x
 
 
-def greedy(stages: Sequence[Stage], prompt: Sequence[int], n: int, seq_id: str = "g") -> list[int]:
-    logits = run(stages, seq_id, prompt)
+def greedy(
+    stages: Sequence[Stage], prompt: Sequence[int], n: int, seq_id: str = "g"
+) -> tuple[list[int], np.ndarray]:
+    """n greedy tokens, and the logits after the prompt."""
+    logits = first = run(stages, seq_id, prompt)
     out = []
     for _ in range(n):
         out.append(int(np.argmax(logits)))
-        logits = run(stages, seq_id, out[-1:])
+        if len(out) < n:
+            logits = run(stages, seq_id, out[-1:])
     for stage in stages:
         stage.free(seq_id)
-    return out
+    return out, first
 
 
 def reference_logits(model: Model, ids: Sequence[int]) -> np.ndarray:
@@ -154,6 +158,20 @@ def test_matches_numpy_reference(tmp_path: Path, kw: dict[str, object]) -> None:
     model.file.close()
 
 
+def test_dense_prefill_path(tiny: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dequantize + dense matmul route for long prompts computes the same thing."""
+    monkeypatch.setattr(engine, "DENSE_PREFILL_MIN", 4)
+    monkeypatch.setattr(engine, "dense_prefill_wins", lambda: True)
+    (stage,) = tiny.stages([0, 4], kv_dtype=mx.float32)
+    logits = stage.forward("s", np.array(PROMPT, np.int32))
+    np.testing.assert_allclose(logits, reference_logits(tiny, PROMPT), atol=2e-4)
+
+
+def test_dense_prefill_probe_is_cached() -> None:
+    assert engine.dense_prefill_wins() in (True, False)
+    assert engine.dense_prefill_wins.cache_info().currsize == 1
+
+
 def test_float16_kv_cache_is_close(tiny: Model) -> None:
     (stage,) = tiny.stages([0, 4])  # default kv_dtype float16, as llama.cpp's default cache
     logits = stage.forward("s", np.array(PROMPT, np.int32))
@@ -180,10 +198,9 @@ def test_chunked_prefill(tiny: Model, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_split_invariance_tiny(tiny: Model) -> None:
-    one = greedy(tiny.stages([0, 4]), PROMPT, 12)
-    assert greedy(tiny.stages([0, 2, 4]), PROMPT, 12) == one
-    assert greedy(tiny.stages([0, 1, 3, 4]), PROMPT, 12) == one
-    assert greedy(tiny.stages([0, 1, 2, 3, 4]), PROMPT, 12) == one
+    one, _ = greedy(tiny.stages([0, 4]), PROMPT, 12)
+    for bounds in ([0, 2, 4], [0, 1, 3, 4], [0, 1, 2, 3, 4]):
+        assert greedy(tiny.stages(bounds), PROMPT, 12)[0] == one, bounds
 
 
 def test_stage_boundaries_are_float16(tiny: Model) -> None:
@@ -253,7 +270,7 @@ def test_bad_construction(tiny: Model) -> None:
 # ---- sequences and caches --------------------------------------------------------------------
 def test_sequences_are_independent(tiny: Model) -> None:
     (stage,) = tiny.stages([0, 4])
-    alone = greedy([stage], PROMPT, 6, "alone")
+    alone, _ = greedy([stage], PROMPT, 6, "alone")
     other = [5, 6, 7, 8, 9]
     la = stage.forward("a", np.array(PROMPT, np.int32))
     stage.forward("b", np.array(other, np.int32))
@@ -356,36 +373,36 @@ def test_bad_seq_id(tiny: Model, seq_id: object) -> None:
 @pytest.mark.model
 def test_split_invariance_smollm2(smollm2: Model, smollm2_golden: Mapping) -> None:
     prompt = smollm2_golden["chat"][2]["prompt_ids"]
-    one = greedy(smollm2.stages([0, 30]), prompt, 8)
-    assert greedy(smollm2.stages([0, 15, 30]), prompt, 8) == one
-    assert greedy(smollm2.stages([0, 7, 19, 30]), prompt, 8) == one
+    one, _ = greedy(smollm2.stages([0, 30]), prompt, 8)
+    assert greedy(smollm2.stages([0, 15, 30]), prompt, 8)[0] == one
+    assert greedy(smollm2.stages([0, 7, 19, 30]), prompt, 8)[0] == one
 
 
 @pytest.mark.model
 def test_fidelity_smollm2(smollm2: Model, smollm2_golden: Mapping) -> None:
-    """Greedy tokens and first-step logits against llama.cpp (CPU) on the same file."""
+    """Greedy tokens and first-step logits against llama.cpp (CPU) on the same file.
+
+    llama.cpp quantizes activations to 8 bits before every quantized matmul; this engine
+    computes in float32 (it agrees with a float64 NumPy forward to 1e-4). The two differ by up
+    to ~0.75 in logits, which decides near-ties: chat 0's first token is 60 (24.91) vs 504
+    (24.56) in llama.cpp and the other way round here and in float64. llama.cpp itself, with
+    flash attention switched on, matches its own default run for [15, 19, 0, 20] tokens; the
+    thresholds below are what that run achieves.
+    """
     (stage,) = smollm2.stages([0, 30])
     matched = []
     for i, chat in enumerate(smollm2_golden["chat"]):
-        gold = chat["greedy_ids"]
-        n = min(len(gold), 20)
-        ours = greedy([stage], chat["prompt_ids"], n, f"chat{i}")
-        match = next((k for k, (a, b) in enumerate(zip(ours, gold[:n], strict=True)) if a != b), n)
-        matched.append(match)
-        logits = stage.forward(f"top{i}", np.array(chat["prompt_ids"], np.int32))
-        stage.free(f"top{i}")
+        n = 16
+        ours, logits = greedy([stage], chat["prompt_ids"], n, f"chat{i}")
+        gold = chat["greedy_ids"][:n]
+        matched.append(
+            next((k for k, (a, b) in enumerate(zip(ours, gold, strict=True)) if a != b), n)
+        )
         diffs = [round(float(logits[t]) - v, 3) for t, v in chat["top5_logits_first3"][0]]
-        print(f"chat {i}: greedy match {match}/{n}, top-5 logit diffs {diffs}")
+        print(f"chat {i}: greedy match {matched[-1]}/{n}, top-5 logit diffs {diffs}")
         assert max(abs(d) for d in diffs) < 1.0
-    print("matched prefix lengths:", matched)
-    assert sum(m >= 1 for m in matched) >= FIRST_TOKEN_MATCHES
-    assert sum(m >= 16 for m in matched) >= 2
-
-
-# llama.cpp quantizes activations to 8 bits before each quantized matmul; the exact (float32)
-# computation here differs by up to ~0.4 in logits, which flips the near-tie first token of
-# chat 0 (llama.cpp: 24.91 vs 24.56; exact f64 NumPy agrees with this engine, not llama.cpp).
-FIRST_TOKEN_MATCHES = 3
+    assert sum(m >= 1 for m in matched) >= 3, matched
+    assert sum(m >= 16 for m in matched) >= 2, matched
 
 
 def test_golden_file_shape() -> None:

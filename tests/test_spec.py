@@ -179,6 +179,7 @@ def test_tiny_gguf_file(tmp_path: Path) -> None:
     assert spec.vocab_size == 288  # tiny vocabulary padded to a multiple of 32
 
 
+@pytest.mark.model
 def test_smollm2_spec(smollm2_path: Path) -> None:
     with open_gguf(smollm2_path) as f:
         spec = ModelSpec.from_metadata(f.metadata, f.tensors)

@@ -8,7 +8,10 @@ follow the reference closely.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+import time
 from collections.abc import Mapping
 
 import mlx.core as mx
@@ -30,6 +33,39 @@ MAX_SEQ_ID_LEN = 256
 # Long prompts are run through the blocks in chunks so attention scores stay bounded
 # (T x T per head); the result is the same as one pass, the caller still makes one call.
 PREFILL_CHUNK = 512
+# From this many positions on, a prefill may dequantize each weight and use a dense matmul
+# (BLAS sgemm), when that is faster here than MLX's quantized matmul (see dense_prefill_wins).
+DENSE_PREFILL_MIN = 16
+
+
+@functools.cache
+def dense_prefill_wins() -> bool:
+    """Whether dequantize + dense matmul beats quantized_matmul for a batch of positions.
+
+    MLX's CPU quantized matmul does not batch well, while its dense matmul goes to whatever
+    BLAS the process loaded: with OpenBLAS that is ~8x faster for a prompt, with the reference
+    BLAS bundled in the wheel it is slower. So measure once (~0.1 s) instead of guessing.
+    OMNI_DENSE_PREFILL=1/0 forces the choice.
+    """
+    forced = os.environ.get("OMNI_DENSE_PREFILL")
+    if forced in ("0", "1"):
+        return forced == "1"
+    w = mx.random.normal((1024, 1024), key=mx.random.key(0))
+    q, s, b = mx.quantize(w, group_size=32, bits=4)
+    x = mx.random.normal((64, 1024), key=mx.random.key(1))
+    mx.eval(q, s, b, x)
+
+    def best(f: object) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            mx.eval(f())  # type: ignore[operator]
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    quantized = best(lambda: mx.quantized_matmul(x, q, s, b, group_size=32, bits=4))
+    dense = best(lambda: x @ mx.dequantize(q, s, b, group_size=32, bits=4).T)
+    return dense < 0.7 * quantized
 
 
 class Linear:
@@ -41,7 +77,10 @@ class Linear:
 
     def __call__(self, x: mx.array) -> mx.array:
         if isinstance(self.weight, QuantizedWeight):
-            y = self.weight.matmul_t(x)
+            if x.shape[-2] >= DENSE_PREFILL_MIN and dense_prefill_wins():
+                y = x @ self.weight.dequantize().T
+            else:
+                y = self.weight.matmul_t(x)
         else:
             y = x @ self.weight.T
         return y if self.bias is None else y + self.bias
@@ -312,8 +351,7 @@ class Stage:
     def position(self, seq_id: str) -> int:
         """Tokens cached for the sequence (0 if unknown)."""
         with self._lock:
-            cache = self._caches._caches.get(seq_id)
-            return 0 if cache is None else cache.offset
+            return self._caches.position(seq_id)
 
     # ---- compute --------------------------------------------------------------------------
     def _check_input(self, x: np.ndarray) -> np.ndarray:

@@ -124,6 +124,10 @@ class SequenceCaches:
     def free(self, seq_id: str) -> None:
         self._caches.pop(seq_id, None)
 
+    def position(self, seq_id: str) -> int:
+        cache = self._caches.get(seq_id)
+        return 0 if cache is None else cache.offset
+
     def ids(self) -> list[str]:
         return list(self._caches)
 
