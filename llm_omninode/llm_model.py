@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import llm
 from pydantic import Field, field_validator
@@ -25,15 +24,15 @@ class OmniModel(llm.Model):
     can_stream = True
 
     class Options(llm.Options):
-        temperature: Optional[float] = Field(None, description="Sampling temperature; 0 is greedy")
-        top_k: Optional[int] = Field(None, description="Keep the k most likely tokens (0: off)")
-        top_p: Optional[float] = Field(None, description="Nucleus sampling threshold")
-        min_p: Optional[float] = Field(None, description="Drop tokens below min_p x the top prob")
-        repeat_penalty: Optional[float] = Field(None, description="Penalty for repeated tokens")
-        repeat_last_n: Optional[int] = Field(None, description="How far back the penalty looks")
-        seed: Optional[int] = Field(None, description="Random seed: same seed, same text")
-        max_tokens: Optional[int] = Field(None, description="Most tokens to generate")
-        stop: Optional[str] = Field(
+        temperature: float | None = Field(None, description="Sampling temperature; 0 is greedy")
+        top_k: int | None = Field(None, description="Keep the k most likely tokens (0: off)")
+        top_p: float | None = Field(None, description="Nucleus sampling threshold")
+        min_p: float | None = Field(None, description="Drop tokens below min_p x the top prob")
+        repeat_penalty: float | None = Field(None, description="Penalty for repeated tokens")
+        repeat_last_n: int | None = Field(None, description="How far back the penalty looks")
+        seed: int | None = Field(None, description="Random seed: same seed, same text")
+        max_tokens: int | None = Field(None, description="Most tokens to generate")
+        stop: str | None = Field(
             None, description='Stop string, or a JSON list of them: \'["\\n\\n", "User:"]\''
         )
 

@@ -52,8 +52,13 @@ def run(tokenizer, script, **kw):
     opts = kw.pop("options", SamplingOptions.greedy())
     chunks = list(
         generate(
-            model.forward, tokenizer, [5, 6, 7], options=opts, free=model.free,
-            max_tokens=kw.pop("max_tokens", 50), **kw,
+            model.forward,
+            tokenizer,
+            [5, 6, 7],
+            options=opts,
+            free=model.free,
+            max_tokens=kw.pop("max_tokens", 50),
+            **kw,
         )  # fmt: skip
     )
     return model, chunks

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_omninode.backend.ggml_types import GGMLType
+from llm_omninode.backend.ggml_types import GGMLType, GGUFValueType
 from llm_omninode.backend.gguf_write import GGUFValue, write_gguf
-from llm_omninode.backend.ggml_types import GGUFValueType
 
 CHATML = (
     "{% for message in messages %}"

@@ -1,4 +1,4 @@
-"""GGML tensor types and GGUF metadata value types: the numbers both the reader and writer agree on."""
+"""GGML tensor types and GGUF metadata value types, the numbers the reader and writer share."""
 
 from __future__ import annotations
 

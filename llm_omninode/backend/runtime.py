@@ -42,7 +42,7 @@ def even_split(n_blocks: int, n_stages: int) -> list[tuple[int, int]]:
     if not 1 <= n_stages <= n_blocks:
         raise ValueError(f"cannot split {n_blocks} blocks into {n_stages} stages")
     bounds = [round(i * n_blocks / n_stages) for i in range(n_stages + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 @dataclass
@@ -76,9 +76,7 @@ class LocalModel:
 
     @property
     def context_length(self) -> int:
-        return self.stages[0].max_context if hasattr(self.stages[0], "max_context") else (
-            self.spec.context_length
-        )
+        return min(stage.max_context for stage in self.stages)
 
     def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
         for stage in self.stages:

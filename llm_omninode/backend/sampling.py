@@ -30,11 +30,11 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         checks = [
             (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
-            (0 <= self.top_k, "top_k must be >= 0 (0 turns it off)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             (0.0 < self.repeat_penalty <= 100.0, "repeat_penalty must be in (0, 100]"),
-            (-1 <= self.repeat_last_n, "repeat_last_n must be >= -1 (-1: the whole context)"),
+            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1 (-1: the whole context)"),
             (self.seed is None or 0 <= self.seed < 2**64, "seed must be in [0, 2**64)"),
         ]
         for ok, message in checks:
@@ -91,10 +91,7 @@ def apply_repeat_penalty(
 def _candidates(logits: np.ndarray, o: SamplingOptions) -> tuple[np.ndarray, np.ndarray]:
     """Surviving ids and their probabilities after top-k, top-p, min-p and temperature."""
     k = len(logits) if o.top_k <= 0 else min(o.top_k, len(logits))
-    if k < len(logits):
-        ids = np.argpartition(-logits, k - 1)[:k]
-    else:
-        ids = np.arange(len(logits))
+    ids = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
     ids = ids[np.argsort(-logits[ids], kind="stable")]
     values = logits[ids].astype(np.float64)
     probs = _softmax(values)

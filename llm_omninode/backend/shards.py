@@ -142,14 +142,16 @@ def plan_shards(tensors: Iterable[tuple[str, GGMLType, tuple[int, ...], int]]) -
 
 
 def shard_chunks(layout: ShardLayout | ShardEntry, tensor_bytes) -> Iterator[memoryview | bytes]:
-    """The shard's bytes as chunks: each tensor from ``tensor_bytes(name)``, zero padding between."""
+    """The shard's bytes as chunks: each tensor via ``tensor_bytes(name)``, zero padding between."""
     position = 0
     for entry in layout.tensors:
         if entry.offset > position:
             yield bytes(entry.offset - position)
         data = memoryview(tensor_bytes(entry.name)).cast("B")
         if len(data) != entry.nbytes:
-            raise ManifestError(f"tensor {entry.name} has {len(data)} bytes, expected {entry.nbytes}")
+            raise ManifestError(
+                f"tensor {entry.name} has {len(data)} bytes, expected {entry.nbytes}"
+            )
         yield data
         position = entry.offset + entry.nbytes
 
@@ -328,7 +330,9 @@ def _manifest_from_doc(doc: Any) -> Manifest:
             nbytes = _int(t.get("nbytes"), f"nbytes of {tname}")
             _check(nbytes == tensor_nbytes(ttype, shape_t), f"nbytes of {tname} disagrees")
             offset = _int(t.get("offset"), f"offset of {tname}")
-            _check(offset >= end and offset % SHARD_ALIGNMENT == 0, f"{tname} overlaps or unaligned")
+            _check(
+                offset >= end and offset % SHARD_ALIGNMENT == 0, f"{tname} overlaps or unaligned"
+            )
             end = offset + nbytes
             tensors.append(TensorEntry(tname, ttype, shape_t, offset, nbytes))
         _check(end == size, f"shard {name} size {size} does not match its tensors ({end})")
@@ -351,13 +355,19 @@ def build_manifest(
     tensors: Iterable[tuple[str, GGMLType, tuple[int, ...], int]],
     tensor_bytes,
 ) -> Manifest:
-    """Plan shards, hash each one's bytes (read through ``tensor_bytes(name)``), build the manifest."""
+    """Plan shards, hash each one's bytes (read via ``tensor_bytes(name)``), build the manifest."""
     shards = []
     for layout in plan_shards(tensors):
         cid = cid_of_chunks(shard_chunks(layout, tensor_bytes))
         shards.append(
             ShardEntry(
-                layout.name, layout.kind, layout.index, cid, layout.size, layout.tensors, layout.refs
+                layout.name,
+                layout.kind,
+                layout.index,
+                cid,
+                layout.size,
+                layout.tensors,
+                layout.refs,
             )
         )
     types = {k: (int(v[0]), None if v[1] is None else int(v[1])) for k, v in metadata_types.items()}
