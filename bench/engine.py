@@ -319,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
 
     preloaded = None if args.blas == "default" else preload_blas(args.blas)
     t0 = time.perf_counter()
-    stage, tokenizer, gguf_path, label = load_stage(args.model)
+    try:
+        stage, tokenizer, gguf_path, label = load_stage(args.model)
+    except LookupError as exc:  # registry.ModelNotFound
+        print(f"{exc}\n(pull it with `llm omni pull smollm2`, or pass --model FILE.gguf)")
+        return 2
     load_s = time.perf_counter() - t0
     ids = prompt_ids(tokenizer, args.prompt_tokens)
 
@@ -342,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ref = llama_cpp_figures(gguf_path, ids, args.decode_tokens, args.runs, args.llama_python)
     result = report(omni, ref, meta)
+    if "mlx-cpu" in meta["blas"]:
+        print(
+            "  note: MLX is on the reference BLAS bundled with mlx-cpu (slow sgemm); try "
+            "--blas auto after `apt-get install libblis4-pthread`"
+        )
     print(json.dumps(result))
     return 0
 

@@ -2,8 +2,18 @@
 
 The first stage also embeds token ids; the last also applies the final norm and the output
 projection. Between stages hidden states travel as float16 (T, d_model); inside a stage the
-compute dtype is float32 by default, which is what llama.cpp's CPU backend uses, so logits
-follow the reference closely.
+compute dtype is float32 by default.
+
+Two numerics: by default the model is computed as written, in float32 (it agrees with a
+float64 forward to ~1e-4). ``ggml_numerics=True`` instead rounds where llama.cpp's CPU
+backend rounds: activations quantized to Q8_0/Q8_1 before quantized matmuls (rounded to f16
+before f16 ones), ggml's RMS norm, queries and attention probabilities rounded to float16
+(flash attention off). Each op then matches llama.cpp to float32 summation order, but that
+is not enough to reproduce its logits: a last-bit difference flips a few 8-bit roundings,
+and over 30 blocks those grow to the same ~0.13 logit spread that separates the float32
+forward from llama.cpp (measured on SmolLM2; a one-ulp nudge of the embeddings moves the
+emulated logits as much). So it is off by default; only a bit-exact emulation of ggml's
+summation order (and its exp) would track llama.cpp's near-tied greedy choices.
 """
 
 from __future__ import annotations
@@ -18,8 +28,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .ggml_types import GGMLType
 from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
-from .quant import QuantizedWeight, TensorData, Weight, load_tensor
+from .quant import (
+    VEC_DOT_TYPE,
+    QuantizedWeight,
+    TensorData,
+    Weight,
+    load_tensor,
+    q8_1_activations,
+    round_activations,
+)
 from .spec import ModelSpec, UnsupportedModelError
 
 __all__ = [
@@ -68,14 +87,39 @@ def dense_prefill_wins() -> bool:
     return dense < 0.7 * quantized
 
 
-class Linear:
-    """``y = x @ W.T (+ b)`` over a dense or quantized GGUF weight."""
+def rms_norm_ggml(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """RMS norm rounded as ggml's CPU code rounds it (bit for bit in float32).
 
-    def __init__(self, weight: Weight, bias: mx.array | None = None) -> None:
+    ggml sums the float32 squares in double, takes ``scale = 1/sqrtf(mean + eps)`` in float,
+    multiplies by it and then, as a separate op, by the weight. mx.fast.rms_norm differs in the
+    last bit for about half the elements, which is enough to flip a few roundings of the 8-bit
+    activation quantization that follows (see quant.round_activations).
+    """
+    ss = (x * x).astype(mx.float64).sum(axis=-1, keepdims=True)
+    mean = (ss / x.shape[-1]).astype(x.dtype)
+    return (x * (1.0 / mx.sqrt(mean + eps))) * weight
+
+
+class Linear:
+    """``y = x @ W.T (+ b)`` over a dense or quantized GGUF weight.
+
+    ``act`` is the type ggml converts the activations to before this matmul (see
+    ``quant.round_activations``); None computes on the activations as they are.
+    """
+
+    def __init__(
+        self, weight: Weight, bias: mx.array | None = None, act: GGMLType | None = None
+    ) -> None:
         self.weight = weight
         self.bias = bias
+        self.act = act
 
     def __call__(self, x: mx.array) -> mx.array:
+        offsets = None
+        if self.act == GGMLType.Q8_1 and isinstance(self.weight, QuantizedWeight):
+            x, offsets = q8_1_activations(x)
+        elif self.act is not None:
+            x = round_activations(x, self.act)
         if isinstance(self.weight, QuantizedWeight):
             if x.shape[-2] >= DENSE_PREFILL_MIN and dense_prefill_wins():
                 y = x @ self.weight.dequantize().T
@@ -83,11 +127,15 @@ class Linear:
                 y = self.weight.matmul_t(x)
         else:
             y = x @ self.weight.T
+        if offsets is not None:  # see q8_1_activations; biases are Q4_1's per-block m
+            y = y + offsets @ self.weight.biases.T
         return y if self.bias is None else y + self.bias
 
     @classmethod
     def fused(cls, parts: list[Linear]) -> Linear | None:
         """One Linear computing ``parts`` side by side (fewer matmuls per token), if possible."""
+        if len({p.act for p in parts}) != 1:
+            return None
         ws = [p.weight for p in parts]
         if all(isinstance(w, QuantizedWeight) for w in ws):
             if len({(w.bits, w.group_size, w.scales.dtype) for w in ws}) != 1:
@@ -98,6 +146,7 @@ class Linear:
                 mx.concatenate([w.biases for w in ws]),
                 ws[0].bits,
                 ws[0].group_size,
+                ws[0].ggml_type if len({w.ggml_type for w in ws}) == 1 else None,
             )
         elif all(isinstance(w, mx.array) for w in ws):
             weight = mx.concatenate(ws)
@@ -110,20 +159,21 @@ class Linear:
             bias = mx.concatenate(biases)
         else:
             return None
-        return cls(weight, bias)
+        return cls(weight, bias, parts[0].act)
 
 
 class Attention:
     def __init__(self, spec: ModelSpec, w: _Loader, prefix: str, rope_freqs: mx.array | None):
         self.spec = spec
+        self.ggml_numerics = w.ggml_numerics
         nh, nkv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
         parts = []
         for name, n_out in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
             bias = w.dense(f"{prefix}attn_{name}.bias", (n_out,)) if spec.attn_bias else None
-            parts.append(Linear(w.weight(f"{prefix}attn_{name}.weight", (d, n_out)), bias))
+            parts.append(w.linear(f"{prefix}attn_{name}.weight", (d, n_out), bias))
         self.qkv = Linear.fused(parts)
         self.q_proj, self.k_proj, self.v_proj = parts if self.qkv is None else (None,) * 3
-        self.o_proj = Linear(w.weight(f"{prefix}attn_output.weight", (nh * hd, d)))
+        self.o_proj = w.linear(f"{prefix}attn_output.weight", (nh * hd, d))
         self.q_norm = self.k_norm = None
         if spec.qk_norm:
             self.q_norm = w.dense(f"{prefix}attn_q_norm.weight", (hd,))
@@ -143,6 +193,28 @@ class Attention:
             freqs=self.rope_freqs,
         )
 
+    def _attend_ggml(self, q: mx.array, keys: mx.array, values: mx.array, offset: int) -> mx.array:
+        """Attention rounded as llama.cpp's CPU graph without flash attention rounds it.
+
+        There ``KQ = mul_mat(K, Q)`` with K from the float16 cache converts Q to float16 first
+        (products and sums in float32), the scaled, masked softmax is float32, and
+        ``KQV = mul_mat(V, KQ)`` converts the probabilities to float16. q: (1, H, T, hd) in the
+        compute dtype; keys, values: (1, H_kv, S, hd) as cached.
+        """
+        _, nh, T, hd = q.shape
+        nkv, S = keys.shape[1], keys.shape[2]
+        dt = q.dtype
+        # query head h reads kv head h // (nh // nkv), as in ggml's broadcasting mul_mat
+        q = q.reshape(1, nkv, nh // nkv * T, hd).astype(mx.float16).astype(dt)
+        scores = (q @ keys.astype(dt).swapaxes(-1, -2)) * self.spec.scale
+        if T > 1:
+            pos = mx.arange(T)[:, None] + offset  # row r of a group is query position r % T
+            causal = mx.tile(pos >= mx.arange(S)[None], (nh // nkv, 1))
+            scores = mx.where(causal, scores, -mx.inf)
+        probs = mx.softmax(scores, axis=-1, precise=True)
+        o = probs.astype(mx.float16).astype(dt) @ values.astype(dt)
+        return o.reshape(1, nh, T, hd)
+
     def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
         s = self.spec
         _, T, _ = x.shape
@@ -161,7 +233,10 @@ class Attention:
         keys, values = cache.update(layer, k, v)
         if keys.dtype != q.dtype:
             keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
+        if self.ggml_numerics:
+            o = self._attend_ggml(q, keys, values, cache.offset)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(1, T, s.n_heads * s.head_dim))
 
 
@@ -170,11 +245,11 @@ class MLP:
 
     def __init__(self, spec: ModelSpec, w: _Loader, prefix: str) -> None:
         d, f = spec.d_model, spec.d_ff
-        gate = Linear(w.weight(f"{prefix}ffn_gate.weight", (d, f)))
-        up = Linear(w.weight(f"{prefix}ffn_up.weight", (d, f)))
+        gate = w.linear(f"{prefix}ffn_gate.weight", (d, f))
+        up = w.linear(f"{prefix}ffn_up.weight", (d, f))
         self.gate_up = Linear.fused([gate, up])
         self.gate, self.up = (gate, up) if self.gate_up is None else (None, None)
-        self.down = Linear(w.weight(f"{prefix}ffn_down.weight", (f, d)))
+        self.down = w.linear(f"{prefix}ffn_down.weight", (f, d))
         self.d_ff = f
         if spec.activation == "silu":
             self.act = nn.silu
@@ -198,6 +273,7 @@ class Block:
         p = f"blk.{index}."
         d = spec.d_model
         self.eps = spec.rms_eps
+        self.norm = rms_norm_ggml if w.ggml_numerics else mx.fast.rms_norm
         self.attn_norm = w.dense(f"{p}attn_norm.weight", (d,))
         self.attn = Attention(spec, w, p, rope_freqs)
         self.ffn_norm = w.dense(f"{p}ffn_norm.weight", (d,))
@@ -208,22 +284,25 @@ class Block:
             self.post_ffn_norm = w.dense(f"{p}post_ffw_norm.weight", (d,))
 
     def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
-        a = self.attn(mx.fast.rms_norm(x, self.attn_norm, self.eps), cache, layer, mask)
+        a = self.attn(self.norm(x, self.attn_norm, self.eps), cache, layer, mask)
         if self.post_attn_norm is not None:
-            a = mx.fast.rms_norm(a, self.post_attn_norm, self.eps)
+            a = self.norm(a, self.post_attn_norm, self.eps)
         h = x + a
-        m = self.mlp(mx.fast.rms_norm(h, self.ffn_norm, self.eps))
+        m = self.mlp(self.norm(h, self.ffn_norm, self.eps))
         if self.post_ffn_norm is not None:
-            m = mx.fast.rms_norm(m, self.post_ffn_norm, self.eps)
+            m = self.norm(m, self.post_ffn_norm, self.eps)
         return h + m
 
 
 class _Loader:
     """Loads named tensors after checking they exist with the shape the spec implies."""
 
-    def __init__(self, tensors: Mapping[str, TensorData], dtype: mx.Dtype) -> None:
+    def __init__(
+        self, tensors: Mapping[str, TensorData], dtype: mx.Dtype, ggml_numerics: bool
+    ) -> None:
         self.tensors = tensors
         self.dtype = dtype
+        self.ggml_numerics = ggml_numerics
 
     def _get(self, name: str, shape: tuple[int, ...]) -> TensorData:
         t = self.tensors.get(name)
@@ -237,6 +316,14 @@ class _Loader:
 
     def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
         return load_tensor(self._get(name, shape), dtype=self.dtype)
+
+    def act_type(self, name: str) -> GGMLType | None:
+        """What ggml rounds the activations to before a matmul with this weight, if emulated."""
+        act = VEC_DOT_TYPE.get(GGMLType(self.tensors[name].ggml_type))
+        return act if self.ggml_numerics and act != GGMLType.F32 else None
+
+    def linear(self, name: str, shape: tuple[int, ...], bias: mx.array | None = None) -> Linear:
+        return Linear(self.weight(name, shape), bias, self.act_type(name))
 
     def dense(self, name: str, shape: tuple[int, ...]) -> mx.array:
         w = self.weight(name, shape)
@@ -264,6 +351,7 @@ class Stage:
         max_context: int | None = None,
         dtype: mx.Dtype = mx.float32,
         kv_dtype: mx.Dtype = mx.float16,
+        ggml_numerics: bool = False,
     ) -> None:
         if not 0 <= start < end <= spec.n_blocks:
             raise ValueError(f"bad block range [{start}, {end}) for {spec.n_blocks} blocks")
@@ -278,7 +366,12 @@ class Stage:
         self.dtype = dtype
         self.max_context = max_context or spec.context_length
         d = spec.d_model
-        w = _Loader(tensors, dtype)
+        self.ggml_numerics = ggml_numerics
+        # A stage boundary rounds the hidden state to float16. In ggml mode a perturbation
+        # that small already changes later 8-bit roundings and so the tokens, so the state is
+        # rounded after every block instead: then any split computes bit for bit the same.
+        self.round_residual = ggml_numerics
+        w = _Loader(tensors, dtype, ggml_numerics)
 
         rope_freqs = None
         if spec.rope_freq_factors:
@@ -295,9 +388,10 @@ class Stage:
         self.output_norm = self.output = None
         if self.is_last:
             self.output_norm = w.dense("output_norm.weight", (d,))
-            self.output = Linear(
-                self.embedding if tied else w.weight("output.weight", (d, spec.vocab_size))
-            )
+            if tied:
+                self.output = Linear(self.embedding, act=w.act_type("token_embd.weight"))
+            else:
+                self.output = w.linear("output.weight", (d, spec.vocab_size))
         if not self.is_first:
             self.embedding = None  # only the tied head holds on to it
         mx.eval(self._parameters())
@@ -387,9 +481,12 @@ class Stage:
         mask = "causal" if T > 1 else None
         for i, block in enumerate(self.blocks):
             h = block(h, cache, i, mask)
+            if self.round_residual:
+                h = h.astype(mx.float16).astype(self.dtype)
         if not self.is_last:
             return h[0].astype(mx.float16)
-        h = mx.fast.rms_norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
+        norm = rms_norm_ggml if self.ggml_numerics else mx.fast.rms_norm
+        h = norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
         return self.output(h)[0].astype(mx.float32)
 
     def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:

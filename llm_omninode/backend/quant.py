@@ -15,6 +15,7 @@ All work is vectorised NumPy over whole tensors: no Python loop runs per block.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -26,6 +27,67 @@ from .spec import UnsupportedModelError
 GROUP_SIZE = 32
 QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+# What ggml's CPU matmul converts the float32 activations to before the dot products with a
+# weight of each type (``vec_dot_type`` in ggml-cpu): 8-bit blocks for the quantized types.
+VEC_DOT_TYPE = {
+    GGMLType.Q4_0: GGMLType.Q8_0,
+    GGMLType.Q4_1: GGMLType.Q8_1,
+    GGMLType.Q8_0: GGMLType.Q8_0,
+    GGMLType.F16: GGMLType.F16,
+    GGMLType.BF16: GGMLType.BF16,
+    GGMLType.F32: GGMLType.F32,
+}
+
+
+def round_activations(x: mx.array, vec_dot_type: GGMLType | None) -> mx.array:
+    """``x`` as ggml's CPU matmul sees it after converting it to ``vec_dot_type``.
+
+    llama.cpp does not multiply a quantized weight by float32 activations: it first quantizes
+    each row of them to Q8_0/Q8_1 (blocks of 32, ``d = amax/127``, ``q = round(x*127/amax)``
+    rounding half to even as ggml's AVX2 code does, ``d`` stored as float16), or rounds them to
+    float16/bfloat16 for a weight of that type. Doing the same rounding here, then a float32
+    matmul, reproduces each of its matmuls to within float32 summation order (for Q8_1 see
+    also ``q8_1_activations``); without it a Q4_1 projection differs by ~3e-2.
+    """
+    if vec_dot_type in (GGMLType.Q8_0, GGMLType.Q8_1):
+        return _q8(_as_blocks(x))[0].reshape(x.shape)
+    if vec_dot_type == GGMLType.F16 and x.dtype != mx.float16:
+        return x.astype(mx.float16).astype(x.dtype)
+    if vec_dot_type == GGMLType.BF16 and x.dtype != mx.bfloat16:
+        return x.astype(mx.bfloat16).astype(x.dtype)
+    return x
+
+
+def q8_1_activations(x: mx.array) -> tuple[mx.array, mx.array]:
+    """Q8_1-rounded ``x`` (as ``round_activations``), and a per-block offset correction.
+
+    A Q8_1 block also stores ``s = fp16(d*sum(q))``, and ggml's Q4_1 dot product is
+    ``d_w*d_x*sum(q_w*q_x) + m_w*s``. Multiplying the rounded ``x`` by the dequantized weight
+    gives ``m_w*fp16(d)*sum(q)`` for the second term instead; the two differ by ~2^-11 of a
+    large term (3e-3 on SmolLM2's projections, 1e-6 with it), so the correction
+    ``s - fp16(d)*sum(q)`` (shape (..., n/32)) is returned to be multiplied by the weight's
+    per-block offsets ``m`` and added.
+    """
+    xq, corr = _q8(_as_blocks(x))
+    return xq.reshape(x.shape), corr
+
+
+def _as_blocks(x: mx.array) -> mx.array:
+    return x.reshape(*x.shape[:-1], x.shape[-1] // GROUP_SIZE, GROUP_SIZE)
+
+
+@functools.partial(mx.compile, shapeless=True)  # one fused pass instead of ~10 small ops
+def _q8(b: mx.array) -> tuple[mx.array, mx.array]:
+    amax = mx.max(mx.abs(b), axis=-1, keepdims=True)
+    scale = mx.where(amax > 0, 127.0 / amax, 0.0)  # ggml: id = 127/amax, or 0 for a zero block
+    d = amax / 127.0
+    dh = d.astype(mx.float16).astype(b.dtype)
+    q = mx.round(b * scale)
+    qsum = q.sum(axis=-1)
+    d = d[..., 0]
+    corr = (d * qsum).astype(mx.float16).astype(b.dtype) - dh[..., 0] * qsum
+    return q * dh, corr
 
 
 @dataclass(frozen=True)
@@ -47,6 +109,7 @@ class QuantizedWeight:
     biases: mx.array  # (rows, cols / group_size)
     bits: int
     group_size: int = GROUP_SIZE
+    ggml_type: GGMLType | None = None  # the GGUF type it came from (decides vec_dot_type)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -189,6 +252,7 @@ def load_tensor(t: TensorData, *, dtype: mx.Dtype = mx.float32) -> Weight:
             mx.array(scales).astype(dtype),
             mx.array(biases).astype(dtype),
             bits,
+            ggml_type=t.ggml_type,
         )
     if t.ggml_type in DENSE_TYPES:
         return mx.array(_dense_numpy(t)).astype(dtype)

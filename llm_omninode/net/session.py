@@ -1,0 +1,535 @@
+"""One authenticated QUIC connection: certificate check, admission, then frame streams.
+
+Connection set-up, in order (nothing else is read before step 4 succeeds):
+
+1. QUIC + TLS 1.3, ALPN ``omni/1``, no session tickets, no 0-RTT. The server requests a client
+   certificate (net/tls.py); both sides present a self-signed certificate of their node key.
+2. Each side derives the peer's node id from the certificate key (aioquic has already checked
+   the CertificateVerify signature, i.e. that the peer holds that key). The client compares it
+   with ``expected_node_id`` if it was given one; a missing or non-Ed25519 certificate, or a
+   different key, closes the connection (``CloseCode.BAD_CERTIFICATE``).
+3. The client sends JOIN (its node id and admission proof) on its first stream; the server
+   runs its admission policy on it (admission.py) and either closes the connection with
+   ``CloseCode.REFUSED`` (logging node id, address and reason) or answers JOIN_OK with its
+   own proof, which the client checks with *its* policy in the same way.
+4. Admitted: the client opens one bidirectional stream per request, or a long-lived one
+   (a channel) per pipeline edge. The server hands the first frame of each stream and a
+   ``FrameStream`` to the handler; a malformed frame gets an ERROR frame (``bad_frame``) and the
+   end of that stream, and the connection keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.connection import QuicConnection
+
+from . import tls
+from .admission import Admission
+from .frames import (
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    encode_parts,
+    error_frame,
+    join_frame,
+)
+from .identity import IdentityError, NodeIdentity, node_id_from_certificate
+from .streams import (
+    CLOSE_CODES,
+    EOF_MARK,
+    CloseCode,
+    ConnectionClosed,
+    FrameStream,
+    Inbound,
+    PeerRefused,
+)
+
+if TYPE_CHECKING:
+    from .quic import QuicSettings
+
+log = logging.getLogger("llm_omninode.net.quic")
+
+Handler = Callable[[str, Frame, "FrameStream"], Awaitable[Frame | None]]
+
+
+BATCH = 64  # datagrams taken from the socket per wake-up
+RECV_SIZE = 65536
+
+
+class OmniProtocol(QuicConnectionProtocol):
+    """QUIC events -> authenticated, admitted frame streams. Subclassed per role."""
+
+    role = ""  # "client" or "server"
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        identity: NodeIdentity,
+        admission: Admission,
+        settings: QuicSettings,
+    ) -> None:
+        super().__init__(quic)
+        self.identity = identity
+        self.admission = admission
+        self.settings = settings
+        self.peer_id: str | None = None
+        self.peer_addr: Any = None
+        self.binding: bytes | None = None
+        self.admitted = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._streams: dict[int, Inbound] = {}
+        self._finished: set[int] = set()  # streams served and forgotten: later bytes dropped
+        self._join_stream: int | None = None
+        self._join_decoder: FrameDecoder | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- plumbing ------------------------------------------------------------------------
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.peer_addr is None:
+            self.peer_addr = addr
+        super().datagram_received(data, addr)
+
+    def send_frame(self, stream_id: int, frame: Frame | None, end_stream: bool = False) -> None:
+        if self.close_code is not None:
+            raise ConnectionClosed(f"connection closed: {self.close_reason}")
+        if frame is None:
+            self.write_raw(stream_id, b"", end_stream)
+            return
+        prefix, payload = encode_parts(frame)
+        if payload:
+            self.write_raw(stream_id, prefix, False)
+            self.write_raw(stream_id, payload, end_stream)
+        else:
+            self.write_raw(stream_id, prefix, end_stream)
+
+    def write_raw(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if self.close_code is not None:
+            raise ConnectionClosed(f"connection closed: {self.close_reason}")
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        except (RuntimeError, ValueError) as exc:  # the peer reset or stopped the stream
+            raise ConnectionClosed(f"stream {stream_id} closed: {exc}") from exc
+        self.transmit()
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Stop reading a stream: later bytes on it are dropped, never served."""
+        self._finished.add(stream_id)
+        inbound = self._streams.pop(stream_id, None)
+        if inbound is not None:
+            if not inbound.done:
+                with contextlib.suppress(Exception):
+                    self._quic.stop_stream(stream_id, CloseCode.NO_ERROR)
+            inbound.finish(EOF_MARK)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def refuse(self, code: CloseCode, reason: str) -> None:
+        """Close the connection because of the peer, and log who and why."""
+        log.warning(
+            "%s refused peer %s at %s: %s",
+            self.role,
+            self.peer_id or "(unauthenticated)",
+            _format_addr(self.peer_addr),
+            reason,
+        )
+        self.shutdown(code, reason)
+
+    def shutdown(self, code: int = CloseCode.NO_ERROR, reason: str = "") -> None:
+        if self.close_code is None:
+            self.close_code, self.close_reason = int(code), reason
+        self.close(error_code=int(code), reason_phrase=reason[:200])
+        self._terminate_streams(ConnectionClosed(f"connection closed: {reason or 'local'}"))
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _terminate_streams(self, error: Exception) -> None:
+        for inbound in self._streams.values():
+            inbound.finish(error)
+        self._streams.clear()
+
+    def _buffered(self) -> int:
+        return sum(inbound.buffered for inbound in self._streams.values())
+
+    # ---- events --------------------------------------------------------------------------
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            self._handshake_completed(event)
+        elif isinstance(event, events.StreamDataReceived):
+            if self.close_code is not None:
+                return
+            if not self.admitted:
+                self._before_admission(event)
+            else:
+                self._stream_data(event)
+        elif isinstance(event, events.StreamReset):
+            self._finished.add(event.stream_id)
+            inbound = self._streams.pop(event.stream_id, None)
+            if inbound is not None:
+                inbound.finish(ConnectionClosed(f"stream reset by peer ({event.error_code})"))
+        elif isinstance(event, events.ConnectionTerminated):
+            if self.close_code is None:
+                self.close_code, self.close_reason = event.error_code, event.reason_phrase
+            self._terminate_streams(
+                ConnectionClosed(f"connection closed ({event.error_code}: {event.reason_phrase})")
+            )
+            self._connection_lost(event)
+            for task in list(self._tasks):
+                task.cancel()
+
+    def _handshake_completed(self, event: events.HandshakeCompleted) -> None:
+        if event.alpn_protocol != tls.ALPN:
+            self.refuse(CloseCode.PROTOCOL, f"ALPN {event.alpn_protocol!r}, not {tls.ALPN}")
+            return
+        if event.session_resumed or event.early_data_accepted:
+            self.refuse(CloseCode.PROTOCOL, "session resumption is not allowed")
+            return
+        cert = tls.peer_certificate(self._quic)
+        if cert is None:
+            self.refuse(CloseCode.BAD_CERTIFICATE, "no certificate presented")
+            return
+        try:
+            self.peer_id = node_id_from_certificate(cert)
+        except IdentityError as exc:
+            self.refuse(CloseCode.BAD_CERTIFICATE, str(exc))
+            return
+        try:
+            self.binding = tls.session_binding(self._quic)
+        except tls.TlsInternalsError as exc:  # aioquic moved: refuse rather than skip the check
+            self.refuse(CloseCode.PROTOCOL, str(exc))
+            return
+        self._authenticated()
+
+    def _stream_data(self, event: events.StreamDataReceived) -> None:
+        inbound = self._streams.get(event.stream_id)
+        if inbound is None:
+            if event.stream_id in self._finished:
+                return
+            inbound = self._new_inbound_stream(event.stream_id)
+            if inbound is None:
+                return
+        if inbound.done:
+            return
+        try:
+            for frame in inbound.decoder.feed(event.data):
+                inbound.put(frame)
+            if event.end_stream:
+                inbound.decoder.close()
+                inbound.finish(EOF_MARK)
+        except FrameError as exc:
+            inbound.finish(exc)
+            with contextlib.suppress(Exception):
+                self._quic.stop_stream(event.stream_id, CloseCode.PROTOCOL)
+        if event.data and self._buffered() > self.settings.max_buffered:
+            self.refuse(CloseCode.OVERLOAD, "too many inbound bytes buffered")
+
+    # ---- role hooks ----------------------------------------------------------------------
+    def _authenticated(self) -> None:
+        raise NotImplementedError
+
+    def _before_admission(self, event: events.StreamDataReceived) -> None:
+        raise NotImplementedError
+
+    def _new_inbound_stream(self, stream_id: int) -> Inbound | None:
+        raise NotImplementedError
+
+    def _connection_lost(self, event: events.ConnectionTerminated) -> None:
+        pass
+
+    def _join_frame(self, event: events.StreamDataReceived, allowed: FrameType) -> Frame | None:
+        """Decode the single JOIN / JOIN_OK frame; refuse on anything else."""
+        if self._join_stream is None:
+            self._join_stream = event.stream_id
+            self._join_decoder = FrameDecoder(
+                max_header=4096, max_payload=0, types=frozenset({allowed})
+            )
+        if event.stream_id != self._join_stream:
+            self.refuse(CloseCode.PROTOCOL, f"stream {event.stream_id} used before admission")
+            return None
+        try:
+            frames = self._join_decoder.feed(event.data)
+            if event.end_stream:
+                self._join_decoder.close()
+        except FrameError as exc:
+            self.refuse(CloseCode.PROTOCOL, f"bad {allowed.name}: {exc}")
+            return None
+        if len(frames) > 1:
+            self.refuse(CloseCode.PROTOCOL, f"{allowed.name} must be alone on its stream")
+            return None
+        if not frames:
+            if event.end_stream:
+                self.refuse(CloseCode.PROTOCOL, f"{allowed.name} stream ended empty")
+            return None
+        frame = frames[0]
+        if frame.header["node_id"] != self.peer_id:
+            self.refuse(CloseCode.BAD_CERTIFICATE, "claimed node id differs from certificate")
+            return None
+        return frame
+
+    def _decide(self, frame: Frame) -> bool:
+        proof_hex = frame.header.get("proof")
+        proof = bytes.fromhex(proof_hex) if proof_hex else None
+        peer_role = "server" if self.role == "client" else "client"
+        client_id, server_id = (
+            (self.peer_id, self.identity.node_id)
+            if peer_role == "client"
+            else (self.identity.node_id, self.peer_id)
+        )
+        decision = self.admission.decide(peer_role, client_id, server_id, self.binding, proof)
+        if not decision.admitted:
+            self.refuse(CloseCode.REFUSED, decision.reason)
+            return False
+        log.info(
+            "%s admitted %s at %s (%s)",
+            self.role,
+            self.peer_id,
+            _format_addr(self.peer_addr),
+            decision.reason,
+        )
+        return True
+
+    def _own_proof(self) -> bytes | None:
+        client_id, server_id = (
+            (self.identity.node_id, self.peer_id)
+            if self.role == "client"
+            else (self.peer_id, self.identity.node_id)
+        )
+        return self.admission.proof(self.role, client_id, server_id, self.binding)
+
+
+def _format_addr(addr: Any) -> str:
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    if isinstance(host, str) and host.startswith("::ffff:"):
+        host = host[7:]
+    return f"{host}:{port}"
+
+
+# ---- server -------------------------------------------------------------------------------
+
+
+class ReceiveBatch:
+    """Connections that received datagrams during one burst read by the server socket."""
+
+    def __init__(self) -> None:
+        self.touched: set[ServerProtocol] | None = None
+
+    def begin(self) -> None:
+        self.touched = set()
+
+    def end(self) -> None:
+        touched, self.touched = self.touched or set(), None
+        for protocol in touched:
+            protocol.flush()
+
+
+class ServerProtocol(OmniProtocol):
+    role = "server"
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        handler: Handler,
+        registry: set[ServerProtocol],
+        batch: ReceiveBatch | None = None,
+        **kwargs: Any,
+    ) -> None:
+        tls.require_client_certificate(quic)
+        super().__init__(quic, **kwargs)
+        self.handler = handler
+        self.registry = registry
+        self.batch = batch
+        self._join_timer: asyncio.TimerHandle | None = None
+        registry.add(self)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        touched = self.batch.touched if self.batch is not None else None
+        if touched is None:
+            super().datagram_received(data, addr)
+            return
+        if self.peer_addr is None:
+            self.peer_addr = addr
+        self._quic.receive_datagram(data, addr, now=self._loop.time())
+        touched.add(self)  # events and transmit once the burst is read (ReceiveBatch.end)
+
+    def flush(self) -> None:
+        self._process_events()
+        self.transmit()
+
+    def _authenticated(self) -> None:
+        self._join_timer = self._loop.call_later(self.settings.join_timeout, self._join_timeout)
+
+    def _join_timeout(self) -> None:
+        if not self.admitted and self.close_code is None:
+            self.refuse(CloseCode.TIMEOUT, "no JOIN in time")
+
+    def _before_admission(self, event: events.StreamDataReceived) -> None:
+        if self.peer_id is None or event.stream_id % 4 != 0:
+            self.refuse(CloseCode.PROTOCOL, "data before authentication")
+            return
+        frame = self._join_frame(event, FrameType.JOIN)
+        if frame is None or not self._decide(frame):
+            return
+        self.admitted = True
+        if self._join_timer is not None:
+            self._join_timer.cancel()
+        self.send_frame(
+            event.stream_id, join_frame(self.identity.node_id, self._own_proof(), ok=True), True
+        )
+
+    def _new_inbound_stream(self, stream_id: int) -> Inbound | None:
+        if stream_id == self._join_stream:
+            return None  # the JOIN stream's late FIN; it carries nothing else
+        if stream_id % 4 != 0:  # only client-initiated bidirectional streams are used
+            self.refuse(CloseCode.PROTOCOL, f"unexpected stream {stream_id}")
+            return None
+        inbound = Inbound(FrameDecoder())
+        self._streams[stream_id] = inbound
+        self.spawn(self._serve_stream(FrameStream(self, stream_id, inbound)))
+        return inbound
+
+    async def _serve_stream(self, stream: FrameStream) -> None:
+        try:
+            try:
+                first = await stream.recv(timeout=self.settings.request_timeout)
+            except FrameError as exc:
+                stream.end(error_frame(ErrorCode.BAD_FRAME, str(exc)))
+                return
+            except ConnectionClosed as exc:  # timed out, reset, or the connection went
+                if self.close_code is None:
+                    stream.end(error_frame(ErrorCode.TIMEOUT, str(exc)))
+                return
+            if first is None:
+                stream.end()
+                return
+            try:
+                reply = await self.handler(self.peer_id, first, stream)
+            except FrameError as exc:
+                reply = error_frame(ErrorCode.BAD_FRAME, str(exc), first.id)
+            except ConnectionClosed:
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a handler bug must not take the connection down
+                log.exception("handler failed on %s from %s", first.type.name, self.peer_id)
+                reply = error_frame(ErrorCode.INTERNAL, type(exc).__name__, first.id)
+            stream.end(reply)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.forget_stream(stream.stream_id)
+
+    def _connection_lost(self, event: events.ConnectionTerminated) -> None:
+        if self._join_timer is not None:
+            self._join_timer.cancel()
+        self.registry.discard(self)
+
+
+class ClientProtocol(OmniProtocol):
+    role = "client"
+
+    def __init__(self, quic: QuicConnection, *, expected_node_id: str | None, **kwargs) -> None:
+        super().__init__(quic, **kwargs)
+        self.expected_node_id = expected_node_id
+        self._sock: socket.socket | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+
+    def refuse(self, code: CloseCode, reason: str) -> None:
+        super().refuse(code, reason)
+        self._fail(PeerRefused(code, f"we refused {self.peer_id or 'the server'}: {reason}"))
+
+    def _authenticated(self) -> None:
+        if self.expected_node_id is not None and self.peer_id != self.expected_node_id:
+            self.refuse(
+                CloseCode.BAD_CERTIFICATE,
+                f"server key is {self.peer_id}, expected {self.expected_node_id}",
+            )
+            return
+        stream_id = self._quic.get_next_available_stream_id()
+        self._join_stream = stream_id
+        self._join_decoder = FrameDecoder(
+            max_header=4096, max_payload=0, types=frozenset({FrameType.JOIN_OK})
+        )
+        self.send_frame(stream_id, join_frame(self.identity.node_id, self._own_proof()), True)
+
+    def _before_admission(self, event: events.StreamDataReceived) -> None:
+        frame = self._join_frame(event, FrameType.JOIN_OK)
+        if frame is None or not self._decide(frame):
+            return
+        self.admitted = True
+        if not self.ready.done():
+            self.ready.set_result(None)
+        self._schedule_keepalive()
+
+    def _schedule_keepalive(self) -> None:
+        if self.settings.keepalive and self.close_code is None:
+            self._keepalive = self._loop.call_later(self.settings.keepalive, self._ping)
+
+    def _ping(self) -> None:
+        """Keep an idle connection (a pipeline edge between requests) from timing out."""
+        if self.close_code is None:
+            self._quic.send_ping(0)
+            self.transmit()
+            self._schedule_keepalive()
+
+    def _new_inbound_stream(self, stream_id: int) -> Inbound | None:
+        if stream_id != self._join_stream:  # data on a stream we never opened (or forgot)
+            with contextlib.suppress(Exception):
+                self._quic.stop_stream(stream_id, CloseCode.PROTOCOL)
+        return None
+
+    def _connection_lost(self, event: events.ConnectionTerminated) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if event.error_code in CLOSE_CODES and event.error_code != CloseCode.NO_ERROR:
+            self._fail(PeerRefused(event.error_code, f"server closed: {event.reason_phrase}"))
+        else:
+            self._fail(ConnectionClosed(f"closed during set-up: {event.reason_phrase}"))
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        """Take every datagram already waiting on the socket, then answer once: one ACK and
+        one flush per burst instead of per datagram (bulk downloads gain most of their speed
+        here)."""
+        if self.peer_addr is None:
+            self.peer_addr = addr
+        now = self._loop.time
+        self._quic.receive_datagram(data, addr, now=now())
+        sock = self._sock
+        if sock is not None:
+            for _ in range(BATCH):
+                try:
+                    data, addr = sock.recvfrom(RECV_SIZE)
+                except OSError:  # BlockingIOError: drained; anything else: asyncio reports it
+                    break
+                self._quic.receive_datagram(data, addr, now=now())
+        self._process_events()
+        self.transmit()
+
+    def open_stream(self) -> FrameStream:
+        if self.close_code is not None:
+            raise ConnectionClosed(f"connection closed: {self.close_reason}")
+        stream_id = self._quic.get_next_available_stream_id()
+        inbound = Inbound(FrameDecoder())
+        self._streams[stream_id] = inbound
+        return FrameStream(self, stream_id, inbound)

@@ -1,0 +1,158 @@
+"""Frame streams over QUIC, and the errors and close codes callers of net/ see."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from enum import IntEnum
+from typing import Any, Protocol
+
+from .frames import Frame, FrameDecoder
+
+
+class _Sender(Protocol):
+    """What a FrameStream needs of its connection (session.OmniProtocol)."""
+
+    peer_id: str | None
+
+    def send_frame(self, stream_id: int, frame: Frame | None, end_stream: bool = False) -> None: ...
+
+    def write_raw(self, stream_id: int, data: bytes, end_stream: bool) -> None: ...
+
+    def forget_stream(self, stream_id: int) -> None: ...
+
+
+class CloseCode(IntEnum):
+    """QUIC application close codes."""
+
+    NO_ERROR = 0x0
+    REFUSED = 0x100  # admission refused
+    BAD_CERTIFICATE = 0x101  # no certificate, not Ed25519, or not the expected node id
+    PROTOCOL = 0x102  # a frame where none may be (before admission, bad JOIN, ...)
+    TIMEOUT = 0x103  # no JOIN in time
+    OVERLOAD = 0x104  # the peer made us buffer too much
+
+
+class NetError(Exception):
+    """Base of the errors net/ raises to callers."""
+
+
+class PeerRefused(NetError):
+    """The handshake or admission failed, on our side or the peer's."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{CloseCode(code).name if code in CLOSE_CODES else code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class ConnectionClosed(NetError):
+    """The connection or stream ended before the answer came."""
+
+
+class RemoteError(NetError):
+    """The peer answered with an ERROR frame."""
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self.code = frame.header.get("code", "")
+        self.message = frame.header.get("message", "")
+        super().__init__(f"{self.code}: {self.message}")
+
+
+CLOSE_CODES = {int(c) for c in CloseCode}
+
+EOF_MARK = object()
+
+
+class Inbound:
+    """Frames arriving on one stream, decoded as they come."""
+
+    def __init__(self, decoder: FrameDecoder) -> None:
+        self.decoder = decoder
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queued_bytes = 0  # payload bytes decoded but not yet taken
+        self.done = False  # EOF or error queued: later bytes are dropped
+
+    @property
+    def buffered(self) -> int:
+        return self.queued_bytes + self.decoder.buffered
+
+    def put(self, frame: Frame) -> None:
+        self.queued_bytes += len(frame.payload)
+        self.queue.put_nowait(frame)
+
+    async def get(self) -> Any:
+        item = await self.queue.get()
+        if isinstance(item, Frame):
+            self.queued_bytes -= len(item.payload)
+        return item
+
+    def finish(self, item: Any) -> None:
+        if not self.done:
+            self.done = True
+            self.queue.put_nowait(item)
+
+
+class FrameStream:
+    """One bidirectional QUIC stream carrying frames: ``send``, ``recv``, ``end``."""
+
+    def __init__(self, protocol: _Sender, stream_id: int, inbound: Inbound) -> None:
+        self._protocol = protocol
+        self.stream_id = stream_id
+        self._inbound = inbound
+        self._final: Any = None
+        self.ended = False
+
+    @property
+    def peer_id(self) -> str:
+        return self._protocol.peer_id or ""
+
+    async def send(self, frame: Frame) -> None:
+        if self.ended:
+            raise ConnectionClosed("stream already ended")
+        self._protocol.send_frame(self.stream_id, frame)
+        await asyncio.sleep(0)
+
+    def end(self, frame: Frame | None = None) -> None:
+        """Send the last frame (if any) and close our sending side."""
+        if self.ended:
+            return
+        self.ended = True
+        self._protocol.send_frame(self.stream_id, frame, end_stream=True)
+
+    def write_raw(self, data: bytes, end_stream: bool = False) -> None:
+        """Unframed bytes onto the stream: only for tests and fuzzing of the peer's decoder."""
+        self._protocol.write_raw(self.stream_id, data, end_stream)
+        self.ended = self.ended or end_stream
+
+    async def recv(self, timeout: float | None = None) -> Frame | None:
+        """The next frame; None once the peer ended the stream. Raises FrameError for a
+        malformed frame, ConnectionClosed if the stream or connection went away."""
+        if self._final is not None:
+            return self._raise_final()
+        try:
+            item = await asyncio.wait_for(self._inbound.get(), timeout)
+        except asyncio.TimeoutError as exc:
+            raise ConnectionClosed(f"no frame within {timeout} s") from exc
+        if isinstance(item, Frame):
+            return item
+        self._final = item
+        return self._raise_final()
+
+    def _raise_final(self) -> None:
+        if self._final is EOF_MARK:
+            return None
+        raise self._final
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Frame]:
+        while (frame := await self.recv()) is not None:
+            yield frame
+
+    async def aclose(self) -> None:
+        """End our side and stop reading theirs."""
+        self.end()
+        self._protocol.forget_stream(self.stream_id)
