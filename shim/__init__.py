@@ -1,0 +1,1 @@
+"""The OmniNode shim: the daemon on every device (stage host, planner, coordinator)."""
