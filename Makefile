@@ -19,9 +19,10 @@ setup: $(BIN)/.installed
 model: setup
 	$(BIN)/llm omni pull smollm2
 
+# two shims on loopback split the model; a prompt goes through `llm -m omni/smollm2`
 demo: model
 	$(BIN)/llm omni models
-	$(BIN)/llm -m omni/smollm2 "$(PROMPT)"
+	BIN=$(BIN) PROMPT="$(PROMPT)" bash scripts/demo.sh
 
 lint: setup
 	$(BIN)/ruff check .
@@ -34,4 +35,4 @@ bench: model
 	$(BIN)/python bench/engine.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info .omni-demo

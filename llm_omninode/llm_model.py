@@ -1,4 +1,4 @@
-"""``llm -m omni/<alias>``: an llm.Model that runs an OmniNode model."""
+"""``llm -m omni/<alias>``: an llm.Model whose prompts a shim runs (llm_omninode/client.py)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,6 @@ import json
 
 import llm
 from pydantic import Field, field_validator
-
-_loaded: dict[str, object] = {}  # alias -> LocalModel, loaded once per process
-
-
-def _load(alias: str):
-    from .backend.registry import ModelRegistry
-    from .backend.runtime import LocalModel
-    from .home import omni_home
-
-    if alias not in _loaded:
-        _loaded[alias] = LocalModel.load(ModelRegistry(omni_home()), alias)
-    return _loaded[alias]
 
 
 class OmniModel(llm.Model):
@@ -82,18 +70,24 @@ class OmniModel(llm.Model):
         )
 
     def execute(self, prompt, stream, response, conversation):
+        from .client import ShimClient, ShimError
+
         try:
             request = self.build_request(prompt, conversation)
-            model = _load(self.alias)
-        except (ValueError, LookupError, RuntimeError) as exc:
+            client = ShimClient.connect()
+        except (ValueError, ShimError) as exc:
             raise llm.ModelError(str(exc)) from exc
         prompt_tokens = completion_tokens = 0
-        for chunk in model.run(request):
-            if chunk.text:
-                yield chunk.text
-            prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-            if chunk.done:
-                response.response_json = {"done_reason": chunk.done_reason}
+        with client:
+            try:
+                for chunk in client.generate(request):
+                    if chunk.text:
+                        yield chunk.text
+                    prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                    if chunk.done:
+                        response.response_json = {"done_reason": chunk.done_reason}
+            except ShimError as exc:
+                raise llm.ModelError(str(exc)) from exc
         response.set_usage(input=prompt_tokens, output=completion_tokens)
 
 

@@ -25,6 +25,8 @@ def register_models(register):
 
 @llm.hookimpl
 def register_commands(cli):
+    from . import shim_cli
     from .cli import omni
 
+    shim_cli.register(omni)
     cli.add_command(omni)

@@ -1,12 +1,33 @@
-"""The one internal request type: the llm plugin and the HTTP adapters all build this."""
+"""The one internal request type: the llm plugin and the HTTP adapters all build this.
+
+On the wire (plugin -> shim, shim -> coordinator) it travels as the JSON object of
+``to_wire``; ``from_wire`` reads one back and treats it as hostile, since it comes from the
+network: known keys only, exact types (a bool is not an int), bounded sizes, and one exception
+type, ``RequestError``, whose message names the field.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from .backend.sampling import SamplingOptions
+from .backend.sampling import SamplingError, SamplingOptions
 
 DEFAULT_MAX_TOKENS = 512
+
+ROLES = frozenset({"system", "user", "assistant"})
+MAX_MESSAGES = 4096
+MAX_TEXT_BYTES = 1024 * 1024  # one message's content, the prompt or the system prompt (UTF-8)
+MAX_TOTAL_TEXT_BYTES = 8 * 1024 * 1024  # all of a request's text together
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+MAX_MODEL_CHARS = 256
+MAX_MAX_TOKENS = 2**31 - 1  # far past any context; bounds what a peer can make us count to
+_WIRE_KEYS = ("model", "messages", "prompt", "system", "raw", "options", "max_tokens", "stop")
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as sent; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -46,3 +67,100 @@ class GenerationRequest:
         else:
             out.append({"role": "user", "content": self.prompt or ""})
         return out
+
+    # ---- wire ------------------------------------------------------------------------------
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able object with every field; ``from_wire`` reads it back."""
+        return {
+            "model": self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "prompt": self.prompt,
+            "system": self.system,
+            "raw": self.raw,
+            "options": self.options.to_dict(),
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+        }
+
+    @classmethod
+    def from_wire(cls, doc: object) -> GenerationRequest:
+        """A request from a peer's JSON object; RequestError for anything out of bounds.
+
+        Only ``model`` is required; a missing field takes its default.
+        """
+        if not isinstance(doc, dict):
+            raise RequestError("request must be a JSON object")
+        unknown = sorted(repr(k)[:40] for k in doc if k not in _WIRE_KEYS)
+        if unknown:  # a hostile doc may hold thousands: name a few
+            raise RequestError(f"request has unknown field(s): {', '.join(unknown[:5])}")
+        if "model" not in doc:
+            raise RequestError("request.model is missing")
+        text = _TextBudget()
+        model = doc["model"]
+        if not (type(model) is str and 0 < len(model) <= MAX_MODEL_CHARS and model.isprintable()):
+            raise RequestError(f"model must be 1..{MAX_MODEL_CHARS} printable characters")
+
+        raw_messages = doc.get("messages", [])
+        if type(raw_messages) is not list or len(raw_messages) > MAX_MESSAGES:
+            raise RequestError(f"messages must be a list of at most {MAX_MESSAGES}")
+        messages = []
+        for i, m in enumerate(raw_messages):
+            if type(m) is not dict or set(m) != {"role", "content"}:
+                raise RequestError(f"messages[{i}] must be an object with role and content only")
+            role = m["role"]
+            if type(role) is not str or role not in ROLES:
+                raise RequestError(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}")
+            messages.append(Message(role, text.take(f"messages[{i}].content", m["content"])))
+
+        prompt, system = (doc.get(k) for k in ("prompt", "system"))
+        prompt = None if prompt is None else text.take("prompt", prompt)
+        system = None if system is None else text.take("system", system)
+        raw = doc.get("raw", False)
+        if type(raw) is not bool:
+            raise RequestError("raw must be true or false")
+        try:
+            options = SamplingOptions.from_dict(doc.get("options", {}))
+        except SamplingError as exc:
+            raise RequestError(f"options: {exc}") from exc
+        max_tokens = doc.get("max_tokens", DEFAULT_MAX_TOKENS)
+        if max_tokens is not None and not (
+            type(max_tokens) is int and 0 <= max_tokens <= MAX_MAX_TOKENS
+        ):
+            raise RequestError(f"max_tokens must be null or an integer in [0, {MAX_MAX_TOKENS}]")
+        raw_stop = doc.get("stop", [])
+        if type(raw_stop) is not list or len(raw_stop) > MAX_STOP:
+            raise RequestError(f"stop must be a list of at most {MAX_STOP} strings")
+        stop = []
+        for i, s in enumerate(raw_stop):
+            if not (type(s) is str and 0 < len(s) <= MAX_STOP_CHARS):
+                raise RequestError(f"stop[{i}] must be a string of 1..{MAX_STOP_CHARS} characters")
+            stop.append(text.take(f"stop[{i}]", s))
+        try:
+            return cls(
+                model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop)
+            )
+        except ValueError as exc:  # the dataclass's own rules (messages or a prompt, ...)
+            raise RequestError(str(exc)) from exc
+
+
+class _TextBudget:
+    """Checks each text field and counts the request's UTF-8 bytes against the total cap."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, name: str, value: object) -> str:
+        if type(value) is not str:
+            raise RequestError(f"{name} must be a string")
+        if len(value) > MAX_TEXT_BYTES:  # characters <= bytes: refuse before encoding
+            raise RequestError(f"{name} is longer than {MAX_TEXT_BYTES} bytes")
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # JSON can carry lone surrogates such as "\ud800"
+            raise RequestError(f"{name} is not valid Unicode (lone surrogate)") from exc
+        if size > MAX_TEXT_BYTES:
+            raise RequestError(f"{name} is longer than {MAX_TEXT_BYTES} bytes")
+        self.used += size
+        if self.used > MAX_TOTAL_TEXT_BYTES:
+            raise RequestError(f"{name}: the request's text exceeds {MAX_TOTAL_TEXT_BYTES} bytes")
+        return value

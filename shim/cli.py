@@ -1,5 +1,101 @@
-"""``omni-shim``: run one OmniNode node (placeholder until the node lands)."""
+"""``omni-shim``: run one OmniNode node until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # fmt: skip
 
 
-def main() -> int:
-    raise SystemExit("omni-shim: not built yet")
+def parse_size(text: str) -> int:
+    """``512M``, ``1.5GiB``, ``2G`` ... -> bytes (k/M/G decimal, Ki/Mi/Gi binary)."""
+    m = _SIZE_RE.match(text)
+    unit = (m.group(2) or "").lower().removesuffix("b") if m else None
+    if m is None or unit not in _UNITS:
+        raise click.BadParameter(f"not a size: {text!r} (try 512MiB or 4G)")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise click.BadParameter("size must be positive")
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), help="State and shards (default: OMNI_HOME)."
+)
+@click.option("--host", default="0.0.0.0", show_default=True, help="UDP address to listen on.")
+@click.option("--port", type=int, default=None, help="UDP port (default 7341; 0: any free port).")
+@click.option("--join", "join", metavar="SECRET", help="Join the cluster with this secret.")
+@click.option("--open", "open_", is_flag=True, help="Admit every node (only on a LAN you trust).")
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+              help="A peer to reach without mDNS (repeatable).")  # fmt: skip
+@click.option(
+    "--max-memory", metavar="SIZE", help="Memory for weights + KV (default: half of RAM)."
+)
+@click.option("--max-context", type=int, help="Longest sequence (default: the model's).")
+@click.option("--name", default="", help="A name for this node (default: the host name).")
+@click.option("--no-mdns", is_flag=True, help="No mDNS discovery (use --peer).")
+@click.option("--mdns-interface", "mdns_interfaces", multiple=True, metavar="ADDR",
+              help="Run mDNS on this local address only (repeatable; default: all).")  # fmt: skip
+@click.option("--advertise-host", help="The address peers should use to reach this node.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
+def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name, no_mdns,
+         mdns_interfaces, advertise_host, log_level) -> None:  # fmt: skip
+    """Run an OmniNode node: it discovers its peers, holds a slice of each model's blocks and
+    coordinates the requests that reach it."""
+    from llm_omninode.home import omni_home
+
+    from .node import DEFAULT_PORT, Node, NodeConfig
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("quic", "aioquic", "zeroconf"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    config = NodeConfig(
+        data_dir=data_dir or omni_home(),
+        host=host,
+        port=DEFAULT_PORT if port is None else port,
+        join=join,
+        open=open_,
+        peers=list(peers),
+        max_memory=parse_size(max_memory) if max_memory else None,
+        name=name,
+        mdns=not no_mdns,
+        mdns_interfaces=list(mdns_interfaces) or None,
+        max_context=max_context,
+        advertise_host=advertise_host,
+    )
+    try:
+        asyncio.run(_run(Node, config))
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+async def _run(node_cls, config) -> None:
+    node = node_cls(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from tiny_model import write_tiny_llama
 
-from llm_omninode.backend.generate import StopMatcher, generate
+from llm_omninode.backend.generate import Generation, StopMatcher, TokenPicker, generate
 from llm_omninode.backend.gguf import open_gguf
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.backend.tokenizer import Tokenizer
@@ -37,11 +37,12 @@ class ScriptedModel:
     def __init__(self, script, vocab):
         self.script, self.vocab, self.calls, self.freed = list(script), vocab, [], []
 
-    def forward(self, seq_id, x):
+    def next_token(self, seq_id, x, options):
+        assert (options is not None) == (not self.calls)  # options come with the prefill only
         self.calls.append(len(x))
         logits = np.zeros(self.vocab, dtype=np.float32)
         logits[self.script.pop(0)] = 10.0
-        return logits
+        return TokenPicker(options or SamplingOptions.greedy()).pick(logits)
 
     def free(self, seq_id):
         self.freed.append(seq_id)
@@ -52,7 +53,7 @@ def run(tokenizer, script, **kw):
     opts = kw.pop("options", SamplingOptions.greedy())
     chunks = list(
         generate(
-            model.forward,
+            model.next_token,
             tokenizer,
             [5, 6, 7],
             options=opts,
@@ -103,3 +104,32 @@ def test_utf8_split_across_tokens_is_never_half_emitted(tokenizer):
 def test_prompt_longer_than_context_is_refused(tokenizer):
     with pytest.raises(ValueError, match="context"):
         run(tokenizer, [0], context_length=2)
+
+
+def test_max_tokens_zero_runs_nothing(tokenizer):
+    model, chunks = run(tokenizer, [], max_tokens=0)
+    assert model.calls == [] and len(chunks) == 1
+    assert chunks[0].done_reason == "length" and chunks[0].prompt_tokens == 3
+
+
+def test_generation_is_fed_ids_without_io(tokenizer):
+    """The coordinator's half on its own: what the shim drives over the network."""
+    gen = Generation(tokenizer, [5, 6], max_tokens=10, stop=["t"])
+    out = []
+    for token in ids_of(tokenizer, "a cat"):
+        out += gen.accept(token)
+        if gen.done:
+            break
+    out += gen.finish()
+    assert "".join(c.text for c in out) == "a ca" and out[-1].done_reason == "stop"
+    with pytest.raises(RuntimeError):
+        gen.accept(5)
+
+
+def test_token_picker_penalises_the_prompt_and_its_own_picks():
+    opts = SamplingOptions(temperature=0.0, repeat_penalty=2.0, repeat_last_n=2)
+    picker = TokenPicker(opts, recent=[0, 1, 2])
+    assert picker.history == [1, 2]  # only the last repeat_last_n ids are kept
+    logits = np.array([5.0, 4.9, 4.8, 4.0], dtype=np.float32)
+    assert picker.pick(logits) == 0  # 1 and 2 are halved
+    assert picker.pick(logits) == 1 and picker.history == [0, 1]

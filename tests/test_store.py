@@ -111,3 +111,128 @@ def test_registry_aliases_and_removal(tmp_path):
     with pytest.raises(ModelNotFound):
         registry.resolve("tiny")
     assert registry.records() == []
+
+
+# ---- resumable partial writes (shard transfer) -------------------------------------------
+
+
+def test_partial_append_resume_and_commit(tmp_path):
+    store = ShardStore(tmp_path)
+    data = os.urandom(300_000)
+    cid = cid_of(data)
+    assert store.partial_size(cid) == 0 and store.size(cid) is None
+    store.append_partial(cid, 0, data[:1000])
+    store.append_partial(cid, 1000, memoryview(data)[1000:5000])
+    assert store.partial_size(cid) == 5000
+    with pytest.raises(StoreError, match="append at 4000"):
+        store.append_partial(cid, 4000, data[4000:6000])  # not the next byte
+    with pytest.raises(StoreError, match="append at 6000"):
+        store.append_partial(cid, 6000, data[6000:7000])  # a gap
+    assert not store.has(cid)  # a partial is never a shard
+    # a fresh store on the same root (a restarted node) resumes where the last one stopped
+    store = ShardStore(tmp_path)
+    offset = store.partial_size(cid)
+    store.append_partial(cid, offset, data[offset:])
+    with pytest.raises(StoreError, match="expected 300001"):
+        store.commit_partial(cid, len(data) + 1)  # short of the size: kept for resuming
+    assert store.partial_size(cid) == len(data)
+    path = store.commit_partial(cid, len(data))
+    assert path == store.shard_dir / cid and path.read_bytes() == data
+    assert store.has(cid) and store.size(cid) == len(data) and store.partial_size(cid) == 0
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_partial_with_bad_bytes_never_lands(tmp_path):
+    store = ShardStore(tmp_path)
+    data = os.urandom(50_000)
+    cid = cid_of(data)
+    bad = bytearray(data)
+    bad[12345] ^= 0x40
+    store.append_partial(cid, 0, bytes(bad))
+    with pytest.raises(StoreError) as mismatch:
+        store.commit_partial(cid, len(data))
+    assert cid in str(mismatch.value) and cid_of(bytes(bad)) in str(mismatch.value)
+    assert not store.has(cid) and store.partial_size(cid) == 0  # the bad partial is gone
+    store.append_partial(cid, 0, data + b"extra")
+    with pytest.raises(StoreError, match="expected 50000"):
+        store.commit_partial(cid, len(data))  # too long: deleted, never truncated into place
+    assert store.partial_size(cid) == 0 and not store.has(cid)
+    store.append_partial(cid, 0, data[:10])
+    store.discard_partial(cid)
+    store.discard_partial(cid)  # idempotent
+    assert store.partial_size(cid) == 0
+    empty = cid_of(b"")
+    assert store.commit_partial(empty, 0).read_bytes() == b"" and store.size(empty) == 0
+
+
+@pytest.mark.parametrize("bad", ["../escape", "bafkr4i", "", "bafkr4i" + "a" * 52 + "/"])
+def test_partial_names_must_be_cids(tmp_path, bad):
+    store = ShardStore(tmp_path)
+    for call in (
+        lambda: store.partial_size(bad),
+        lambda: store.append_partial(bad, 0, b"x"),
+        lambda: store.commit_partial(bad, 1),
+        lambda: store.discard_partial(bad),
+        lambda: store.size(bad),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert list(store.tmp_dir.iterdir()) == [] and list(tmp_path.parent.glob("escape*")) == []
+
+
+def test_ranged_reads_of_a_file_backed_shard(tmp_path, monkeypatch):
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    registry = ModelRegistry(tmp_path / "home")
+    record = registry.add_file(path, alias="tiny")
+    store = registry.store
+    wholes = {s.cid: bytes(store.open(s.cid)) for s in record.manifest.shards}
+    # a ranged read assembles only its range: it must not join the whole shard any more
+    import llm_omninode.backend.store as store_module
+
+    def no_whole_shard(*args, **kwargs):
+        raise AssertionError("a ranged read joined the whole shard")
+
+    monkeypatch.setattr(store_module, "shard_chunks", no_whole_shard)
+    for shard in record.manifest.shards:
+        whole = wholes[shard.cid]
+        assert store.size(shard.cid) == shard.size == len(whole)
+        edges = {0, 1, shard.size - 1, shard.size}
+        for t in shard.tensors:  # tensor starts and ends: padding boundaries
+            edges |= {t.offset - 1, t.offset, t.offset + 1, t.offset + t.nbytes - 1}
+            edges |= {t.offset + t.nbytes, t.offset + t.nbytes + 1}
+        edges = sorted(e for e in edges if 0 <= e <= shard.size)
+        for start in edges:
+            for length in (1, 7, 100, 4096, shard.size):
+                assert store.read(shard.cid, start, length) == whole[start : start + length]
+        assert store.read(shard.cid) == whole
+        with pytest.raises(StoreError, match="outside"):
+            store.read(shard.cid, shard.size + 1, 1)
+    # a received copy serves the same ranges from its file
+    embed = record.manifest.shard("embed")
+    store.put_bytes(embed.cid, wholes[embed.cid])
+    assert store.read(embed.cid, 3, 5000) == wholes[embed.cid][3:5003]
+    assert store.size(cid_of(b"not held")) is None
+    store.close()
+
+
+def test_ranged_read_rebuilds_padding_between_tensors():
+    from llm_omninode.backend.ggml_types import GGMLType
+    from llm_omninode.backend.shards import ShardEntry, TensorEntry, shard_chunks
+    from llm_omninode.backend.store import _shard_range
+
+    # three tensors with zero padding before, between and (none) after them
+    sizes, offsets = (5, 40, 3), (3, 32, 96)
+    tensors = tuple(
+        TensorEntry(f"t{i}", GGMLType.I8, (n,), off, n)
+        for i, (n, off) in enumerate(zip(sizes, offsets, strict=True))
+    )
+    shard = ShardEntry("block.0", "block", 0, "bafkr4i" + "a" * 52, 99, tensors)
+    payloads = {
+        t.name: np.arange(t.nbytes, dtype=np.uint8) + 1 + 50 * i for i, t in enumerate(tensors)
+    }
+    whole = b"".join(shard_chunks(shard, payloads.__getitem__))
+    assert len(whole) == shard.size
+    for start in range(shard.size + 1):
+        for end in range(start, shard.size + 1):
+            got = b"".join(_shard_range(shard, payloads.__getitem__, start, end))
+            assert got == whole[start:end], (start, end)

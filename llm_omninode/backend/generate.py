@@ -1,8 +1,16 @@
 """The autoregressive loop: prefill once, then one token per round until a stop condition.
 
-``forward(seq_id, x)`` is whatever runs the stages (in-process now, over the network later); it
-returns the last stage's logits. Text is streamed so that no chunk ends inside a UTF-8
-character or inside a possible stop string.
+Two halves, so the same bookkeeping serves the in-process path and the shim's network path:
+
+- ``TokenPicker`` chooses tokens from logits. It lives with the last stage (only a 4-byte id
+  leaves it) and keeps the sequence's seeded generator and penalty history.
+- ``Generation`` is the coordinator's side, free of I/O: fed one token id at a time, it says
+  what text to stream (never ending inside a UTF-8 character or a possible stop string) and
+  when to stop (end token, stop string, max tokens, context).
+
+``generate()`` drives both with a synchronous ``next_token(seq_id, ids, options)``, which runs
+the stages and returns the picked id; ``options`` is given on the prefill call only, when the
+last stage sets up the sequence's picker.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import numpy as np
 from .sampling import Sampler, SamplingOptions
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-Forward = Callable[[str, np.ndarray], np.ndarray]
+NextToken = Callable[[str, np.ndarray, "SamplingOptions | None"], int]
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,23 @@ class Chunk:
     done_reason: str | None = None  # "stop" (end token or stop string) | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class TokenPicker:
+    """One per sequence on the last stage: the sampler plus the ids the penalty looks at."""
+
+    def __init__(self, options: SamplingOptions, recent: Sequence[int] = ()) -> None:
+        self.sampler = Sampler(options)
+        self.keep = options.repeat_last_n  # -1: everything
+        self.history = self._trim(list(recent))
+
+    def _trim(self, history: list[int]) -> list[int]:
+        return history if self.keep < 0 else history[len(history) - self.keep :]
+
+    def pick(self, logits: np.ndarray) -> int:
+        token = self.sampler.sample(logits, self.history)
+        self.history = self._trim([*self.history, token])
+        return token
 
 
 class StopMatcher:
@@ -62,8 +87,92 @@ class StopMatcher:
         return out
 
 
+class Generation:
+    """The coordinator's bookkeeping for one sequence (no I/O: feed it token ids)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        *,
+        max_tokens: int | None,
+        stop: Sequence[str] = (),
+        context_length: int | None = None,
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("empty prompt: nothing to condition on")
+        if context_length is not None and len(prompt_ids) >= context_length:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of {context_length}"
+            )
+        self.tokenizer = tokenizer
+        self.prompt_ids = list(prompt_ids)
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.matcher = StopMatcher(stop)
+        self.generated = 0
+        self.reason = "length"
+        self.done = max_tokens == 0
+        self._hit = False
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    def accept(self, token: int) -> list[Chunk]:
+        """Take the next picked id; the text chunks it releases. Sets ``done`` when it ends."""
+        if self.done:
+            raise RuntimeError("the sequence has already ended")
+        if token in self.tokenizer.eog_ids:
+            self.reason, self.done = "stop", True
+            return []
+        self.generated += 1
+        text, self._hit = self.matcher.feed(self.decoder.add(token))
+        if self._hit:
+            self.reason, self.done = "stop", True
+        elif self._at_limit():
+            self.done = True
+        if text or self._hit:
+            return [self._chunk(text, (token,))]
+        return []
+
+    def _at_limit(self) -> bool:
+        """Max tokens reached, or the context is full."""
+        if self.max_tokens is not None and self.generated >= self.max_tokens:
+            return True
+        full = self.context_length
+        return full is not None and self.n_prompt + self.generated >= full
+
+    def finish(self) -> list[Chunk]:
+        """The held-back tail (unless a stop string ended it) and the final ``done`` chunk."""
+        out = []
+        if not self._hit and self.generated:
+            tail, hit = self.matcher.feed(self.decoder.flush())
+            if hit:
+                self.reason = "stop"
+            else:
+                tail += self.matcher.flush()
+            if tail:
+                out.append(self._chunk(tail))
+        self.done = True
+        out.append(
+            Chunk(
+                "",
+                done=True,
+                done_reason=self.reason,
+                prompt_tokens=self.n_prompt,
+                completion_tokens=self.generated,
+            )
+        )
+        return out
+
+    def _chunk(self, text: str, ids: tuple[int, ...] = ()) -> Chunk:
+        return Chunk(text, ids, prompt_tokens=self.n_prompt, completion_tokens=self.generated)
+
+
 def generate(
-    forward: Forward,
+    next_token: NextToken,
     tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     *,
@@ -75,59 +184,19 @@ def generate(
     seq_id: str | None = None,
 ) -> Iterator[Chunk]:
     """Stream chunks; the last one has ``done=True`` with the reason and token counts."""
-    if not prompt_ids:
-        raise ValueError("empty prompt: nothing to condition on")
-    if context_length is not None and len(prompt_ids) >= context_length:
-        raise ValueError(
-            f"prompt of {len(prompt_ids)} tokens does not fit the context of {context_length}"
-        )
+    gen = Generation(
+        tokenizer, prompt_ids, max_tokens=max_tokens, stop=stop, context_length=context_length
+    )
     seq_id = seq_id or uuid.uuid4().hex
-    sampler = Sampler(options)
-    decoder = IncrementalDecoder(tokenizer)
-    matcher = StopMatcher(stop)
-    history = list(prompt_ids)
-    n_prompt = len(prompt_ids)
-    generated = 0
-    reason = "length"
-    hit = False
     try:
-        if max_tokens == 0:
-            yield Chunk("", done=True, done_reason="length", prompt_tokens=n_prompt)
-            return
-        logits = forward(seq_id, np.asarray(prompt_ids, dtype=np.int32))
-        while True:
-            token = sampler.sample(logits, history)
-            if token in tokenizer.eog_ids:
-                reason = "stop"
-                break
-            history.append(token)
-            generated += 1
-            text, hit = matcher.feed(decoder.add(token))
-            if text or hit:
-                yield Chunk(text, (token,), prompt_tokens=n_prompt, completion_tokens=generated)
-            if hit:
-                reason = "stop"
-                break
-            if max_tokens is not None and generated >= max_tokens:
-                break
-            if context_length is not None and len(history) >= context_length:
-                break
-            logits = forward(seq_id, np.asarray([token], dtype=np.int32))
-        if not hit:
-            tail, hit = matcher.feed(decoder.flush())
-            if hit:
-                reason = "stop"
-            else:
-                tail += matcher.flush()
-            if tail:
-                yield Chunk(tail, prompt_tokens=n_prompt, completion_tokens=generated)
+        if not gen.done:
+            token = next_token(seq_id, np.asarray(prompt_ids, dtype=np.int32), options)
+            while True:
+                yield from gen.accept(token)
+                if gen.done:
+                    break
+                token = next_token(seq_id, np.asarray([token], dtype=np.int32), None)
     finally:
         if free is not None:
             free(seq_id)
-    yield Chunk(
-        "",
-        done=True,
-        done_reason=reason,
-        prompt_tokens=n_prompt,
-        completion_tokens=generated,
-    )
+    yield from gen.finish()

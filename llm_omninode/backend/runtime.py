@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..request import GenerationRequest
 from .chat_template import ChatTemplate
 from .engine import Stage, TensorData
-from .generate import Chunk, generate
+from .generate import Chunk, TokenPicker, generate
 from .registry import ModelRecord, ModelRegistry
+from .sampling import SamplingOptions
 from .shards import Manifest
 from .spec import ModelSpec
 from .store import ShardStore
@@ -45,6 +46,21 @@ def even_split(n_blocks: int, n_stages: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
+def prompt_ids(
+    tokenizer: Tokenizer, template: ChatTemplate, request: GenerationRequest
+) -> list[int]:
+    """Template (unless raw) and tokenize; special tokens in the template are parsed."""
+    if request.raw:
+        text = request.prompt or ""
+    else:
+        text = template.render(request.chat_messages(), add_generation_prompt=True)
+    bos = tokenizer.bos_id
+    # a template that writes the BOS text itself must not get a second one
+    bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
+    add_special = not (bos_text and text.startswith(bos_text))
+    return tokenizer.encode(text, add_special=add_special, parse_special=True)
+
+
 @dataclass
 class LocalModel:
     record: ModelRecord
@@ -52,6 +68,7 @@ class LocalModel:
     tokenizer: Tokenizer
     template: ChatTemplate
     stages: list[Stage]
+    pickers: dict[str, TokenPicker] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -83,26 +100,24 @@ class LocalModel:
             x = stage.forward(seq_id, x)
         return x
 
+    def next_token(self, seq_id: str, ids: np.ndarray, options: SamplingOptions | None) -> int:
+        """Run the stages and pick the next id (``options`` on the prefill call only)."""
+        if options is not None:
+            self.pickers[seq_id] = TokenPicker(options, ids.tolist())
+        return self.pickers[seq_id].pick(self.forward(seq_id, ids))
+
     def free(self, seq_id: str) -> None:
+        self.pickers.pop(seq_id, None)
         for stage in self.stages:
             stage.free(seq_id)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Template (unless raw) and tokenize; special tokens in the template are parsed."""
-        if request.raw:
-            text = request.prompt or ""
-        else:
-            text = self.template.render(request.chat_messages(), add_generation_prompt=True)
-        bos = self.tokenizer.bos_id
-        # a template that writes the BOS text itself must not get a second one
-        bos_text = self.tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
-        add_special = not (bos_text and text.startswith(bos_text))
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=True)
+        return prompt_ids(self.tokenizer, self.template, request)
 
     def run(self, request: GenerationRequest) -> Iterator[Chunk]:
         ids = self.prompt_ids(request)
         return generate(
-            self.forward,
+            self.next_token,
             self.tokenizer,
             ids,
             options=request.options,

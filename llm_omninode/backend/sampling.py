@@ -7,6 +7,7 @@ greedy (argmax after the penalty). Defaults are Ollama's, since that is the API 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -15,6 +16,10 @@ import numpy as np
 
 class SamplingError(ValueError):
     pass
+
+
+_MAX_INT = 2**64  # wire integers past this are garbage (a seed is < 2**64 anyway)
+_FLOAT_OPTIONS = frozenset({"temperature", "top_p", "min_p", "repeat_penalty"})
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,36 @@ class SamplingOptions:
     def greedy(cls) -> SamplingOptions:
         """Plain argmax, no penalty: what the llama.cpp reference outputs were made with."""
         return cls(temperature=0.0, repeat_penalty=1.0)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Every option by name: JSON-able, read back by ``from_dict``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, doc: object) -> SamplingOptions:
+        """Options from a peer's JSON object: known names only, exact types, every range.
+
+        Missing names keep their defaults. Floats may arrive as JSON integers (``1`` for
+        ``1.0``); a bool is never a number, and NaN or infinity never a float.
+        """
+        if not isinstance(doc, dict):
+            raise SamplingError("sampling options must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(repr(k)[:40] for k in doc if k not in known)
+        if unknown:  # a hostile doc may hold thousands: name a few
+            raise SamplingError(f"unknown sampling option(s): {', '.join(unknown[:5])}")
+        values: dict[str, float | int | None] = {}
+        for name, value in doc.items():
+            if name == "seed" and value is None:
+                values[name] = None
+            elif type(value) is int and abs(value) < _MAX_INT:  # int-valued floats too
+                values[name] = float(value) if name in _FLOAT_OPTIONS else value
+            elif name in _FLOAT_OPTIONS and type(value) is float and math.isfinite(value):
+                values[name] = value
+            else:
+                kind = "a finite number" if name in _FLOAT_OPTIONS else "an integer"
+                raise SamplingError(f"{name} must be {kind}")
+        return cls(**values)  # __post_init__ checks the ranges
 
     def updated(self, **changes: object) -> SamplingOptions:
         known = {f.name for f in fields(self)}

@@ -9,10 +9,13 @@ Layout under the root (``OMNI_HOME``, by default ``llm.user_dir()/omni``)::
 
 ``put`` writes to a temporary name, hashes while writing, and renames only when the BLAKE3
 digest matches the CID, so a crash or a corrupt sender never leaves a bad shard under a valid id.
+A transfer from peers (net/transfer.py) appends to ``tmp/<cid>.part`` instead, so it can resume
+at any offset after a dropped connection; ``commit_partial`` hashes it and renames it the same way.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import mmap
 import os
@@ -53,6 +56,8 @@ class ShardStore:
             d.mkdir(parents=True, exist_ok=True)
         self._sources_path = self.root / "sources.json"
         self._open_files: dict[str, object] = {}
+        # manifests are content-addressed (file name = CID of the bytes): safe to keep parsed
+        self._manifests: dict[str, Manifest] = {}
 
     # ---- shards ---------------------------------------------------------------------------
     def _shard_path(self, cid: str) -> Path:
@@ -99,13 +104,31 @@ class ShardStore:
             return True
         return False
 
+    def size(self, cid: str) -> int | None:
+        """Byte size of a shard we hold (received or file-backed); None if we do not hold it."""
+        path = self._shard_path(cid)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            pass
+        backed = self._file_backed(cid)
+        return None if backed is None else backed[1].size
+
     def read(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
-        """A byte range of a shard (what a peer's ranged read gets)."""
-        view = self.open(cid)
-        if offset < 0 or offset > len(view):
-            raise StoreError(f"shard {cid}: offset {offset} outside 0..{len(view)}")
-        end = len(view) if length is None else min(len(view), offset + max(0, length))
-        return bytes(view[offset:end])
+        """A byte range of a shard (what a peer's ranged read gets); only that range is read."""
+        path = self._shard_path(cid)
+        if path.is_file():
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                start, end = _range(cid, size, offset, length)
+                return _pread_exactly(f.fileno(), start, end - start)
+        backed = self._file_backed(cid)
+        if backed is None:
+            raise StoreError(f"shard {cid} is not in the store")
+        source, shard = backed
+        start, end = _range(cid, shard.size, offset, length)
+        gguf = self._gguf(source)
+        return b"".join(_shard_range(shard, gguf.tensor_data, start, end))
 
     def open(self, cid: str) -> memoryview:
         """The whole shard, zero-copy (a mapping of the shard file or of the source GGUF)."""
@@ -135,6 +158,55 @@ class ShardStore:
         for path in sorted(self.shard_dir.iterdir()):
             yield path.name
 
+    # ---- resumable partial writes (a shard arriving from peers) ------------------------------
+    def _partial_path(self, cid: str) -> Path:
+        digest_of_cid(cid)  # validated before any path is built
+        return self.tmp_dir / f"{cid}.part"
+
+    def partial_size(self, cid: str) -> int:
+        """Bytes of ``cid`` received so far (0 if no transfer is under way)."""
+        try:
+            return self._partial_path(cid).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append_partial(self, cid: str, offset: int, data: bytes | memoryview) -> None:
+        """Append ``data`` at ``offset``, which must be exactly the bytes received so far."""
+        path = self._partial_path(cid)
+        with open(path, "ab") as out:
+            have = os.fstat(out.fileno()).st_size
+            if offset != have:
+                raise StoreError(f"shard {cid}: append at {offset}, but the partial has {have}")
+            out.write(data)
+
+    def commit_partial(self, cid: str, size: int) -> Path:
+        """Verify the partial against its CID and give it its name; StoreError on a mismatch
+        (a partial with the wrong content or too many bytes is deleted; a short one is kept)."""
+        partial = self._partial_path(cid)
+        path = self._shard_path(cid)
+        if size == 0:
+            partial.touch()  # nothing was appended; the empty shard has a CID too
+        with open(partial, "rb") as f:
+            have = os.fstat(f.fileno()).st_size
+            if have != size:
+                if have > size:
+                    partial.unlink(missing_ok=True)
+                raise StoreError(f"shard {cid}: partial has {have} bytes, expected {size}")
+            hasher = blake3.blake3()
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                hasher.update(chunk)
+            got = cid_from_digest(hasher.digest())
+            if got != cid:
+                partial.unlink(missing_ok=True)
+                raise StoreError(f"shard {cid}: received bytes hash to {got}, expected {cid}")
+            os.fsync(f.fileno())  # the bytes are on disk before the name says they are good
+        os.replace(partial, path)
+        _fsync_dir(self.shard_dir)
+        return path
+
+    def discard_partial(self, cid: str) -> None:
+        self._partial_path(cid).unlink(missing_ok=True)
+
     # ---- tensors of a shard -----------------------------------------------------------------
     def tensor_views(self, shard: ShardEntry, model_id: str | None = None) -> dict[str, np.ndarray]:
         """uint8 views of each tensor of ``shard``, zero-copy from whichever copy we hold."""
@@ -162,8 +234,12 @@ class ShardStore:
         digest_of_cid(model_id)
         path = self.manifest_dir / f"{model_id}.json"
         if not path.is_file():
+            self._manifests.pop(model_id, None)
             raise StoreError(f"no manifest for model {model_id}")
-        return Manifest.from_json(path.read_bytes())
+        manifest = self._manifests.get(model_id)
+        if manifest is None:
+            manifest = self._manifests[model_id] = Manifest.from_json(path.read_bytes())
+        return manifest
 
     def has_manifest(self, model_id: str) -> bool:
         return (self.manifest_dir / f"{model_id}.json").is_file()
@@ -171,6 +247,7 @@ class ShardStore:
     def remove_manifest(self, model_id: str) -> None:
         digest_of_cid(model_id)
         (self.manifest_dir / f"{model_id}.json").unlink(missing_ok=True)
+        self._manifests.pop(model_id, None)
         sources = self._sources()
         if sources.pop(model_id, None) is not None:
             _atomic_write(self._sources_path, json.dumps(sources, indent=1).encode())
@@ -243,6 +320,71 @@ def _map(path: Path) -> mmap.mmap | bytes:
         if os.fstat(f.fileno()).st_size == 0:
             return b""
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _range(cid: str, size: int, offset: int, length: int | None) -> tuple[int, int]:
+    """[start, end) of a ranged read, clipped at the end of the shard."""
+    if offset < 0 or offset > size:
+        raise StoreError(f"shard {cid}: offset {offset} outside 0..{size}")
+    end = size if length is None else min(size, offset + max(0, length))
+    return offset, end
+
+
+def _pread_exactly(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:  # pread may return short; an empty read means the file shrank
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise StoreError(f"shard file shrank while reading at {offset + got}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _shard_range(
+    shard: ShardEntry, tensor_bytes, start: int, end: int
+) -> Iterator[bytes | memoryview]:
+    """The bytes [start, end) of a file-backed shard: slices of only the tensors (and zero
+    padding) that overlap the range, instead of the whole shard joined."""
+    tensors = shard.tensors
+    # first tensor that ends after start (tensors are in offset order)
+    first = bisect.bisect_right([t.offset + t.nbytes for t in tensors], start)
+    position = tensors[first - 1].offset + tensors[first - 1].nbytes if first else 0
+    for entry in tensors[first:]:
+        if position >= end:
+            return
+        pad_lo, pad_hi = max(position, start), min(entry.offset, end)
+        if pad_hi > pad_lo:  # zero padding before this tensor
+            yield bytes(pad_hi - pad_lo)
+        if entry.offset >= end:
+            return
+        data = memoryview(tensor_bytes(entry.name)).cast("B")
+        if len(data) != entry.nbytes:
+            raise StoreError(f"tensor {entry.name} has {len(data)} bytes, expected {entry.nbytes}")
+        lo = max(start, entry.offset) - entry.offset
+        hi = min(end, entry.offset + entry.nbytes) - entry.offset
+        yield data[lo:hi]  # joined once by the caller
+        position = entry.offset + entry.nbytes
+    if position < end:  # a shard's size ends at its last tensor; nothing is past it
+        raise StoreError(f"shard {shard.cid}: range ends past its tensors")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

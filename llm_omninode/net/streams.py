@@ -108,6 +108,12 @@ class FrameStream:
     def peer_id(self) -> str:
         return self._protocol.peer_id or ""
 
+    @property
+    def peer_host(self) -> str | None:
+        """The address the peer's packets come from (its host part), if known."""
+        addr = getattr(self._protocol, "peer_addr", None)
+        return str(addr[0]) if addr else None
+
     async def send(self, frame: Frame) -> None:
         if self.ended:
             raise ConnectionClosed("stream already ended")

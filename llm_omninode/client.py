@@ -1,0 +1,217 @@
+"""The plugin's side of a shim: a QUIC client, synchronous for ``llm``.
+
+Which shim: ``OMNI_SHIM=HOST:PORT`` if set; else the local one, found through the
+``shim.json`` it writes into the data directory; else one is started in the background
+(``python -m omninode_shim``, extra flags from ``OMNI_SHIM_ARGS``), and stderr says so. The
+client uses this machine's node identity and cluster secret (``llm omni join``), so a shim
+admits it like any member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .home import omni_home
+from .request import GenerationRequest
+
+STATE_FILE = "shim.json"
+START_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 900.0  # the first request may load and fetch stages
+
+
+class ShimError(RuntimeError):
+    """No shim could be reached or started, or it refused the request."""
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    text: str
+    done: bool = False
+    done_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict[str, float] | None = None  # on the last chunk: prefill_s, decode_s
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def local_shim(home: Path | None = None) -> tuple[str, int, int] | None:
+    """(host, port, pid) of the shim running on this data directory, if any."""
+    path = (home or omni_home()) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        host, port, pid = state["host"], state["port"], state["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (isinstance(host, str) and type(port) is int and type(pid) is int) or not _alive(pid):
+        return None
+    return host, port, pid
+
+
+def start_local_shim(home: Path | None = None, timeout: float = START_TIMEOUT) -> tuple[str, int]:
+    """Start a shim in the background on this data directory; wait until it is serving."""
+    home = home or omni_home()
+    home.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(home)]
+    argv += shlex.split(os.environ.get("OMNI_SHIM_ARGS", ""))
+    log_path = home / "shim.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    print(f"omni: started a local shim (pid {proc.pid}, log {log_path})", file=sys.stderr)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = local_shim(home)
+        if found is not None and found[2] == proc.pid:
+            return found[0], found[1]
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise ShimError(f"the shim exited with code {proc.returncode}:\n{tail}")
+        time.sleep(0.1)
+    raise ShimError(f"the shim did not start within {timeout:.0f} s (see {log_path})")
+
+
+def shim_address(start: bool = True) -> tuple[str, int]:
+    env = os.environ.get("OMNI_SHIM")
+    if env:
+        host, sep, port = env.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ShimError(f"OMNI_SHIM must be HOST:PORT, got {env!r}")
+        return host.strip("[]"), int(port)
+    found = local_shim()
+    if found is not None:
+        return found[0], found[1]
+    if not start:
+        raise ShimError("no shim is running here (start one with `llm omni serve`)")
+    return start_local_shim()
+
+
+class ShimClient:
+    """One connection to a shim, driven from a private event loop on its own thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._conn = None
+        try:
+            self._conn = self._call(self._connect())
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def connect(cls, start: bool = True) -> ShimClient:
+        return cls(*shim_address(start))
+
+    def _call(self, coro, timeout: float | None = None):
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    async def _connect(self):
+        from .net.admission import Admission
+        from .net.identity import load_or_create_identity
+        from .net.quic import NetError, connect
+
+        home = omni_home()
+        home.mkdir(parents=True, exist_ok=True)
+        try:
+            return await connect(
+                self.host, self.port, load_or_create_identity(home), Admission.from_home(home)
+            )
+        except (NetError, OSError) as exc:
+            raise ShimError(
+                f"cannot reach the shim at {self.host}:{self.port}: {exc} "
+                "(is it running? has this machine joined its cluster: llm omni join SECRET?)"
+            ) from exc
+
+    def request(self, method: str, **fields: Any) -> dict[str, Any]:
+        from .net import frames as F
+        from .net.quic import NetError
+
+        async def go():
+            frame = F.request_frame(self._conn.next_id(), method, **fields)
+            return await self._conn.request(frame)
+
+        try:
+            reply = self._call(go())
+        except NetError as exc:
+            raise ShimError(str(exc)) from exc
+        return reply.header
+
+    def generate(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        """Stream the shim's chunks; the last one has ``done=True``."""
+        from .net import frames as F
+        from .net.frames import FrameType
+        from .net.quic import NetError
+
+        items: queue.Queue = queue.Queue()
+
+        async def pump():
+            frame = F.request_frame(self._conn.next_id(), "generate", request=request.to_wire())
+            try:
+                async for reply in self._conn.stream(frame, timeout=REQUEST_TIMEOUT):
+                    h = reply.header
+                    if reply.type == FrameType.STREAM_DATA:
+                        items.put(StreamChunk(reply.payload.decode("utf-8", "replace")))
+                    elif reply.type == FrameType.STREAM_END:
+                        timings = {k: h[k] for k in ("prefill_s", "decode_s") if k in h}
+                        items.put(StreamChunk("", True, h.get("done_reason"),
+                                              h.get("prompt_tokens", 0),
+                                              h.get("completion_tokens", 0), timings))  # fmt: skip
+                        return
+                items.put(ShimError("the shim ended the stream without finishing"))
+            except NetError as exc:
+                items.put(ShimError(str(exc)))
+            except BaseException as exc:
+                items.put(exc)
+                raise
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                item = items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+        finally:
+            future.cancel()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):  # closing is best effort
+                self._call(conn.close(), timeout=3)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=3)
+
+    def __enter__(self) -> ShimClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,111 @@
+"""``llm omni serve | stop | peers | status``: the running shims, seen from the plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ask(method: str) -> dict:
+    from .client import ShimClient, ShimError
+
+    try:
+        with ShimClient.connect(start=False) as client:
+            return client.request(method)
+    except ShimError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _layers(stages: list) -> str:
+    parts = []
+    for s in stages if isinstance(stages, list) else []:
+        if isinstance(s, dict):
+            parts.append(f"{str(s.get('model', ''))[:12]}…[{s.get('start')}, {s.get('end')})")
+    return ", ".join(parts) or "-"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)  # fmt: skip
+
+
+def register(omni: click.Group) -> None:
+    @omni.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.pass_context
+    def serve(ctx: click.Context) -> None:
+        """Run a shim (node) in the foreground: the same flags as omni-shim (--help)."""
+        argv = [sys.executable, "-m", "omninode_shim", *ctx.args]
+        os.execv(sys.executable, argv)
+
+    @omni.command()
+    def stop() -> None:
+        """Stop the shim running on this machine's data directory."""
+        from .client import local_shim
+
+        found = local_shim()
+        if found is None:
+            raise click.ClickException("no shim is running here")
+        pid = found[2]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and local_shim() is not None:
+            time.sleep(0.1)
+        click.echo(f"stopped the shim (pid {pid})")
+
+    @omni.command()
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def peers(as_json: bool) -> None:
+        """The nodes the shim knows: name, id, address, device, memory, layers, round trip."""
+        rows = _ask("peers").get("peers", [])
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "MEMORY", "LAYERS", "RTT"]]
+        for r in rows:
+            rtt = r.get("rtt_ms")
+            table.append([
+                str(r.get("name") or "?") + (" (this)" if r.get("source") == "self" else ""),
+                str(r.get("node_id", ""))[:20] + "…",
+                str(r.get("address", "")),
+                str(r.get("device", "")) or "?",
+                _human_bytes(r.get("memory_budget") or 0),
+                _layers(r.get("stages", [])),
+                "-" if rtt is None else f"{rtt:.2f} ms",
+            ])  # fmt: skip
+        click.echo(_table(table))
+
+    @omni.command()
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def status(as_json: bool) -> None:
+        """The plan: which node runs which blocks of which model."""
+        doc = _ask("status")
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+            return
+        click.echo(f"node {doc.get('name')} ({doc.get('node_id')})")
+        plans = doc.get("plans", [])
+        if not plans:
+            click.echo("no model planned yet (the first prompt plans one)")
+        for plan in plans:
+            aliases = ", ".join(plan.get("aliases", [])) or "-"
+            ready = "ready" if plan.get("ready") else "loading"
+            click.echo(f"model {aliases} ({plan.get('model')}): {ready}")
+            for s in plan.get("stages", []):
+                click.echo(
+                    f"  blocks [{s['start']:>3}, {s['end']:>3})  on {s.get('name') or '?':<12} "
+                    f"{s['node_id'][:20]}…  {_human_bytes(s.get('weight_bytes', 0))}"
+                )

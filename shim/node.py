@@ -1,0 +1,376 @@
+"""One OmniNode node: identity, QUIC endpoint, discovery, peers, shard store, stages, coordinator.
+
+Requests it serves (one QUIC stream each; every one from an admitted peer only):
+
+=================  ==========================================================================
+HELLO              -> INFO: node id, version, device, memory budget, shards held, stages, name
+SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transfer.py)
+``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts
+``peers``          -> this node and the peers it knows (``llm omni peers``)
+``status``         -> plans made here and stages hosted here (``llm omni status``)
+``models``         -> alias -> model id of the models held here
+``manifest``       -> a model's manifest (the asker checks it hashes to the model id)
+``stage.load``     -> load blocks [start, end) of the model whose manifest is the payload
+``pipeline``       -> a channel: one sequence's steps through a stage hosted here
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_omninode import __version__
+from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
+from llm_omninode.backend.shards import Manifest, ManifestError
+from llm_omninode.net import frames as F
+from llm_omninode.net.admission import Admission, create_cluster_secret, save_cluster_secret
+from llm_omninode.net.frames import ErrorCode, Frame, FrameType
+from llm_omninode.net.identity import load_or_create_identity
+from llm_omninode.net.quic import FrameStream, NetError, QuicSettings, Server, serve
+from llm_omninode.net.transfer import ShardSource, handle_shard_read
+from llm_omninode.request import GenerationRequest, RequestError
+
+from .coordinator import Coordinator, CoordinatorError
+from .peers import PeerTable, parse_host_port
+from .pipeline import serve_pipeline
+from .stage_host import StageError, StageHost
+
+log = logging.getLogger("omninode_shim")
+
+DEFAULT_PORT = 7341
+STATE_FILE = "shim.json"  # where the local plugin finds this node
+REFRESH_S = 5.0  # how often peers are greeted (liveness, INFO, round trip)
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def device_name() -> str:
+    import mlx.core as mx
+
+    where = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
+    return f"mlx {mx.default_device()} ({where})"
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    join: str | None = None
+    open: bool = False
+    peers: list[str] = field(default_factory=list)
+    max_memory: int | None = None  # bytes; default: half the physical memory
+    name: str = ""
+    mdns: bool = True
+    mdns_interfaces: list[str] | None = None  # addresses to run mDNS on; None: all
+    max_context: int | None = None
+    advertise_host: str | None = None  # the address peers should use for us, if not obvious
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.identity = load_or_create_identity(data)
+        self.node_id = self.identity.node_id
+        # mDNS TXT values are short: a long host name is cut, not a reason to fail
+        self.name = (config.name or socket.gethostname().split(".")[0])[:63]
+        self.admission = self._admission()
+        self.registry = ModelRegistry(data)
+        self.store = self.registry.store
+        self.memory_budget = config.max_memory or physical_memory() // 2
+        self.max_context = config.max_context
+        self.settings = QuicSettings()
+        self.peers = PeerTable(
+            self.identity, self.admission, self.settings, hello_fields=self._hello_fields
+        )
+        for text in config.peers:
+            self.peers.add_static(*parse_host_port(text))
+        self.host = StageHost(self.store, self.memory_budget, max_context=config.max_context)
+        self.coordinator = Coordinator(self)
+        self.device = device_name()
+        self.server: Server | None = None
+        self.discovery = None  # net.discovery.Discovery when mDNS is on
+        self.port = config.port
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    def _admission(self) -> Admission:
+        data = self.config.data_dir
+        if self.config.join:
+            save_cluster_secret(data, self.config.join)
+        admission = Admission.from_home(data, open=self.config.open)
+        if admission.secret is None and not admission.open and not admission.trusted:
+            # first start of a new cluster: make its secret and show it, this once
+            text = create_cluster_secret(data)
+            print(
+                f"omni-shim: created a new cluster. Its secret, shown only now:\n\n  {text}\n\n"
+                "Give it to the other nodes: omni-shim --join SECRET (or llm omni join SECRET).",
+                flush=True,
+            )
+            admission = Admission.from_home(data, open=self.config.open)
+        return admission
+
+    @property
+    def advertised_host(self) -> str:
+        if self.config.advertise_host:
+            return self.config.advertise_host
+        if self.config.host not in ("0.0.0.0", "::", ""):
+            return self.config.host
+        return "127.0.0.1"
+
+    # ---- what we tell peers -------------------------------------------------------------
+    def _hello_fields(self) -> dict[str, Any]:
+        return {"port": self.port, "name": self.name, "role": "node"}
+
+    def held_shards(self) -> list[str]:
+        cids = set(self.store.shards())
+        for model_id in self.store.manifests():
+            if self.store.file_source(model_id) is not None:
+                with contextlib.suppress(ManifestError, OSError, ValueError):
+                    cids.update(s.cid for s in self.store.get_manifest(model_id).shards)
+        return sorted(cids)
+
+    def info(self, request_id: int) -> Frame:
+        return F.info_frame(
+            request_id,
+            self.node_id,
+            __version__,
+            self.device,
+            self.memory_budget,
+            self.held_shards(),
+            name=self.name,
+            port=self.port,
+            stages=[h.row() for h in self.host.stages()],
+            memory_used=self.host.used_bytes(),
+        )
+
+    def self_row(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "address": f"{self.advertised_host}:{self.port}",
+            "device": self.device,
+            "memory_budget": self.memory_budget,
+            "stages": [h.row() for h in self.host.stages()],
+            "rtt_ms": 0.0,
+            "source": "self",
+        }
+
+    def shard_sources(self, cid: str) -> list[ShardSource]:
+        """Peers that say they hold ``cid`` first, then every other live peer."""
+        live = self.peers.live()
+        holders = [p for p in live if cid in p.shards]
+        others = [p for p in live if cid not in p.shards]
+        return [ShardSource(p.node_id, self._connector(p.node_id)) for p in holders + others]
+
+    def _connector(self, node_id: str):
+        async def connect():
+            return await self.peers.connection(node_id)
+
+        return connect
+
+    # ---- requests -----------------------------------------------------------------------
+    async def handle(self, peer_id: str, frame: Frame, stream: FrameStream) -> Frame | None:
+        if frame.type == FrameType.HELLO:
+            self._note_hello(frame, stream)
+            return self.info(frame.id or 0)
+        if frame.type == FrameType.SHARD_READ:
+            await handle_shard_read(frame, stream, self.store)
+            return None
+        if frame.type != FrameType.REQUEST:
+            return F.error_frame(ErrorCode.UNSUPPORTED, f"{frame.type.name} is not served here")
+        method = frame.header["method"]
+        try:
+            if method == "generate":
+                return await self._generate(frame, stream)
+            if method == "pipeline":
+                return await serve_pipeline(self.host, self.peers, self.node_id, frame, stream)
+            if method == "stage.load":
+                return await self._stage_load(peer_id, frame)
+            if method == "peers":
+                rows = [self.self_row()] + [p.row() for p in self.peers.all()]
+                return F.response_frame(frame.id, peers=rows)
+            if method == "status":
+                return F.response_frame(frame.id, **self.status())
+            if method == "models":
+                return F.response_frame(frame.id, models=self.registry.aliases())
+            if method == "manifest":
+                return self._manifest(frame)
+        except (CoordinatorError, StageError, RequestError, ModelNotFound, ValueError) as exc:
+            return F.error_frame(ErrorCode.BAD_REQUEST, str(exc), frame.id)
+        return F.error_frame(ErrorCode.UNSUPPORTED, f"unknown method {method!r}", frame.id)
+
+    def _note_hello(self, frame: Frame, stream: FrameStream) -> None:
+        port, host = frame.header.get("port"), stream.peer_host
+        if frame.header.get("role") == "node" and type(port) is int and 0 < port < 65536 and host:
+            name = frame.header.get("name")
+            self.peers.note(frame.header["node_id"], host, port, "hello",
+                            name[:63] if isinstance(name, str) else "")  # fmt: skip
+
+    async def _generate(self, frame: Frame, stream: FrameStream) -> Frame:
+        request = GenerationRequest.from_wire(frame.header.get("request"))
+        seq = 0
+        timings: dict[str, float] = {}
+        async for chunk in self.coordinator.generate(request, timings):
+            if chunk.done:
+                return F.stream_end_frame(
+                    frame.id,
+                    done_reason=chunk.done_reason,
+                    prompt_tokens=chunk.prompt_tokens,
+                    completion_tokens=chunk.completion_tokens,
+                    **{k: round(v, 6) for k, v in timings.items()},
+                )
+            await stream.send(
+                F.stream_data_frame(
+                    frame.id, seq, chunk.text.encode("utf-8"), tokens=list(chunk.token_ids)
+                )  # fmt: skip
+            )
+            seq += 1
+        raise CoordinatorError("generation ended without its final chunk")
+
+    async def _stage_load(self, peer_id: str, frame: Frame) -> Frame:
+        h = frame.header
+        manifest = Manifest.from_json(frame.payload)
+        if manifest.model_id != h.get("model"):
+            raise StageError("the manifest sent does not hash to the model id named")
+        start, end = h.get("start"), h.get("end")
+        if type(start) is not int or type(end) is not int:
+            raise StageError("start and end must be integers")
+
+        def sources(cid: str) -> list[ShardSource]:  # the asker first: it knows who holds what
+            rest = [s for s in self.shard_sources(cid) if s.node_id != peer_id]
+            asker = (
+                [ShardSource(peer_id, self._connector(peer_id))] if self.peers.get(peer_id) else []
+            )
+            return asker + rest
+
+        hosted = await self.host.ensure(manifest, start, end, sources)
+        return F.response_frame(
+            frame.id, weight_bytes=hosted.weight_bytes, load_s=round(hosted.loaded_s, 3),
+            fetched=hosted.fetched,
+        )  # fmt: skip
+
+    def _manifest(self, frame: Frame) -> Frame:
+        name = frame.header.get("model")
+        if not isinstance(name, str) or not 0 < len(name) <= 256:
+            raise ValueError("model must be an alias or model id")
+        model_id = self.registry.resolve(name)
+        manifest = self.store.get_manifest(model_id)
+        return F.response_frame(frame.id, manifest.to_json(), model_id=model_id)
+
+    def status(self) -> dict[str, Any]:
+        names = {self.node_id: self.name} | {p.node_id: p.name for p in self.peers.all()}
+        plans = []
+        for state in self.coordinator.plans():
+            plan = state.plan
+            plans.append({
+                "model": plan.model_id,
+                "aliases": [a for a, m in self.registry.aliases().items() if m == plan.model_id],
+                "ready": state.ready,
+                "stages": [
+                    {"node_id": s.node_id, "name": names.get(s.node_id, ""), "start": s.start,
+                     "end": s.end, "weight_bytes": s.weight_bytes}
+                    for s in plan.stages
+                ],
+            })  # fmt: skip
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "plans": plans,
+            "hosted": [h.row() for h in self.host.stages()],
+            "memory_budget": self.memory_budget,
+            "memory_used": self.host.used_bytes(),
+        }
+
+    # ---- life cycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self.server = await serve(
+            self.config.host, self.config.port, self.identity, self.admission, self.handle,
+            self.settings,
+        )  # fmt: skip
+        self.port = self.server.port
+        if self.config.mdns:
+            from llm_omninode.net.discovery import Advert, Discovery
+
+            advert = Advert(
+                self.node_id, self.port, self.admission.fingerprint or "open", self.name
+            )
+            self.discovery = Discovery(advert, interfaces=self.config.mdns_interfaces)
+            await self.discovery.start()
+        self._write_state()
+        self._tasks.append(asyncio.create_task(self._maintain()))
+        log.info(
+            "node %s (%s) on %s:%d, %s, budget %.0f MiB, mDNS %s",
+            self.name, self.node_id, self.config.host, self.port, self.device,
+            self.memory_budget / 2**20, "on" if self.discovery else "off",
+        )  # fmt: skip
+
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                self._sync_discovery()
+                await self.peers.refresh()
+                self.host.evict_idle()
+            except Exception:  # a maintenance round must never take the node down
+                log.exception("maintenance round failed")
+            await asyncio.sleep(REFRESH_S)
+
+    def _sync_discovery(self) -> None:
+        if self.discovery is None:
+            return
+        seen = set()
+        for record in self.discovery.peers():
+            if record.addresses:
+                seen.add(record.node_id)
+                self.peers.note(record.node_id, record.addresses[0], record.port, "mdns",
+                                record.name)  # fmt: skip
+        for peer in self.peers.all():
+            if peer.source == "mdns" and peer.node_id not in seen:
+                self.peers.forget(peer.node_id)
+
+    def _write_state(self) -> None:
+        state = {"pid": os.getpid(), "node_id": self.node_id, "host": self.advertised_host,
+                 "port": self.port, "started": time.time()}  # fmt: skip
+        path = self.config.data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.discovery is not None:
+            with contextlib.suppress(Exception):
+                await self.discovery.stop()
+        await self.peers.close()
+        if self.server is not None:
+            self.server.close()
+        self.host.close()
+        with contextlib.suppress(OSError):
+            state = self.config.data_dir / STATE_FILE
+            if json.loads(state.read_text()).get("pid") == os.getpid():
+                state.unlink()
+        log.info("node %s stopped", self.name)
+
+
+__all__ = ["DEFAULT_PORT", "Node", "NodeConfig", "NetError", "STATE_FILE"]

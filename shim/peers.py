@@ -1,0 +1,235 @@
+"""The peer table: which nodes this shim knows, how to reach them, and what they hold.
+
+Peers come from three places: mDNS discovery (same cluster fingerprint only), ``--peer
+HOST:PORT`` given on the command line, and nodes that said HELLO to us (so a node started with
+``--peer`` is known to the node it names). Each is greeted with HELLO; its INFO answer
+(device, memory budget, shards held) and the round trip of that exchange are kept. A peer that
+has not answered for ``stale_after`` seconds is no longer live: the planner stops counting on
+it, and it is forgotten unless it is a static peer or still advertised.
+
+One QUIC connection per peer is kept and reused; it is re-opened when it drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_omninode.net import frames as F
+from llm_omninode.net.admission import Admission
+from llm_omninode.net.identity import NodeIdentity, is_node_id
+from llm_omninode.net.quic import Connection, NetError, QuicSettings, connect
+
+log = logging.getLogger("omninode_shim.peers")
+
+PROTOCOL_VERSION = "1"
+
+
+@dataclass
+class Peer:
+    node_id: str
+    host: str
+    port: int
+    source: str  # "mdns" | "static" | "hello"
+    name: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # the last INFO header
+    rtt_ms: float | None = None
+    last_ok: float | None = None  # time.monotonic() of the last answer
+    error: str | None = None
+
+    @property
+    def memory_budget(self) -> int:
+        value = self.info.get("memory_budget")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def shards(self) -> frozenset[str]:
+        value = self.info.get("shards")
+        return frozenset(value) if isinstance(value, list) else frozenset()
+
+    def row(self) -> dict[str, Any]:
+        """What ``llm omni peers`` shows of it."""
+        return {
+            "node_id": self.node_id,
+            "name": self.name or self.info.get("name", ""),
+            "address": f"{self.host}:{self.port}",
+            "device": self.info.get("device", ""),
+            "memory_budget": self.memory_budget,
+            "stages": self.info.get("stages", []),
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "source": self.source,
+        }
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``; ValueError with the reason."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class PeerTable:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        admission: Admission,
+        settings: QuicSettings,
+        *,
+        hello_fields: Callable[[], dict[str, Any]],
+        stale_after: float = 20.0,
+    ) -> None:
+        self.identity = identity
+        self.admission = admission
+        self.settings = settings
+        self.hello_fields = hello_fields  # our port and name, sent with every HELLO
+        self.stale_after = stale_after
+        self._peers: dict[str, Peer] = {}
+        self._static: list[tuple[str, int]] = []
+        self._connections: dict[str, Connection] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+
+    # ---- who is there -------------------------------------------------------------------
+    def add_static(self, host: str, port: int) -> None:
+        self._static.append((host, port))
+
+    def note(self, node_id: str, host: str, port: int, source: str, name: str = "") -> Peer | None:
+        """Learn (or update) where a node is. Our own id and malformed ids are ignored."""
+        if node_id == self.identity.node_id or not is_node_id(node_id):
+            return None
+        peer = self._peers.get(node_id)
+        if peer is None:
+            peer = self._peers[node_id] = Peer(node_id, host, port, source, name)
+            log.info("peer %s (%s) at %s:%d via %s", name or "?", node_id[:16], host, port, source)
+        elif (peer.host, peer.port) != (host, port):
+            peer.host, peer.port = host, port
+            self._drop_connection(node_id)
+        if name:
+            peer.name = name
+        return peer
+
+    def forget(self, node_id: str) -> None:
+        if self._peers.pop(node_id, None) is not None:
+            log.info("peer %s gone", node_id[:16])
+        self._drop_connection(node_id)
+
+    def get(self, node_id: str) -> Peer | None:
+        return self._peers.get(node_id)
+
+    def live(self) -> list[Peer]:
+        now = time.monotonic()
+        return sorted(
+            (
+                p
+                for p in self._peers.values()
+                if p.last_ok is not None and now - p.last_ok <= self.stale_after
+            ),
+            key=lambda p: p.node_id,
+        )
+
+    def all(self) -> list[Peer]:
+        return sorted(self._peers.values(), key=lambda p: p.node_id)
+
+    # ---- connections --------------------------------------------------------------------
+    async def connection(self, node_id: str) -> Connection:
+        """An admitted connection to ``node_id`` (reused; re-opened if it dropped)."""
+        conn = self._connections.get(node_id)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._connecting.setdefault(node_id, asyncio.Lock())
+        async with lock:
+            conn = self._connections.get(node_id)
+            if conn is not None and not conn.closed:
+                return conn
+            peer = self._peers.get(node_id)
+            if peer is None:
+                raise NetError(f"unknown peer {node_id}")
+            conn = await connect(
+                peer.host,
+                peer.port,
+                self.identity,
+                self.admission,
+                expected_node_id=node_id,
+                settings=self.settings,
+            )
+            self._connections[node_id] = conn
+            return conn
+
+    def _drop_connection(self, node_id: str) -> None:
+        conn = self._connections.pop(node_id, None)
+        if conn is not None:
+            task = asyncio.get_running_loop().create_task(conn.close())
+            task.add_done_callback(lambda t: t.exception())
+
+    async def close(self) -> None:
+        conns, self._connections = list(self._connections.values()), {}
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    # ---- greeting -----------------------------------------------------------------------
+    def _hello(self, conn: Connection) -> F.Frame:
+        frame = F.hello_frame(conn.next_id(), self.identity.node_id, PROTOCOL_VERSION)
+        frame.header.update(self.hello_fields())
+        return frame
+
+    async def greet(self, peer: Peer, timeout: float = 5.0) -> bool:
+        """HELLO -> INFO: refresh what we know of ``peer`` and its round trip."""
+        try:
+            conn = await self.connection(peer.node_id)
+            t0 = time.perf_counter()
+            info = await conn.request(self._hello(conn), timeout=timeout)
+            rtt = (time.perf_counter() - t0) * 1000
+        except (NetError, OSError, asyncio.TimeoutError) as exc:
+            peer.error = str(exc) or type(exc).__name__
+            self._drop_connection(peer.node_id)
+            return False
+        if info.type != F.FrameType.INFO or info.header.get("node_id") != peer.node_id:
+            peer.error = "answered HELLO with something other than its INFO"
+            return False
+        peer.info, peer.rtt_ms, peer.last_ok, peer.error = info.header, rtt, time.monotonic(), None
+        if isinstance(info.header.get("name"), str):
+            peer.name = info.header["name"][:63]
+        return True
+
+    async def _probe_static(self, host: str, port: int) -> None:
+        """A static peer's node id is learned from its certificate (admission proves it is
+        one of ours), then it is a peer like any other."""
+        try:
+            conn = await connect(host, port, self.identity, self.admission, settings=self.settings)
+        except (NetError, OSError) as exc:
+            log.debug("static peer %s:%d not reachable: %s", host, port, exc)
+            return
+        peer = self.note(conn.peer_id, host, port, "static")
+        if peer is None:  # ourselves
+            await conn.close()
+            return
+        old = self._connections.get(peer.node_id)
+        if old is not None and not old.closed:
+            await conn.close()
+        else:
+            self._connections[peer.node_id] = conn
+
+    async def refresh(self) -> None:
+        """Probe static addresses not yet known, greet every peer, forget long-silent ones."""
+        known = {(p.host, p.port) for p in self._peers.values()}
+        await asyncio.gather(
+            *(self._probe_static(h, p) for h, p in self._static if (h, p) not in known)
+        )
+        peers = list(self._peers.values())
+        await asyncio.gather(*(self.greet(p) for p in peers))
+        now = time.monotonic()
+        static = set(self._static)
+        for p in peers:
+            silent = now - (p.last_ok or 0.0)
+            if (
+                (p.host, p.port) not in static
+                and p.source == "hello"
+                and silent > 3 * self.stale_after
+            ):
+                self.forget(p.node_id)

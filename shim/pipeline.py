@@ -1,0 +1,263 @@
+"""One sequence's path through the stages: a chain of long-lived QUIC streams.
+
+The coordinator opens a ``pipeline`` channel to the node of stage 0 (or calls its own stage 0
+in-process); each stage opens one to the next. Per step the first stage gets token ids
+(HIDDEN, ``hidden_dim`` 1), every later stage float16 hidden states ``[T, d_model]`` straight
+from its predecessor; the last stage picks the next token and its 4-byte id travels back along
+the chain. Hidden states never pass through the coordinator. The prefill step also carries the
+sampling options and the prompt's recent ids, which only the last stage uses.
+
+The channel opens with ``REQUEST pipeline {model, seq, route}``; ``route`` lists the hops from
+the receiving stage to the last (node id, address hint, block range), checked before use. A
+stage only serves a range it was asked to load; it never loads one because a pipeline asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.sampling import SamplingOptions
+from llm_omninode.net import frames as F
+from llm_omninode.net.frames import Frame, FrameType
+from llm_omninode.net.identity import is_node_id
+from llm_omninode.net.quic import FrameStream, NetError
+
+from .stage_host import HostedStage, StageHost
+
+if TYPE_CHECKING:
+    from .peers import PeerTable
+
+log = logging.getLogger("omninode_shim.pipeline")
+
+MAX_HOPS = 64
+MAX_RECENT = 4096  # prompt ids the last stage's repeat penalty may look back over
+STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slow nodes)
+_SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_CID_RE = re.compile(r"^b[a-z2-7]{1,127}$")
+
+
+class PipelineError(RuntimeError):
+    """A step could not be run; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    node_id: str
+    host: str
+    port: int
+    start: int
+    end: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node_id, "host": self.host, "port": self.port,
+                "start": self.start, "end": self.end}  # fmt: skip
+
+
+def route_from_json(doc: object) -> tuple[Hop, ...]:
+    """A route from the wire: 1..MAX_HOPS hops, contiguous ranges, valid ids and ports."""
+    if not isinstance(doc, list) or not 1 <= len(doc) <= MAX_HOPS:
+        raise PipelineError(f"route must be a list of 1..{MAX_HOPS} hops")
+    hops = []
+    for h in doc:
+        if not isinstance(h, dict) or set(h) != {"node", "host", "port", "start", "end"}:
+            raise PipelineError("a hop is {node, host, port, start, end}")
+        ints = [h["port"], h["start"], h["end"]]
+        if not is_node_id(h["node"]) or any(type(v) is not int for v in ints):
+            raise PipelineError("a hop has a bad node id or a non-integer field")
+        if not isinstance(h["host"], str) or not 0 < len(h["host"]) <= 255:
+            raise PipelineError("a hop's host must be a short string")
+        if not 0 < h["port"] < 65536 or not 0 <= h["start"] < h["end"] <= 1 << 20:
+            raise PipelineError("a hop's port or block range is out of range")
+        hops.append(Hop(h["node"], h["host"], h["port"], h["start"], h["end"]))
+    for a, b in zip(hops, hops[1:], strict=False):
+        if a.end != b.start:
+            raise PipelineError("route ranges are not contiguous")
+    return tuple(hops)
+
+
+def check_seq(seq: object) -> str:
+    if not isinstance(seq, str) or not _SEQ_RE.match(seq):
+        raise PipelineError("seq must be 1..128 characters of [A-Za-z0-9_-]")
+    return seq
+
+
+def step_fields(options: SamplingOptions | None, recent: Sequence[int]) -> dict[str, Any]:
+    """Header fields of a prefill step (nothing on decode steps)."""
+    if options is None:
+        return {}
+    return {"sampling": options.to_dict(), "recent": list(recent)[-MAX_RECENT:]}
+
+
+def open_frame(request_id: int, model_id: str, seq: str, route: Sequence[Hop]) -> Frame:
+    return F.request_frame(
+        request_id, "pipeline", model=model_id, seq=seq, route=[h.to_json() for h in route]
+    )
+
+
+class Downstream:
+    """The channel to the next stage (or, for a coordinator, to stage 0 on another node)."""
+
+    def __init__(self, peers: PeerTable, model_id: str, seq: str, route: Sequence[Hop]):
+        self.peers = peers
+        self.model_id = model_id
+        self.seq = seq
+        self.route = tuple(route)
+        self._stream: FrameStream | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.route[0].node_id
+
+    async def _open(self) -> FrameStream:
+        hop = self.route[0]
+        if self.peers.get(hop.node_id) is None:  # known from the route only: the address is a
+            self.peers.note(hop.node_id, hop.host, hop.port, "hello")  # hint, the key is checked
+        conn = await self.peers.connection(hop.node_id)
+        return await conn.channel(open_frame(conn.next_id(), self.model_id, self.seq, self.route))
+
+    async def step(self, frame: Frame) -> Frame:
+        """Send one step's input; return the token frame that comes back."""
+        try:
+            if self._stream is None:
+                self._stream = await self._open()
+            await self._stream.send(frame)
+            reply = await self._stream.recv(STEP_TIMEOUT)
+        except (NetError, OSError) as exc:
+            raise PipelineError(f"stage on {self.node_id[:16]} failed: {exc}") from exc
+        if reply is None:
+            raise PipelineError(f"stage on {self.node_id[:16]} ended the sequence")
+        if reply.type == FrameType.ERROR:
+            raise PipelineError(f"{reply.header.get('code')}: {reply.header.get('message')}")
+        check_token_reply(reply, self.seq)
+        return reply
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.aclose()
+
+
+def check_token_reply(frame: Frame, seq: str) -> int:
+    """The one token id of a step's answer; PipelineError unless it is exactly that."""
+    if frame.type != FrameType.HIDDEN or frame.header.get("seq") != seq:
+        raise PipelineError("a step was answered with something other than its token")
+    ids = F.token_ids(frame)
+    if len(ids) != 1:
+        raise PipelineError(f"a step must answer one token id, got {len(ids)}")
+    return ids[0]
+
+
+class Link:
+    """A sequence's pass through one stage hosted here, and on to the rest of the route."""
+
+    def __init__(
+        self,
+        host: StageHost,
+        hosted: HostedStage,
+        peers: PeerTable,
+        seq: str,
+        rest: Sequence[Hop],
+    ) -> None:
+        self.host = host
+        self.hosted = hosted
+        self.seq = seq
+        self.next = Downstream(peers, hosted.model_id, seq, rest) if rest else None
+        if (self.next is None) != hosted.stage.is_last:
+            raise PipelineError("the route does not end where the model ends")
+        hosted.active += 1
+
+    def _input(self, frame: Frame) -> np.ndarray:
+        if frame.type != FrameType.HIDDEN or frame.header.get("seq") != self.seq:
+            raise PipelineError("expected a HIDDEN frame of this sequence")
+        tokens, hidden_dim, _ = F.hidden_geometry(frame.header)
+        stage = self.hosted.stage
+        if stage.is_first:
+            if hidden_dim != 1:
+                raise PipelineError("the first stage takes token ids (hidden_dim 1)")
+            return np.asarray(F.token_ids(frame), dtype=np.int32)
+        if hidden_dim != self.hosted.spec.d_model:
+            raise PipelineError(
+                f"hidden_dim {hidden_dim} is not this model's width {self.hosted.spec.d_model}"
+            )
+        return np.frombuffer(frame.payload, dtype="<f2").reshape(tokens, hidden_dim)
+
+    def _picker(self, frame: Frame) -> TokenPicker:
+        header = frame.header
+        if "sampling" in header:
+            recent = header.get("recent", [])
+            if (
+                not isinstance(recent, list)
+                or len(recent) > MAX_RECENT
+                or not all(type(t) is int and 0 <= t < self.hosted.spec.vocab_size for t in recent)
+            ):
+                raise PipelineError("recent must be a list of valid token ids")
+            options = SamplingOptions.from_dict(header["sampling"])
+            self.hosted.pickers[self.seq] = TokenPicker(options, recent)
+        picker = self.hosted.pickers.get(self.seq)
+        if picker is None:
+            raise PipelineError("no sampling options for this sequence (send them at prefill)")
+        return picker
+
+    async def step(self, frame: Frame) -> Frame:
+        x = self._input(frame)
+        picker = self._picker(frame) if self.next is None else None
+        try:
+            out = await self.host.forward(self.hosted, self.seq, x)
+        except ValueError as exc:  # shape, range or context overflow, from the stage's checks
+            raise PipelineError(str(exc)) from exc
+        if self.next is None:
+            token = await self.host.run(picker.pick, out)
+            return F.token_frame(self.seq, [token])
+        extra = {k: frame.header[k] for k in ("sampling", "recent") if k in frame.header}
+        return await self.next.step(
+            F.hidden_frame(self.seq, out.tobytes(), out.shape, "float16", **extra)
+        )
+
+    async def close(self) -> None:
+        self.hosted.active -= 1
+        self.host.free(self.hosted, self.seq)
+        if self.next is not None:
+            await self.next.close()
+
+
+async def serve_pipeline(
+    host: StageHost, peers: PeerTable, node_id: str, first: Frame, stream: FrameStream
+) -> Frame | None:
+    """Handler of a ``pipeline`` channel: steps until the upstream ends the stream."""
+    try:
+        model = first.header.get("model")
+        if not isinstance(model, str) or not _CID_RE.match(model):
+            raise PipelineError("model must be a model id")
+        seq = check_seq(first.header.get("seq"))
+        route = route_from_json(first.header.get("route"))
+        if route[0].node_id != node_id:
+            raise PipelineError("this route does not start at this node")
+        hosted = host.get(model, route[0].start, route[0].end)
+        if hosted is None:
+            raise PipelineError(
+                f"stage [{route[0].start}, {route[0].end}) of {model[:16]} is not loaded here"
+            )
+        link = Link(host, hosted, peers, seq, route[1:])
+    except PipelineError as exc:
+        return F.error_frame(F.ErrorCode.BAD_REQUEST, str(exc), first.id)
+    try:
+        async for frame in stream:
+            try:
+                reply = await link.step(frame)
+            except (PipelineError, F.FrameError) as exc:
+                log.warning("sequence %s: %s", seq[:12], exc)
+                return F.error_frame(F.ErrorCode.BAD_REQUEST, str(exc), first.id)
+            await stream.send(reply)
+    except (NetError, asyncio.CancelledError):
+        pass  # upstream went away: the sequence is over
+    finally:
+        await link.close()
+    return None

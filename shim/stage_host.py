@@ -1,0 +1,209 @@
+"""The stages this node hosts: blocks [start, end) of a model, loaded from the shard store.
+
+A stage loads only its own shards (embedding on the first, head on the last). Missing shards
+are fetched from the peers that hold them (BLAKE3-verified before the store shows them), and a
+manifest received from a peer is accepted only if it hashes to the model id it was asked for.
+Weights plus a KV allowance must fit ``memory_budget``; stages not used for a while are unloaded
+to make room, one in use never is. All MLX work runs on one worker thread, so the event loop
+keeps serving QUIC while a stage computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llm_omninode.backend.engine import Stage
+from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.runtime import stage_tensors
+from llm_omninode.backend.shards import Manifest
+from llm_omninode.backend.spec import ModelSpec
+from llm_omninode.backend.store import ShardStore
+from llm_omninode.net.transfer import ShardSource, fetch_shards
+
+from .planner import stage_bytes
+
+log = logging.getLogger("omninode_shim.stage")
+
+KV_ALLOWANCE = 0.25  # of the weights: room kept for KV caches when checking the budget
+
+
+class StageError(RuntimeError):
+    """A stage cannot be loaded here (budget, missing shards, bad manifest)."""
+
+
+@dataclass
+class HostedStage:
+    model_id: str
+    start: int
+    end: int
+    spec: ModelSpec
+    stage: Stage
+    weight_bytes: int
+    loaded_s: float
+    fetched: dict[str, str] = field(default_factory=dict)  # cid -> node it came from
+    pickers: dict[str, TokenPicker] = field(default_factory=dict)  # last stage: per sequence
+    active: int = 0  # pipeline links using it now
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.model_id, self.start, self.end)
+
+    def row(self) -> dict[str, object]:
+        return {
+            "model": self.model_id,
+            "start": self.start,
+            "end": self.end,
+            "first": self.stage.is_first,
+            "last": self.stage.is_last,
+            "weight_bytes": self.weight_bytes,
+            "sequences": len(self.stage.sequences()),
+        }
+
+
+class StageHost:
+    def __init__(
+        self,
+        store: ShardStore,
+        memory_budget: int,
+        *,
+        max_context: int | None = None,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.memory_budget = memory_budget
+        self.max_context = max_context
+        self.idle_timeout = idle_timeout  # KV caches of sequences idle this long are freed
+        self._stages: dict[tuple[str, int, int], HostedStage] = {}
+        self._loading: dict[tuple[str, int, int], asyncio.Future[HostedStage]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
+
+    # ---- what is here -------------------------------------------------------------------
+    def stages(self) -> list[HostedStage]:
+        return sorted(self._stages.values(), key=lambda h: h.key)
+
+    def get(self, model_id: str, start: int, end: int) -> HostedStage | None:
+        return self._stages.get((model_id, start, end))
+
+    def used_bytes(self) -> int:
+        return sum(h.weight_bytes for h in self._stages.values())
+
+    async def run(self, fn: Callable, *args: object):
+        """Run ``fn`` on the MLX worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ---- loading ------------------------------------------------------------------------
+    async def ensure(
+        self,
+        manifest: Manifest,
+        start: int,
+        end: int,
+        sources_for: Callable[[str], Sequence[ShardSource]],
+    ) -> HostedStage:
+        """The stage for blocks [start, end), loading it (once, however many ask) if needed."""
+        key = (manifest.model_id, start, end)
+        if key in self._stages:
+            return self._stages[key]
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(manifest, start, end, sources_for))
+            self._loading[key] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(pending)
+
+    def _make_room(self, need: int) -> None:
+        """Unload idle stages, least recently used first, until ``need`` more bytes fit."""
+        allowed = self.memory_budget
+        for hosted in sorted(self._stages.values(), key=lambda h: h.last_used):
+            if self.used_bytes() * (1 + KV_ALLOWANCE) + need <= allowed:
+                break
+            if hosted.active == 0:
+                log.info(
+                    "unloading %s [%d, %d) to make room", hosted.model_id[:16], *hosted.key[1:]
+                )
+                self._stages.pop(hosted.key)
+        used = self.used_bytes() * (1 + KV_ALLOWANCE)
+        if used + need > allowed:
+            raise StageError(
+                f"stage needs {need / 2**20:.1f} MiB with its KV allowance; this node's budget "
+                f"is {allowed / 2**20:.1f} MiB with {used / 2**20:.1f} MiB in use "
+                "(raise --max-memory or add nodes)"
+            )
+
+    async def _load(
+        self,
+        manifest: Manifest,
+        start: int,
+        end: int,
+        sources_for: Callable[[str], Sequence[ShardSource]],
+    ) -> HostedStage:
+        t0 = time.perf_counter()
+        spec = ModelSpec.from_metadata(manifest.metadata, manifest.tensor_home().keys())
+        if not 0 <= start < end <= spec.n_blocks:
+            raise StageError(f"bad block range [{start}, {end}) for {spec.n_blocks} blocks")
+        weight_bytes = stage_bytes(manifest, start, end)
+        self._make_room(int(weight_bytes * (1 + KV_ALLOWANCE)))
+        if not self.store.has_manifest(manifest.model_id):
+            self.store.put_manifest(manifest)
+        missing = [
+            (s.cid, s.size)
+            for s in manifest.shards_for_stage(start, end)
+            if not self.store.has(s.cid)
+        ]
+        fetched: dict[str, str] = {}
+        if missing:
+            total = sum(size for _, size in missing)
+            log.info(
+                "fetching %d shard(s), %.1f MiB, for %s [%d, %d)",
+                len(missing), total / 2**20, manifest.model_id[:16], start, end,
+            )  # fmt: skip
+            fetched = await fetch_shards(missing, sources_for, self.store)
+        tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)
+        stage = await self.run(
+            lambda: Stage(spec, tensors, start, end, max_context=self.max_context)
+        )
+        hosted = HostedStage(
+            manifest.model_id,
+            start,
+            end,
+            spec,
+            stage,
+            weight_bytes,
+            time.perf_counter() - t0,
+            fetched,
+        )
+        self._stages[hosted.key] = hosted
+        log.info(
+            "loaded %s blocks [%d, %d)%s%s: %.1f MiB in %.2f s",
+            manifest.model_id[:16], start, end,
+            " +embedding" if stage.is_first else "", " +head" if stage.is_last else "",
+            weight_bytes / 2**20, hosted.loaded_s,
+        )  # fmt: skip
+        return hosted
+
+    # ---- compute ------------------------------------------------------------------------
+    async def forward(self, hosted: HostedStage, seq: str, x: np.ndarray) -> np.ndarray:
+        hosted.last_used = time.monotonic()
+        return await self.run(hosted.stage.forward, seq, x)
+
+    def free(self, hosted: HostedStage, seq: str) -> None:
+        hosted.pickers.pop(seq, None)
+        self._pool.submit(hosted.stage.free, seq)
+
+    def evict_idle(self) -> None:
+        """Free KV caches of sequences nobody has touched for ``idle_timeout`` seconds."""
+        for hosted in list(self._stages.values()):
+            for seq in hosted.stage.evict_idle(self.idle_timeout):
+                hosted.pickers.pop(seq, None)
+                log.info("freed idle sequence %s on %s", seq[:12], hosted.model_id[:16])
+
+    def close(self) -> None:
+        self._stages.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,93 @@
+"""End to end: real shim processes split SmolLM2 and answer through ``llm -m omni/smollm2``.
+
+Node 0 holds the model (added from the pulled GGUF); the others start empty and fetch the
+shards of their stages from it. Greedy output must equal the single-stage engine's, token for
+token (float16 at stage boundaries is what the single-stage split-invariance test allows).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from netns import Topology, netns_available
+from shim_cluster import ShimCluster
+
+from llm_omninode.backend.registry import ModelRegistry
+from llm_omninode.backend.runtime import LocalModel
+from llm_omninode.backend.sampling import SamplingOptions
+from llm_omninode.request import GenerationRequest, Message
+
+pytestmark = pytest.mark.model
+
+N_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path: Path, smollm2_golden: dict, tmp_path_factory) -> dict[str, str]:
+    """Greedy answers of the single-stage, in-process engine for the golden chat prompts."""
+    registry = ModelRegistry(tmp_path_factory.mktemp("ref"))
+    registry.add_file(smollm2_path, alias="smollm2")
+    model = LocalModel.load(registry, "smollm2")
+    out = {}
+    for chat in smollm2_golden["chat"][:3]:
+        content = chat["messages"][-1]["content"]
+        request = GenerationRequest(
+            model="smollm2",
+            messages=(Message("user", content),),
+            options=SamplingOptions().updated(temperature=0.0),
+            max_tokens=N_TOKENS,
+        )
+        out[content] = "".join(c.text for c in model.run(request))
+    return out
+
+
+def ask(cluster: ShimCluster, content: str, i: int = 0) -> str:
+    text = cluster.llm(
+        "-m", "omni/smollm2", content, "-o", "temperature", "0", "-o", "max_tokens",
+        str(N_TOKENS), "--no-log", i=i,
+    )  # fmt: skip
+    return text.rstrip("\n")
+
+
+def check_split(cluster: ShimCluster, reference: dict[str, str], n: int) -> None:
+    status = json.loads(cluster.llm("omni", "status", "--json"))
+    (plan,) = status["plans"]
+    stages = plan["stages"]
+    assert len(stages) == n, stages
+    assert stages[0]["start"] == 0 and stages[-1]["end"] == 30
+    assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:], strict=False))
+    assert len({s["node_id"] for s in stages}) == n  # every node holds a slice
+    print("split:", [(s["name"], s["start"], s["end"]) for s in stages])
+    for i in range(1, n):  # the empty nodes fetched (only) their shards from node 0
+        fetched = list((cluster.dirs[i] / "shards").iterdir())
+        assert fetched, f"node{i} fetched nothing"
+        assert len(fetched) < 32
+
+
+def run_cluster(cluster: ShimCluster, smollm2_path: Path, reference: dict[str, str], n: int):
+    ModelRegistry(cluster.dirs[0]).add_file(smollm2_path, alias="smollm2")
+    cluster.start_all()
+    rows = cluster.wait_for_peers(n)
+    assert {r["name"] for r in rows} >= {f"node{i}" for i in range(n)}
+    for content, want in reference.items():
+        got = ask(cluster, content)
+        print(f"{content!r}: {got!r}")
+        assert got == want
+    check_split(cluster, reference, n)
+    table = cluster.llm("omni", "peers")
+    assert all(f"node{i}" in table for i in range(n))
+
+
+def test_two_shims_on_loopback(tmp_path, smollm2_path, reference):
+    with ShimCluster(tmp_path, 2) as cluster:
+        run_cluster(cluster, smollm2_path, reference, 2)
+
+
+def test_three_shims_in_network_namespaces(tmp_path, smollm2_path, reference):
+    reason = netns_available()
+    if reason is not None:
+        pytest.skip(f"no network namespaces here ({reason}); the loopback test covers the rest")
+    with Topology(3) as topo, ShimCluster(tmp_path, 3, topology=topo) as cluster:
+        run_cluster(cluster, smollm2_path, reference, 3)
