@@ -33,6 +33,8 @@ test: model lint
 
 bench: model
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/transfer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info .omni-demo

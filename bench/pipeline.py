@@ -57,7 +57,7 @@ class Cluster:
         for i, d in enumerate(self.dirs):
             argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(d), "--host",
                     "127.0.0.1", "--port", "0", "--no-mdns", "--name", f"node{i}",
-                    "--max-memory", "2GiB", "--log-level", "warning"]  # fmt: skip
+                    "--max-memory", "2GiB", "--log-level", os.environ.get("OMNI_BENCH_LOG", "warning")]  # fmt: skip
             if i:
                 argv += ["--join", secret]
             for p in ports:

@@ -1,7 +1,7 @@
 """Shard transfer speed and hidden-state round trip between two processes on loopback.
 
     python bench/transfer.py [--size-mib 256] [--datagram N] [--runs 3] [--rtt-count 2000]
-                             [--streams 1]
+                             [--window-mib 8] [--chunk-kib 1024]
 
 A server process holds one random shard in a real ShardStore (temp dir) and serves it over
 OmniNode's authenticated QUIC (net/quic.py + net/transfer.py) and, as the baseline, over
@@ -16,7 +16,9 @@ The client (this process) measures, each as the median of --runs runs:
   warm-up); also over TLS-TCP, and as a request/response on a fresh QUIC stream each.
 
 --datagram sets the UDP payload size of both ends (1452: a LAN-sized datagram; default: what
-net/quic.py picks for loopback). The last line printed is one JSON object. MB = 10^6 bytes.
+net/quic.py picks for loopback); --window-mib the bytes per SHARD_READ (both transports),
+--chunk-kib the bytes per SHARD_DATA frame. The last line printed is one JSON object.
+MB = 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission
 from llm_omninode.net.identity import NodeIdentity
 from llm_omninode.net.quic import LOOPBACK_DATAGRAM_SIZE, QuicSettings, connect, serve
-from llm_omninode.net.transfer import CHUNK, MAX_WINDOW, ShardSource, fetch_shard, handle_shard_read
+from llm_omninode.net.transfer import (
+    CHUNK,
+    WINDOW,
+    ShardSource,
+    fetch_shard,
+    handle_shard_read,
+)
 
 HOST = "127.0.0.1"
 HIDDEN_SHAPE = (1, 576)  # SmolLM2-135M: one token's hidden state, float16 -> 1,152 bytes
@@ -88,7 +96,9 @@ def self_signed_tls(tmp: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def serve_tcp_frames(store: ShardStore, context: ssl.SSLContext) -> asyncio.Server:
+async def serve_tcp_frames(
+    store: ShardStore, context: ssl.SSLContext, chunk: int
+) -> asyncio.Server:
     """The baseline: the same frames over TLS-over-TCP (SHARD_READ -> SHARD_DATA, HIDDEN echo)."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -99,7 +109,7 @@ async def serve_tcp_frames(store: ShardStore, context: ssl.SSLContext) -> asynci
                     if frame.type == F.FrameType.HIDDEN:
                         writer.write(F.encode(frame))
                     elif frame.type == F.FrameType.SHARD_READ:
-                        await send_range(store, frame, writer)
+                        await send_range(store, frame, writer, chunk)
                     await writer.drain()
         except (ConnectionError, F.FrameError):
             pass
@@ -109,12 +119,14 @@ async def serve_tcp_frames(store: ShardStore, context: ssl.SSLContext) -> asynci
     return await asyncio.start_server(on_connection, HOST, 0, ssl=context)
 
 
-async def send_range(store: ShardStore, frame: F.Frame, writer: asyncio.StreamWriter) -> None:
+async def send_range(
+    store: ShardStore, frame: F.Frame, writer: asyncio.StreamWriter, chunk: int
+) -> None:
     cid, offset, length = frame.header["cid"], frame.header["offset"], frame.header["length"]
     size = store.size(cid) or 0
     end = min(size, offset + length)
     while offset < end:
-        take = min(CHUNK, end - offset)
+        take = min(chunk, end - offset)
         reply = F.shard_data_frame(frame.id, cid, offset, store.read(cid, offset, take), size=size)
         offset += take
         if offset >= end:
@@ -135,10 +147,11 @@ async def server_main() -> None:
     del data
     identity = NodeIdentity.generate()
     admission = Admission(secret=bytes.fromhex(config["secret"]))
+    chunk = config["chunk"]
 
     async def handler(peer: str, frame: F.Frame, stream) -> F.Frame | None:
         if frame.type == F.FrameType.SHARD_READ:
-            await handle_shard_read(frame, stream, store)
+            await handle_shard_read(frame, stream, store, chunk=chunk)
             return None
         if frame.type == F.FrameType.REQUEST and frame.header["method"] == "echo":
             return F.response_frame(frame.id, frame.payload)
@@ -153,7 +166,7 @@ async def server_main() -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert, key)
-    tcp = await serve_tcp_frames(store, context)
+    tcp = await serve_tcp_frames(store, context, chunk)
     ready = {
         "quic_port": quic.port,
         "tcp_port": tcp.sockets[0].getsockname()[1],
@@ -196,7 +209,9 @@ class TimedSink:
         self.store.discard_partial(cid)
 
 
-async def quic_bulk(server: dict, identity, admission, settings, sink: TimedSink) -> float:
+async def quic_bulk(
+    server: dict, identity, admission, settings, sink: TimedSink, window: int
+) -> float:
     conn = await connect(
         HOST, server["quic_port"], identity, admission, server["node_id"], settings
     )
@@ -206,22 +221,23 @@ async def quic_bulk(server: dict, identity, admission, settings, sink: TimedSink
             return conn
 
         start = time.perf_counter()
-        await fetch_shard(server["cid"], server["size"], [ShardSource(conn.peer_id, reuse)], sink)
+        source = ShardSource(conn.peer_id, reuse)
+        await fetch_shard(server["cid"], server["size"], [source], sink, window=window)
         return time.perf_counter() - start
     finally:
         await conn.close()
 
 
-async def tcp_bulk(server: dict, context: ssl.SSLContext, sink: TimedSink) -> float:
+async def tcp_bulk(server: dict, context: ssl.SSLContext, sink: TimedSink, window: int) -> float:
     cid, size = server["cid"], server["size"]
-    start = time.perf_counter()
     reader, writer = await asyncio.open_connection(
         HOST, server["tcp_port"], ssl=context, server_hostname="omni-bench"
     )
     try:
+        start = time.perf_counter()  # after the handshake, as for QUIC
         offset, request_id = 0, 1
         while offset < size:
-            length = min(MAX_WINDOW, size - offset)
+            length = min(window, size - offset)
             writer.write(F.encode(F.shard_read_frame(request_id, cid, offset, length)))
             decoder, last = F.FrameDecoder(), False
             while not last:
@@ -296,29 +312,56 @@ async def tcp_rtt(server: dict, context: ssl.SSLContext, count: int) -> float:
         writer.close()
 
 
-async def client_main(args: argparse.Namespace, server: dict, secret: bytes, tmp: Path) -> dict:
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system) of this process, or of ``pid`` where /proc can tell."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def client_main(
+    args: argparse.Namespace, server: dict, secret: bytes, tmp: Path, server_pid: int
+) -> dict:
     identity = NodeIdentity.generate()
     admission = Admission(secret=secret)
     settings = settings_for(args.datagram)
     context = ssl.create_default_context(cafile=server["cert"])
     size = server["size"]
-    results: dict[str, list[float]] = {"quic": [], "quic_wire": [], "tcp": [], "tcp_wire": []}
+    window = args.window_mib << 20
+    results: dict[str, list[float]] = {}
     for run in range(args.runs):
         for name in ("quic", "tcp"):
             store = ShardStore(tmp / f"client-{name}-{run}")
             sink = TimedSink(store)
+            cpu_client, cpu_server = cpu_seconds(), cpu_seconds(server_pid)
             if name == "quic":
-                elapsed = await quic_bulk(server, identity, admission, settings, sink)
+                elapsed = await quic_bulk(server, identity, admission, settings, sink, window)
             else:
-                elapsed = await tcp_bulk(server, context, sink)
+                elapsed = await tcp_bulk(server, context, sink, window)
             assert store.has(server["cid"])
             store.remove(server["cid"])  # keep the disk (and page cache) for the next run
-            results[name].append(size / elapsed / MB)
-            results[f"{name}_wire"].append(size / (elapsed - sink.commit_s) / MB)
+            # CPU seconds per GB: what the speed costs, and less bent by other load than MB/s
+            client_s = (cpu_seconds() - cpu_client) / (size / 1e9)
+            server_now = cpu_seconds(server_pid)
+            server_s = (server_now - cpu_server) / (size / 1e9) if server_now is not None else 0.0
+            figures = {
+                name: size / elapsed / MB,
+                f"{name}_wire": size / (elapsed - sink.commit_s) / MB,
+                f"{name}_cpu_client": client_s,
+                f"{name}_cpu_server": server_s,
+            }
+            for key, value in figures.items():
+                results.setdefault(key, []).append(value)
             print(
-                f"run {run + 1}: {name:4} {size / elapsed / MB:7.1f} MB/s end to end, "
-                f"{size / (elapsed - sink.commit_s) / MB:7.1f} MB/s before the commit "
-                f"({sink.commit_s:.2f} s hash+fsync+rename)",
+                f"run {run + 1}: {name:4} {figures[name]:7.1f} MB/s end to end, "
+                f"{figures[f'{name}_wire']:7.1f} MB/s before the commit "
+                f"({sink.commit_s:.2f} s hash+fsync+rename); CPU s/GB client {client_s:.2f}, "
+                f"server {server_s:.2f}",
                 flush=True,
             )
     rtts = await quic_rtts(server, identity, admission, settings, args.rtt_count)
@@ -328,11 +371,17 @@ async def client_main(args: argparse.Namespace, server: dict, secret: bytes, tmp
         "size_mib": size / (1 << 20),
         "datagram": args.datagram or LOOPBACK_DATAGRAM_SIZE,
         "runs": args.runs,
+        "window_mib": args.window_mib,
+        "chunk_kib": args.chunk_kib,
         "mbps_quic": round(medians["quic"], 1),
         "mbps_tls_tcp": round(medians["tcp"], 1),
         "ratio": round(medians["quic"] / medians["tcp"], 3),
         "mbps_quic_wire": round(medians["quic_wire"], 1),
         "mbps_tls_tcp_wire": round(medians["tcp_wire"], 1),
+        "cpu_s_per_gb_quic_client": round(medians["quic_cpu_client"], 2),
+        "cpu_s_per_gb_quic_server": round(medians["quic_cpu_server"], 2),
+        "cpu_s_per_gb_tls_tcp_client": round(medians["tcp_cpu_client"], 2),
+        "cpu_s_per_gb_tls_tcp_server": round(medians["tcp_cpu_server"], 2),
         "rtt_ms": round(rtts["channel_ms"], 3),
         "rtt_p90_ms": round(rtts["channel_p90_ms"], 3),
         "rtt_request_ms": round(rtts["request_ms"], 3),
@@ -347,6 +396,8 @@ def main() -> None:
     parser.add_argument("--datagram", type=int, default=None, help="UDP payload bytes (1452: LAN)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rtt-count", type=int, default=2000)
+    parser.add_argument("--window-mib", type=int, default=WINDOW >> 20)
+    parser.add_argument("--chunk-kib", type=int, default=CHUNK >> 10)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -359,6 +410,7 @@ def main() -> None:
             "secret": secret.hex(),  # over the pipe, not argv: other users can read argv
             "size": args.size_mib << 20,
             "datagram": args.datagram,
+            "chunk": args.chunk_kib << 10,
         }
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve"],
@@ -375,7 +427,7 @@ def main() -> None:
                 f"{config['datagram'] or LOOPBACK_DATAGRAM_SIZE} bytes; {args.runs} runs",
                 flush=True,
             )
-            figures = asyncio.run(client_main(args, ready, secret, Path(home)))
+            figures = asyncio.run(client_main(args, ready, secret, Path(home), server.pid))
         finally:
             with contextlib.suppress(OSError):
                 server.stdin.close()

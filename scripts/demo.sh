@@ -29,11 +29,13 @@ trap stop EXIT
 
 export OMNI_SHIM="127.0.0.1:$PORT_A"
 echo "== waiting for node-a and node-b to see each other"
+live_nodes() {  # nodes that answered a greeting (a budget to plan on)
+    $BIN/llm omni peers --json 2>/dev/null |
+        $BIN/python -c 'import json,sys; print(sum(1 for r in json.load(sys.stdin) if r["memory_budget"]))' ||
+        echo 0
+}
 for _ in $(seq 60); do
-    if $BIN/llm omni peers --json 2>/dev/null | grep -q '"name": "node-b"' &&
-       $BIN/llm omni peers --json 2>/dev/null | grep -q '"memory_budget": [1-9]'; then
-        break
-    fi
+    [ "$(live_nodes)" -ge 2 ] && break
     sleep 1
 done
 $BIN/llm omni peers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import signal
@@ -84,12 +85,21 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
         raise click.ClickException(str(exc)) from exc
 
 
+def _dump_tasks() -> None:
+    """Log the stack of every asyncio task (``kill -USR1 PID``): for a node that seems stuck."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=12, file=out)
+    logging.getLogger("omninode_shim").warning("asyncio tasks:\n%s", out.getvalue())
+
+
 async def _run(node_cls, config) -> None:
     node = node_cls(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # what is everyone waiting on?
     await node.start()
     try:
         await stop.wait()

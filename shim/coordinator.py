@@ -29,6 +29,7 @@ from llm_omninode.request import GenerationRequest
 
 from .pipeline import Downstream, Hop, Link, PipelineError, check_token_reply, step_fields
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
+from .stage_host import KV_ALLOWANCE
 
 if TYPE_CHECKING:
     from .node import Node
@@ -72,6 +73,7 @@ class Coordinator:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._models: dict[str, ModelText] = {}
+        self._aliases: dict[str, str] = {}  # names resolved through peers -> model id
         self._plans: dict[str, PlanState] = {}
         self._lock = asyncio.Lock()
 
@@ -82,7 +84,7 @@ class Coordinator:
         try:
             model_id = registry.resolve(name)
         except ModelNotFound:
-            model_id = None
+            model_id = self._aliases.get(name)
         if model_id is not None and model_id in self._models:
             return self._models[model_id]
         if model_id is not None and registry.store.has_manifest(model_id):
@@ -91,6 +93,7 @@ class Coordinator:
             manifest = await self._manifest_from_peers(name)
         text = ModelText.of(manifest)
         self._models[manifest.model_id] = text
+        self._aliases[name] = manifest.model_id
         return text
 
     async def _manifest_from_peers(self, name: str) -> Manifest:
@@ -112,9 +115,15 @@ class Coordinator:
 
     # ---- planning -----------------------------------------------------------------------
     def capacities(self) -> list[NodeCapacity]:
-        me = NodeCapacity(self.node.node_id, self.node.memory_budget, 1.0, self.node.name)
+        """This node and every live peer, with what each can give to weights: the stage host
+        keeps KV_ALLOWANCE on top of the weights, so the planner must not count on it."""
+
+        def weights(budget: int) -> int:
+            return max(1, int(budget / (1 + KV_ALLOWANCE)))
+
+        me = NodeCapacity(self.node.node_id, weights(self.node.memory_budget), 1.0, self.node.name)
         others = [
-            NodeCapacity(p.node_id, p.memory_budget, 1.0, p.name)
+            NodeCapacity(p.node_id, weights(p.memory_budget), 1.0, p.name)
             for p in self.node.peers.live()
             if p.memory_budget > 0
         ]

@@ -109,6 +109,7 @@ class Node:
         self.discovery = None  # net.discovery.Discovery when mDNS is on
         self.port = config.port
         self._tasks: list[asyncio.Task] = []
+        self._file_backed: dict[str, tuple[str, ...]] = {}
         self._stopped = asyncio.Event()
 
     def _admission(self) -> Admission:
@@ -140,11 +141,16 @@ class Node:
         return {"port": self.port, "name": self.name, "role": "node"}
 
     def held_shards(self) -> list[str]:
+        """Shards stored here plus those served from local GGUF files (what INFO lists)."""
         cids = set(self.store.shards())
         for model_id in self.store.manifests():
-            if self.store.file_source(model_id) is not None:
-                with contextlib.suppress(ManifestError, OSError, ValueError):
-                    cids.update(s.cid for s in self.store.get_manifest(model_id).shards)
+            if model_id not in self._file_backed:  # manifests are immutable: parse once
+                shards: tuple[str, ...] = ()
+                if self.store.file_source(model_id) is not None:
+                    with contextlib.suppress(ManifestError, OSError, ValueError):
+                        shards = tuple(s.cid for s in self.store.get_manifest(model_id).shards)
+                self._file_backed[model_id] = shards
+            cids.update(self._file_backed[model_id])
         return sorted(cids)
 
     def info(self, request_id: int) -> Frame:
@@ -221,8 +227,11 @@ class Node:
         port, host = frame.header.get("port"), stream.peer_host
         if frame.header.get("role") == "node" and type(port) is int and 0 < port < 65536 and host:
             name = frame.header.get("name")
-            self.peers.note(frame.header["node_id"], host, port, "hello",
-                            name[:63] if isinstance(name, str) else "")  # fmt: skip
+            peer = self.peers.note(frame.header["node_id"], host, port, "hello",
+                                   name[:63] if isinstance(name, str) else "")  # fmt: skip
+            if peer is not None and peer.last_ok is None:  # new: greet it now, not next round
+                task = asyncio.get_running_loop().create_task(self.peers.greet(peer))
+                self._tasks.append(task)
 
     async def _generate(self, frame: Frame, stream: FrameStream) -> Frame:
         request = GenerationRequest.from_wire(frame.header.get("request"))

@@ -44,8 +44,9 @@ class Peer:
 
     @property
     def memory_budget(self) -> int:
+        """What the peer offers; 0 (not planned on) unless a sane byte count."""
         value = self.info.get("memory_budget")
-        return value if isinstance(value, int) else 0
+        return value if type(value) is int and 0 < value <= 2**62 else 0
 
     @property
     def shards(self) -> frozenset[str]:
@@ -187,7 +188,7 @@ class PeerTable:
             rtt = (time.perf_counter() - t0) * 1000
         except (NetError, OSError, asyncio.TimeoutError) as exc:
             peer.error = str(exc) or type(exc).__name__
-            self._drop_connection(peer.node_id)
+            log.info("peer %s did not answer HELLO: %s", peer.node_id[:16], peer.error)
             return False
         if info.type != F.FrameType.INFO or info.header.get("node_id") != peer.node_id:
             peer.error = "answered HELLO with something other than its INFO"
@@ -227,6 +228,16 @@ class PeerTable:
         static = set(self._static)
         for p in peers:
             silent = now - (p.last_ok or 0.0)
+            if (
+                p.last_ok is not None
+                and silent > self.stale_after
+                and p.node_id in self._connections
+            ):
+                # dead (or hopelessly overloaded): fail the steps waiting on it now rather
+                # than at the QUIC idle timeout; a later greeting reconnects if it comes back
+                log.warning("peer %s silent for %.0f s: dropping its connection",
+                            p.node_id[:16], silent)  # fmt: skip
+                self._drop_connection(p.node_id)
             if (
                 (p.host, p.port) not in static
                 and p.source == "hello"

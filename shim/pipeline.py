@@ -15,6 +15,7 @@ stage only serves a range it was asked to load; it never loads one because a pip
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.kv_cache import SequenceLimitError
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.net import frames as F
 from llm_omninode.net.frames import Frame, FrameType
@@ -142,7 +144,8 @@ class Downstream:
     async def close(self) -> None:
         if self._stream is not None:
             stream, self._stream = self._stream, None
-            await stream.aclose()
+            with contextlib.suppress(NetError):  # the next stage may be gone already
+                await stream.aclose()
 
 
 def check_token_reply(frame: Frame, seq: str) -> int:
@@ -211,7 +214,7 @@ class Link:
         picker = self._picker(frame) if self.next is None else None
         try:
             out = await self.host.forward(self.hosted, self.seq, x)
-        except ValueError as exc:  # shape, range or context overflow, from the stage's checks
+        except (ValueError, SequenceLimitError) as exc:  # the stage's own checks and limits
             raise PipelineError(str(exc)) from exc
         if self.next is None:
             token = await self.host.run(picker.pick, out)

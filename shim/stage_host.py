@@ -152,6 +152,7 @@ class StageHost:
         self._make_room(int(weight_bytes * (1 + KV_ALLOWANCE)))
         if not self.store.has_manifest(manifest.model_id):
             self.store.put_manifest(manifest)
+        await self._drop_corrupt(manifest, start, end)
         missing = [
             (s.cid, s.size)
             for s in manifest.shards_for_stage(start, end)
@@ -187,6 +188,22 @@ class StageHost:
             weight_bytes / 2**20, hosted.loaded_s,
         )  # fmt: skip
         return hosted
+
+    async def _drop_corrupt(self, manifest: Manifest, start: int, end: int) -> None:
+        """Re-hash the shards held here (BLAKE3 is cheap next to a load); a stored shard
+        that no longer matches its CID is removed, so it is fetched again."""
+        for shard in manifest.shards_for_stage(start, end):
+            if not self.store.has(shard.cid) or await asyncio.to_thread(
+                self.store.verify, shard.cid
+            ):
+                continue
+            if not self.store.remove(shard.cid):
+                raise StageError(
+                    f"shard {shard.name} ({shard.cid}) no longer matches the GGUF file it is "
+                    "served from: was the file changed? add it again"
+                )
+            log.warning("shard %s (%s) was corrupt here: removed, fetching it again",
+                        shard.name, shard.cid)  # fmt: skip
 
     # ---- compute ------------------------------------------------------------------------
     async def forward(self, hosted: HostedStage, seq: str, x: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,19 @@ def smollm2_golden() -> dict:
 
 @pytest.fixture
 def omni_home(tmp_path, monkeypatch) -> Path:
-    """A private OMNI_HOME and llm user dir, so tests never touch the user's."""
+    """A private OMNI_HOME and llm user dir, so tests never touch the user's.
+
+    A shim that ``llm -m omni/...`` starts in the background listens on loopback only, with
+    no mDNS (tests send nothing beyond this machine), and is stopped afterwards.
+    """
     home = tmp_path / "omni"
     monkeypatch.setenv("OMNI_HOME", str(home))
     monkeypatch.setenv("LLM_USER_PATH", str(tmp_path / "llm"))
-    return home
+    monkeypatch.delenv("OMNI_SHIM", raising=False)
+    monkeypatch.setenv("OMNI_SHIM_ARGS", "--host 127.0.0.1 --port 0 --no-mdns --max-memory 1GiB")
+    yield home
+    from llm_omninode.client import local_shim
+
+    found = local_shim(home)
+    if found is not None:
+        os.kill(found[2], signal.SIGTERM)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llm_omninode.net.admission import create_cluster_secret
+from llm_omninode.net.identity import load_or_create_identity
 
 SHIM = [sys.executable, "-m", "omninode_shim"]
 LLM = [sys.executable, "-m", "llm"]
@@ -36,6 +37,7 @@ class ShimCluster:
         for d in self.dirs:
             d.mkdir(parents=True, exist_ok=True)
         self.secret = create_cluster_secret(self.dirs[0])
+        self.node_ids = [load_or_create_identity(d).node_id for d in self.dirs]
 
     def host(self, i: int) -> str:
         return self.topology.addresses[i] if self.topology else "127.0.0.1"
@@ -47,8 +49,8 @@ class ShimCluster:
             LLM_USER_PATH=str(self.root / f"llm{i}"),
             OMNI_SHIM=f"{self.host(i)}:{self.ports[i]}",
             PYTHONUNBUFFERED="1",
-            **extra,
         )
+        env.update(extra)
         return env
 
     def _argv(self, i: int, peers: Sequence[str]) -> list[str]:

@@ -55,11 +55,15 @@ def test_add_models_inspect_tokenize(cli, tiny, omni_home):
     assert "omni/tiny" in cli("models").output
 
 
-def test_generate_stream_and_no_stream_agree(cli, tiny):
+def test_generate_stream_and_no_stream_agree(cli, tiny, omni_home):
+    """The first prompt starts a local shim in the background (and says so on stderr)."""
     cli("omni", "add", str(tiny), "--alias", "tiny")
     args = ["-m", "omni/tiny", "hello", "-o", "temperature", "0", "-o", "max_tokens", "8"]
-    streamed = cli("prompt", *args).output
-    whole = cli("prompt", *args, "--no-stream").output
+    first = cli("prompt", *args)
+    assert "started a local shim" in first.stderr
+    assert json.loads((omni_home / "shim.json").read_text())["port"] > 0
+    streamed = first.stdout
+    whole = cli("prompt", *args, "--no-stream").stdout
     assert streamed == whole and streamed.strip()
     logged = json.loads(cli("logs", "--json", "-n", "1").output)[0]
     assert logged["input_tokens"] > 0 and 0 < logged["output_tokens"] <= 8
@@ -68,7 +72,7 @@ def test_generate_stream_and_no_stream_agree(cli, tiny):
 def test_seed_repeats_and_conversation_continues(cli, tiny):
     cli("omni", "add", str(tiny), "--alias", "tiny")
     args = ["-m", "omni/tiny", "hi", "-o", "seed", "7", "-o", "max_tokens", "6"]
-    assert cli(*args).output == cli(*args).output
+    assert cli(*args).stdout == cli(*args).stdout
     cli("-c", "and then?", "-o", "max_tokens", "4", "-s", "be brief")
     logged = json.loads(cli("logs", "--json", "-n", "1").output)[0]
     # the second turn's prompt carries the first exchange

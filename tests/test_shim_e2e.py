@@ -8,11 +8,14 @@ token (float16 at stage boundaries is what the single-stage split-invariance tes
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from netns import Topology, netns_available
-from shim_cluster import ShimCluster
+from shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.backend.runtime import LocalModel
@@ -91,3 +94,58 @@ def test_three_shims_in_network_namespaces(tmp_path, smollm2_path, reference):
         pytest.skip(f"no network namespaces here ({reason}); the loopback test covers the rest")
     with Topology(3) as topo, ShimCluster(tmp_path, 3, topology=topo) as cluster:
         run_cluster(cluster, smollm2_path, reference, 3)
+
+
+def test_corrupt_copies_are_detected_and_fetched_elsewhere(tmp_path, smollm2_path, reference):
+    """node1 holds a copy of every shard with one byte flipped and coordinates; node2 starts
+    empty and asks node1 first. Both notice (BLAKE3 against the CID) and get the shards from
+    node0, and the answer is still the single-stage engine's."""
+    with ShimCluster(tmp_path, 3) as cluster:
+        good = ModelRegistry(cluster.dirs[0])
+        record = good.add_file(smollm2_path, alias="smollm2")
+        bad = ModelRegistry(cluster.dirs[1])
+        manifest = good.store.get_manifest(record.model_id)
+        bad.store.put_manifest(manifest)
+        bad.set_alias("smollm2", record.model_id)
+        for shard in manifest.shards:
+            path = bad.store.put_bytes(shard.cid, bytes(good.store.open(shard.cid)))
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+        cluster.start_all()
+        cluster.wait_for_peers(3, i=1)
+        content, want = next(iter(reference.items()))
+        assert ask(cluster, content, i=1) == want
+        assert "was corrupt here" in cluster.log(1)
+        assert "do not match the CID" in cluster.log(2)
+        assert cluster.node_ids[1] in cluster.log(2)  # the peer that served them is named
+
+
+def test_node_lost_mid_generation_gives_an_error_then_the_rest_serve(
+    tmp_path, smollm2_path, reference
+):
+    """Kill the node holding stage 0 while it generates: the client hears why (no hang), and
+    the survivor re-plans without it and answers the next prompt."""
+    with ShimCluster(tmp_path, 2) as cluster:
+        ModelRegistry(cluster.dirs[0]).add_file(smollm2_path, alias="smollm2")
+        cluster.start_all()
+        cluster.wait_for_peers(2)
+        content, want = next(iter(reference.items()))
+        assert ask(cluster, content) == want
+        argv = [*LLM, "-m", "omni/smollm2", "Tell me a long story.", "-o", "max_tokens", "500",
+                "--no-log"]  # fmt: skip
+        client = subprocess.Popen(argv, env=cluster.env(0), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while cluster.log(0).count("prefill of") < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            cluster.stop(1, signal.SIGKILL)
+            _, err = client.communicate(timeout=180)
+        finally:
+            client.kill()
+        assert client.returncode != 0 and "generation failed" in err, err
+        assert "silent for" in cluster.log(0)
+        assert ask(cluster, content) == want  # node0 alone now
+        status = json.loads(cluster.llm("omni", "status", "--json"))
+        assert [(s["start"], s["end"]) for s in status["plans"][0]["stages"]] == [(0, 30)]

@@ -161,6 +161,8 @@ def test_partial_with_bad_bytes_never_lands(tmp_path):
     store.discard_partial(cid)
     store.discard_partial(cid)  # idempotent
     assert store.partial_size(cid) == 0
+    with pytest.raises(StoreError, match="no partial"):
+        store.commit_partial(cid, len(data))
     empty = cid_of(b"")
     assert store.commit_partial(empty, 0).read_bytes() == b"" and store.size(empty) == 0
 

@@ -511,3 +511,51 @@ def test_many_shards_from_two_peers_at_once(tmp_path):
         assert mine.read(cid) == data
         dones = [done for c, done, _ in seen if c == cid]
         assert dones == sorted(dones) and dones[-1] == len(data)
+
+
+def test_partial_left_by_an_earlier_run(tmp_path):
+    """A complete partial is committed without a connection; a complete but bad one is
+    discarded and fetched afresh from the first source, which is not blamed for it."""
+    cid, data = random_shard(MiB + 3)
+    served = store_with(tmp_path / "a", data)
+    mine = ShardStore(tmp_path / "b")
+
+    async def main():
+        dialer = Dialer()
+        async with node(serving(served)) as server:
+            try:
+                mine.append_partial(cid, 0, data)
+                assert await fetch_shard(cid, len(data), [dialer.source(server)], mine)
+                assert dialer.dials == {} and mine.read(cid) == data
+                mine.remove(cid)
+                mine.append_partial(cid, 0, b"\0" * len(data))
+                got = await fetch_shard(cid, len(data), [dialer.source(server)], mine)
+                assert got == server.node_id and dialer.dials == {server.node_id: 1}
+            finally:
+                await dialer.close()
+
+    arun(main())
+    assert mine.read(cid) == data
+
+
+def test_many_shards_report_each_failure_and_keep_the_rest(tmp_path):
+    cid, data = random_shard(300_000)
+    missing, _ = random_shard(10)
+    served = store_with(tmp_path / "a", data)
+    mine = ShardStore(tmp_path / "mine")
+
+    async def main():
+        dialer = Dialer()
+        async with node(serving(served)) as server:
+            try:
+                source = dialer.source(server)
+                with pytest.raises(TransferError, match="1 of 2 shards failed") as failed:
+                    await fetch_shards([(cid, len(data)), (missing, 10)], lambda c: [source], mine)
+                assert list(failed.value.failures) == [missing]
+                with pytest.raises(ValueError, match="two sizes"):
+                    await fetch_shards([(cid, 1), (cid, 2)], lambda c: [source], mine)
+            finally:
+                await dialer.close()
+
+    arun(main())
+    assert mine.read(cid) == data and not mine.has(missing)

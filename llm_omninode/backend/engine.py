@@ -22,12 +22,14 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import blas
+from .blas import HostWeight
 from .ggml_types import GGMLType
 from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
 from .quant import (
@@ -110,26 +112,38 @@ class Linear:
     def __init__(
         self, weight: Weight, bias: mx.array | None = None, act: GGMLType | None = None
     ) -> None:
-        self.weight = weight
+        self.weight: Weight | HostWeight = weight
         self.bias = bias
         self.act = act
 
     def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight
         offsets = None
-        if self.act == GGMLType.Q8_1 and isinstance(self.weight, QuantizedWeight):
+        if self.act == GGMLType.Q8_1 and getattr(w, "biases", None) is not None:
             x, offsets = q8_1_activations(x)
         elif self.act is not None:
             x = round_activations(x, self.act)
-        if isinstance(self.weight, QuantizedWeight):
+        if isinstance(w, HostWeight):
+            y = w.matmul_t(x)
+        elif isinstance(w, QuantizedWeight):
             if x.shape[-2] >= DENSE_PREFILL_MIN and dense_prefill_wins():
-                y = x @ self.weight.dequantize().T
+                y = x @ w.dequantize().T
             else:
-                y = self.weight.matmul_t(x)
+                y = w.matmul_t(x)
         else:
-            y = x @ self.weight.T
+            y = x @ w.T
         if offsets is not None:  # see q8_1_activations; biases are Q4_1's per-block m
-            y = y + offsets @ self.weight.biases.T
+            y = y + offsets @ w.biases.T  # type: ignore[union-attr]
         return y if self.bias is None else y + self.bias
+
+    def to_host(self) -> None:
+        """Move the weight to NumPy's BLAS as dense float32 (see blas.py)."""
+        w = self.weight
+        if isinstance(w, QuantizedWeight):
+            keep = w.biases if self.act == GGMLType.Q8_1 else None
+            self.weight = HostWeight.from_dense(w.dequantize(), keep)
+        elif isinstance(w, mx.array):
+            self.weight = HostWeight.from_dense(w)
 
     @classmethod
     def fused(cls, parts: list[Linear]) -> Linear | None:
@@ -394,7 +408,11 @@ class Stage:
                 self.output = w.linear("output.weight", (d, spec.vocab_size))
         if not self.is_first:
             self.embedding = None  # only the tied head holds on to it
-        mx.eval(self._parameters())
+        mx.eval([a for a in self._parameters() if isinstance(a, mx.array)])
+        self.host_blas = blas.wanted(sum(4 * r * c for r, c in self._linear_shapes()))
+        if self.host_blas:
+            for linear in self._linears():
+                linear.to_host()
         self._caches = SequenceCaches(
             max_sequences,
             n_layers=end - start,
@@ -405,22 +423,35 @@ class Stage:
         )
         self._lock = threading.Lock()
 
-    def _parameters(self) -> list[mx.array]:
-        out: list[mx.array] = []
+    def _walk(self) -> Iterator[object]:
+        def walk(obj: object) -> Iterator[object]:
+            yield obj
+            if isinstance(obj, list | tuple):
+                for o in obj:
+                    yield from walk(o)
+            elif isinstance(obj, Linear | Attention | MLP | Block):
+                for v in vars(obj).values():
+                    yield from walk(v)
 
-        def walk(obj: object) -> None:
+        return walk([self.embedding, self.blocks, self.output_norm, self.output])
+
+    def _linears(self) -> list[Linear]:
+        return [o for o in self._walk() if isinstance(o, Linear)]
+
+    def _linear_shapes(self) -> list[tuple[int, int]]:
+        return [linear.weight.shape for linear in self._linears()]
+
+    def _parameters(self) -> list[mx.array | np.ndarray]:
+        out: list[mx.array | np.ndarray] = []
+        for obj in self._walk():
             if isinstance(obj, mx.array):
                 out.append(obj)
             elif isinstance(obj, QuantizedWeight):
                 out.extend([obj.weight, obj.scales, obj.biases])
-            elif isinstance(obj, list | tuple):
-                for o in obj:
-                    walk(o)
-            elif isinstance(obj, Linear | Attention | MLP | Block):
-                for v in vars(obj).values():
-                    walk(v)
-
-        walk([self.embedding, self.blocks, self.output_norm, self.output])
+            elif isinstance(obj, HostWeight):
+                out.append(obj.wt)
+                if obj.biases is not None:
+                    out.append(obj.biases)
         return out
 
     @property

@@ -186,7 +186,11 @@ class ShardStore:
         path = self._shard_path(cid)
         if size == 0:
             partial.touch()  # nothing was appended; the empty shard has a CID too
-        with open(partial, "rb") as f:
+        try:
+            f = open(partial, "rb")  # noqa: SIM115 (closed by the with below)
+        except FileNotFoundError:
+            raise StoreError(f"shard {cid}: no partial to commit") from None
+        with f:
             have = os.fstat(f.fileno()).st_size
             if have != size:
                 if have > size:

@@ -422,8 +422,12 @@ class ServerProtocol(OmniProtocol):
                 reply = await self.handler(self.peer_id, first, stream)
             except FrameError as exc:
                 reply = error_frame(ErrorCode.BAD_FRAME, str(exc), first.id)
-            except ConnectionClosed:
-                return
+            except ConnectionClosed as exc:
+                if self.close_code is not None:
+                    return  # ours went away: nobody is left to answer
+                # another connection the handler used (a peer further down a pipeline) broke:
+                # this peer is still here and must hear why, not wait forever
+                reply = error_frame(ErrorCode.INTERNAL, f"a connection broke: {exc}", first.id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a handler bug must not take the connection down

@@ -43,7 +43,12 @@ from .streams import ConnectionClosed, FrameStream, NetError, PeerRefused, Remot
 
 log = logging.getLogger(__name__)
 
-MAX_WINDOW = MAX_SHARD_WINDOW  # bytes asked for in one SHARD_READ
+MAX_WINDOW = MAX_SHARD_WINDOW  # the most bytes one SHARD_READ may ask for
+# What fetch_shard asks for per SHARD_READ. Smaller than MAX_WINDOW on purpose: the server
+# queues a whole window in aioquic's send buffer, which copies that buffer on every append,
+# so 64 MiB windows cost the server ~20-30% more CPU than 8 MiB ones (bench/transfer.py) and
+# hold 64 MiB per request; the extra round trip per 8 MiB is lost in the noise.
+WINDOW = 8 * 1024 * 1024
 CHUNK = 1 * 1024 * 1024  # bytes per SHARD_DATA frame inside a window
 FRAME_TIMEOUT = 30.0  # seconds to wait for each frame of a window before reconnecting
 _CID_RE = re.compile(r"^b[a-z2-7]{1,127}$")  # the wire's CID shape; the sink checks the rest
@@ -175,7 +180,7 @@ async def fetch_shard(
     sink: ShardSink,
     *,
     progress: Progress | None = None,
-    window: int = MAX_WINDOW,
+    window: int = WINDOW,
     retries: int = 3,
     timeout: float = FRAME_TIMEOUT,
 ) -> str:
@@ -186,7 +191,8 @@ async def fetch_shard(
     lacks the shard, breaks the protocol or is refused is left for the next one. The complete
     partial is committed (hashed against the CID); bytes that do not match are discarded, the
     peers that served them logged, and the shard fetched again from the next source.
-    TransferError (with every source's reason) when no source delivers.
+    TransferError (with every source's reason) when no source delivers. A partial that an
+    earlier run completed is committed without a connection (credited to the first source).
     """
     if not isinstance(cid, str) or not _CID_RE.match(cid):
         raise ValueError(f"not a CID: {cid!r:.80}")
@@ -195,6 +201,7 @@ async def fetch_shard(
     if not 0 < window <= MAX_WINDOW:
         raise ValueError(f"window must be in 1..{MAX_WINDOW}")
     job = _Job(cid, size, sink, progress, window, timeout)
+    job.report(min(sink.partial_size(cid), size))
     failures: dict[str, str] = {}
     for source in sources:
         reason = await _fetch_from(job, source, retries)
@@ -208,13 +215,24 @@ async def fetch_shard(
 async def _fetch_from(job: _Job, source: ShardSource, retries: int) -> str | None:
     """Fetch (the rest of) the shard from one source and commit it; None on success, else
     why this source failed."""
-    failures_in_a_row = 0
     while True:
-        have = _start_offset(job)
+        reason = await _download(job, source, retries)
+        if reason is not None:
+            return reason
+        left_by_earlier_run = not job.served_by and job.sink.partial_size(job.cid) > 0
+        reason = await _commit(job)
+        if reason is None or not left_by_earlier_run:
+            return reason
+        # bad bytes from an earlier run, none from this source: now fetch them all from it
+
+
+async def _download(job: _Job, source: ShardSource, retries: int) -> str | None:
+    """Bring the partial up to the full size from ``source``; None when done, else why not."""
+    failures_in_a_row = 0
+    while (have := _start_offset(job)) < job.size:
         try:
             conn = await _connect(source)
             await _pull(job, conn, source.node_id)
-            break
         except (_PeerFault, FrameError) as exc:
             log.warning("shard %s: peer %s misbehaved: %s", job.cid, source.node_id, exc)
             return f"protocol violation: {exc}"
@@ -229,10 +247,15 @@ async def _fetch_from(job: _Job, source: ShardSource, retries: int) -> str | Non
                 return f"gave up after {retries} retries: {exc}"
             log.info("shard %s from %s interrupted (%s); resuming", job.cid, source.node_id, exc)
             await asyncio.sleep(min(1.0, 0.05 * 2**failures_in_a_row))
+    return None
+
+
+async def _commit(job: _Job) -> str | None:
+    """Hash the complete partial against the CID and name it; None, or why it was refused."""
     try:  # hashing (and fsync) of a large shard: off the event loop
         await asyncio.to_thread(job.sink.commit_partial, job.cid, job.size)
     except OSError:
-        raise  # our disk, not the peer's fault
+        raise  # our disk, not a peer's fault
     except Exception as exc:
         served = ", ".join(dict.fromkeys(job.served_by)) or "an earlier run"
         log.warning(
@@ -311,8 +334,9 @@ def _check_data(job: _Job, frame: Frame, request_id: int, expected: int, end: in
         raise _PeerFault(f"SHARD_DATA for request {header.get('id')}, not {request_id}")
     if header.get("cid") != job.cid:
         raise _PeerFault(f"SHARD_DATA of {header.get('cid')}, not {job.cid}")
-    if header.get("size") != job.size:
-        raise _PeerFault(f"peer says the shard has {header.get('size')!r} bytes, not {job.size}")
+    claimed = header.get("size")
+    if type(claimed) is not int or claimed != job.size:  # type check: True == 1
+        raise _PeerFault(f"peer says the shard has {claimed!r:.40} bytes, not {job.size}")
     if header.get("offset") != expected:
         raise _PeerFault(f"SHARD_DATA at offset {header.get('offset')}, expected {expected}")
     if expected + len(frame.payload) > end:
@@ -331,7 +355,7 @@ async def fetch_shards(
     *,
     concurrency: int = 4,
     progress: Progress | None = None,
-    window: int = MAX_WINDOW,
+    window: int = WINDOW,
     retries: int = 3,
     timeout: float = FRAME_TIMEOUT,
 ) -> dict[str, str]:
@@ -388,6 +412,7 @@ async def fetch_shards(
 __all__ = [
     "CHUNK",
     "MAX_WINDOW",
+    "WINDOW",
     "ShardReader",
     "ShardSink",
     "ShardSource",
