@@ -6,6 +6,10 @@ Prefill: one forward of a ~128-token prompt (fresh sequence each run), tokens pe
 Decode: 128 greedy tokens one at a time after that prompt, tokens per second. Each figure is
 the median over --runs runs, after one warm-up run that is not counted.
 
+On a Linux CPU the stage computes on NumPy's OpenBLAS by default (llm_omninode/backend/blas.py
+and host_step.py); OMNI_BLAS=mlx measures MLX's own kernels instead, OMNI_DECODE_THREADS=0
+decodes on all BLAS threads (faster on an idle machine, much slower on a busy one).
+
 llama.cpp is measured the same way when the ``llama_cpp`` module can be imported (it is never
 a dependency; --llama-python names another interpreter that has it). Otherwise the ratios use
 llama.cpp's figures measured for SmolLM2-135M Q4_1 on the project's reference machine
@@ -102,6 +106,21 @@ def _mlx_linked_blas() -> str:
     except OSError:
         pass
     return "linked by mlx (Accelerate on macOS)"
+
+
+def compute_path(stage: Any) -> str:
+    """Where the stage computes: MLX kernels, or NumPy's BLAS (llm_omninode.backend.blas)."""
+    if not getattr(stage, "host_blas", False):
+        return "MLX (quantized matmuls; OMNI_BLAS=mlx or not a Linux CPU)"
+    import numpy as np
+
+    try:
+        blas_cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        lib = f"{blas_cfg['name']} {blas_cfg.get('version', '')}".strip()
+    except (KeyError, TypeError):
+        lib = "NumPy's BLAS"
+    steps = "NumPy steps" if getattr(stage, "host_step", False) else "MLX ops"
+    return f"dense float32 projections on {lib} (via NumPy), {steps}"
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -273,7 +292,7 @@ def report(omni: dict[str, Any], ref: dict[str, Any], meta: dict[str, Any]) -> d
     }
     rows = [
         ("", "prefill tok/s", "decode tok/s"),
-        ("OmniNode (MLX)", f"{omni['prefill_tok_s']:.1f}", f"{omni['decode_tok_s']:.1f}"),
+        ("OmniNode", f"{omni['prefill_tok_s']:.1f}", f"{omni['decode_tok_s']:.1f}"),
         ("llama.cpp", f"{ref['prefill_tok_s']:.1f}", f"{ref['decode_tok_s']:.1f}"),
         ("ratio", f"{ratios['prefill']:.2f}x", f"{ratios['decode']:.2f}x"),
     ]
@@ -301,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--blas",
         default="default",
-        help="default: whatever the project sets up; auto: load the first system BLIS/OpenBLAS "
-        "found before mlx; bundled: touch nothing; or a path to a libblas with cblas_sgemm",
+        help="what MLX's own cblas_sgemm binds to (used only with OMNI_BLAS=mlx, see "
+        "llm_omninode/backend/blas.py). default/bundled: the wheel's; auto: the first system "
+        "BLIS/OpenBLAS found, loaded before mlx; or a path to a libblas with cblas_sgemm",
     )
     ap.add_argument("--llama-python", help="interpreter that has llama_cpp (optional)")
     ap.add_argument("--no-llama", action="store_true", help="use the reference figures")
@@ -333,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": label,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "mlx": f"{mx.__version__} on {mx.default_device()}",
-        "blas": blas_in_use() + (f" (preloaded by --blas {args.blas})" if preloaded else ""),
+        "path": compute_path(stage),
+        "mlx_blas": blas_in_use() + (f" (preloaded by --blas {args.blas})" if preloaded else ""),
         "load_s": round(load_s, 2),
         "stage_weights_mb": round(getattr(stage, "nbytes", 0) / 1e6, 1),
         "prompt_tokens": len(ids),
@@ -346,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ref = llama_cpp_figures(gguf_path, ids, args.decode_tokens, args.runs, args.llama_python)
     result = report(omni, ref, meta)
-    if "mlx-cpu" in meta["blas"]:
+    if "mlx-cpu" in meta["mlx_blas"] and not getattr(stage, "host_blas", False):
         print(
-            "  note: MLX is on the reference BLAS bundled with mlx-cpu (slow sgemm); try "
-            "--blas auto after `apt-get install libblis4-pthread`"
+            "  note: the projections run on the reference BLAS bundled with mlx-cpu (slow); "
+            "the default (OMNI_BLAS unset) moves them to NumPy's OpenBLAS"
         )
     print(json.dumps(result))
     return 0

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+LOG_LEVEL = os.environ.get("OMNI_BENCH_LOG", "warning")  # the shims' logs, in the temp dir
 PROMPT = (
     "Write a detailed, friendly explanation of how a bicycle works: the frame, the wheels, the "
     "chain and gears, the brakes, and how the rider balances. Then give three tips for riding "
@@ -57,7 +58,7 @@ class Cluster:
         for i, d in enumerate(self.dirs):
             argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(d), "--host",
                     "127.0.0.1", "--port", "0", "--no-mdns", "--name", f"node{i}",
-                    "--max-memory", "2GiB", "--log-level", os.environ.get("OMNI_BENCH_LOG", "warning")]  # fmt: skip
+                    "--max-memory", "2GiB", "--log-level", LOG_LEVEL]  # fmt: skip
             if i:
                 argv += ["--join", secret]
             for p in ports:

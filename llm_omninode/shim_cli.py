@@ -10,13 +10,7 @@ import time
 
 import click
 
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from .cli import _human_bytes
 
 
 def _ask(method: str) -> dict:
@@ -74,7 +68,7 @@ def register(omni: click.Group) -> None:
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
-        table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "MEMORY", "LAYERS", "RTT"]]
+        table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "MEMORY", "RSS", "LAYERS", "RTT"]]
         for r in rows:
             rtt = r.get("rtt_ms")
             table.append([
@@ -83,6 +77,7 @@ def register(omni: click.Group) -> None:
                 str(r.get("address", "")),
                 str(r.get("device", "")) or "?",
                 _human_bytes(r.get("memory_budget") or 0),
+                _human_bytes(r["rss"]) if isinstance(r.get("rss"), int) else "-",
                 _layers(r.get("stages", [])),
                 "-" if rtt is None else f"{rtt:.2f} ms",
             ])  # fmt: skip

@@ -59,6 +59,18 @@ def physical_memory() -> int:
         return 8 << 30
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (Linux: now; elsewhere: its peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if platform.system() == "Darwin" else peak * 1024
+
+
 def device_name() -> str:
     import mlx.core as mx
 
@@ -165,6 +177,7 @@ class Node:
             port=self.port,
             stages=[h.row() for h in self.host.stages()],
             memory_used=self.host.used_bytes(),
+            rss=resident_bytes(),
         )
 
     def self_row(self) -> dict[str, Any]:
@@ -175,6 +188,7 @@ class Node:
             "device": self.device,
             "memory_budget": self.memory_budget,
             "stages": [h.row() for h in self.host.stages()],
+            "rss": resident_bytes(),
             "rtt_ms": 0.0,
             "source": "self",
         }

@@ -62,6 +62,7 @@ class Peer:
             "device": self.info.get("device", ""),
             "memory_budget": self.memory_budget,
             "stages": self.info.get("stages", []),
+            "rss": self.info.get("rss") if type(self.info.get("rss")) is int else None,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "source": self.source,
         }

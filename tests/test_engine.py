@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llm_omninode.backend import engine, quant
+from llm_omninode.backend import engine, linear, quant
 from llm_omninode.backend.engine import (
     ContextOverflowError,
     SequenceLimitError,
@@ -184,10 +184,19 @@ PROMPT = [1, 40, 70, 200, 7, 7, 99, 250, 3, 12, 150]
     ],
     ids=["q4_1-tied", "q4_0", "q8_0-f16emb", "f16-mha", "f32-mqa"],
 )
-def test_matches_numpy_reference(tmp_path: Path, kw: dict[str, object]) -> None:
-    """Without llama.cpp's roundings the stage computes the model exactly (float32)."""
+@pytest.mark.parametrize("blas", ["numpy", "mlx"])
+def test_matches_numpy_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kw: dict[str, object], blas: str
+) -> None:
+    """Without llama.cpp's roundings the stage computes the model exactly (float32).
+
+    Both on NumPy's BLAS with NumPy steps (the Linux CPU default, blas.py / host_step.py) and
+    on MLX's own kernels (macOS, or OMNI_BLAS=mlx).
+    """
+    monkeypatch.setenv("OMNI_BLAS", blas)
     model = Model(write_tiny_llama(tmp_path / "m.gguf", n_blocks=3, seed=5, **kw))
     (stage,) = model.stages([0, 3], kv_dtype=mx.float32, ggml_numerics=False)
+    assert stage.host_step == (blas == "numpy")
     ids = list(PROMPT)
     logits = stage.forward("s", np.array(ids[:-3], np.int32))
     np.testing.assert_allclose(logits, reference_logits(model, ids[:-3]), atol=2e-4, rtol=1e-4)
@@ -269,12 +278,12 @@ def test_q4_1_linear_is_ggml_dot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dense: bool
 ) -> None:
     """A Q4_1 Linear computes ggml's d_w*d_x*sum(q_w*q_x) + m_w*s on Q8_1 activations."""
-    monkeypatch.setattr(engine, "DENSE_PREFILL_MIN", 1)
-    monkeypatch.setattr(engine, "dense_prefill_wins", lambda: dense)
+    monkeypatch.setattr(linear, "DENSE_PREFILL_MIN", 1)
+    monkeypatch.setattr(linear, "dense_prefill_wins", lambda: dense)
     model = Model(write_tiny_llama(tmp_path / "m.gguf", n_blocks=1, seed=2))
     name = "blk.0.ffn_down.weight"
     t = model.tensors[name]
-    linear = engine._Loader(model.tensors, mx.float32, True).linear(name, t.shape)
+    layer = engine._Loader(model.tensors, mx.float32, True).linear(name, t.shape)
     x = (np.random.default_rng(5).standard_normal((4, t.shape[0])) * 2).astype(np.float32)
     blocks = np.asarray(t.data).reshape(t.shape[1], -1, 20)  # d, m (f16), 16 bytes of nibbles
     d_w, m_w = (blocks[..., a : a + 2].copy().view(np.float16)[..., 0] for a in (0, 2))
@@ -285,13 +294,16 @@ def test_q4_1_linear_is_ggml_dot(
     d_x = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
     s = (amax / np.float32(127) * q_x.sum(-1)).astype(np.float16).astype(np.float64)
     want = np.einsum("tbk,obk,ob,tb->to", q_x, q_w.astype(np.float64), d_w, d_x) + s @ m_w.T
-    np.testing.assert_allclose(np.array(linear(mx.array(x))), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(layer(mx.array(x))), want, rtol=1e-5, atol=1e-5)
+    layer.to_host()  # the same on NumPy's BLAS (blas.py), with Q4_1's offsets kept
+    np.testing.assert_allclose(np.array(layer(mx.array(x))), want, rtol=1e-5, atol=1e-5)
 
 
 def test_dense_prefill_path(tiny: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dequantize + dense matmul route for long prompts computes the same thing."""
-    monkeypatch.setattr(engine, "DENSE_PREFILL_MIN", 4)
-    monkeypatch.setattr(engine, "dense_prefill_wins", lambda: True)
+    monkeypatch.setenv("OMNI_BLAS", "mlx")  # MLX's own matmuls, not the host BLAS
+    monkeypatch.setattr(linear, "DENSE_PREFILL_MIN", 4)
+    monkeypatch.setattr(linear, "dense_prefill_wins", lambda: True)
     (stage,) = tiny.stages([0, 4], kv_dtype=mx.float32, ggml_numerics=False)
     logits = stage.forward("s", np.array(PROMPT, np.int32))
     np.testing.assert_allclose(logits, reference_logits(tiny, PROMPT), atol=2e-4)

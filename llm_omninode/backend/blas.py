@@ -3,9 +3,11 @@
 The mlx-cpu wheel links the reference BLAS (~2 GFLOP/s sgemm on a 2-core x86-64) and its CPU
 quantized matmul is a scalar loop (~1 ms for a 1536x576 4-bit matvec), so a Linux CPU stage
 spends nearly all its time in those two. NumPy's wheels bundle a runtime-dispatched OpenBLAS
-(~120 GFLOP/s sgemm there, sgemv at memory bandwidth); it cannot be swapped in under MLX (its
-symbols are renamed and 64-bit-int), so instead each projection's weight is dequantized once
-into a float32 NumPy matrix and the matmul runs in NumPy; everything else stays in MLX.
+(~120 GFLOP/s sgemm there, sgemv at memory bandwidth). It cannot be swapped in under MLX (its
+symbols are renamed and 64-bit-int), nor can PyPI's cmeel-openblas (0.3.31 is built for
+SKYLAKEX only: AVX-512, SIGILL on an AVX2 CPU; it also needs the system's libgfortran.so.5).
+So each projection's weight is dequantized once into a float32 NumPy matrix and the matmul
+runs in NumPy; with float32 compute the rest of a block runs there too (host_step.py).
 
 It costs memory: float32 is ~7x a Q4 weight (SmolLM2-135M: ~540 MB instead of ~80 MB), so it
 is used only while the stage's dense weights fit in ``dense_budget()``. Not used on macOS
@@ -16,16 +18,27 @@ budget.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-# Without OMNI_DENSE_MAX_MB, a stage may hold this share of physical memory as dense weights.
-DEFAULT_BUDGET_SHARE = 0.25
+# Without OMNI_DENSE_MAX_MB a stage keeps dense weights only up to min(1 GiB, RAM / 8): the
+# shim budgets a stage by its GGUF bytes, so the dense copy must stay a bounded surprise.
+DEFAULT_BUDGET = 1 << 30
+DEFAULT_BUDGET_SHARE = 1 / 8
+# Below this many rows a matmul is a (memory-bound) matvec, run on DECODE_THREADS OpenBLAS
+# threads (0: all). On an idle 2-core machine all threads reach ~36 tok/s decode for SmolLM2
+# against ~28 on one, but with one other busy process they drop to ~12 (OpenBLAS's threads
+# wait on each other for a core at every call) while one thread keeps ~28: so one by default,
+# OMNI_DECODE_THREADS=0 for a machine known to be idle. Prompts use all threads.
+THREADED_MIN_ROWS = 16
+DECODE_THREADS = int(os.environ.get("OMNI_DECODE_THREADS", "1"))
 
 
 @dataclass(frozen=True)
@@ -53,9 +66,14 @@ class HostWeight:
         """``x @ W.T`` in NumPy's BLAS (this evaluates ``x``), back as an MLX array."""
         dt = x.dtype
         h = np.asarray(x if dt == mx.float32 else x.astype(mx.float32))
-        y = h.reshape(-1, h.shape[-1]) @ self.wt
+        y = self.matmul_np(h.reshape(-1, h.shape[-1]))
         out = mx.array(y.reshape(*h.shape[:-1], y.shape[-1]))
         return out if dt == mx.float32 else out.astype(dt)
+
+    def matmul_np(self, h: np.ndarray) -> np.ndarray:
+        """``h @ W.T`` for float32 rows ``h`` (T, cols)."""
+        set_threads(0 if h.shape[0] >= THREADED_MIN_ROWS else DECODE_THREADS)
+        return h @ self.wt
 
 
 def wanted(dense_bytes: int) -> bool:
@@ -83,4 +101,44 @@ def dense_budget() -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 0
-    return int(total * DEFAULT_BUDGET_SHARE)
+    return min(DEFAULT_BUDGET, int(total * DEFAULT_BUDGET_SHARE))
+
+
+# ---- NumPy's OpenBLAS thread count -----------------------------------------------------------
+_threads = {"now": -1}
+
+
+def set_threads(n: int) -> None:
+    """Run NumPy's BLAS on ``n`` threads (0: its default), if it is an OpenBLAS we can reach."""
+    if n == _threads["now"]:
+        return
+    control = _openblas_threads()
+    if control is not None:
+        setter, default = control
+        setter(default if n == 0 else n)
+    _threads["now"] = n
+
+
+@functools.cache
+def _openblas_threads() -> tuple[Callable[[int], None], int] | None:
+    """(set_num_threads, default count) of the OpenBLAS NumPy loaded, found in our own maps."""
+    names = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+             "scipy_openblas_set_num_threads", "openblas_set_num_threads")  # fmt: skip
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by NumPy: this only finds its handle
+        except OSError:
+            continue
+        for name in names:
+            setter = getattr(lib, name, None)
+            getter = getattr(lib, name.replace("set_", "get_"), None)
+            if setter is not None and getter is not None:
+                setter.argtypes = [ctypes.c_int]
+                getter.restype = ctypes.c_int
+                return setter, max(1, getter())
+    return None

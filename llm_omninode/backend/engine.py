@@ -18,75 +18,35 @@ summation order (and its exp) would track llama.cpp's near-tied greedy choices.
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
-import time
 from collections.abc import Iterator, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import blas
+from . import blas, host_step
 from .blas import HostWeight
 from .ggml_types import GGMLType
-from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
-from .quant import (
-    VEC_DOT_TYPE,
-    QuantizedWeight,
-    TensorData,
-    Weight,
-    load_tensor,
-    q8_1_activations,
-    round_activations,
-)
+from .kv_cache import HOST_DTYPES, ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
+from .linear import DENSE_PREFILL_MIN, Linear, dense_prefill_wins
+from .quant import VEC_DOT_TYPE, QuantizedWeight, TensorData, Weight, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
 
 __all__ = [
+    "DENSE_PREFILL_MIN",
     "ContextOverflowError",
+    "Linear",
     "SequenceLimitError",
     "Stage",
     "TensorData",
+    "dense_prefill_wins",
 ]
 
 MAX_SEQ_ID_LEN = 256
 # Long prompts are run through the blocks in chunks so attention scores stay bounded
 # (T x T per head); the result is the same as one pass, the caller still makes one call.
 PREFILL_CHUNK = 512
-# From this many positions on, a prefill may dequantize each weight and use a dense matmul
-# (BLAS sgemm), when that is faster here than MLX's quantized matmul (see dense_prefill_wins).
-DENSE_PREFILL_MIN = 16
-
-
-@functools.cache
-def dense_prefill_wins() -> bool:
-    """Whether dequantize + dense matmul beats quantized_matmul for a batch of positions.
-
-    MLX's CPU quantized matmul does not batch well, while its dense matmul goes to whatever
-    BLAS the process loaded: with OpenBLAS that is ~8x faster for a prompt, with the reference
-    BLAS bundled in the wheel it is slower. So measure once (~0.1 s) instead of guessing.
-    OMNI_DENSE_PREFILL=1/0 forces the choice.
-    """
-    forced = os.environ.get("OMNI_DENSE_PREFILL")
-    if forced in ("0", "1"):
-        return forced == "1"
-    w = mx.random.normal((1024, 1024), key=mx.random.key(0))
-    q, s, b = mx.quantize(w, group_size=32, bits=4)
-    x = mx.random.normal((64, 1024), key=mx.random.key(1))
-    mx.eval(q, s, b, x)
-
-    def best(f: object) -> float:
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            mx.eval(f())  # type: ignore[operator]
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    quantized = best(lambda: mx.quantized_matmul(x, q, s, b, group_size=32, bits=4))
-    dense = best(lambda: x @ mx.dequantize(q, s, b, group_size=32, bits=4).T)
-    return dense < 0.7 * quantized
 
 
 def rms_norm_ggml(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -100,80 +60,6 @@ def rms_norm_ggml(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     ss = (x * x).astype(mx.float64).sum(axis=-1, keepdims=True)
     mean = (ss / x.shape[-1]).astype(x.dtype)
     return (x * (1.0 / mx.sqrt(mean + eps))) * weight
-
-
-class Linear:
-    """``y = x @ W.T (+ b)`` over a dense or quantized GGUF weight.
-
-    ``act`` is the type ggml converts the activations to before this matmul (see
-    ``quant.round_activations``); None computes on the activations as they are.
-    """
-
-    def __init__(
-        self, weight: Weight, bias: mx.array | None = None, act: GGMLType | None = None
-    ) -> None:
-        self.weight: Weight | HostWeight = weight
-        self.bias = bias
-        self.act = act
-
-    def __call__(self, x: mx.array) -> mx.array:
-        w = self.weight
-        offsets = None
-        if self.act == GGMLType.Q8_1 and getattr(w, "biases", None) is not None:
-            x, offsets = q8_1_activations(x)
-        elif self.act is not None:
-            x = round_activations(x, self.act)
-        if isinstance(w, HostWeight):
-            y = w.matmul_t(x)
-        elif isinstance(w, QuantizedWeight):
-            if x.shape[-2] >= DENSE_PREFILL_MIN and dense_prefill_wins():
-                y = x @ w.dequantize().T
-            else:
-                y = w.matmul_t(x)
-        else:
-            y = x @ w.T
-        if offsets is not None:  # see q8_1_activations; biases are Q4_1's per-block m
-            y = y + offsets @ w.biases.T  # type: ignore[union-attr]
-        return y if self.bias is None else y + self.bias
-
-    def to_host(self) -> None:
-        """Move the weight to NumPy's BLAS as dense float32 (see blas.py)."""
-        w = self.weight
-        if isinstance(w, QuantizedWeight):
-            keep = w.biases if self.act == GGMLType.Q8_1 else None
-            self.weight = HostWeight.from_dense(w.dequantize(), keep)
-        elif isinstance(w, mx.array):
-            self.weight = HostWeight.from_dense(w)
-
-    @classmethod
-    def fused(cls, parts: list[Linear]) -> Linear | None:
-        """One Linear computing ``parts`` side by side (fewer matmuls per token), if possible."""
-        if len({p.act for p in parts}) != 1:
-            return None
-        ws = [p.weight for p in parts]
-        if all(isinstance(w, QuantizedWeight) for w in ws):
-            if len({(w.bits, w.group_size, w.scales.dtype) for w in ws}) != 1:
-                return None
-            weight: Weight = QuantizedWeight(
-                mx.concatenate([w.weight for w in ws]),
-                mx.concatenate([w.scales for w in ws]),
-                mx.concatenate([w.biases for w in ws]),
-                ws[0].bits,
-                ws[0].group_size,
-                ws[0].ggml_type if len({w.ggml_type for w in ws}) == 1 else None,
-            )
-        elif all(isinstance(w, mx.array) for w in ws):
-            weight = mx.concatenate(ws)
-        else:
-            return None
-        biases = [p.bias for p in parts]
-        if all(b is None for b in biases):
-            bias = None
-        elif all(b is not None for b in biases):
-            bias = mx.concatenate(biases)
-        else:
-            return None
-        return cls(weight, bias, parts[0].act)
 
 
 class Attention:
@@ -194,6 +80,21 @@ class Attention:
             self.k_norm = w.dense(f"{prefix}attn_k_norm.weight", (hd,))
         self.rope_freqs = rope_freqs
         self.splits = [nh * hd, (nh + nkv) * hd]
+        self.host: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None
+
+    def enable_host(self) -> None:
+        """Run one-position steps in NumPy (host_step.py) if the projections allow it."""
+        lins = (self.qkv, self.o_proj)
+        if self.ggml_numerics or not all(
+            lin is not None and isinstance(lin.weight, HostWeight) and lin.act is None
+            for lin in lins
+        ):
+            return
+        freqs, qn, kn = (
+            None if a is None else np.array(a.astype(mx.float32))
+            for a in (self.rope_freqs, self.q_norm, self.k_norm)
+        )
+        self.host = (host_step.inv_freqs(self.spec, freqs), qn, kn)
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         s = self.spec
@@ -232,6 +133,9 @@ class Attention:
     def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
         s = self.spec
         _, T, _ = x.shape
+        if T == 1 and cache.host and self.host is not None:
+            y = self.step_host(np.asarray(x.astype(mx.float32))[0], cache, layer)
+            return mx.array(y[None]).astype(x.dtype)
         if self.qkv is not None:
             q, k, v = mx.split(self.qkv(x), self.splits, axis=-1)
         else:
@@ -253,6 +157,12 @@ class Attention:
             o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(1, T, s.n_heads * s.head_dim))
 
+    def step_host(self, x: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
+        """Positions (T, d_model) float32 in NumPy; see host_step.py."""
+        assert self.qkv is not None and self.host is not None
+        o = host_step.attend(self.qkv.host_apply(x), cache, layer, self.spec, *self.host)
+        return self.o_proj.host_apply(o)
+
 
 class MLP:
     """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU for llama."""
@@ -265,6 +175,7 @@ class MLP:
         self.gate, self.up = (gate, up) if self.gate_up is None else (None, None)
         self.down = w.linear(f"{prefix}ffn_down.weight", (f, d))
         self.d_ff = f
+        self.host_act = host_step.ACTIVATIONS.get(spec.activation)
         if spec.activation == "silu":
             self.act = nn.silu
         elif spec.activation == "gelu":
@@ -278,6 +189,21 @@ class MLP:
         else:
             g, u = self.gate(x), self.up(x)
         return self.down(self.act(g) * u)
+
+    def host_ready(self) -> bool:
+        lins = [self.down] + ([self.gate_up] if self.gate_up else [self.gate, self.up])
+        return self.host_act is not None and all(
+            lin is not None and isinstance(lin.weight, HostWeight) and lin.act is None
+            for lin in lins
+        )
+
+    def step_host(self, x: np.ndarray) -> np.ndarray:
+        assert self.host_act is not None
+        if self.gate_up is not None:
+            g, u = np.split(self.gate_up.host_apply(x), [self.d_ff], axis=-1)
+        else:
+            g, u = self.gate.host_apply(x), self.up.host_apply(x)  # type: ignore[union-attr]
+        return self.down.host_apply(self.host_act(g) * u)
 
 
 class Block:
@@ -296,6 +222,27 @@ class Block:
         if spec.post_norms:
             self.post_attn_norm = w.dense(f"{p}post_attention_norm.weight", (d,))
             self.post_ffn_norm = w.dense(f"{p}post_ffw_norm.weight", (d,))
+
+    def enable_host(self) -> bool:
+        """Prepare NumPy single-position steps (host_step.py); whether they are possible."""
+        self.attn.enable_host()
+        if self.attn.host is None or not self.mlp.host_ready():
+            return False
+        norms = (self.attn_norm, self.ffn_norm, self.post_attn_norm, self.post_ffn_norm)
+        self.host_norms = [None if w is None else np.array(w.astype(mx.float32)) for w in norms]
+        return True
+
+    def step_host(self, x: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
+        """Positions (T, d_model) float32 through the block in NumPy."""
+        an, fn, pan, pfn = self.host_norms
+        a = self.attn.step_host(host_step.rms_norm(x, an, self.eps), cache, layer)
+        if pan is not None:
+            a = host_step.rms_norm(a, pan, self.eps)
+        h = x + a
+        m = self.mlp.step_host(host_step.rms_norm(h, fn, self.eps))
+        if pfn is not None:
+            m = host_step.rms_norm(m, pfn, self.eps)
+        return h + m
 
     def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
         a = self.attn(self.norm(x, self.attn_norm, self.eps), cache, layer, mask)
@@ -409,10 +356,14 @@ class Stage:
         if not self.is_first:
             self.embedding = None  # only the tied head holds on to it
         mx.eval([a for a in self._parameters() if isinstance(a, mx.array)])
+        self.host_step = False
         self.host_blas = blas.wanted(sum(4 * r * c for r, c in self._linear_shapes()))
         if self.host_blas:
             for linear in self._linears():
                 linear.to_host()
+            ready = [block.enable_host() for block in self.blocks]
+            # one position at a time in NumPy: float32 compute, no ggml roundings to emulate
+            self.host_step = all(ready) and dtype == mx.float32 and not ggml_numerics
         self._caches = SequenceCaches(
             max_sequences,
             n_layers=end - start,
@@ -420,6 +371,7 @@ class Stage:
             head_dim=spec.head_dim,
             max_len=self.max_context,
             dtype=kv_dtype,
+            host=self.host_blas and kv_dtype in HOST_DTYPES,
         )
         self._lock = threading.Lock()
 
@@ -505,8 +457,21 @@ class Stage:
             h = h * self.spec.embed_scale
         return h
 
+    def _step_host(self, x: np.ndarray, cache: KVCache) -> mx.array:
+        """``_run`` in NumPy (host_step.py)."""
+        h = np.asarray(self._embed(mx.array(x))) if self.is_first else x.astype(np.float32)
+        for i, block in enumerate(self.blocks):
+            h = block.step_host(h, cache, i)
+        if not self.is_last:
+            return mx.array(h.astype(np.float16))
+        h = host_step.rms_norm(h[-1:], np.array(self.output_norm), self.spec.rms_eps)
+        assert self.output is not None
+        return mx.array(self.output.host_apply(h)[0])
+
     def _run(self, x: np.ndarray, cache: KVCache) -> mx.array:
         T = x.shape[0]
+        if self.host_step and cache.host and (T == 1 or host_step.PREFILL):
+            return self._step_host(x, cache)
         h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
         h = h[None]
         mask = "causal" if T > 1 else None
@@ -533,7 +498,7 @@ class Stage:
             for s in range(0, T, PREFILL_CHUNK):
                 chunk = x[s : s + PREFILL_CHUNK]
                 out = self._run(chunk, cache)
-                mx.eval(out, cache.state())
+                mx.eval(out, cache.pending())
                 cache.commit(chunk.shape[0])
                 outs.append(out)
         if self.is_last:

@@ -66,6 +66,9 @@ BATCH = 64  # datagrams taken from the socket per wake-up
 RECV_SIZE = 65536
 
 
+SMALL_PAYLOAD = 256 * 1024  # payloads up to this are copied behind their header and sent at once
+
+
 class OmniProtocol(QuicConnectionProtocol):
     """QUIC events -> authenticated, admitted frame streams. Subclassed per role."""
 
@@ -102,23 +105,27 @@ class OmniProtocol(QuicConnectionProtocol):
         super().datagram_received(data, addr)
 
     def send_frame(self, stream_id: int, frame: Frame | None, end_stream: bool = False) -> None:
-        if self.close_code is not None:
-            raise ConnectionClosed(f"connection closed: {self.close_reason}")
         if frame is None:
-            self.write_raw(stream_id, b"", end_stream)
+            self._send(stream_id, (b"",), end_stream)
             return
         prefix, payload = encode_parts(frame)
-        if payload:
-            self.write_raw(stream_id, prefix, False)
-            self.write_raw(stream_id, payload, end_stream)
+        if len(payload) <= SMALL_PAYLOAD:  # one buffer: a hidden state or token id in one go
+            self._send(stream_id, (prefix + bytes(payload),), end_stream)
         else:
-            self.write_raw(stream_id, prefix, end_stream)
+            self._send(stream_id, (prefix, payload), end_stream)
 
     def write_raw(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self._send(stream_id, (data,), end_stream)
+
+    def _send(self, stream_id: int, parts: tuple[bytes, ...], end_stream: bool) -> None:
+        """Queue ``parts`` on the stream, then transmit once: a frame whose header and payload
+        were flushed separately cost two packets and twice the CPU per small message."""
         if self.close_code is not None:
             raise ConnectionClosed(f"connection closed: {self.close_reason}")
         try:
-            self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+            for i, data in enumerate(parts):
+                last = i == len(parts) - 1
+                self._quic.send_stream_data(stream_id, data, end_stream=end_stream and last)
         except (RuntimeError, ValueError) as exc:  # the peer reset or stopped the stream
             raise ConnectionClosed(f"stream {stream_id} closed: {exc}") from exc
         self.transmit()
