@@ -170,13 +170,16 @@ class StageHost:
         stage = await self.run(
             lambda: Stage(spec, tensors, start, end, max_context=self.max_context)
         )
+        # what it really holds: on a Linux CPU the projections are dense float32 copies
+        # (backend/blas.py), several times the GGUF bytes; later loads are budgeted on this
+        held = max(weight_bytes, stage.nbytes)
         hosted = HostedStage(
             manifest.model_id,
             start,
             end,
             spec,
             stage,
-            weight_bytes,
+            held,
             time.perf_counter() - t0,
             fetched,
         )
