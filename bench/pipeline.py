@@ -71,14 +71,16 @@ class Cluster:
 
     @staticmethod
     def _port(d: Path, proc: subprocess.Popen) -> int:
+        from llm_omninode.client import local_shim
+
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 sys.exit(f"a shim exited; see {d.parent}")
-            try:
-                return json.loads((d / "shim.json").read_text())["port"]
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.1)
+            found = local_shim(d)
+            if found is not None:
+                return found[1]
+            time.sleep(0.1)
         sys.exit("a shim did not start")
 
     def wait_peers(self, client) -> None:

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .home import omni_home
+from .home import SHIM_STATE_FILE, omni_home
 from .request import GenerationRequest
 
-STATE_FILE = "shim.json"
 START_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 900.0  # the first request may load and fetch stages
 
@@ -58,7 +57,7 @@ def _alive(pid: int) -> bool:
 
 def local_shim(home: Path | None = None) -> tuple[str, int, int] | None:
     """(host, port, pid) of the shim running on this data directory, if any."""
-    path = (home or omni_home()) / STATE_FILE
+    path = (home or omni_home()) / SHIM_STATE_FILE
     try:
         state = json.loads(path.read_text())
         host, port, pid = state["host"], state["port"], state["pid"]

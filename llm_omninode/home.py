@@ -20,6 +20,9 @@ def omni_home() -> Path:
     return Path(llm.user_dir()) / "omni"
 
 
+SHIM_STATE_FILE = "shim.json"  # a running shim's pid and address, for the local plugin
+
+
 def aliases_path(home: Path | None = None) -> Path:
     return (home or omni_home()) / "aliases.json"
 

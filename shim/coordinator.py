@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llm_omninode.backend.chat_template import ChatTemplate
@@ -66,7 +66,6 @@ class PlanState:
     plan: Plan
     nodes: tuple[str, ...]  # the node set it was made for
     ready: bool = False  # every stage confirmed loaded
-    made: float = field(default_factory=time.time)
 
 
 class Coordinator:

@@ -32,11 +32,12 @@ from typing import Any
 from llm_omninode import __version__
 from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
 from llm_omninode.backend.shards import Manifest, ManifestError
+from llm_omninode.home import SHIM_STATE_FILE
 from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission, create_cluster_secret, save_cluster_secret
 from llm_omninode.net.frames import ErrorCode, Frame, FrameType
 from llm_omninode.net.identity import load_or_create_identity
-from llm_omninode.net.quic import FrameStream, NetError, QuicSettings, Server, serve
+from llm_omninode.net.quic import FrameStream, QuicSettings, Server, serve
 from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
@@ -48,7 +49,6 @@ from .stage_host import StageError, StageHost
 log = logging.getLogger("omninode_shim")
 
 DEFAULT_PORT = 7341
-STATE_FILE = "shim.json"  # where the local plugin finds this node
 REFRESH_S = 5.0  # how often peers are greeted (liveness, INFO, round trip)
 
 
@@ -371,7 +371,7 @@ class Node:
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "node_id": self.node_id, "host": self.advertised_host,
                  "port": self.port, "started": time.time()}  # fmt: skip
-        path = self.config.data_dir / STATE_FILE
+        path = self.config.data_dir / SHIM_STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, path)
@@ -390,10 +390,7 @@ class Node:
             self.server.close()
         self.host.close()
         with contextlib.suppress(OSError):
-            state = self.config.data_dir / STATE_FILE
+            state = self.config.data_dir / SHIM_STATE_FILE
             if json.loads(state.read_text()).get("pid") == os.getpid():
                 state.unlink()
         log.info("node %s stopped", self.name)
-
-
-__all__ = ["DEFAULT_PORT", "Node", "NodeConfig", "NetError", "STATE_FILE"]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llm_omninode.backend.cid import is_cid
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.kv_cache import SequenceLimitError
 from llm_omninode.backend.sampling import SamplingOptions
@@ -43,7 +44,6 @@ MAX_HOPS = 64
 MAX_RECENT = 4096  # prompt ids the last stage's repeat penalty may look back over
 STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slow nodes)
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_CID_RE = re.compile(r"^b[a-z2-7]{1,127}$")
 
 
 class PipelineError(RuntimeError):
@@ -237,7 +237,7 @@ async def serve_pipeline(
     """Handler of a ``pipeline`` channel: steps until the upstream ends the stream."""
     try:
         model = first.header.get("model")
-        if not isinstance(model, str) or not _CID_RE.match(model):
+        if not is_cid(model):
             raise PipelineError("model must be a model id")
         seq = check_seq(first.header.get("seq"))
         route = route_from_json(first.header.get("route"))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from llm_omninode.client import local_shim
 from llm_omninode.net.admission import create_cluster_secret
 from llm_omninode.net.identity import load_or_create_identity
 
@@ -76,16 +77,15 @@ class ShimCluster:
             self.procs[i] = self.topology.popen(i, argv, **kwargs)
         else:
             self.procs[i] = subprocess.Popen(argv, **kwargs)
-        state = self.dirs[i] / "shim.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs[i].poll() is not None:
                 raise RuntimeError(f"node{i} exited:\n{self.log(i)}")
-            try:
-                self.ports[i] = json.loads(state.read_text())["port"]
+            found = local_shim(self.dirs[i])
+            if found is not None:
+                self.ports[i] = found[1]
                 return
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.1)
+            time.sleep(0.1)
         raise RuntimeError(f"node{i} did not start within {timeout} s:\n{self.log(i)}")
 
     def start_all(self) -> None:

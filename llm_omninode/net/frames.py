@@ -103,6 +103,11 @@ _CID_RE = re.compile(r"^b[a-z2-7]{1,127}$")
 _HEX_PROOF_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+def is_wire_cid(value: object) -> bool:
+    """A CID's shape on the wire (the store checks the digest itself)."""
+    return isinstance(value, str) and _CID_RE.match(value) is not None
+
+
 def _fail(ftype: FrameType, message: str) -> FrameError:
     return FrameError(f"{ftype.name}: {message}")
 

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +34,7 @@ from .frames import (
     FrameError,
     FrameType,
     error_frame,
+    is_wire_cid,
     shard_data_frame,
     shard_read_frame,
 )
@@ -51,7 +51,6 @@ MAX_WINDOW = MAX_SHARD_WINDOW  # the most bytes one SHARD_READ may ask for
 WINDOW = 8 * 1024 * 1024
 CHUNK = 1 * 1024 * 1024  # bytes per SHARD_DATA frame inside a window
 FRAME_TIMEOUT = 30.0  # seconds to wait for each frame of a window before reconnecting
-_CID_RE = re.compile(r"^b[a-z2-7]{1,127}$")  # the wire's CID shape; the sink checks the rest
 
 Progress = Callable[[str, int, int], None]  # (cid, bytes done, total)
 
@@ -194,7 +193,7 @@ async def fetch_shard(
     TransferError (with every source's reason) when no source delivers. A partial that an
     earlier run completed is committed without a connection (credited to the first source).
     """
-    if not isinstance(cid, str) or not _CID_RE.match(cid):
+    if not is_wire_cid(cid):
         raise ValueError(f"not a CID: {cid!r:.80}")
     if type(size) is not int or not 0 <= size <= MAX_ID:
         raise ValueError(f"bad shard size {size!r}")
