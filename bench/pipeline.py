@@ -57,7 +57,7 @@ class Cluster:
         ports: list[int] = []
         for i, d in enumerate(self.dirs):
             argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(d), "--host",
-                    "127.0.0.1", "--port", "0", "--no-mdns", "--name", f"node{i}",
+                    "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--name", f"node{i}",
                     "--max-memory", "2GiB", "--log-level", LOG_LEVEL]  # fmt: skip
             if i:
                 argv += ["--join", secret]

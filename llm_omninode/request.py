@@ -23,7 +23,10 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 256
 MAX_MODEL_CHARS = 256
 MAX_MAX_TOKENS = 2**31 - 1  # far past any context; bounds what a peer can make us count to
-_WIRE_KEYS = ("model", "messages", "prompt", "system", "raw", "options", "max_tokens", "stop")
+MAX_NUM_CTX = 2**24  # a per-request context cap; the model's own is the real bound
+_WIRE_KEYS = (
+    "model", "messages", "prompt", "system", "raw", "options", "max_tokens", "stop", "num_ctx",
+)  # fmt: skip
 
 
 class RequestError(ValueError):
@@ -48,6 +51,7 @@ class GenerationRequest:
     options: SamplingOptions = field(default_factory=SamplingOptions)
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: until end of generation or context
     stop: tuple[str, ...] = ()
+    num_ctx: int | None = None  # a smaller context for this request (Ollama's num_ctx)
 
     def __post_init__(self) -> None:
         if not self.messages and self.prompt is None:
@@ -56,6 +60,8 @@ class GenerationRequest:
             raise ValueError("max_tokens must be >= 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.num_ctx is not None and not 1 <= self.num_ctx <= MAX_NUM_CTX:
+            raise ValueError(f"num_ctx must be in [1, {MAX_NUM_CTX}]")
 
     def chat_messages(self) -> list[dict[str, str]]:
         """Messages for the chat template, the system prompt first."""
@@ -70,8 +76,9 @@ class GenerationRequest:
 
     # ---- wire ------------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
-        """A JSON-able object with every field; ``from_wire`` reads it back."""
-        return {
+        """A JSON-able object with every field (``num_ctx`` only when set, so shims that
+        predate it still take the request); ``from_wire`` reads it back."""
+        doc: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "prompt": self.prompt,
@@ -81,6 +88,9 @@ class GenerationRequest:
             "max_tokens": self.max_tokens,
             "stop": list(self.stop),
         }
+        if self.num_ctx is not None:
+            doc["num_ctx"] = self.num_ctx
+        return doc
 
     @classmethod
     def from_wire(cls, doc: object) -> GenerationRequest:
@@ -135,10 +145,14 @@ class GenerationRequest:
             if not (type(s) is str and 0 < len(s) <= MAX_STOP_CHARS):
                 raise RequestError(f"stop[{i}] must be a string of 1..{MAX_STOP_CHARS} characters")
             stop.append(text.take(f"stop[{i}]", s))
+        num_ctx = doc.get("num_ctx")
+        if num_ctx is not None and not (type(num_ctx) is int and 1 <= num_ctx <= MAX_NUM_CTX):
+            raise RequestError(f"num_ctx must be null or an integer in [1, {MAX_NUM_CTX}]")
         try:
             return cls(
-                model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop)
-            )
+                model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop),
+                num_ctx,
+            )  # fmt: skip
         except ValueError as exc:  # the dataclass's own rules (messages or a prompt, ...)
             raise RequestError(str(exc)) from exc
 

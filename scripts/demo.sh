@@ -9,6 +9,7 @@ PROMPT=${PROMPT:-Name three uses for a paperclip.}
 DEMO=${DEMO_DIR:-.omni-demo}
 PORT_A=${PORT_A:-47341}
 PORT_B=${PORT_B:-47342}
+API_PORT=${API_PORT:-47434}  # node-b's Ollama/OpenAI API (not 11434: Ollama may be running)
 HOME_A=$($BIN/python -c 'from llm_omninode.home import omni_home; print(omni_home())')
 
 rm -rf "$DEMO/nodeB"
@@ -19,10 +20,10 @@ fi
 SECRET=$(cat "$HOME_A/cluster_secret")
 COMMON=(--host 127.0.0.1 --no-mdns --max-memory 1GiB)
 
-$BIN/omni-shim "${COMMON[@]}" --port "$PORT_A" --name node-a >"$DEMO/node-a.log" 2>&1 &
+$BIN/omni-shim "${COMMON[@]}" --port "$PORT_A" --name node-a --no-api >"$DEMO/node-a.log" 2>&1 &
 PID_A=$!
 $BIN/omni-shim "${COMMON[@]}" --port "$PORT_B" --name node-b --data-dir "$DEMO/nodeB" \
-    --join "$SECRET" --peer "127.0.0.1:$PORT_A" >"$DEMO/node-b.log" 2>&1 &
+    --join "$SECRET" --peer "127.0.0.1:$PORT_A" --api-port "$API_PORT" >"$DEMO/node-b.log" 2>&1 &
 PID_B=$!
 stop() { kill "$PID_A" "$PID_B" 2>/dev/null || true; wait "$PID_A" "$PID_B" 2>/dev/null || true; }
 trap stop EXIT
@@ -45,6 +46,20 @@ $BIN/llm -m omni/smollm2 "$PROMPT"
 echo
 echo "== the split"
 $BIN/llm omni status
+echo
+echo "== the same cluster through node-b's Ollama API: POST http://127.0.0.1:$API_PORT/api/chat"
+$BIN/python - "$API_PORT" "$PROMPT" <<'PY'
+import json, sys, urllib.request
+port, prompt = sys.argv[1], sys.argv[2]
+body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "stream": False,
+        "options": {"temperature": 0, "num_predict": 64}}
+req = urllib.request.Request(f"http://127.0.0.1:{port}/api/chat", json.dumps(body).encode())
+reply = json.load(urllib.request.urlopen(req, timeout=300))
+print(reply["message"]["content"])
+print(f'({reply["eval_count"]} tokens in {reply["eval_duration"] / 1e9:.2f} s, '
+      f'{reply["eval_count"] / max(reply["eval_duration"] / 1e9, 1e-9):.1f} tok/s; '
+      f'prompt {reply["prompt_eval_count"]} tokens)')
+PY
 echo
 echo "== node-b fetched its shards from node-a:"
 grep -E "fetching|loaded" "$DEMO/node-b.log" | sed 's/^[^ ]* [^ ]* //' || true

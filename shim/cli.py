@@ -48,14 +48,36 @@ def parse_size(text: str) -> int:
 @click.option("--mdns-interface", "mdns_interfaces", multiple=True, metavar="ADDR",
               help="Run mDNS on this local address only (repeatable; default: all).")  # fmt: skip
 @click.option("--advertise-host", help="The address peers should use to reach this node.")
+@click.option(
+    "--api-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the HTTP API (Ollama, OpenAI); loopback unless told otherwise.",
+)
+@click.option(
+    "--api-port",
+    type=int,
+    default=11434,
+    show_default=True,
+    help="Port of the HTTP API (0: any free port).",
+)
+@click.option(
+    "--api-token",
+    envvar="OMNI_API_TOKEN",
+    metavar="TOKEN",
+    help="Require 'Authorization: Bearer TOKEN' on the HTTP API (env OMNI_API_TOKEN).",
+)
+@click.option("--no-api", is_flag=True, help="No HTTP API.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name, no_mdns,
-         mdns_interfaces, advertise_host, log_level) -> None:  # fmt: skip
+         mdns_interfaces, advertise_host, api_host, api_port, api_token, no_api,
+         log_level) -> None:  # fmt: skip
     """Run an OmniNode node: it discovers its peers, holds a slice of each model's blocks and
     coordinates the requests that reach it."""
     from llm_omninode.home import omni_home
 
+    from .http_server import ApiConfig
     from .node import DEFAULT_PORT, Node, NodeConfig
 
     logging.basicConfig(
@@ -78,6 +100,7 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
         mdns_interfaces=list(mdns_interfaces) or None,
         max_context=max_context,
         advertise_host=advertise_host,
+        api=None if no_api else ApiConfig(api_host, api_port, api_token or None),
     )
     try:
         asyncio.run(_run(Node, config))
@@ -100,8 +123,8 @@ async def _run(node_cls, config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # what is everyone waiting on?
-    await node.start()
     try:
+        await node.start()
         await stop.wait()
     finally:
         await node.stop()

@@ -25,7 +25,7 @@ from llm_omninode.backend.spec import ModelSpec
 from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
-from llm_omninode.request import GenerationRequest
+from llm_omninode.request import GenerationRequest, RequestError
 
 from .pipeline import Downstream, Hop, Link, PipelineError, check_token_reply, step_fields
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
@@ -37,10 +37,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("omninode_shim.coordinator")
 
 LOAD_TIMEOUT = 900.0  # a stage load may include fetching its shards
+DEFAULT_KEEP_ALIVE = 300.0  # seconds a model stays loaded after its last request (Ollama's 5m)
 
 
 class CoordinatorError(RuntimeError):
     """A request cannot be served; the message is for the user."""
+
+
+class ModelUnknown(CoordinatorError):
+    """No node of the cluster has the model (HTTP 404)."""
+
+
+class StageMissing(CoordinatorError):
+    """A stage of the plan is no longer loaded (unloaded by its node, or by another
+    coordinator's keep-alive): loading again and retrying serves the request."""
 
 
 @dataclass
@@ -74,6 +84,10 @@ class Coordinator:
         self._models: dict[str, ModelText] = {}
         self._aliases: dict[str, str] = {}  # names resolved through peers -> model id
         self._plans: dict[str, PlanState] = {}
+        # model id -> when (time.time()) to unload its stages; None: never (keep_alive < 0)
+        self._expiry: dict[str, float | None] = {}
+        self._active: dict[str, int] = {}  # model id -> generations running now
+        self._tasks: set[asyncio.Future] = set()  # unloads running in the background
         self._lock = asyncio.Lock()
 
     # ---- models -------------------------------------------------------------------------
@@ -95,6 +109,22 @@ class Coordinator:
         self._aliases[name] = manifest.model_id
         return text
 
+    def alias_of(self, model_id: str) -> str | None:
+        """A name of the model: a local alias, else the name a request found it by."""
+        for table in (self.node.registry.aliases(), self._aliases):
+            for alias, known in sorted(table.items()):
+                if known == model_id and alias != model_id:
+                    return alias
+        return None
+
+    def forget(self, model_id: str) -> None:
+        """Drop what is cached of a model that was removed here."""
+        self._models.pop(model_id, None)
+        self._plans.pop(model_id, None)
+        self._expiry.pop(model_id, None)
+        for alias in [a for a, m in self._aliases.items() if m == model_id]:
+            del self._aliases[alias]
+
     async def _manifest_from_peers(self, name: str) -> Manifest:
         for peer in self.node.peers.live():
             try:
@@ -110,7 +140,9 @@ class Coordinator:
                 continue
             self.node.store.put_manifest(manifest)
             return manifest
-        raise CoordinatorError(f"model {name!r} is not on this node nor on any live peer")
+        raise ModelUnknown(
+            f"model {name!r} not found on this node nor on any live peer (pull it first)"
+        )
 
     # ---- planning -----------------------------------------------------------------------
     def capacities(self) -> list[NodeCapacity]:
@@ -196,23 +228,130 @@ class Coordinator:
             hops.append(Hop(s.node_id, host, port, s.start, s.end))
         return hops
 
-    # ---- generation ---------------------------------------------------------------------
-    async def generate(
-        self, request: GenerationRequest, timings: dict[str, float] | None = None
-    ) -> AsyncIterator[Chunk]:
-        """Stream the request's chunks. ``timings`` (if given) receives prefill_s (prompt in,
-        first id out) and decode_s (the rest), measured here: what bench/pipeline.py reads."""
-        timings = {} if timings is None else timings
-        model = await self.resolve(request.model)
+    # ---- keep-alive ---------------------------------------------------------------------
+    async def load(self, name: str, keep_alive: float | None = None) -> ModelText:
+        """Plan and load a model on every node of its plan; it stays ``keep_alive`` seconds."""
+        model = await self.resolve(name)
         async with self._lock:  # one planning/loading round at a time
             state = await self.plan_for(model)
             await self.ensure_ready(model, state)
-        ids = prompt_ids(model.tokenizer, model.template, request)
+        self._touch(model.manifest.model_id, keep_alive)
+        return model
+
+    def _touch(self, model_id: str, keep_alive: float | None) -> None:
+        keep = DEFAULT_KEEP_ALIVE if keep_alive is None else keep_alive
+        self._expiry[model_id] = None if keep < 0 else time.time() + keep
+
+    def loaded(self) -> list[tuple[ModelText, PlanState, float | None]]:
+        """Models whose stages this coordinator has loaded: (model, plan, unload time)."""
+        return [
+            (self._models[model_id], state, self._expiry.get(model_id))
+            for model_id, state in self._plans.items()
+            if state.ready and model_id in self._models
+        ]
+
+    async def unload(self, name: str) -> bool:
+        """Unload the model's stages on every node of its plan (those in use stay)."""
+        model_id = name if name in self._plans else (await self.resolve(name)).manifest.model_id
+        self._expiry.pop(model_id, None)
+        state = self._plans.get(model_id)
+        if state is None or not state.ready:
+            return False
+        state.ready = False
+
+        async def drop(stage) -> None:
+            if stage.node_id == self.node.node_id:
+                self.node.host.unload(model_id, stage.start, stage.end)
+                return
+            conn = await self.node.peers.connection(stage.node_id)
+            frame = F.request_frame(
+                conn.next_id(), "stage.unload", model=model_id, start=stage.start, end=stage.end
+            )
+            await conn.request(frame)
+
+        results = await asyncio.gather(
+            *(drop(s) for s in state.plan.stages), return_exceptions=True
+        )
+        for stage, result in zip(state.plan.stages, results, strict=True):
+            if isinstance(result, BaseException):  # that node unloads idle stages itself
+                log.info("unload on %s failed: %s", stage.node_id[:16], result)
+        log.info("unloaded %s", model_id[:16])
+        return True
+
+    async def expire(self) -> None:
+        """Unload the models whose keep-alive has run out (the maintenance loop calls it)."""
+        now = time.time()
+        for model_id, deadline in list(self._expiry.items()):
+            if deadline is not None and deadline <= now and self._active.get(model_id, 0) == 0:
+                await self.unload(model_id)
+
+    # ---- generation ---------------------------------------------------------------------
+    async def generate(
+        self,
+        request: GenerationRequest,
+        timings: dict[str, float] | None = None,
+        keep_alive: float | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """Stream the request's chunks. ``timings`` (if given) receives load_s (resolve, plan,
+        load), prefill_s (prompt in, first id out) and decode_s (the rest), measured here.
+
+        A prompt that cannot be served as sent raises RequestError; an unknown model
+        ModelUnknown; anything else that fails CoordinatorError.
+        """
+        timings = {} if timings is None else timings
+        t_load = time.perf_counter()
+        model = await self.load(request.model, keep_alive)
+        model_id = model.manifest.model_id
+        state = self._plans[model_id]
+        timings["load_s"] = time.perf_counter() - t_load
+        try:
+            ids = prompt_ids(model.tokenizer, model.template, request)
+        except ValueError as exc:  # a template that fails safely, text it cannot encode
+            raise RequestError(f"prompt: {exc}") from exc
         context = self.node.max_context or model.spec.context_length
-        gen = Generation(
-            model.tokenizer, ids, max_tokens=request.max_tokens, stop=request.stop,
-            context_length=context,
-        )  # fmt: skip
+        if request.num_ctx is not None:
+            context = min(context, request.num_ctx)
+
+        def fresh() -> Generation:
+            return Generation(
+                model.tokenizer, ids, max_tokens=request.max_tokens, stop=request.stop,
+                context_length=context,
+            )  # fmt: skip
+
+        try:
+            gen = fresh()
+        except ValueError as exc:  # empty prompt, or longer than the context
+            raise RequestError(str(exc)) from exc
+        self._active[model_id] = self._active.get(model_id, 0) + 1
+        try:
+            try:
+                async for chunk in self._run(model, state, request, ids, gen, timings):
+                    yield chunk
+            except StageMissing as exc:
+                if gen.generated:  # the client has text already: a retry would repeat it
+                    raise
+                log.info("%s; loading the plan again and retrying", exc)
+                state.ready = False
+                await self.load(request.model, keep_alive)
+                state = self._plans[model_id]
+                async for chunk in self._run(model, state, request, ids, fresh(), timings):
+                    yield chunk
+        finally:
+            self._active[model_id] -= 1
+            self._touch(model_id, keep_alive)  # the keep-alive counts from the end
+            if keep_alive == 0:  # unload now, not at the next maintenance round
+                self._tasks.add(task := asyncio.ensure_future(self.expire()))
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self,
+        model: ModelText,
+        state: PlanState,
+        request: GenerationRequest,
+        ids: list[int],
+        gen: Generation,
+        timings: dict[str, float],
+    ) -> AsyncIterator[Chunk]:
         if gen.done:
             for chunk in gen.finish():
                 yield chunk
@@ -224,7 +363,7 @@ class Coordinator:
             hosted = self.node.host.get(model.manifest.model_id, first.start, first.end)
             if hosted is None:
                 state.ready = False
-                raise CoordinatorError("this node's stage was unloaded; try again")
+                raise StageMissing("this node's stage was unloaded")
             entry: Link | Downstream = Link(self.node.host, hosted, self.node.peers, seq, route[1:])
         else:
             entry = Downstream(self.node.peers, model.manifest.model_id, seq, route)
@@ -242,6 +381,8 @@ class Coordinator:
                 token = check_token_reply(await entry.step(F.token_frame(seq, [token])), seq)
         except PipelineError as exc:
             state.ready = False  # the next request re-checks every stage
+            if exc.code == F.ErrorCode.NOT_FOUND:
+                raise StageMissing(f"a stage is not loaded any more: {exc}") from exc
             raise CoordinatorError(f"generation failed: {exc}") from exc
         finally:
             await entry.close()

@@ -11,6 +11,7 @@ SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transf
 ``models``         -> alias -> model id of the models held here
 ``manifest``       -> a model's manifest (the asker checks it hashes to the model id)
 ``stage.load``     -> load blocks [start, end) of the model whose manifest is the payload
+``stage.unload``   -> drop a stage hosted here (keep-alive ran out, or ``keep_alive: 0``)
 ``pipeline``       -> a channel: one sequence's steps through a stage hosted here
 =================  ==========================================================================
 """
@@ -42,6 +43,7 @@ from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
 from .coordinator import Coordinator, CoordinatorError
+from .http_server import ApiConfig
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .stage_host import StageError, StageHost
@@ -92,6 +94,7 @@ class NodeConfig:
     mdns_interfaces: list[str] | None = None  # addresses to run mDNS on; None: all
     max_context: int | None = None
     advertise_host: str | None = None  # the address peers should use for us, if not obvious
+    api: ApiConfig | None = field(default_factory=ApiConfig)  # None: no HTTP API
 
 
 class Node:
@@ -119,6 +122,7 @@ class Node:
         self.device = device_name()
         self.server: Server | None = None
         self.discovery = None  # net.discovery.Discovery when mDNS is on
+        self.api = None  # http_server.ApiServer when the HTTP API is on
         self.port = config.port
         self._tasks: list[asyncio.Task] = []
         self._file_backed: dict[str, tuple[str, ...]] = {}
@@ -224,6 +228,8 @@ class Node:
                 return await serve_pipeline(self.host, self.peers, self.node_id, frame, stream)
             if method == "stage.load":
                 return await self._stage_load(peer_id, frame)
+            if method == "stage.unload":
+                return self._stage_unload(frame)
             if method == "peers":
                 rows = [self.self_row()] + [p.row() for p in self.peers.all()]
                 return F.response_frame(frame.id, peers=rows)
@@ -290,6 +296,13 @@ class Node:
             fetched=hosted.fetched,
         )  # fmt: skip
 
+    def _stage_unload(self, frame: Frame) -> Frame:
+        h = frame.header
+        model, start, end = h.get("model"), h.get("start"), h.get("end")
+        if not (isinstance(model, str) and type(start) is int and type(end) is int):
+            raise StageError("stage.unload needs model, start and end")
+        return F.response_frame(frame.id, unloaded=self.host.unload(model, start, end))
+
     def _manifest(self, frame: Frame) -> Frame:
         name = frame.header.get("model")
         if not isinstance(name, str) or not 0 < len(name) <= 256:
@@ -324,6 +337,11 @@ class Node:
 
     # ---- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        if self.config.api is not None:  # first: a taken port should fail before anything runs
+            from .http_server import ApiServer
+
+            self.api = ApiServer(self, self.config.api)
+            await self.api.start()
         self.server = await serve(
             self.config.host, self.config.port, self.identity, self.admission, self.handle,
             self.settings,
@@ -351,6 +369,7 @@ class Node:
                 self._sync_discovery()
                 await self.peers.refresh()
                 self.host.evict_idle()
+                await self.coordinator.expire()
             except Exception:  # a maintenance round must never take the node down
                 log.exception("maintenance round failed")
             await asyncio.sleep(REFRESH_S)
@@ -371,6 +390,8 @@ class Node:
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "node_id": self.node_id, "host": self.advertised_host,
                  "port": self.port, "started": time.time()}  # fmt: skip
+        if self.api is not None:
+            state["api"] = f"http://{self.api.config.host}:{self.api.port}"
         path = self.config.data_dir / SHIM_STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -386,6 +407,8 @@ class Node:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
         await self.peers.close()
+        if self.api is not None:
+            await self.api.stop()
         if self.server is not None:
             self.server.close()
         self.host.close()

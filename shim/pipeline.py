@@ -47,7 +47,17 @@ _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class PipelineError(RuntimeError):
-    """A step could not be run; the message says where and why."""
+    """A step could not be run; the message says where and why. ``code`` is
+    ``ErrorCode.NOT_FOUND`` when a stage of the route is not loaded (any more)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _reply_code(exc: PipelineError) -> str:
+    """What to answer upstream: "not loaded" travels back as itself, the rest as bad request."""
+    return F.ErrorCode.NOT_FOUND if exc.code == F.ErrorCode.NOT_FOUND else F.ErrorCode.BAD_REQUEST
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,9 @@ class Downstream:
         if reply is None:
             raise PipelineError(f"stage on {self.node_id[:16]} ended the sequence")
         if reply.type == FrameType.ERROR:
-            raise PipelineError(f"{reply.header.get('code')}: {reply.header.get('message')}")
+            code = reply.header.get("code")
+            raise PipelineError(f"{code}: {reply.header.get('message')}",
+                                code if isinstance(code, str) else None)  # fmt: skip
         check_token_reply(reply, self.seq)
         return reply
 
@@ -246,16 +258,20 @@ async def serve_pipeline(
         hosted = host.get(model, route[0].start, route[0].end)
         if hosted is None:
             raise PipelineError(
-                f"stage [{route[0].start}, {route[0].end}) of {model[:16]} is not loaded here"
+                f"stage [{route[0].start}, {route[0].end}) of {model[:16]} is not loaded here",
+                F.ErrorCode.NOT_FOUND,
             )
         link = Link(host, hosted, peers, seq, route[1:])
     except PipelineError as exc:
-        return F.error_frame(F.ErrorCode.BAD_REQUEST, str(exc), first.id)
+        return F.error_frame(_reply_code(exc), str(exc), first.id)
     try:
         async for frame in stream:
             try:
                 reply = await link.step(frame)
-            except (PipelineError, F.FrameError) as exc:
+            except PipelineError as exc:
+                log.warning("sequence %s: %s", seq[:12], exc)
+                return F.error_frame(_reply_code(exc), str(exc), first.id)
+            except F.FrameError as exc:
                 log.warning("sequence %s: %s", seq[:12], exc)
                 return F.error_frame(F.ErrorCode.BAD_REQUEST, str(exc), first.id)
             await stream.send(reply)

@@ -217,6 +217,17 @@ class StageHost:
         hosted.pickers.pop(seq, None)
         self._pool.submit(hosted.stage.free, seq)
 
+    def unload(self, model_id: str, start: int, end: int) -> bool:
+        """Drop a stage unless a pipeline is using it now; whether it was dropped."""
+        hosted = self._stages.get((model_id, start, end))
+        if hosted is None or hosted.active:
+            return False
+        del self._stages[hosted.key]
+        for seq in hosted.stage.sequences():
+            self._pool.submit(hosted.stage.free, seq)
+        log.info("unloaded %s [%d, %d)", model_id[:16], start, end)
+        return True
+
     def evict_idle(self) -> None:
         """Free KV caches of sequences nobody has touched for ``idle_timeout`` seconds."""
         for hosted in list(self._stages.values()):

@@ -1,4 +1,9 @@
-"""Shared fixtures: the real SmolLM2 file (pulled by `make test`) and isolated data dirs."""
+"""Shared fixtures: the real GGUF files (pulled by `make model`) and isolated data dirs.
+
+SmolLM2 is the default model (marker ``model``); gemma-3-270m and Qwen2.5-Coder-0.5B (Q4_K_M
+files, marker ``large_model``) are found where `llm omni pull` put them, or through
+OMNI_TEST_GEMMA3 / OMNI_TEST_QWEN2.
+"""
 
 from __future__ import annotations
 
@@ -33,20 +38,44 @@ def find_smollm2() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    path = find_smollm2()
+def _required(path: Path | None, source: str) -> Path:
     if path is None:
-        message = "SmolLM2 GGUF not found: run `make model` (llm omni pull smollm2) first"
+        message = f"{source} GGUF not found: run `make model` (llm omni pull {source}) first"
         if os.environ.get("CI"):
             pytest.fail(message)  # CI pulls it first, so absence is a real failure there
         pytest.skip(message)
     return path
 
 
+def find_pulled(source: str, env: str) -> Path | None:
+    """A model file from ``env``, else where `llm omni pull SOURCE` leaves it."""
+    from llm_omninode.backend.sources import find_source
+
+    if os.environ.get(env):
+        path = Path(os.environ[env])
+        return path if path.is_file() else None
+    path = _default_home() / "files" / source / find_source(source).filename
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _required(find_smollm2(), "smollm2")
+
+
 @pytest.fixture(scope="session")
 def smollm2_golden() -> dict:
     return json.loads((DATA / "smollm2-llamacpp.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return _required(find_pulled("gemma3-270m", "OMNI_TEST_GEMMA3"), "gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def qwen2_path() -> Path:
+    return _required(find_pulled("qwen2.5-coder-0.5b", "OMNI_TEST_QWEN2"), "qwen2.5-coder-0.5b")
 
 
 @pytest.fixture
@@ -60,7 +89,9 @@ def omni_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("OMNI_HOME", str(home))
     monkeypatch.setenv("LLM_USER_PATH", str(tmp_path / "llm"))
     monkeypatch.delenv("OMNI_SHIM", raising=False)
-    monkeypatch.setenv("OMNI_SHIM_ARGS", "--host 127.0.0.1 --port 0 --no-mdns --max-memory 1GiB")
+    monkeypatch.setenv(
+        "OMNI_SHIM_ARGS", "--host 127.0.0.1 --port 0 --no-mdns --max-memory 1GiB --api-port 0"
+    )
     yield home
     from llm_omninode.client import local_shim
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llm_omninode.client import local_shim
+from llm_omninode.home import SHIM_STATE_FILE
 from llm_omninode.net.admission import create_cluster_secret
 from llm_omninode.net.identity import load_or_create_identity
 
@@ -26,8 +27,18 @@ LLM = [sys.executable, "-m", "llm"]
 
 
 class ShimCluster:
-    def __init__(self, root: Path, n: int, topology=None, max_memory: str = "2GiB") -> None:
+    def __init__(
+        self,
+        root: Path,
+        n: int,
+        topology=None,
+        max_memory: str = "2GiB",
+        extra_args: Sequence[str] = (),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
+        self.extra_args = list(extra_args)
+        self.extra_env = dict(extra_env or {})
         self.n = n
         self.topology = topology  # tests/netns.Topology, or None for loopback
         self.max_memory = max_memory
@@ -51,12 +62,14 @@ class ShimCluster:
             OMNI_SHIM=f"{self.host(i)}:{self.ports[i]}",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         env.update(extra)
         return env
 
     def _argv(self, i: int, peers: Sequence[str]) -> list[str]:
         argv = [*SHIM, "--data-dir", str(self.dirs[i]), "--name", f"node{i}",
-                "--max-memory", self.max_memory, "--log-level", "info"]  # fmt: skip
+                "--max-memory", self.max_memory, "--log-level", "info",
+                "--api-port", "0", *self.extra_args]  # fmt: skip
         if i:
             argv += ["--join", self.secret]
         if self.topology is not None:  # mDNS across the namespaces' bridge, fixed port
@@ -68,9 +81,10 @@ class ShimCluster:
                 argv += ["--peer", p]
         return argv
 
-    def start(self, i: int, timeout: float = 60.0) -> None:
+    def start(self, i: int, timeout: float = 60.0, args: Sequence[str] = ()) -> None:
+        """Start node ``i`` (``args``: more flags for it alone) and wait until it serves."""
         peers = [f"127.0.0.1:{self.ports[j]}" for j in range(self.n) if j != i and self.ports[j]]
-        argv = self._argv(i, peers)
+        argv = [*self._argv(i, peers), *args]
         log = open(self.logs[i], "ab")  # noqa: SIM115 - the process owns it
         kwargs = dict(stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env(i))
         if self.topology is not None:
@@ -87,6 +101,11 @@ class ShimCluster:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"node{i} did not start within {timeout} s:\n{self.log(i)}")
+
+    def api_url(self, i: int) -> str:
+        """Node ``i``'s HTTP API (Ollama, OpenAI), as its shim.json says (loopback mode)."""
+        state = json.loads((self.dirs[i] / SHIM_STATE_FILE).read_text())
+        return state["api"]
 
     def start_all(self) -> None:
         for i in range(self.n):

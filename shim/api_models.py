@@ -1,0 +1,133 @@
+"""The cluster's models as the HTTP listings show them (/api/tags, /api/show, /api/ps,
+/v1/models).
+
+A model is listed by its alias with Ollama's tag (``smollm2`` -> ``smollm2:latest``); models
+that only a peer holds are listed too, since a request for them is served through the ring.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llm_omninode.backend import describe
+from llm_omninode.backend.shards import Manifest
+from llm_omninode.backend.tokenizer import Tokenizer
+from llm_omninode.net import frames as F
+from llm_omninode.net.quic import NetError
+
+from .coordinator import CoordinatorError
+from .http_server import iso
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("omninode_shim.http")
+
+# metadata arrays longer than this are shown as null unless /api/show is asked verbose
+SHORT_ARRAY = 16
+
+
+def display_name(alias: str) -> str:
+    return alias if ":" in alias else f"{alias}:latest"
+
+
+@dataclass(frozen=True)
+class ListedModel:
+    name: str
+    manifest: Manifest
+    modified: float  # seconds since the epoch
+    local: bool  # held (or served from a file) on this node
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    def tag_row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.name,
+            "modified_at": iso(self.modified),
+            "size": self.manifest.total_bytes,
+            "digest": self.model_id,
+            "details": describe.details(self.manifest),
+        }
+
+
+def modified_time(node: Node, model_id: str) -> float:
+    try:
+        return (node.store.manifest_dir / f"{model_id}.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+async def _peer_aliases(node: Node) -> dict[str, str]:
+    """alias -> model id, as the live peers report them (first answer wins)."""
+    found: dict[str, str] = {}
+    for peer in node.peers.live():
+        try:
+            conn = await node.peers.connection(peer.node_id)
+            reply = await conn.request(F.request_frame(conn.next_id(), "models"), timeout=5.0)
+        except NetError as exc:
+            log.debug("no model list from %s: %s", peer.node_id[:16], exc)
+            continue
+        models = reply.header.get("models")
+        if isinstance(models, dict):
+            for alias, model_id in list(models.items())[:1000]:
+                if isinstance(alias, str) and isinstance(model_id, str):
+                    found.setdefault(alias, model_id)
+    return found
+
+
+async def cluster_models(node: Node) -> list[ListedModel]:
+    """Every model this node or a live peer holds, one row per name."""
+    registry = node.registry
+    local_ids = set(node.store.manifests())
+    names: dict[str, str] = dict(registry.aliases())  # alias -> model id
+    for alias, model_id in (await _peer_aliases(node)).items():
+        names.setdefault(alias, model_id)
+    rows: list[ListedModel] = []
+    named: set[str] = set()
+    for alias, model_id in sorted(names.items()):
+        try:
+            model = await node.coordinator.resolve(alias)
+        except CoordinatorError as exc:  # a peer went away, or sent a bad manifest
+            log.debug("cannot list %s: %s", alias, exc)
+            continue
+        if model.manifest.model_id != model_id:
+            continue
+        named.add(model_id)
+        local = registry.aliases().get(alias) == model_id
+        rows.append(ListedModel(display_name(alias), model.manifest,
+                                modified_time(node, model_id), local))  # fmt: skip
+    for model_id in sorted(local_ids - named):  # a manifest with no name: listed by its id
+        try:
+            manifest = node.store.get_manifest(model_id)
+        except (OSError, ValueError):
+            continue
+        rows.append(ListedModel(model_id, manifest, modified_time(node, model_id), True))
+    return rows
+
+
+def model_info(manifest: Manifest, verbose: bool = False) -> dict[str, Any]:
+    """The GGUF metadata, as /api/show's ``model_info``; long arrays (the vocabulary) as
+    null unless ``verbose``."""
+    info: dict[str, Any] = {}
+    for key, value in sorted(manifest.metadata.items()):
+        if key == "tokenizer.chat_template":
+            continue  # shown as "template"
+        if isinstance(value, list) and len(value) > SHORT_ARRAY and not verbose:
+            value = None
+        info[key] = value
+    info["general.parameter_count"] = describe.parameter_count(manifest)
+    return info
+
+
+def parameters_text(tokenizer: Tokenizer) -> str:
+    """Ollama's ``parameters``: a Modelfile's PARAMETER lines (the model's stop tokens)."""
+    lines = []
+    for token in sorted(tokenizer.eog_ids):
+        text = tokenizer.token_bytes(token).decode("utf-8", "replace")
+        lines.append(f'stop "{text}"')
+    return "\n".join(lines)

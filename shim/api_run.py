@@ -1,0 +1,107 @@
+"""One generation on behalf of an HTTP adapter: resolve the name, start, stream, map errors.
+
+The first chunk is awaited before any response is started, so a request that fails early (an
+unknown model, a prompt longer than the context, no node able to hold the model) gets a real
+HTTP status; a failure after that can only be reported inside the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.registry import ModelNotFound
+from llm_omninode.request import RequestError
+
+from .api_parse import ApiCall, ApiError
+from .coordinator import CoordinatorError, ModelText, ModelUnknown
+from .stage_host import StageError
+
+if TYPE_CHECKING:
+    from .node import Node
+
+
+def as_api_error(exc: BaseException) -> ApiError | None:
+    """The HTTP status and message for a failure of ours; None for a bug (a plain 500)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, ModelUnknown | ModelNotFound):
+        return ApiError(404, str(exc))
+    if isinstance(exc, CoordinatorError | StageError):
+        return ApiError(500, str(exc))
+    return None
+
+
+def raise_as_api_error(exc: Exception) -> None:
+    """Re-raise ``exc`` (being handled) as its ApiError, or as it is if it is a bug."""
+    err = as_api_error(exc)
+    if err is None:
+        raise exc
+    raise err from exc
+
+
+async def resolve_name(node: Node, name: str) -> tuple[str, ModelText]:
+    """The name that resolves (``smollm2:latest`` is the alias ``smollm2``) and its model."""
+    try:
+        return name, await node.coordinator.resolve(name)
+    except ModelUnknown:
+        if not name.endswith(":latest"):
+            raise
+        base = name.removesuffix(":latest")
+        return base, await node.coordinator.resolve(base)
+
+
+@dataclass
+class Run:
+    name: str  # the name the client used, echoed back
+    first: Chunk
+    rest: AsyncIterator[Chunk]
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        yield self.first
+        if not self.first.done:
+            async for chunk in self.rest:
+                yield chunk
+
+    async def close(self) -> None:
+        await self.rest.aclose()  # type: ignore[attr-defined]
+
+    def durations_ns(self) -> dict[str, int]:
+        """Ollama's final-object durations, in nanoseconds."""
+        t = self.timings
+
+        def ns(seconds: float) -> int:
+            return int(seconds * 1e9)
+
+        return {
+            "total_duration": ns(time.perf_counter() - self.started),
+            "load_duration": ns(t.get("load_s", 0.0)),
+            "prompt_eval_duration": ns(t.get("prefill_s", 0.0)),
+            "eval_duration": ns(t.get("decode_s", 0.0)),
+        }
+
+
+async def start_run(node: Node, call: ApiCall) -> Run:
+    """Start ``call`` and wait for its first chunk; ApiError if it fails before that."""
+    assert call.request is not None
+    started = time.perf_counter()
+    try:
+        resolved, _ = await resolve_name(node, call.model)
+    except Exception as exc:
+        raise_as_api_error(exc)
+    timings: dict[str, float] = {}
+    gen = node.coordinator.generate(replace(call.request, model=resolved), timings,
+                                    call.keep_alive)  # fmt: skip
+    try:
+        first = await gen.__anext__()
+    except Exception as exc:
+        await gen.aclose()
+        raise_as_api_error(exc)
+    return Run(call.model, first, gen, timings, started)

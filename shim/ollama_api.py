@@ -1,0 +1,292 @@
+"""Ollama's HTTP API, as Ollama documents it, served by every shim.
+
+Generation goes through the coordinator like any other request, so a shim that holds no layer
+of a model serves it through the ring. Durations are nanoseconds; streams are NDJSON, and a
+failure after the stream started is its last line, ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from llm_omninode import __version__
+from llm_omninode.backend import describe
+from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.registry import ModelNotFound, check_alias
+
+from . import api_models
+from .api_parse import (
+    ApiCall,
+    ApiError,
+    get_bool,
+    get_model,
+    parse_ollama_chat,
+    parse_ollama_generate,
+)
+from .api_run import Run, as_api_error, raise_as_api_error, resolve_name, start_run
+from .http_server import NODE_KEY, iso, now_iso, read_json, start_stream, write_ndjson
+
+log = logging.getLogger("omninode_shim.http")
+
+# the Ollama API level these routes follow; clients compare it against their minimums
+OLLAMA_API_VERSION = "0.12.0"
+FOREVER = "2318-11-30T00:00:00Z"  # how Ollama shows a model kept loaded forever
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", root)  # add_get answers HEAD too
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_post("/api/show", show)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/pull", pull)
+    app.router.add_delete("/api/delete", delete)
+    app.router.add_post("/api/copy", copy)
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": OLLAMA_API_VERSION, "omninode": __version__})
+
+
+# ---- models ----------------------------------------------------------------------------------
+async def tags(request: web.Request) -> web.Response:
+    rows = await api_models.cluster_models(request.app[NODE_KEY])
+    return web.json_response({"models": [r.tag_row() for r in rows]})
+
+
+async def show(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    node = request.app[NODE_KEY]
+    name = get_model(body, legacy_name=True)
+    verbose = get_bool(body, "verbose", False)
+    try:
+        _, model = await resolve_name(node, name)
+    except Exception as exc:
+        raise_as_api_error(exc)
+    manifest = model.manifest
+    template = "" if model.template.is_fallback else model.template.source
+    parameters = api_models.parameters_text(model.tokenizer)
+    modelfile = f"# Modelfile of {name} (OmniNode)\nFROM {manifest.model_id}\n"
+    if template:
+        modelfile += f'TEMPLATE """{template}"""\n'
+    modelfile += "".join(f"PARAMETER {line}\n" for line in parameters.splitlines())
+    return web.json_response({
+        "license": str(manifest.metadata.get("general.license", "")),
+        "modelfile": modelfile,
+        "parameters": parameters,
+        "template": template,
+        "details": describe.details(manifest),
+        "model_info": api_models.model_info(manifest, verbose),
+        "capabilities": ["completion"],
+        "modified_at": iso(api_models.modified_time(node, manifest.model_id)),
+    })  # fmt: skip
+
+
+async def ps(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    rows = []
+    for model, state, expires in node.coordinator.loaded():
+        alias = node.coordinator.alias_of(model.manifest.model_id)
+        name = api_models.display_name(alias) if alias else model.manifest.model_id
+        rows.append({
+            "name": name,
+            "model": name,
+            "size": sum(s.weight_bytes for s in state.plan.stages),
+            "digest": model.manifest.model_id,
+            "details": describe.details(model.manifest),
+            "expires_at": FOREVER if expires is None else iso(expires),
+            "size_vram": 0,  # CPU stages here; Apple GPU memory is unified, not VRAM
+            "context_length": node.max_context or model.spec.context_length,
+            "stages": [{"node_id": s.node_id, "start": s.start, "end": s.end}
+                       for s in state.plan.stages],
+        })  # fmt: skip
+    return web.json_response({"models": rows})
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    from llm_omninode.backend.library import pull_model
+    from llm_omninode.backend.sources import PullError, find_source
+
+    body = await read_json(request)
+    node = request.app[NODE_KEY]
+    name = get_model(body, legacy_name=True)
+    stream = get_bool(body, "stream", True)
+    try:
+        source = find_source(name)
+    except PullError as exc:
+        raise ApiError(404, str(exc)) from exc
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    digest = f"sha256:{source.sha256}"
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:  # on pull's thread
+        percent = done * 100 // max(total, 1)
+        if percent != last[0] or done == total:  # about a hundred lines, not thousands
+            last[0] = percent
+            doc = {"status": f"pulling {source.filename}", "digest": digest, "total": total,
+                   "completed": done}  # fmt: skip
+            loop.call_soon_threadsafe(events.put_nowait, doc)
+
+    def work():
+        return pull_model(node.registry, source, progress=progress, quiet=True)
+
+    events.put_nowait({"status": "pulling manifest"})
+    job = asyncio.ensure_future(asyncio.to_thread(work))
+    if not stream:
+        try:
+            await job
+        except Exception as exc:
+            raise ApiError(500, f"pull {name}: {exc}") from exc
+        return web.json_response({"status": "success"})
+    response = await start_stream(request, "application/x-ndjson")
+    while not (job.done() and events.empty()):
+        getter = asyncio.ensure_future(events.get())
+        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            await write_ndjson(response, getter.result())
+        else:
+            getter.cancel()
+    try:
+        job.result()
+    except Exception as exc:
+        await write_ndjson(response, {"error": f"pull {name}: {exc}"})
+    else:
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            await write_ndjson(response, {"status": status})
+    await response.write_eof()
+    return response
+
+
+async def delete(request: web.Request) -> web.Response:
+    from llm_omninode.backend.library import remove_model
+
+    body = await read_json(request)
+    node = request.app[NODE_KEY]
+    name = get_model(body, legacy_name=True)
+    for candidate in (name, name.removesuffix(":latest")):
+        try:
+            model_id = node.registry.resolve(candidate)
+        except ModelNotFound:
+            continue
+        _, gone = remove_model(node.registry, candidate)
+        if gone:
+            with contextlib.suppress(Exception):  # unloading is best effort; the model is gone
+                await node.coordinator.unload(model_id)
+            node.coordinator.forget(model_id)
+        return web.Response(status=200)
+    raise ApiError(404, f"model {name!r} not found on this node")
+
+
+async def copy(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    node = request.app[NODE_KEY]
+    source, destination = body.get("source"), body.get("destination")
+    if not (isinstance(source, str) and source and isinstance(destination, str) and destination):
+        raise ApiError(400, "source and destination must be non-empty strings")
+    try:
+        _, model = await resolve_name(node, source)
+    except Exception as exc:
+        raise_as_api_error(exc)
+    try:
+        alias = check_alias(destination.removesuffix(":latest"))
+    except ValueError as exc:
+        raise ApiError(400, f"destination: {exc}") from exc
+    node.registry.set_alias(alias, model.manifest.model_id)
+    return web.Response(status=200)
+
+
+# ---- generation ------------------------------------------------------------------------------
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_ollama_generate(await read_json(request)), chat=False)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_ollama_chat(await read_json(request)), chat=True)
+
+
+def _body(name: str, text: str, chat: bool) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": name, "created_at": now_iso()}
+    if chat:
+        doc["message"] = {"role": "assistant", "content": text}
+    else:
+        doc["response"] = text
+    return doc
+
+
+def _final(run: Run, last: Chunk, text: str, chat: bool) -> dict[str, Any]:
+    return {
+        **_body(run.name, text, chat),
+        "done": True,
+        "done_reason": last.done_reason or "stop",
+        **run.durations_ns(),
+        "prompt_eval_count": last.prompt_tokens,
+        "eval_count": last.completion_tokens,
+    }
+
+
+async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    if call.request is None:
+        return await _load_or_unload(node, call, chat)
+    run = await start_run(node, call)
+    if not call.stream:
+        parts: list[str] = []
+        try:
+            async for chunk in run.chunks():
+                parts.append(chunk.text)
+                if chunk.done:
+                    return web.json_response(_final(run, chunk, "".join(parts), chat))
+        except Exception as exc:
+            raise_as_api_error(exc)
+        finally:
+            await run.close()
+        raise ApiError(500, "generation ended without its final chunk")
+    response = await start_stream(request, "application/x-ndjson")
+    try:
+        async for chunk in run.chunks():
+            if chunk.done:
+                await write_ndjson(response, _final(run, chunk, "", chat))
+            elif chunk.text:
+                await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
+    except ConnectionResetError:
+        log.info("client went away during a %s stream", "chat" if chat else "generate")
+        return response
+    except Exception as exc:  # headers are gone: the error is the stream's last line
+        err = as_api_error(exc)
+        if err is None:
+            log.exception("generation failed")
+        message = err.message if err else "internal error (see the shim's log)"
+        with contextlib.suppress(ConnectionResetError):
+            await write_ndjson(response, {"error": message})
+    finally:
+        await run.close()
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+async def _load_or_unload(node, call: ApiCall, chat: bool) -> web.Response:
+    """A body with a model and nothing to say: load it, or with keep_alive 0, unload it."""
+    try:
+        name, model = await resolve_name(node, call.model)
+        if call.keep_alive == 0:
+            await node.coordinator.unload(model.manifest.model_id)
+            reason = "unload"
+        else:
+            await node.coordinator.load(name, call.keep_alive)
+            reason = "load"
+    except Exception as exc:
+        raise_as_api_error(exc)
+    return web.json_response({**_body(call.model, "", chat), "done": True, "done_reason": reason})

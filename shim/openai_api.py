@@ -1,0 +1,142 @@
+"""OpenAI's chat and completions routes (/v1), as Ollama serves them, on every shim.
+
+Streams are server-sent events ending with ``data: [DONE]``; a failure after the stream
+started is an event ``{"error": {...}}`` before it. Sampling fields OpenAI leaves unset keep
+the model defaults Ollama uses, as Ollama's own /v1 does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from llm_omninode.backend.generate import Chunk
+
+from . import api_models
+from .api_parse import ApiCall, ApiError, parse_openai_chat, parse_openai_completion
+from .api_run import Run, as_api_error, raise_as_api_error, start_run
+from .http_server import NODE_KEY, read_json, start_stream, write_sse
+
+log = logging.getLogger("omninode_shim.http")
+
+# Ollama reports "length" and "stop"; OpenAI's names are the same
+_FINISH = {"length": "length", "stop": "stop"}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+
+
+async def models(request: web.Request) -> web.Response:
+    rows = await api_models.cluster_models(request.app[NODE_KEY])
+    data = [{"id": r.name, "object": "model", "created": int(r.modified), "owned_by": "omninode"}
+            for r in rows]  # fmt: skip
+    return web.json_response({"object": "list", "data": data})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    call = parse_openai_chat(await read_json(request))
+    return await _serve(request, call, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    call = parse_openai_completion(await read_json(request))
+    return await _serve(request, call, chat=False)
+
+
+def _usage(last: Chunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": last.prompt_tokens + last.completion_tokens,
+    }
+
+
+class _Shape:
+    """The response objects of one call: ids, timestamps, and chat vs completion fields."""
+
+    def __init__(self, run: Run, chat: bool) -> None:
+        self.run, self.chat = run, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _head(self, chunked: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        if chunked and self.chat:
+            kind += ".chunk"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.run.name,
+                "system_fingerprint": "omninode"}  # fmt: skip
+
+    def whole(self, text: str, last: Chunk) -> dict[str, Any]:
+        finish = _FINISH.get(last.done_reason or "stop", "stop")
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._head(False), "choices": [choice], "usage": _usage(last)}
+
+    def delta(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head(True), "choices": [choice]}
+
+    def usage_only(self, last: Chunk) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": _usage(last)}
+
+
+async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
+    run = await start_run(request.app[NODE_KEY], call)
+    shape = _Shape(run, chat)
+    if not call.stream:
+        parts: list[str] = []
+        try:
+            async for chunk in run.chunks():
+                parts.append(chunk.text)
+                if chunk.done:
+                    return web.json_response(shape.whole("".join(parts), chunk))
+        except Exception as exc:
+            raise_as_api_error(exc)
+        finally:
+            await run.close()
+        raise ApiError(500, "generation ended without its final chunk")
+    response = await start_stream(request, "text/event-stream")
+    try:
+        first = True
+        async for chunk in run.chunks():
+            if chunk.done:
+                finish = _FINISH.get(chunk.done_reason or "stop", "stop")
+                await write_sse(response, shape.delta(None if chat else "", finish, first))
+                if call.include_usage:
+                    await write_sse(response, shape.usage_only(chunk))
+            elif chunk.text:
+                await write_sse(response, shape.delta(chunk.text, None, first))
+                first = False
+        await write_sse(response, "[DONE]")
+    except ConnectionResetError:
+        log.info("client went away during a /v1 stream")
+        return response
+    except Exception as exc:
+        err = as_api_error(exc)
+        if err is None:
+            log.exception("generation failed")
+        message = err.message if err else "internal error (see the shim's log)"
+        with contextlib.suppress(ConnectionResetError):
+            await write_sse(response, {"error": {"message": message, "type": "api_error"}})
+    finally:
+        await run.close()
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
