@@ -17,7 +17,7 @@ from llm_omninode.backend.registry import ModelNotFound
 from llm_omninode.request import RequestError
 
 from .api_parse import ApiCall, ApiError
-from .coordinator import CoordinatorError, ModelText, ModelUnknown
+from .coordinator import Busy, CoordinatorError, ModelText, ModelUnknown
 from .stage_host import StageError
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(400, str(exc))
     if isinstance(exc, ModelUnknown | ModelNotFound):
         return ApiError(404, str(exc))
+    if isinstance(exc, Busy):
+        return ApiError(503, str(exc))
     if isinstance(exc, CoordinatorError | StageError):
         return ApiError(500, str(exc))
     return None

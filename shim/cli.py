@@ -68,10 +68,17 @@ def parse_size(text: str) -> int:
     help="Require 'Authorization: Bearer TOKEN' on the HTTP API (env OMNI_API_TOKEN).",
 )
 @click.option("--no-api", is_flag=True, help="No HTTP API.")
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 256),
+    default=4,
+    show_default=True,
+    help="Sequences of one model coordinated here at once; more wait in a queue.",
+)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name, no_mdns,
-         mdns_interfaces, advertise_host, api_host, api_port, api_token, no_api,
+         mdns_interfaces, advertise_host, api_host, api_port, api_token, no_api, parallel,
          log_level) -> None:  # fmt: skip
     """Run an OmniNode node: it discovers its peers, holds a slice of each model's blocks and
     coordinates the requests that reach it."""
@@ -101,6 +108,7 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
         max_context=max_context,
         advertise_host=advertise_host,
         api=None if no_api else ApiConfig(api_host, api_port, api_token or None),
+        parallel=parallel,
     )
     try:
         asyncio.run(_run(Node, config))

@@ -27,7 +27,16 @@ from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
 from llm_omninode.request import GenerationRequest, RequestError
 
-from .pipeline import Downstream, Hop, Link, PipelineError, check_token_reply, step_fields
+from .pipeline import (
+    LOST_AFTER,
+    PROBE_TIMEOUT,
+    Downstream,
+    Hop,
+    Link,
+    PipelineError,
+    check_token_reply,
+    step_fields,
+)
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
 from .stage_host import KV_ALLOWANCE
 
@@ -38,6 +47,10 @@ log = logging.getLogger("omninode_shim.coordinator")
 
 LOAD_TIMEOUT = 900.0  # a stage load may include fetching its shards
 DEFAULT_KEEP_ALIVE = 300.0  # seconds a model stays loaded after its last request (Ollama's 5m)
+MAX_RECOVERIES = 3  # re-plans (lost node, unloaded stage) one generation may go through
+DEFAULT_PARALLEL = 4  # sequences of one model this coordinator runs at once (Ollama's
+MAX_QUEUE = 256  # NUM_PARALLEL); more wait in a queue of at most this many, then "busy"
+BUSY_RETRIES = 40  # a stage full of other coordinators' sequences: retry, 0.25..2 s apart
 
 
 class CoordinatorError(RuntimeError):
@@ -46,6 +59,18 @@ class CoordinatorError(RuntimeError):
 
 class ModelUnknown(CoordinatorError):
     """No node of the cluster has the model (HTTP 404)."""
+
+
+class NodeLost(CoordinatorError):
+    """A step failed in a way a lost node explains (probed before a recovery)."""
+
+
+class Busy(CoordinatorError):
+    """Too many requests queued for the model (HTTP 503)."""
+
+
+class StageBusy(CoordinatorError):
+    """A stage holds as many sequences as it may (other coordinators' too): retry later."""
 
 
 class StageMissing(CoordinatorError):
@@ -79,8 +104,11 @@ class PlanState:
 
 
 class Coordinator:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, parallel: int = DEFAULT_PARALLEL) -> None:
         self.node = node
+        self.parallel = parallel
+        self._slots: dict[str, asyncio.Semaphore] = {}  # model id -> running sequences
+        self._queued: dict[str, int] = {}  # model id -> requests waiting for a slot
         self._models: dict[str, ModelText] = {}
         self._aliases: dict[str, str] = {}  # names resolved through peers -> model id
         self._plans: dict[str, PlanState] = {}
@@ -242,6 +270,10 @@ class Coordinator:
         keep = DEFAULT_KEEP_ALIVE if keep_alive is None else keep_alive
         self._expiry[model_id] = None if keep < 0 else time.time() + keep
 
+    def running(self) -> int:
+        """Generations in progress or queued here, all models."""
+        return sum(self._active.values())
+
     def loaded(self) -> list[tuple[ModelText, PlanState, float | None]]:
         """Models whose stages this coordinator has loaded: (model, plan, unload time)."""
         return [
@@ -312,36 +344,79 @@ class Coordinator:
         if request.num_ctx is not None:
             context = min(context, request.num_ctx)
 
-        def fresh() -> Generation:
-            return Generation(
+        try:
+            gen = Generation(
                 model.tokenizer, ids, max_tokens=request.max_tokens, stop=request.stop,
                 context_length=context,
             )  # fmt: skip
-
-        try:
-            gen = fresh()
         except ValueError as exc:  # empty prompt, or longer than the context
             raise RequestError(str(exc)) from exc
+        picked: list[int] = []  # ids accepted so far: what a replay feeds after the prompt
         self._active[model_id] = self._active.get(model_id, 0) + 1
+        slot = self._slots.setdefault(model_id, asyncio.Semaphore(self.parallel))
+        queued = self._queued.get(model_id, 0)
+        if slot.locked() and queued >= MAX_QUEUE:
+            self._active[model_id] -= 1
+            raise Busy(f"{queued} requests are waiting for {request.model}: try again later")
+        self._queued[model_id] = queued + 1
         try:
-            try:
-                async for chunk in self._run(model, state, request, ids, gen, timings):
-                    yield chunk
-            except StageMissing as exc:
-                if gen.generated:  # the client has text already: a retry would repeat it
-                    raise
-                log.info("%s; loading the plan again and retrying", exc)
-                state.ready = False
-                await self.load(request.model, keep_alive)
-                state = self._plans[model_id]
-                async for chunk in self._run(model, state, request, ids, fresh(), timings):
-                    yield chunk
+            await slot.acquire()
+        except BaseException:
+            self._active[model_id] -= 1
+            raise
         finally:
+            self._queued[model_id] -= 1
+        try:
+            attempt, busy = 0, 0
+            while True:
+                try:
+                    async for chunk in self._run(model, state, request, ids, picked, gen, timings):
+                        yield chunk
+                    return
+                except StageBusy as exc:
+                    busy += 1
+                    if busy > BUSY_RETRIES:
+                        raise CoordinatorError(f"generation failed: {exc}") from exc
+                    await asyncio.sleep(min(2.0, 0.25 * busy))
+                    continue
+                except StageMissing as exc:
+                    why = str(exc)
+                except NodeLost as exc:
+                    lost = await self._drop_unanswering(state.plan)
+                    if not lost:  # every node answers: not a loss, so a replay would fail again
+                        raise CoordinatorError(f"generation failed: {exc}") from exc
+                    why = f"lost {', '.join(n[:16] for n in lost)} ({exc})"
+                if attempt == MAX_RECOVERIES:
+                    raise CoordinatorError(f"generation failed after {attempt} recoveries: {why}")
+                attempt += 1
+                log.warning("%s: planning again and replaying the prompt and %d tokens", why,
+                            len(picked))  # fmt: skip
+                state.ready = False
+                try:
+                    await self.load(request.model, keep_alive)
+                except CoordinatorError as exc:
+                    raise CoordinatorError(
+                        f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
+                    ) from exc
+                state = self._plans[model_id]
+        finally:
+            slot.release()
             self._active[model_id] -= 1
             self._touch(model_id, keep_alive)  # the keep-alive counts from the end
             if keep_alive == 0:  # unload now, not at the next maintenance round
                 self._tasks.add(task := asyncio.ensure_future(self.expire()))
                 task.add_done_callback(self._tasks.discard)
+
+    async def _drop_unanswering(self, plan: Plan) -> list[str]:
+        """Probe the plan's other nodes; those that do not answer are marked down (so the
+        next plan leaves them out) and returned."""
+        others = [s.node_id for s in plan.stages if s.node_id != self.node.node_id]
+        peers = self.node.peers
+        answers = await asyncio.gather(*(peers.alive(n, PROBE_TIMEOUT, LOST_AFTER) for n in others))
+        lost = [n for n, ok in zip(others, answers, strict=True) if not ok]
+        for node_id in lost:
+            self.node.peers.mark_down(node_id, "did not answer after a failed step")
+        return lost
 
     async def _run(
         self,
@@ -349,9 +424,18 @@ class Coordinator:
         state: PlanState,
         request: GenerationRequest,
         ids: list[int],
+        picked: list[int],
         gen: Generation,
         timings: dict[str, float],
     ) -> AsyncIterator[Chunk]:
+        """One pass through the plan: prefill ``ids``, then decode while ``gen`` wants tokens.
+
+        After a lost node, ``picked`` holds the ids already sent to the client; they are
+        replayed as the decode steps they were (not as one longer prefill, whose batched
+        arithmetic rounds differently), so every stage's cache and the last stage's sampler
+        (penalty history, seeded generator) end as they would have with no failure, and the
+        text goes on as it would have.
+        """
         if gen.done:
             for chunk in gen.finish():
                 yield chunk
@@ -367,23 +451,39 @@ class Coordinator:
             entry: Link | Downstream = Link(self.node.host, hosted, self.node.peers, seq, route[1:])
         else:
             entry = Downstream(self.node.peers, model.manifest.model_id, seq, route)
+
+        async def step(frame: F.Frame) -> int:
+            return check_token_reply(await entry.step(frame), seq)
+
         t0 = time.perf_counter()
+        replay = list(picked)
         try:
-            frame = F.token_frame(seq, ids, **step_fields(request.options, ids))
-            token = check_token_reply(await entry.step(frame), seq)
-            t1 = timings["prefill_s"] = time.perf_counter() - t0
+            token = await step(F.token_frame(seq, ids, **step_fields(request.options, ids)))
+            t1 = time.perf_counter() - t0
+            timings.setdefault("prefill_s", t1)
             log.info("seq %s: prefill of %d tokens in %.3f s", seq[:12], len(ids), t1)
+            for i, sent in enumerate(replay):
+                if token != sent:  # arithmetic differs on the new plan: keep what was sent
+                    log.warning("seq %s: replay picked %d at %d, %d was sent", seq[:12], token,
+                                i, sent)  # fmt: skip
+                token = await step(F.token_frame(seq, [sent]))
+            if replay:
+                log.info("seq %s: replayed %d tokens", seq[:12], len(replay))
             while True:
-                for chunk in gen.accept(token):
+                chunks = gen.accept(token)
+                picked.append(token)
+                for chunk in chunks:
                     yield chunk
                 if gen.done:
                     break
-                token = check_token_reply(await entry.step(F.token_frame(seq, [token])), seq)
+                token = await step(F.token_frame(seq, [token]))
         except PipelineError as exc:
             state.ready = False  # the next request re-checks every stage
             if exc.code == F.ErrorCode.NOT_FOUND:
                 raise StageMissing(f"a stage is not loaded any more: {exc}") from exc
-            raise CoordinatorError(f"generation failed: {exc}") from exc
+            if exc.code == F.ErrorCode.BUSY:
+                raise StageBusy(str(exc)) from exc
+            raise NodeLost(str(exc)) from exc
         finally:
             await entry.close()
         timings["decode_s"] = time.perf_counter() - t0 - timings.get("prefill_s", 0.0)

@@ -12,6 +12,7 @@ SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transf
 ``manifest``       -> a model's manifest (the asker checks it hashes to the model id)
 ``stage.load``     -> load blocks [start, end) of the model whose manifest is the payload
 ``stage.unload``   -> drop a stage hosted here (keep-alive ran out, or ``keep_alive: 0``)
+``leaving``        -> the asking peer is shutting down: stop planning on it
 ``pipeline``       -> a channel: one sequence's steps through a stage hosted here
 =================  ==========================================================================
 """
@@ -37,12 +38,13 @@ from llm_omninode.home import SHIM_STATE_FILE
 from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission, create_cluster_secret, save_cluster_secret
 from llm_omninode.net.frames import ErrorCode, Frame, FrameType
+from llm_omninode.net.gates import PeerGates
 from llm_omninode.net.identity import load_or_create_identity
 from llm_omninode.net.quic import FrameStream, QuicSettings, Server, serve
 from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
-from .coordinator import Coordinator, CoordinatorError
+from .coordinator import DEFAULT_PARALLEL, Coordinator, CoordinatorError
 from .http_server import ApiConfig
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
@@ -52,6 +54,10 @@ log = logging.getLogger("omninode_shim")
 
 DEFAULT_PORT = 7341
 REFRESH_S = 5.0  # how often peers are greeted (liveness, INFO, round trip)
+# requests of these kinds one peer may have running at once; more wait (net/gates.py). A
+# fetching node reads 4 shards at a time per stage load (net/transfer.py); each read holds at
+# most QuicSettings.send_high_water + one chunk until the peer reads it.
+PEER_LIMITS = {"shard_read": 8, "stage.load": 4}
 
 
 def physical_memory() -> int:
@@ -95,6 +101,7 @@ class NodeConfig:
     max_context: int | None = None
     advertise_host: str | None = None  # the address peers should use for us, if not obvious
     api: ApiConfig | None = field(default_factory=ApiConfig)  # None: no HTTP API
+    parallel: int = DEFAULT_PARALLEL  # sequences of one model coordinated here at once
 
 
 class Node:
@@ -118,13 +125,15 @@ class Node:
         for text in config.peers:
             self.peers.add_static(*parse_host_port(text))
         self.host = StageHost(self.store, self.memory_budget, max_context=config.max_context)
-        self.coordinator = Coordinator(self)
+        self.coordinator = Coordinator(self, config.parallel)
+        self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         self.device = device_name()
         self.server: Server | None = None
         self.discovery = None  # net.discovery.Discovery when mDNS is on
         self.api = None  # http_server.ApiServer when the HTTP API is on
         self.port = config.port
         self._tasks: list[asyncio.Task] = []
+        self._gates = PeerGates(PEER_LIMITS)
         self._file_backed: dict[str, tuple[str, ...]] = {}
         self._stopped = asyncio.Event()
 
@@ -216,7 +225,8 @@ class Node:
             self._note_hello(frame, stream)
             return self.info(frame.id or 0)
         if frame.type == FrameType.SHARD_READ:
-            await handle_shard_read(frame, stream, self.store)
+            async with self._gates.slot(peer_id, "shard_read"):
+                await handle_shard_read(frame, stream, self.store)
             return None
         if frame.type != FrameType.REQUEST:
             return F.error_frame(ErrorCode.UNSUPPORTED, f"{frame.type.name} is not served here")
@@ -225,11 +235,19 @@ class Node:
             if method == "generate":
                 return await self._generate(frame, stream)
             if method == "pipeline":
-                return await serve_pipeline(self.host, self.peers, self.node_id, frame, stream)
+                self.pipelines += 1
+                try:
+                    return await serve_pipeline(self.host, self.peers, self.node_id, frame, stream)
+                finally:
+                    self.pipelines -= 1
             if method == "stage.load":
-                return await self._stage_load(peer_id, frame)
+                async with self._gates.slot(peer_id, "stage.load"):
+                    return await self._stage_load(peer_id, frame)
             if method == "stage.unload":
                 return self._stage_unload(frame)
+            if method == "leaving":  # a peer shutting down cleanly: plan without it now
+                self.peers.mark_left(peer_id)
+                return F.response_frame(frame.id)
             if method == "peers":
                 rows = [self.self_row()] + [p.row() for p in self.peers.all()]
                 return F.response_frame(frame.id, peers=rows)
@@ -239,7 +257,10 @@ class Node:
                 return F.response_frame(frame.id, models=self.registry.aliases())
             if method == "manifest":
                 return self._manifest(frame)
-        except (CoordinatorError, StageError, RequestError, ModelNotFound, ValueError) as exc:
+        # OverflowError: a peer's number that fits its wire type but not ours (a uint32 token
+        # id past 2**31 reaching NumPy int32): the peer's fault, not a bug of ours
+        except (CoordinatorError, StageError, RequestError, ModelNotFound, ValueError,
+                OverflowError) as exc:  # fmt: skip
             return F.error_frame(ErrorCode.BAD_REQUEST, str(exc), frame.id)
         return F.error_frame(ErrorCode.UNSUPPORTED, f"unknown method {method!r}", frame.id)
 
@@ -249,6 +270,7 @@ class Node:
             name = frame.header.get("name")
             peer = self.peers.note(frame.header["node_id"], host, port, "hello",
                                    name[:63] if isinstance(name, str) else "")  # fmt: skip
+            self.peers.back(frame.header["node_id"])
             if peer is not None and peer.last_ok is None:  # new: greet it now, not next round
                 task = asyncio.get_running_loop().create_task(self.peers.greet(peer))
                 self._tasks.append(task)
@@ -333,6 +355,9 @@ class Node:
             "hosted": [h.row() for h in self.host.stages()],
             "memory_budget": self.memory_budget,
             "memory_used": self.host.used_bytes(),
+            "rss": resident_bytes(),
+            "generations": self.coordinator.running(),  # running or queued here
+            "pipelines": self.pipelines,  # sequences passing through stages hosted here
         }
 
     # ---- life cycle ---------------------------------------------------------------------
@@ -397,12 +422,25 @@ class Node:
         tmp.write_text(json.dumps(state))
         os.replace(tmp, path)
 
+    async def _say_leaving(self) -> None:
+        """Tell the live peers we are going, so their coordinators plan without us at once
+        (and replay the sequences we were part of) instead of waiting to find us lost."""
+
+        async def tell(node_id: str) -> None:
+            conn = await self.peers.connection(node_id)
+            await conn.request(F.request_frame(conn.next_id(), "leaving"), timeout=1.0)
+
+        peers = [p.node_id for p in self.peers.live()]
+        await asyncio.gather(*(tell(n) for n in peers), return_exceptions=True)
+
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks:  # first: no greeting of ours may undo the goodbye below
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        with contextlib.suppress(Exception):  # leaving politely is best effort
+            await asyncio.wait_for(self._say_leaving(), 2.0)
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()

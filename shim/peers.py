@@ -41,6 +41,7 @@ class Peer:
     rtt_ms: float | None = None
     last_ok: float | None = None  # time.monotonic() of the last answer
     error: str | None = None
+    left: bool = False  # said it was leaving: not greeted until it greets us again
 
     @property
     def memory_budget(self) -> int:
@@ -123,6 +124,49 @@ class PeerTable:
     def get(self, node_id: str) -> Peer | None:
         return self._peers.get(node_id)
 
+    def mark_down(self, node_id: str, why: str) -> None:
+        """A node that stopped answering: not live (not planned on, not asked for shards)
+        until a greeting succeeds again; waiting steps on its connection fail now."""
+        peer = self._peers.get(node_id)
+        if peer is not None and peer.last_ok is not None:
+            log.warning("peer %s (%s) is down: %s", peer.name or "?", node_id[:16], why)
+            peer.last_ok, peer.error = None, why
+        self._drop_connection(node_id)
+
+    def mark_left(self, node_id: str) -> None:
+        """The node said it is shutting down: down now, and not greeted back to life while
+        it finishes closing (a HELLO from it, when it starts again, clears this)."""
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.left = True
+        self.mark_down(node_id, "left the cluster")
+
+    def back(self, node_id: str) -> None:
+        """The node greeted us: whatever it said before, it is here."""
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.left = False
+
+    async def alive(self, node_id: str, timeout: float, lost_after: float) -> bool:
+        """Whether ``node_id`` is still there: it answers a HELLO within ``timeout`` seconds,
+        or sent us anything (a HELLO answer, any packet) less than ``lost_after`` seconds ago:
+        a node busy with many sequences on few cores may be slow to answer, and is not lost
+        for that. A node marked down (it said it was leaving, or was found lost) is not alive
+        until it answers again."""
+        peer = self._peers.get(node_id)
+        if peer is None or peer.left:
+            return False
+        try:
+            if await asyncio.wait_for(self.greet(peer, timeout=timeout), timeout + 1.0):
+                return True
+        except asyncio.TimeoutError:  # connecting itself hung
+            pass
+        if peer.last_ok is None:
+            return False
+        conn = self._connections.get(node_id)
+        heard = max(peer.last_ok, conn.last_received if conn and not conn.closed else 0.0)
+        return time.monotonic() - heard <= lost_after
+
     def live(self) -> list[Peer]:
         now = time.monotonic()
         return sorted(
@@ -182,6 +226,8 @@ class PeerTable:
 
     async def greet(self, peer: Peer, timeout: float = 5.0) -> bool:
         """HELLO -> INFO: refresh what we know of ``peer`` and its round trip."""
+        if peer.left:
+            return False
         try:
             conn = await self.connection(peer.node_id)
             t0 = time.perf_counter()

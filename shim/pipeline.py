@@ -43,6 +43,16 @@ log = logging.getLogger("omninode_shim.pipeline")
 MAX_HOPS = 64
 MAX_RECENT = 4096  # prompt ids the last stage's repeat penalty may look back over
 STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slow nodes)
+# A step unanswered for PROBE_AFTER makes us ask the next node (HELLO) whether it is there,
+# again every PROBE_AFTER; it is lost once nothing at all (no HELLO answer, no packet) has come
+# from it for LOST_AFTER. A live node answers even in the middle of a long prefill (its MLX
+# work runs on a worker thread), so a killed node is known within PROBE_AFTER + LOST_AFTER +
+# PROBE_TIMEOUT = 17 s at most (the QUIC idle timeout is 60 s); a node that says it is leaving
+# (SIGTERM), at once. LOST_AFTER is generous because a node loading a stage while other
+# processes share its 2 cores was seen silent for over 6 s, and a false alarm costs a replay.
+PROBE_AFTER = 2.0
+PROBE_TIMEOUT = 3.0
+LOST_AFTER = 12.0
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -56,8 +66,11 @@ class PipelineError(RuntimeError):
 
 
 def _reply_code(exc: PipelineError) -> str:
-    """What to answer upstream: "not loaded" travels back as itself, the rest as bad request."""
-    return F.ErrorCode.NOT_FOUND if exc.code == F.ErrorCode.NOT_FOUND else F.ErrorCode.BAD_REQUEST
+    """What to answer upstream: "not loaded" and "busy" travel back as themselves (the
+    coordinator acts on them), the rest as bad request."""
+    if exc.code in (F.ErrorCode.NOT_FOUND, F.ErrorCode.BUSY):
+        return exc.code
+    return F.ErrorCode.BAD_REQUEST
 
 
 @dataclass(frozen=True)
@@ -141,7 +154,7 @@ class Downstream:
             if self._stream is None:
                 self._stream = await self._open()
             await self._stream.send(frame)
-            reply = await self._stream.recv(STEP_TIMEOUT)
+            reply = await self._watched_recv(self._stream)
         except (NetError, OSError) as exc:
             raise PipelineError(f"stage on {self.node_id[:16]} failed: {exc}") from exc
         if reply is None:
@@ -152,6 +165,23 @@ class Downstream:
                                 code if isinstance(code, str) else None)  # fmt: skip
         check_token_reply(reply, self.seq)
         return reply
+
+    async def _watched_recv(self, stream: FrameStream) -> Frame | None:
+        """The step's answer; PipelineError as soon as the next node stops answering."""
+        answer = asyncio.ensure_future(stream.recv(STEP_TIMEOUT))
+        try:
+            while True:
+                done, _ = await asyncio.wait({answer}, timeout=PROBE_AFTER)
+                if done:
+                    return answer.result()
+                if not await self.peers.alive(self.node_id, PROBE_TIMEOUT, LOST_AFTER):
+                    self.peers.mark_down(self.node_id, "stopped answering during a step")
+                    raise PipelineError(f"node {self.node_id[:16]} stopped answering")
+        finally:
+            if not answer.done():
+                answer.cancel()
+            elif not answer.cancelled():
+                answer.exception()  # seen: no "exception was never retrieved" in the log
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -197,7 +227,11 @@ class Link:
         if stage.is_first:
             if hidden_dim != 1:
                 raise PipelineError("the first stage takes token ids (hidden_dim 1)")
-            return np.asarray(F.token_ids(frame), dtype=np.int32)
+            ids = F.token_ids(frame)
+            vocab = self.hosted.spec.vocab_size
+            if not all(0 <= t < vocab for t in ids):  # uint32 ids may not fit int32 either
+                raise PipelineError(f"token ids must be in [0, {vocab})")
+            return np.asarray(ids, dtype=np.int32)
         if hidden_dim != self.hosted.spec.d_model:
             raise PipelineError(
                 f"hidden_dim {hidden_dim} is not this model's width {self.hosted.spec.d_model}"
@@ -226,7 +260,9 @@ class Link:
         picker = self._picker(frame) if self.next is None else None
         try:
             out = await self.host.forward(self.hosted, self.seq, x)
-        except (ValueError, SequenceLimitError) as exc:  # the stage's own checks and limits
+        except SequenceLimitError as exc:  # full of other sequences: worth a retry later
+            raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
+        except ValueError as exc:  # the stage's own checks and limits
             raise PipelineError(str(exc)) from exc
         if self.next is None:
             token = await self.host.run(picker.pick, out)

@@ -32,6 +32,9 @@ from .planner import stage_bytes
 log = logging.getLogger("omninode_shim.stage")
 
 KV_ALLOWANCE = 0.25  # of the weights: room kept for KV caches when checking the budget
+# sequences one stage holds at once: two coordinators' worth of parallel requests, with
+# slack for the caches of finished ones being freed on the worker thread
+MAX_SEQUENCES = 16
 
 
 class StageError(RuntimeError):
@@ -64,7 +67,8 @@ class HostedStage:
             "first": self.stage.is_first,
             "last": self.stage.is_last,
             "weight_bytes": self.weight_bytes,
-            "sequences": len(self.stage.sequences()),
+            "sequences": len(self.stage.sequences()),  # KV caches held
+            "pickers": len(self.pickers),  # last stage: samplers of live sequences
         }
 
 
@@ -168,7 +172,9 @@ class StageHost:
             fetched = await fetch_shards(missing, sources_for, self.store)
         tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)
         stage = await self.run(
-            lambda: Stage(spec, tensors, start, end, max_context=self.max_context)
+            lambda: Stage(
+                spec, tensors, start, end, max_context=self.max_context, max_sequences=MAX_SEQUENCES
+            )  # fmt: skip
         )
         # what it really holds: on a Linux CPU the projections are dense float32 copies
         # (backend/blas.py), several times the GGUF bytes; later loads are budgeted on this

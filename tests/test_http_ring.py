@@ -48,7 +48,7 @@ def test_a_shim_without_layers_serves_through_the_ring(tmp_path: Path, smollm2_p
         assert holder.generate(model="smollm2", keep_alive=0).done_reason == "unload"
         again = empty.chat(model="smollm2", messages=MESSAGES, options=GREEDY)
         assert again.message.content == want
-        assert "loading the plan again" in cluster.log(1)
+        assert "planning again and replaying" in cluster.log(1)
 
         stream = empty.generate(model="smollm2", prompt="Tell me a very long story.",
                                 options={"num_predict": 4000}, stream=True)  # fmt: skip

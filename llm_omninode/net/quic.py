@@ -66,6 +66,10 @@ class QuicSettings:
     join_timeout: float = 10.0  # server waits this long for JOIN after the handshake
     request_timeout: float = 60.0  # default for Connection.request / each frame of stream()
     max_buffered: int = 512 * 1024 * 1024  # inbound bytes held per connection before OVERLOAD
+    # what one peer may make us hold: streams open at once (QUIC MAX_STREAMS; more wait on
+    # the peer's side), and bytes queued per stream that it has not read yet (send() waits)
+    max_streams: int = 128
+    send_high_water: int = 4 * 1024 * 1024
     socket_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF asked of the OS
 
     def datagram_size(self, host: str) -> int:
@@ -225,6 +229,11 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._protocol.close_code is not None
+
+    @property
+    def last_received(self) -> float:
+        """time.monotonic() of the last datagram from the peer (ACKs included)."""
+        return self._protocol.last_received
 
     def next_id(self) -> int:
         """A fresh request id for this connection."""

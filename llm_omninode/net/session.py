@@ -16,6 +16,11 @@ Connection set-up, in order (nothing else is read before step 4 succeeds):
    (a channel) per pipeline edge. The server hands the first frame of each stream and a
    ``FrameStream`` to the handler; a malformed frame gets an ERROR frame (``bad_frame``) and the
    end of that stream, and the connection keeps serving.
+
+What one peer can make us hold is bounded: at most ``settings.max_streams`` streams of its
+own at once (QUIC MAX_STREAMS), and on each stream at most ``settings.send_high_water`` bytes
+queued for it to read: ``FrameStream.send`` waits (``drain``) until the peer has acknowledged
+enough, and resets the stream of a peer that reads nothing for ``request_timeout``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -97,11 +103,15 @@ class OmniProtocol(QuicConnectionProtocol):
         self._join_stream: int | None = None
         self._join_decoder: FrameDecoder | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._acked = asyncio.Event()  # set on every transmit: acknowledgements may have come
+        self.last_received = time.monotonic()
+        tls.limit_peer_streams(quic, settings.max_streams)
 
     # ---- plumbing ------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self.peer_addr is None:
             self.peer_addr = addr
+        self.last_received = time.monotonic()  # liveness: a dead process sends nothing
         super().datagram_received(data, addr)
 
     def send_frame(self, stream_id: int, frame: Frame | None, end_stream: bool = False) -> None:
@@ -129,6 +139,42 @@ class OmniProtocol(QuicConnectionProtocol):
         except (RuntimeError, ValueError) as exc:  # the peer reset or stopped the stream
             raise ConnectionClosed(f"stream {stream_id} closed: {exc}") from exc
         self.transmit()
+
+    def transmit(self) -> None:
+        super().transmit()
+        self._acked.set()  # called after every batch of received datagrams (ACKs included)
+
+    async def drain(self, stream_id: int) -> None:
+        """Wait until the peer has read our stream down to ``send_high_water`` queued bytes.
+
+        aioquic queues whatever it is given, whatever the peer's flow control lets through, so
+        without this a peer that asks for data and never reads it makes us hold it all. A
+        stream that makes no progress for ``request_timeout`` is reset (ConnectionClosed)."""
+        high_water = self.settings.send_high_water
+        backlog = tls.stream_backlog(self._quic, stream_id)
+        if backlog is None or backlog <= high_water:
+            await asyncio.sleep(0)  # a send always yields, as it did before
+            return
+        timeout = self.settings.request_timeout
+        deadline = self._loop.time() + timeout
+        while backlog > high_water:
+            if self.close_code is not None:
+                raise ConnectionClosed(f"connection closed: {self.close_reason}")
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                with contextlib.suppress(Exception):  # frees what we queued for it
+                    self._quic.reset_stream(stream_id, CloseCode.OVERLOAD)
+                    self.transmit()
+                raise ConnectionClosed(f"stream {stream_id}: the peer read nothing for {timeout} s")
+            self._acked.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), remaining)
+            now = tls.stream_backlog(self._quic, stream_id)
+            if now is None:
+                raise ConnectionClosed(f"stream {stream_id} was reset by the peer")
+            if now < backlog:  # progress: the peer is reading
+                deadline = self._loop.time() + timeout
+            backlog = now
 
     def forget_stream(self, stream_id: int) -> None:
         """Stop reading a stream: later bytes on it are dropped, never served."""

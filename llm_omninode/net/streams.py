@@ -21,6 +21,8 @@ class _Sender(Protocol):
 
     def forget_stream(self, stream_id: int) -> None: ...
 
+    async def drain(self, stream_id: int) -> None: ...
+
 
 class CloseCode(IntEnum):
     """QUIC application close codes."""
@@ -115,10 +117,11 @@ class FrameStream:
         return str(addr[0]) if addr else None
 
     async def send(self, frame: Frame) -> None:
+        """Send a frame; waits while the peer has too much of this stream left to read."""
         if self.ended:
             raise ConnectionClosed("stream already ended")
         self._protocol.send_frame(self.stream_id, frame)
-        await asyncio.sleep(0)
+        await self._protocol.drain(self.stream_id)
 
     def end(self, frame: Frame | None = None) -> None:
         """Send the last frame (if any) and close our sending side."""

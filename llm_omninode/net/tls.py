@@ -12,6 +12,14 @@ aioquic has no public switch for three things mutual authentication needs:
    (``tls.Context.key_schedule.derive_secret``), the same on both ends and different on every
    connection.
 
+Two more for bounding what one peer can make us hold (not for authentication):
+
+4. how many bidirectional streams the peer may open at once (QUIC ``MAX_STREAMS``), fixed at
+   128 by aioquic: ``QuicConnection._local_max_streams_bidi``;
+5. how many bytes of a stream are queued and not yet acknowledged by the peer (aioquic queues
+   whatever it is given, whatever the peer's flow control allows):
+   ``QuicStream.sender._buffer``.
+
 ``check_internals()`` fails with a clear message if any of them moved; ``tests/test_quic.py``
 calls it and runs a real handshake, so an aioquic upgrade outside the pinned range that broke
 them fails loudly there instead of silently admitting unauthenticated peers.
@@ -19,12 +27,14 @@ them fails loudly there instead of silently admitting unauthenticated peers.
 
 from __future__ import annotations
 
+import functools
 import ssl
 
 import aioquic
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.stream import QuicStreamSender
 from cryptography import x509
 
 ALPN = "omni/1"
@@ -50,6 +60,14 @@ def check_internals() -> None:
             f"aioquic {aioquic.__version__} is outside the tested range {low}..<{high}: "
             "re-check net/tls.py against it"
         )
+    missing = _missing_internals()
+    if missing:
+        raise TlsInternalsError(f"aioquic {aioquic.__version__} lacks {', '.join(missing)}")
+
+
+@functools.cache
+def _missing_internals() -> tuple[str, ...]:
+    """The internals this module uses that the installed aioquic lacks (probed once)."""
     context = tls.Context(is_client=False)
     missing = [
         name
@@ -58,10 +76,15 @@ def check_internals() -> None:
     ]
     if not hasattr(QuicConnection, "_initialize"):
         missing.append("QuicConnection._initialize")
+    probe = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    if not hasattr(probe, "_local_max_streams_bidi") or not hasattr(probe, "_streams"):
+        missing.append("QuicConnection._local_max_streams_bidi/_streams")
+    sender = QuicStreamSender(0, True)
+    if not hasattr(sender, "_buffer") or not hasattr(sender, "_reset_error_code"):
+        missing.append("QuicStreamSender._buffer/_reset_error_code")
     if not hasattr(tls.KeySchedule, "derive_secret"):
         missing.append("KeySchedule.derive_secret")
-    if missing:
-        raise TlsInternalsError(f"aioquic {aioquic.__version__} lacks {', '.join(missing)}")
+    return tuple(missing)
 
 
 def configuration(
@@ -119,3 +142,20 @@ def session_binding(connection: QuicConnection) -> bytes:
 
 def session_resumed(connection: QuicConnection) -> bool:
     return bool(connection.tls.session_resumed)
+
+
+def limit_peer_streams(connection: QuicConnection, count: int) -> None:
+    """Let the peer have at most ``count`` bidirectional streams open at once (announced in
+    the transport parameters, so call before the handshake; aioquic grants one more each time
+    one closes). A peer that opens more is closed with STREAM_LIMIT_ERROR by aioquic."""
+    limit = connection._local_max_streams_bidi
+    limit.value = limit.sent = count
+
+
+def stream_backlog(connection: QuicConnection, stream_id: int) -> int | None:
+    """Bytes queued on our side of a stream that the peer has not acknowledged yet; None once
+    the stream is gone or reset (its queue will never drain by the peer reading it)."""
+    stream = connection._streams.get(stream_id)
+    if stream is None or stream.sender._reset_error_code is not None:
+        return None
+    return len(stream.sender._buffer)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +54,18 @@ CHUNK = 1 * 1024 * 1024  # bytes per SHARD_DATA frame inside a window
 FRAME_TIMEOUT = 30.0  # seconds to wait for each frame of a window before reconnecting
 
 Progress = Callable[[str, int, int], None]  # (cid, bytes done, total)
+
+# Test-only throttles, read from the environment of the fetching process and unset in real
+# use: they let tests/test_shard_crash.py kill a shim mid-download deterministically (no
+# timing): windows of at most OMNI_TEST_FETCH_WINDOW bytes, and once a shard has received
+# OMNI_TEST_FETCH_STALL_AFTER bytes in this process, its download hangs until killed.
+TEST_WINDOW_ENV = "OMNI_TEST_FETCH_WINDOW"
+TEST_STALL_ENV = "OMNI_TEST_FETCH_STALL_AFTER"
+
+
+def _test_limit(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class ShardReader(Protocol):
@@ -166,6 +179,7 @@ class _Job:
     window: int
     timeout: float
     served_by: list[str] = dataclasses.field(default_factory=list)
+    received: int = 0  # bytes appended by this process (a resumed partial holds more)
 
     def report(self, done: int) -> None:
         if self.progress is not None:
@@ -199,8 +213,12 @@ async def fetch_shard(
         raise ValueError(f"bad shard size {size!r}")
     if not 0 < window <= MAX_WINDOW:
         raise ValueError(f"window must be in 1..{MAX_WINDOW}")
+    window = min(window, _test_limit(TEST_WINDOW_ENV) or window)
     job = _Job(cid, size, sink, progress, window, timeout)
-    job.report(min(sink.partial_size(cid), size))
+    kept = sink.partial_size(cid)
+    if 0 < kept <= size:  # left by a dropped connection or an earlier run (even a kill -9)
+        log.info("shard %s: resuming at byte %d of %d from the partial kept", cid, kept, size)
+    job.report(min(kept, size))
     failures: dict[str, str] = {}
     for source in sources:
         reason = await _fetch_from(job, source, retries)
@@ -265,8 +283,12 @@ async def _commit(job: _Job) -> str | None:
         )
         job.sink.discard_partial(job.cid)
         job.served_by.clear()
+        job.received = 0
         job.report(0)
         return f"served bytes that do not match the CID ({exc})"
+    if job.received < job.size:
+        log.info("shard %s verified: %d bytes kept from before, %d received now",
+                 job.cid, job.size - job.received, job.received)  # fmt: skip
     return None
 
 
@@ -292,10 +314,14 @@ async def _pull(job: _Job, conn: Connection, node_id: str) -> None:
     """Ranged reads of at most ``job.window`` bytes from the partial size to the end."""
     offset = job.sink.partial_size(job.cid)
     job.report(offset)
+    stall = _test_limit(TEST_STALL_ENV)
     while offset < job.size:
         length = min(job.window, job.size - offset)
         await _read_window(job, conn, node_id, offset, length)
         offset += length
+        if stall is not None and job.received >= stall and offset < job.size:
+            log.warning("shard %s: test stall at byte %d (%s)", job.cid, offset, TEST_STALL_ENV)
+            await asyncio.Event().wait()  # until the test kills this process
 
 
 async def _read_window(job: _Job, conn: Connection, node_id: str, offset: int, length: int):
@@ -311,6 +337,7 @@ async def _read_window(job: _Job, conn: Connection, node_id: str, offset: int, l
                     job.sink.append_partial(job.cid, expected, frame.payload)
                     job.served_by.append(node_id)
                     expected += len(frame.payload)
+                    job.received += len(frame.payload)
                     job.report(expected)
                 if frame.flags & FLAG_LAST:
                     if expected != end:
