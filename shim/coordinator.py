@@ -12,7 +12,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from .pipeline import (
     Hop,
     Link,
     PipelineError,
+    Reuse,
     check_token_reply,
     step_fields,
 )
@@ -50,6 +52,8 @@ DEFAULT_KEEP_ALIVE = 300.0  # seconds a model stays loaded after its last reques
 MAX_RECOVERIES = 3  # re-plans (lost node, unloaded stage) one generation may go through
 DEFAULT_PARALLEL = 4  # sequences of one model this coordinator runs at once (Ollama's
 MAX_QUEUE = 256  # NUM_PARALLEL); more wait in a queue of at most this many, then "busy"
+MIN_REUSE = 8  # cached positions worth reusing (fewer: just compute them)
+MAX_PARKED = 16  # finished sequences remembered for reuse (stages keep 4 each: MAX_PARKED)
 BUSY_RETRIES = 40  # a stage full of other coordinators' sequences: retry, 0.25..2 s apart
 
 
@@ -71,6 +75,10 @@ class Busy(CoordinatorError):
 
 class StageBusy(CoordinatorError):
     """A stage holds as many sequences as it may (other coordinators' too): retry later."""
+
+
+class CacheMiss(CoordinatorError):
+    """A stage no longer holds the prefix a sequence was to start from."""
 
 
 class StageMissing(CoordinatorError):
@@ -96,6 +104,28 @@ class ModelText:
         )
 
 
+@dataclass(frozen=True)
+class Parked:
+    """A finished sequence whose KV caches the stages of ``route`` keep, and what they hold."""
+
+    model_id: str
+    route: tuple[tuple[str, int, int], ...]
+    tokens: tuple[int, ...]
+
+
+def _route_key(plan: Plan) -> tuple[tuple[str, int, int], ...]:
+    return tuple((s.node_id, s.start, s.end) for s in plan.stages)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class PlanState:
     plan: Plan
@@ -107,6 +137,8 @@ class Coordinator:
     def __init__(self, node: Node, parallel: int = DEFAULT_PARALLEL) -> None:
         self.node = node
         self.parallel = parallel
+        self.prefix_reuse = True
+        self._parked: OrderedDict[str, Parked] = OrderedDict()  # seq -> parked, oldest first
         self._slots: dict[str, asyncio.Semaphore] = {}  # model id -> running sequences
         self._queued: dict[str, int] = {}  # model id -> requests waiting for a slot
         self._models: dict[str, ModelText] = {}
@@ -368,11 +400,18 @@ class Coordinator:
             self._queued[model_id] -= 1
         try:
             attempt, busy = 0, 0
+            reuse = self._take_prefix(model_id, state.plan, ids)
             while True:
                 try:
-                    async for chunk in self._run(model, state, request, ids, picked, gen, timings):
+                    async for chunk in self._run(
+                        model, state, request, ids, picked, gen, timings, reuse
+                    ):
                         yield chunk
                     return
+                except CacheMiss as exc:  # compute the whole prompt after all
+                    log.info("%s", exc)
+                    reuse = None
+                    continue
                 except StageBusy as exc:
                     busy += 1
                     if busy > BUSY_RETRIES:
@@ -399,6 +438,7 @@ class Coordinator:
                         f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
                     ) from exc
                 state = self._plans[model_id]
+                reuse = None
         finally:
             slot.release()
             self._active[model_id] -= 1
@@ -406,6 +446,28 @@ class Coordinator:
             if keep_alive == 0:  # unload now, not at the next maintenance round
                 self._tasks.add(task := asyncio.ensure_future(self.expire()))
                 task.add_done_callback(self._tasks.discard)
+
+    # ---- prefix reuse -------------------------------------------------------------------
+    def _park(self, seq: str, model_id: str, plan: Plan, cached: list[int]) -> None:
+        if not self.prefix_reuse:
+            return
+        self._parked[seq] = Parked(model_id, _route_key(plan), tuple(cached))
+        while len(self._parked) > MAX_PARKED:
+            self._parked.popitem(last=False)
+
+    def _take_prefix(self, model_id: str, plan: Plan, ids: list[int]) -> Reuse | None:
+        """The parked sequence sharing the longest prefix with ``ids`` on this very plan, if
+        that prefix is worth it; it is taken (a cache continues one sequence only)."""
+        key, best, best_len = _route_key(plan), None, MIN_REUSE - 1
+        for seq, parked in self._parked.items():
+            if parked.model_id == model_id and parked.route == key:
+                n = _common_prefix(parked.tokens, ids, limit=len(ids) - 1)
+                if n > best_len:
+                    best, best_len = seq, n
+        if best is None:
+            return None
+        del self._parked[best]
+        return Reuse(best, best_len)
 
     async def _drop_unanswering(self, plan: Plan) -> list[str]:
         """Probe the plan's other nodes; those that do not answer are marked down (so the
@@ -427,8 +489,13 @@ class Coordinator:
         picked: list[int],
         gen: Generation,
         timings: dict[str, float],
+        reuse: Reuse | None = None,
     ) -> AsyncIterator[Chunk]:
         """One pass through the plan: prefill ``ids``, then decode while ``gen`` wants tokens.
+
+        With ``reuse``, every stage starts from the cache a finished sequence left parked and
+        only ``ids[reuse.keep:]`` is computed (a chat's next turn). A sequence that ends well
+        is parked in turn.
 
         After a lost node, ``picked`` holds the ids already sent to the client; they are
         replayed as the decode steps they were (not as one longer prefill, whose batched
@@ -448,20 +515,26 @@ class Coordinator:
             if hosted is None:
                 state.ready = False
                 raise StageMissing("this node's stage was unloaded")
-            entry: Link | Downstream = Link(self.node.host, hosted, self.node.peers, seq, route[1:])
+            entry: Link | Downstream = Link(
+                self.node.host, hosted, self.node.peers, seq, route[1:], reuse
+            )
         else:
-            entry = Downstream(self.node.peers, model.manifest.model_id, seq, route)
+            entry = Downstream(self.node.peers, model.manifest.model_id, seq, route, reuse)
 
         async def step(frame: F.Frame) -> int:
             return check_token_reply(await entry.step(frame), seq)
 
         t0 = time.perf_counter()
         replay = list(picked)
+        skip = reuse.keep if reuse else 0
+        closed = False
         try:
-            token = await step(F.token_frame(seq, ids, **step_fields(request.options, ids)))
+            fields = step_fields(request.options, ids)  # the penalty looks at the whole prompt
+            token = await step(F.token_frame(seq, ids[skip:], **fields))
             t1 = time.perf_counter() - t0
             timings.setdefault("prefill_s", t1)
-            log.info("seq %s: prefill of %d tokens in %.3f s", seq[:12], len(ids), t1)
+            log.info("seq %s: prefill of %d tokens (%d more cached) in %.3f s", seq[:12],
+                     len(ids) - skip, skip, t1)  # fmt: skip
             for i, sent in enumerate(replay):
                 if token != sent:  # arithmetic differs on the new plan: keep what was sent
                     log.warning("seq %s: replay picked %d at %d, %d was sent", seq[:12], token,
@@ -477,15 +550,21 @@ class Coordinator:
                 if gen.done:
                     break
                 token = await step(F.token_frame(seq, [token]))
+            closed = True  # every stage keeps the caches: prompt and all ids fed but the last
+            await entry.close(park=True)
+            self._park(seq, model.manifest.model_id, state.plan, [*ids, *picked[:-1]])
         except PipelineError as exc:
+            if exc.code == F.ErrorCode.CACHE_MISS:
+                raise CacheMiss(str(exc)) from exc
+            if exc.code == F.ErrorCode.BUSY:
+                raise StageBusy(str(exc)) from exc
             state.ready = False  # the next request re-checks every stage
             if exc.code == F.ErrorCode.NOT_FOUND:
                 raise StageMissing(f"a stage is not loaded any more: {exc}") from exc
-            if exc.code == F.ErrorCode.BUSY:
-                raise StageBusy(str(exc)) from exc
             raise NodeLost(str(exc)) from exc
         finally:
-            await entry.close()
+            if not closed:
+                await entry.close()
         timings["decode_s"] = time.perf_counter() - t0 - timings.get("prefill_s", 0.0)
         log.info("seq %s: %d tokens in %.3f s (%s)", seq[:12], gen.generated,
                  time.perf_counter() - t0, gen.reason)  # fmt: skip

@@ -102,6 +102,7 @@ class NodeConfig:
     advertise_host: str | None = None  # the address peers should use for us, if not obvious
     api: ApiConfig | None = field(default_factory=ApiConfig)  # None: no HTTP API
     parallel: int = DEFAULT_PARALLEL  # sequences of one model coordinated here at once
+    prefix_reuse: bool = True  # keep finished sequences' caches for a next turn
 
 
 class Node:
@@ -126,6 +127,7 @@ class Node:
             self.peers.add_static(*parse_host_port(text))
         self.host = StageHost(self.store, self.memory_budget, max_context=config.max_context)
         self.coordinator = Coordinator(self, config.parallel)
+        self.coordinator.prefix_reuse = config.prefix_reuse
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         self.device = device_name()
         self.server: Server | None = None

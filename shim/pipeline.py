@@ -68,7 +68,7 @@ class PipelineError(RuntimeError):
 def _reply_code(exc: PipelineError) -> str:
     """What to answer upstream: "not loaded" and "busy" travel back as themselves (the
     coordinator acts on them), the rest as bad request."""
-    if exc.code in (F.ErrorCode.NOT_FOUND, F.ErrorCode.BUSY):
+    if exc.code in (F.ErrorCode.NOT_FOUND, F.ErrorCode.BUSY, F.ErrorCode.CACHE_MISS):
         return exc.code
     return F.ErrorCode.BAD_REQUEST
 
@@ -121,20 +121,58 @@ def step_fields(options: SamplingOptions | None, recent: Sequence[int]) -> dict[
     return {"sampling": options.to_dict(), "recent": list(recent)[-MAX_RECENT:]}
 
 
-def open_frame(request_id: int, model_id: str, seq: str, route: Sequence[Hop]) -> Frame:
+@dataclass(frozen=True)
+class Reuse:
+    """Start the sequence from the first ``keep`` cached positions of the parked ``seq``."""
+
+    seq: str
+    keep: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "keep": self.keep}
+
+    @classmethod
+    def from_json(cls, doc: object) -> Reuse | None:
+        if doc is None:
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("keep"), int):
+            raise PipelineError("reuse must be {seq, keep}")
+        if not 0 < doc["keep"] <= 2**24:
+            raise PipelineError("reuse.keep is out of range")
+        return cls(check_seq(doc.get("seq")), doc["keep"])
+
+
+def open_frame(
+    request_id: int, model_id: str, seq: str, route: Sequence[Hop], reuse: Reuse | None = None
+) -> Frame:
+    extra = {} if reuse is None else {"reuse": reuse.to_json()}
     return F.request_frame(
-        request_id, "pipeline", model=model_id, seq=seq, route=[h.to_json() for h in route]
-    )
+        request_id, "pipeline", model=model_id, seq=seq, route=[h.to_json() for h in route],
+        **extra,
+    )  # fmt: skip
+
+
+def park_frame(request_id: int) -> Frame:
+    """The last frame of a finished sequence whose caches the stages keep for reuse."""
+    return F.request_frame(max(request_id, 1), "park")
 
 
 class Downstream:
     """The channel to the next stage (or, for a coordinator, to stage 0 on another node)."""
 
-    def __init__(self, peers: PeerTable, model_id: str, seq: str, route: Sequence[Hop]):
+    def __init__(
+        self,
+        peers: PeerTable,
+        model_id: str,
+        seq: str,
+        route: Sequence[Hop],
+        reuse: Reuse | None = None,
+    ):
         self.peers = peers
         self.model_id = model_id
         self.seq = seq
         self.route = tuple(route)
+        self.reuse = reuse
         self._stream: FrameStream | None = None
 
     @property
@@ -146,7 +184,8 @@ class Downstream:
         if self.peers.get(hop.node_id) is None:  # known from the route only: the address is a
             self.peers.note(hop.node_id, hop.host, hop.port, "hello")  # hint, the key is checked
         conn = await self.peers.connection(hop.node_id)
-        return await conn.channel(open_frame(conn.next_id(), self.model_id, self.seq, self.route))
+        frame = open_frame(conn.next_id(), self.model_id, self.seq, self.route, self.reuse)
+        return await conn.channel(frame)
 
     async def step(self, frame: Frame) -> Frame:
         """Send one step's input; return the token frame that comes back."""
@@ -183,10 +222,13 @@ class Downstream:
             elif not answer.cancelled():
                 answer.exception()  # seen: no "exception was never retrieved" in the log
 
-    async def close(self) -> None:
+    async def close(self, park: bool = False) -> None:
+        """End the channel; ``park``: the stages keep the sequence's caches for reuse."""
         if self._stream is not None:
             stream, self._stream = self._stream, None
             with contextlib.suppress(NetError):  # the next stage may be gone already
+                if park:
+                    await stream.send(park_frame(0))
                 await stream.aclose()
 
 
@@ -210,11 +252,13 @@ class Link:
         peers: PeerTable,
         seq: str,
         rest: Sequence[Hop],
+        reuse: Reuse | None = None,
     ) -> None:
         self.host = host
         self.hosted = hosted
         self.seq = seq
-        self.next = Downstream(peers, hosted.model_id, seq, rest) if rest else None
+        self.reuse = reuse  # taken up at the first step, on the MLX worker thread
+        self.next = Downstream(peers, hosted.model_id, seq, rest, reuse) if rest else None
         if (self.next is None) != hosted.stage.is_last:
             raise PipelineError("the route does not end where the model ends")
         hosted.active += 1
@@ -230,7 +274,7 @@ class Link:
             ids = F.token_ids(frame)
             vocab = self.hosted.spec.vocab_size
             if not all(0 <= t < vocab for t in ids):  # uint32 ids may not fit int32 either
-                raise PipelineError(f"token ids must be in [0, {vocab})")
+                raise PipelineError(f"token id out of range [0, {vocab})")
             return np.asarray(ids, dtype=np.int32)
         if hidden_dim != self.hosted.spec.d_model:
             raise PipelineError(
@@ -256,6 +300,12 @@ class Link:
         return picker
 
     async def step(self, frame: Frame) -> Frame:
+        if self.reuse is not None:
+            reuse, self.reuse = self.reuse, None
+            kept = await self.host.adopt(self.hosted, reuse.seq, self.seq, reuse.keep)
+            if kept != reuse.keep:
+                raise PipelineError(f"prefix of {reuse.seq[:12]} is not cached here any more",
+                                    F.ErrorCode.CACHE_MISS)  # fmt: skip
         x = self._input(frame)
         picker = self._picker(frame) if self.next is None else None
         try:
@@ -272,11 +322,15 @@ class Link:
             F.hidden_frame(self.seq, out.tobytes(), out.shape, "float16", **extra)
         )
 
-    async def close(self) -> None:
+    async def close(self, park: bool = False) -> None:
+        """End the sequence here and downstream; ``park``: keep its caches for reuse."""
         self.hosted.active -= 1
-        self.host.free(self.hosted, self.seq)
+        if park:
+            self.host.park(self.hosted, self.seq)
+        else:
+            self.host.free(self.hosted, self.seq)
         if self.next is not None:
-            await self.next.close()
+            await self.next.close(park)
 
 
 async def serve_pipeline(
@@ -297,11 +351,15 @@ async def serve_pipeline(
                 f"stage [{route[0].start}, {route[0].end}) of {model[:16]} is not loaded here",
                 F.ErrorCode.NOT_FOUND,
             )
-        link = Link(host, hosted, peers, seq, route[1:])
+        link = Link(host, hosted, peers, seq, route[1:], Reuse.from_json(first.header.get("reuse")))
     except PipelineError as exc:
         return F.error_frame(_reply_code(exc), str(exc), first.id)
+    park = False
     try:
         async for frame in stream:
+            if frame.type == FrameType.REQUEST and frame.header.get("method") == "park":
+                park = True  # the sequence is over; keep its caches for the next turn
+                break
             try:
                 reply = await link.step(frame)
             except PipelineError as exc:
@@ -314,5 +372,5 @@ async def serve_pipeline(
     except (NetError, asyncio.CancelledError):
         pass  # upstream went away: the sequence is over
     finally:
-        await link.close()
+        await link.close(park)
     return None

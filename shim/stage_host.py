@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llm_omninode.backend.engine import Stage
+from llm_omninode.backend.engine import SequenceLimitError, Stage
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.runtime import stage_tensors
 from llm_omninode.backend.shards import Manifest
@@ -35,6 +35,7 @@ KV_ALLOWANCE = 0.25  # of the weights: room kept for KV caches when checking the
 # sequences one stage holds at once: two coordinators' worth of parallel requests, with
 # slack for the caches of finished ones being freed on the worker thread
 MAX_SEQUENCES = 16
+MAX_PARKED = 4  # of those, finished ones kept for prefix reuse (the oldest go first)
 
 
 class StageError(RuntimeError):
@@ -53,6 +54,8 @@ class HostedStage:
     fetched: dict[str, str] = field(default_factory=dict)  # cid -> node it came from
     pickers: dict[str, TokenPicker] = field(default_factory=dict)  # last stage: per sequence
     active: int = 0  # pipeline links using it now
+    # finished sequences whose KV caches are kept for a next turn to reuse, oldest first
+    parked: dict[str, float] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -69,6 +72,7 @@ class HostedStage:
             "weight_bytes": self.weight_bytes,
             "sequences": len(self.stage.sequences()),  # KV caches held
             "pickers": len(self.pickers),  # last stage: samplers of live sequences
+            "parked": len(self.parked),  # finished, kept for prefix reuse
         }
 
 
@@ -217,11 +221,32 @@ class StageHost:
     # ---- compute ------------------------------------------------------------------------
     async def forward(self, hosted: HostedStage, seq: str, x: np.ndarray) -> np.ndarray:
         hosted.last_used = time.monotonic()
-        return await self.run(hosted.stage.forward, seq, x)
+        try:
+            return await self.run(hosted.stage.forward, seq, x)
+        except SequenceLimitError:
+            if not hosted.parked:
+                raise
+            self.free(hosted, next(iter(hosted.parked)))  # a live sequence before a parked one
+            return await self.run(hosted.stage.forward, seq, x)
 
     def free(self, hosted: HostedStage, seq: str) -> None:
         hosted.pickers.pop(seq, None)
+        hosted.parked.pop(seq, None)
         self._pool.submit(hosted.stage.free, seq)
+
+    def park(self, hosted: HostedStage, seq: str) -> None:
+        """Keep a finished sequence's KV cache for a next turn (``adopt``); its sampler goes."""
+        hosted.pickers.pop(seq, None)
+        hosted.parked[seq] = time.monotonic()
+        while len(hosted.parked) > MAX_PARKED:
+            self.free(hosted, next(iter(hosted.parked)))
+
+    async def adopt(self, hosted: HostedStage, old: str, new: str, keep: int) -> int:
+        """Start ``new`` from the first ``keep`` positions of the parked ``old``; the
+        positions kept (0: not parked here any more)."""
+        if hosted.parked.pop(old, None) is None:
+            return 0
+        return await self.run(hosted.stage.adopt, old, new, keep)
 
     def unload(self, model_id: str, start: int, end: int) -> bool:
         """Drop a stage unless a pipeline is using it now; whether it was dropped."""
@@ -239,6 +264,7 @@ class StageHost:
         for hosted in list(self._stages.values()):
             for seq in hosted.stage.evict_idle(self.idle_timeout):
                 hosted.pickers.pop(seq, None)
+                hosted.parked.pop(seq, None)
                 log.info("freed idle sequence %s on %s", seq[:12], hosted.model_id[:16])
 
     def close(self) -> None:

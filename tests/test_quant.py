@@ -123,7 +123,7 @@ def test_dense_types() -> None:
     assert load_tensor(vec).shape == (4,)
 
 
-@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0, GGMLType.I8])
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q8_K, GGMLType.IQ4_XS, GGMLType.IQ2_S, GGMLType.I8])
 def test_unsupported_types_are_named(ggml_type: GGMLType) -> None:
     shape = (256, 2)
     data = np.zeros(tensor_nbytes(ggml_type, shape), np.uint8)

@@ -188,3 +188,86 @@ def test_smollm2_spec(smollm2_path: Path) -> None:
     assert (spec.head_dim, spec.d_ff, spec.vocab_size) == (64, 1536, 49152)
     assert spec.rope_base == 100000.0 and spec.rms_eps == pytest.approx(1e-5)
     assert spec.tied_embedding
+
+
+# ---- qwen2 and gemma3 -------------------------------------------------------------------------
+def arch_metadata(arch: str, **overrides: object) -> dict[str, object]:
+    md = {k.replace("llama.", f"{arch}."): v for k, v in llama_metadata().items()}
+    md["general.architecture"] = arch
+    if arch == "gemma3":
+        md["gemma3.attention.sliding_window"] = 512
+    for key, value in overrides.items():
+        if value is None:
+            md.pop(key.replace("__", "."), None)
+        else:
+            md[key.replace("__", ".")] = value
+    return md
+
+
+def test_qwen2_flags_and_required_biases() -> None:
+    names = llama_tensor_names(tied=False)
+    biases = [f"blk.{b}.attn_{p}.bias" for b in range(2) for p in "qkv"]
+    spec = ModelSpec.from_metadata(arch_metadata("qwen2"), names + biases)
+    assert spec.attn_bias and not spec.rope_traditional and not spec.tied_embedding
+    assert "blk.1.attn_v.bias" in spec.block_tensor_names(1)
+    assert spec.sliding_window == 0 and spec.boundary_scale == 1.0
+    without = [n for n in names + biases if n != "blk.1.attn_k.bias"]
+    with pytest.raises(UnsupportedModelError, match=r"blk\.1\.attn_k\.bias"):
+        ModelSpec.from_metadata(arch_metadata("qwen2"), without)
+
+
+def test_gemma3_flags_from_metadata() -> None:
+    extra = [
+        f"blk.{b}.{n}.weight"
+        for b in range(2)
+        for n in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
+    ]
+    md = arch_metadata(
+        "gemma3", gemma3__attention__key_length=32, gemma3__attention__value_length=32
+    )
+    spec = ModelSpec.from_metadata(md, llama_tensor_names() + extra)
+    assert (spec.qk_norm, spec.post_norms, spec.activation) == (True, True, "gelu")
+    assert spec.head_dim == 32 and spec.scale == pytest.approx(32**-0.5)
+    assert spec.embed_scale == pytest.approx(8.0) and spec.final_softcap is None
+    assert spec.sliding_window == 512 and spec.swa_pattern == 6 and spec.boundary_scale < 1
+    assert [spec.is_sliding(i) for i in range(12)] == ([True] * 5 + [False]) * 2
+    assert spec.layer_rope(0) == (10000.0, 1.0) and spec.layer_rope(5) == (10000.0, 1.0)
+    md = arch_metadata(
+        "gemma3",
+        gemma3__rope__freq_base=1e6,
+        gemma3__rope__scaling__type="linear",
+        gemma3__rope__scaling__factor=8.0,
+        gemma3__final_logit_softcapping=30.0,
+    )
+    spec = ModelSpec.from_metadata(md)
+    # global layers take the file's base and scaling, sliding ones 10000 and none
+    assert spec.layer_rope(5) == (1e6, 0.125) and spec.layer_rope(4) == (10000.0, 1.0)
+    assert spec.final_softcap == 30.0
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_q_norm\.weight"):
+        ModelSpec.from_metadata(arch_metadata("gemma3"), llama_tensor_names())
+    with pytest.raises(ValueError, match="gemma3.attention.sliding_window is required"):
+        ModelSpec.from_metadata(arch_metadata("gemma3", gemma3__attention__sliding_window=None))
+
+
+@pytest.mark.large_model
+def test_real_qwen2_and_gemma3_specs(qwen2_path: Path, gemma3_path: Path) -> None:
+    with open_gguf(qwen2_path) as f:
+        spec = ModelSpec.from_metadata(f.metadata, f.tensors)
+    assert (spec.arch, spec.n_blocks, spec.d_model, spec.n_heads, spec.n_kv_heads) == (
+        "qwen2",
+        24,
+        896,
+        14,
+        2,
+    )
+    assert spec.attn_bias and not spec.tied_embedding and spec.vocab_size == 151936
+    with open_gguf(gemma3_path) as f:
+        spec = ModelSpec.from_metadata(f.metadata, f.tensors)
+    assert (spec.arch, spec.n_blocks, spec.d_model, spec.head_dim, spec.n_kv_heads) == (
+        "gemma3",
+        18,
+        640,
+        256,
+        1,
+    )
+    assert spec.tied_embedding and spec.sliding_window == 512 and spec.rope_base == 1e6

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-# Without OMNI_DENSE_MAX_MB a stage keeps dense weights only up to min(1 GiB, RAM / 8): the
+# Without OMNI_DENSE_MAX_MB a stage keeps dense weights only up to min(2 GiB, RAM / 8): the
 # shim budgets a stage by its GGUF bytes, so the dense copy must stay a bounded surprise.
-DEFAULT_BUDGET = 1 << 30
+# 2 GiB lets a whole Qwen2.5-0.5B (2.1 GB dense, with its 151936-token head) or gemma-3-270m
+# (1.1 GB) stage run here; MLX's CPU quantized matmul path is ~5x slower for them.
+DEFAULT_BUDGET = 2 << 30
 DEFAULT_BUDGET_SHARE = 1 / 8
 # Below this many rows a matmul is a (memory-bound) matvec, run on DECODE_THREADS OpenBLAS
 # threads (0: all). On an idle 2-core machine all threads reach ~36 tok/s decode for SmolLM2

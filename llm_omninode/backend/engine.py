@@ -62,10 +62,33 @@ def rms_norm_ggml(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return (x * (1.0 / mx.sqrt(mean + eps))) * weight
 
 
+def attention_mask(T: int, offset: int, S: int, window: int) -> mx.array | str | None:
+    """Which of S cached positions each of T new ones (from ``offset``) may attend to.
+
+    None: all; "causal": the usual triangle (MLX aligns it to the last query); else a boolean
+    (T, S) array, for a sliding window (llama.cpp: key p0 is hidden from query p1 when
+    p1 - p0 >= window).
+    """
+    if not window or offset + T <= window:
+        return "causal" if T > 1 else None
+    qpos = mx.arange(offset, offset + T)[:, None]
+    kpos = mx.arange(S)[None]
+    return (kpos <= qpos) & (qpos - kpos < window)
+
+
 class Attention:
-    def __init__(self, spec: ModelSpec, w: _Loader, prefix: str, rope_freqs: mx.array | None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        w: _Loader,
+        prefix: str,
+        rope_freqs: mx.array | None,
+        layer: int = 0,
+    ) -> None:
         self.spec = spec
         self.ggml_numerics = w.ggml_numerics
+        self.rope_base, self.rope_scale = spec.layer_rope(layer)
+        self.window = spec.sliding_window if spec.is_sliding(layer) else 0
         nh, nkv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
         parts = []
         for name, n_out in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
@@ -80,10 +103,15 @@ class Attention:
             self.k_norm = w.dense(f"{prefix}attn_k_norm.weight", (hd,))
         self.rope_freqs = rope_freqs
         self.splits = [nh * hd, (nh + nkv) * hd]
-        self.host: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None
+        self.host: host_step.HostAttention | None = None
 
     def enable_host(self) -> None:
         """Run one-position steps in NumPy (host_step.py) if the projections allow it."""
+        if self.qkv is None:
+            # q/k/v of different quant types (a Q4_K_M mix) fuse once they are all on the host
+            self.qkv = Linear.fused([self.q_proj, self.k_proj, self.v_proj])
+            if self.qkv is not None:
+                self.q_proj = self.k_proj = self.v_proj = None
         lins = (self.qkv, self.o_proj)
         if self.ggml_numerics or not all(
             lin is not None and isinstance(lin.weight, HostWeight) and lin.act is None
@@ -94,7 +122,8 @@ class Attention:
             None if a is None else np.array(a.astype(mx.float32))
             for a in (self.rope_freqs, self.q_norm, self.k_norm)
         )
-        self.host = (host_step.inv_freqs(self.spec, freqs), qn, kn)
+        inv = host_step.inv_freqs(self.spec, freqs, self.rope_base)
+        self.host = host_step.HostAttention(inv, self.rope_scale, qn, kn, self.window)
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         s = self.spec
@@ -102,13 +131,15 @@ class Attention:
             x,
             s.rope_dim,
             traditional=s.rope_traditional,
-            base=None if self.rope_freqs is not None else s.rope_base,
-            scale=s.rope_scale,
+            base=None if self.rope_freqs is not None else self.rope_base,
+            scale=self.rope_scale,
             offset=offset,
             freqs=self.rope_freqs,
         )
 
-    def _attend_ggml(self, q: mx.array, keys: mx.array, values: mx.array, offset: int) -> mx.array:
+    def _attend_ggml(
+        self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
+    ) -> mx.array:
         """Attention rounded as llama.cpp's CPU graph without flash attention rounds it.
 
         There ``KQ = mul_mat(K, Q)`` with K from the float16 cache converts Q to float16 first
@@ -122,10 +153,11 @@ class Attention:
         # query head h reads kv head h // (nh // nkv), as in ggml's broadcasting mul_mat
         q = q.reshape(1, nkv, nh // nkv * T, hd).astype(mx.float16).astype(dt)
         scores = (q @ keys.astype(dt).swapaxes(-1, -2)) * self.spec.scale
-        if T > 1:
-            pos = mx.arange(T)[:, None] + offset  # row r of a group is query position r % T
-            causal = mx.tile(pos >= mx.arange(S)[None], (nh // nkv, 1))
-            scores = mx.where(causal, scores, -mx.inf)
+        if mask is not None:
+            if isinstance(mask, str):  # causal, aligned to the last query
+                mask = mx.arange(T)[:, None] + (S - T) >= mx.arange(S)[None]
+            # row r of a group is query position r % T
+            scores = mx.where(mx.tile(mask, (nh // nkv, 1)), scores, -mx.inf)
         probs = mx.softmax(scores, axis=-1, precise=True)
         o = probs.astype(mx.float16).astype(dt) @ values.astype(dt)
         return o.reshape(1, nh, T, hd)
@@ -151,8 +183,12 @@ class Attention:
         keys, values = cache.update(layer, k, v)
         if keys.dtype != q.dtype:
             keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        if self.window and T == 1 and keys.shape[2] > self.window:
+            keys, values = keys[..., -self.window :, :], values[..., -self.window :, :]
+        else:
+            mask = attention_mask(T, cache.offset, keys.shape[2], self.window)
         if self.ggml_numerics:
-            o = self._attend_ggml(q, keys, values, cache.offset)
+            o = self._attend_ggml(q, keys, values, mask if T > 1 else None)
         else:
             o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(1, T, s.n_heads * s.head_dim))
@@ -160,7 +196,7 @@ class Attention:
     def step_host(self, x: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
         """Positions (T, d_model) float32 in NumPy; see host_step.py."""
         assert self.qkv is not None and self.host is not None
-        o = host_step.attend(self.qkv.host_apply(x), cache, layer, self.spec, *self.host)
+        o = host_step.attend(self.qkv.host_apply(x), cache, layer, self.spec, self.host)
         return self.o_proj.host_apply(o)
 
 
@@ -215,7 +251,7 @@ class Block:
         self.eps = spec.rms_eps
         self.norm = rms_norm_ggml if w.ggml_numerics else mx.fast.rms_norm
         self.attn_norm = w.dense(f"{p}attn_norm.weight", (d,))
-        self.attn = Attention(spec, w, p, rope_freqs)
+        self.attn = Attention(spec, w, p, rope_freqs, index)
         self.ffn_norm = w.dense(f"{p}ffn_norm.weight", (d,))
         self.mlp = MLP(spec, w, p)
         self.post_attn_norm = self.post_ffn_norm = None
@@ -297,7 +333,8 @@ class Stage:
     """Blocks [start, end) of a model, with a KV cache per sequence.
 
     ``forward(seq_id, x)`` takes int32 token ids (T,) on the first stage, float16 hidden
-    states (T, d_model) otherwise; it returns float16 hidden states (T, d_model), or on the
+    states (T, d_model) otherwise (times ``spec.boundary_scale``, so that gemma's large
+    residual stream fits float16); it returns float16 hidden states (T, d_model), or on the
     last stage float32 logits (vocab,) of the last position.
     """
 
@@ -430,6 +467,12 @@ class Stage:
         with self._lock:
             return self._caches.position(seq_id)
 
+    def adopt(self, old_id: str, new_id: str, keep: int) -> int:
+        """Start ``new_id`` from the first ``keep`` cached positions of ``old_id`` (prefix
+        reuse); the positions kept, 0 if that prefix is not here."""
+        with self._lock:
+            return self._caches.adopt(old_id, new_id, keep)
+
     # ---- compute --------------------------------------------------------------------------
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -459,31 +502,37 @@ class Stage:
 
     def _step_host(self, x: np.ndarray, cache: KVCache) -> mx.array:
         """``_run`` in NumPy (host_step.py)."""
-        h = np.asarray(self._embed(mx.array(x))) if self.is_first else x.astype(np.float32)
+        s = self.spec.boundary_scale
+        h = np.asarray(self._embed(mx.array(x))) if self.is_first else x.astype(np.float32) / s
         for i, block in enumerate(self.blocks):
             h = block.step_host(h, cache, i)
         if not self.is_last:
-            return mx.array(h.astype(np.float16))
+            return mx.array((h * np.float32(s)).astype(np.float16))
         h = host_step.rms_norm(h[-1:], np.array(self.output_norm), self.spec.rms_eps)
         assert self.output is not None
-        return mx.array(self.output.host_apply(h)[0])
+        return self._softcap(mx.array(self.output.host_apply(h)[0]))
+
+    def _softcap(self, logits: mx.array) -> mx.array:
+        c = self.spec.final_softcap
+        return logits if c is None else mx.tanh(logits / c) * c
 
     def _run(self, x: np.ndarray, cache: KVCache) -> mx.array:
         T = x.shape[0]
         if self.host_step and cache.host and (T == 1 or host_step.PREFILL):
             return self._step_host(x, cache)
-        h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
+        s = self.spec.boundary_scale  # a power of two: scaling is exact
+        h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype) / s
         h = h[None]
         mask = "causal" if T > 1 else None
         for i, block in enumerate(self.blocks):
             h = block(h, cache, i, mask)
             if self.round_residual:
-                h = h.astype(mx.float16).astype(self.dtype)
+                h = (h * s).astype(mx.float16).astype(self.dtype) * (1 / s)
         if not self.is_last:
-            return h[0].astype(mx.float16)
+            return (h[0] * s).astype(mx.float16)
         norm = rms_norm_ggml if self.ggml_numerics else mx.fast.rms_norm
         h = norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
-        return self.output(h)[0].astype(mx.float32)
+        return self._softcap(self.output(h)[0].astype(mx.float32))
 
     def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
         if not isinstance(seq_id, str) or not 0 < len(seq_id) <= MAX_SEQ_ID_LEN:

@@ -14,6 +14,7 @@ mx.fast.rope, RMS norms, float32 scores and softmax over the cached keys and val
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,22 +28,38 @@ if TYPE_CHECKING:
     from .spec import ModelSpec
 
 
-def inv_freqs(spec: ModelSpec, freqs: np.ndarray | None) -> np.ndarray:
+@dataclass(frozen=True)
+class HostAttention:
+    """What one layer's NumPy attention needs besides its projections."""
+
+    inv: np.ndarray  # rotation rate per pair of rotated dims (see inv_freqs)
+    rope_scale: float  # position multiplier of this layer's rope
+    q_norm: np.ndarray | None = None  # per-head RMS norm weights (gemma3)
+    k_norm: np.ndarray | None = None
+    window: int = 0  # sliding window of this layer, 0 for full attention
+
+
+def inv_freqs(spec: ModelSpec, freqs: np.ndarray | None, base: float | None = None) -> np.ndarray:
     """Rotation rate of each pair of rotated dims (mx.fast.rope's; its freqs are periods)."""
     if freqs is not None:
         return 1.0 / freqs.astype(np.float64)
     d = spec.rope_dim
-    return spec.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    base = spec.rope_base if base is None else base
+    return base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
 
 
-def rope(x: np.ndarray, offset: int, spec: ModelSpec, inv: np.ndarray) -> np.ndarray:
+def rope(
+    x: np.ndarray, offset: int, spec: ModelSpec, inv: np.ndarray, scale: float | None = None
+) -> np.ndarray:
     """mx.fast.rope of ``x`` (T, heads, head_dim) at positions offset.., as Attention._rope.
 
     As ``x * cos + partner(x) * (-+sin)``, where a dim's partner is the other one of its pair:
-    adjacent dims (traditional) or the dim half the rotated width away.
+    adjacent dims (traditional) or the dim half the rotated width away. ``scale``: the
+    layer's position scale (default ``spec.rope_scale``).
     """
     d = spec.rope_dim
-    pos = np.arange(offset, offset + x.shape[0], dtype=np.float64) * spec.rope_scale
+    scale = spec.rope_scale if scale is None else scale
+    pos = np.arange(offset, offset + x.shape[0], dtype=np.float64) * scale
     theta = pos[:, None] * inv  # (T, d/2)
     c, s = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
     r = x[..., :d]
@@ -63,18 +80,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def attend(
-    qkv: np.ndarray,
-    cache: KVCache,
-    layer: int,
-    spec: ModelSpec,
-    inv: np.ndarray,
-    q_norm: np.ndarray | None = None,
-    k_norm: np.ndarray | None = None,
+    qkv: np.ndarray, cache: KVCache, layer: int, spec: ModelSpec, h: HostAttention
 ) -> np.ndarray:
     """Causal attention output (T, n_heads * head_dim) of T new positions from their fused qkv.
 
     Stores their keys and values in ``cache`` (not committed: Stage.forward does that).
     """
+    q_norm, k_norm = h.q_norm, h.k_norm
     nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     T, g = qkv.shape[0], nh // nkv
     qk = qkv[:, : (nh + nkv) * hd].reshape(T, nh + nkv, hd)
@@ -86,16 +98,23 @@ def attend(
         )
         qk = np.concatenate([q_, k_], axis=1)
     offset = cache.offset
-    qk = rope(qk, offset, spec, inv)  # q and k heads together
+    qk = rope(qk, offset, spec, h.inv, h.rope_scale)  # q and k heads together
     q, k = qk[:, :nh], qk[:, nh:]
     keys, values = cache.update_host(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+    start = 0
+    if h.window and T == 1 and keys.shape[1] > h.window:
+        start = keys.shape[1] - h.window  # a sliding layer's decode step sees only the window
+        keys, values = keys[:, start:], values[:, start:]
     # query head h reads kv head h // g; rows of a group are (head in group, position)
     qg = q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T, hd)
     scores = (qg * np.float32(spec.scale)) @ keys.transpose(0, 2, 1)  # (nkv, g*T, S)
     if T > 1:
-        S = keys.shape[1]
-        future = np.arange(S)[None] > (offset + np.arange(T))[:, None]  # (T, S)
-        scores[:, np.tile(future, (g, 1))] = -np.inf
+        kpos = np.arange(start, start + keys.shape[1])[None]
+        qpos = (offset + np.arange(T))[:, None]
+        hidden = kpos > qpos  # (T, S)
+        if h.window:
+            hidden |= qpos - kpos >= h.window
+        scores[:, np.tile(hidden, (g, 1))] = -np.inf
     scores -= scores.max(-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(-1, keepdims=True)

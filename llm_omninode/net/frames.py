@@ -76,6 +76,7 @@ class ErrorCode:
     BUSY = "busy"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    CACHE_MISS = "cache_miss"  # a prefix to reuse is no longer cached: compute it again
 
 
 class FrameError(ValueError):

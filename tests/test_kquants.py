@@ -1,0 +1,129 @@
+"""K-quants and Q5_x: our decoders against the `gguf` package's NumPy dequantizers (oracle)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny_model import random_blocks
+
+from llm_omninode.backend import kquants
+from llm_omninode.backend.ggml_types import BLOCK_LAYOUT, GGMLType, tensor_nbytes
+from llm_omninode.backend.quant import (
+    QuantizedWeight,
+    TensorData,
+    check_tensor_types,
+    load_tensor,
+)
+from llm_omninode.backend.spec import UnsupportedModelError
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize  # noqa: E402
+
+AFFINE = [GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K]
+FLOAT16 = [GGMLType.Q6_K, GGMLType.Q3_K, GGMLType.Q2_K]
+
+
+def reference(t: TensorData) -> np.ndarray:
+    """The oracle's values of a tensor, in MLX order (rows, cols), float32."""
+    rows = t.data.size // (tensor_nbytes(t.ggml_type, (t.shape[0],)))
+    qt = gguf.GGMLQuantizationType(int(t.ggml_type))
+    return dequantize(t.data.reshape(rows, -1), qt).astype(np.float32).reshape(rows, t.shape[0])
+
+
+def random_tensor(ggml_type: GGMLType, shape: tuple[int, int], seed: int = 0) -> TensorData:
+    data = random_blocks(ggml_type, shape[0] * shape[1], np.random.default_rng(seed))
+    return TensorData("blk.0.ffn_down.weight", ggml_type, shape, data)
+
+
+@pytest.mark.parametrize("ggml_type", AFFINE + FLOAT16, ids=lambda t: t.name)
+def test_decoder_is_bit_exact(ggml_type: GGMLType) -> None:
+    """Every bit pattern of quants and sub-scales: the same float32 values as the oracle."""
+    t = random_tensor(ggml_type, (512, 6), seed=int(ggml_type))
+    block_bytes = BLOCK_LAYOUT[ggml_type][1]
+    got = kquants.dequantize_blocks(ggml_type, t.data.reshape(-1, block_bytes))
+    np.testing.assert_array_equal(got.reshape(6, 512), reference(t))
+
+
+@pytest.mark.parametrize("ggml_type", AFFINE, ids=lambda t: t.name)
+def test_affine_types_become_mlx_groups_without_change(ggml_type: GGMLType) -> None:
+    t = random_tensor(ggml_type, (512, 6), seed=1)
+    w = load_tensor(t)
+    assert isinstance(w, QuantizedWeight)
+    assert (w.bits, w.group_size, w.shape) == (kquants.AFFINE_BITS[ggml_type], 32, (6, 512))
+    assert w.ggml_type == ggml_type
+    ref = reference(t)
+    # scale*q + bias in float32: ggml's d*q - m, rounded once (exact for Q5_0, Q4_K's d*sc...)
+    np.testing.assert_allclose(np.array(w.dequantize()), ref, rtol=1e-6, atol=1e-7)
+    x = np.random.default_rng(2).standard_normal((3, 512)).astype(np.float32)
+    y = np.array(w.matmul_t(mx.array(x)))
+    np.testing.assert_allclose(y, x.astype(np.float64) @ ref.T.astype(np.float64), atol=1e-4)
+    rows = np.array(w.take_rows(mx.array([4, 0])))  # an embedding lookup of such a tensor
+    np.testing.assert_allclose(rows, ref[[4, 0]], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("ggml_type", FLOAT16, ids=lambda t: t.name)
+def test_16_weight_sub_blocks_become_float16(ggml_type: GGMLType) -> None:
+    t = random_tensor(ggml_type, (256, 5), seed=3)
+    w = load_tensor(t)
+    assert isinstance(w, mx.array) and w.dtype == mx.float16 and w.shape == (5, 256)
+    np.testing.assert_array_equal(np.array(w), reference(t).astype(np.float16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_bits_is_mlx_layout(bits: int) -> None:
+    q = np.random.default_rng(bits).integers(0, 2**bits, (7, 32), dtype=np.uint8)
+    packed = kquants.pack_bits(q, bits)
+    assert packed.shape == (7, bits) and packed.dtype == np.uint32
+    ones, zeros = mx.ones((7, 1)), mx.zeros((7, 1))
+    got = mx.dequantize(mx.array(packed), ones, zeros, group_size=32, bits=bits)
+    np.testing.assert_array_equal(np.array(got), q.astype(np.float32))
+
+
+def test_sizes_are_checked() -> None:
+    t = random_tensor(GGMLType.Q4_K, (256, 2))
+    with pytest.raises(ValueError, match="bytes of data"):
+        load_tensor(TensorData(t.name, t.ggml_type, (256, 3), t.data))
+    with pytest.raises(ValueError, match="not a multiple"):
+        load_tensor(TensorData(t.name, GGMLType.Q6_K, (128, 2), t.data[:210]))
+
+
+def test_converted_weights_do_not_alias_input() -> None:
+    for ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K):
+        t = random_tensor(ggml_type, (256, 2))
+        w = load_tensor(t)
+        before = np.array(w.dequantize() if isinstance(w, QuantizedWeight) else w)
+        t.data[:] = 0
+        after = np.array(w.dequantize() if isinstance(w, QuantizedWeight) else w)
+        np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize(
+    "ggml_type", [GGMLType.IQ4_XS, GGMLType.Q8_K, GGMLType.TQ1_0], ids=lambda t: t.name
+)
+def test_unsupported_types_are_named_at_add_time(ggml_type: GGMLType) -> None:
+    types = {"token_embd.weight": int(GGMLType.Q8_0), "blk.3.ffn_up.weight": int(ggml_type)}
+    with pytest.raises(UnsupportedModelError, match=rf"blk\.3\.ffn_up\.weight.*{ggml_type.name}"):
+        check_tensor_types(types)
+    check_tensor_types({t.name: int(t) for t in AFFINE + FLOAT16})
+    with pytest.raises(UnsupportedModelError, match="unknown tensor type 77"):
+        check_tensor_types({"w": 77})
+
+
+def test_q8_k_activation_rounding() -> None:
+    """ggml's quantize_row_q8_K: the signed peak sets iscale = -127/peak, q = min(127, round)."""
+    from llm_omninode.backend.quant import round_activations
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((2, 3, 512)) * rng.uniform(0.01, 40, (2, 3, 1))).astype(np.float32)
+    x[0, 0, :256] = 0  # a zero block stays zero
+    x[1, 2, 256 + 7] = -1000.0  # a negative peak: it maps to +127, the rest flips sign
+    b = x.reshape(2, 3, 2, 256)
+    peak = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(peak != 0, np.float32(-127) / peak, np.float32(0)).astype(np.float32)
+        d = np.where(peak != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    want = (np.minimum(np.round(b * iscale), 127) * d).reshape(x.shape)
+    got = np.array(round_activations(mx.array(x), GGMLType.Q8_K))
+    np.testing.assert_array_equal(got, want)
+    assert not got[0, 0, :256].any() and got[1, 2, 256 + 7] == pytest.approx(-1000.0, rel=1e-6)
