@@ -7,8 +7,10 @@ HTTP status; a failure after that can only be reported inside the stream.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,8 @@ from .stage_host import StageError
 
 if TYPE_CHECKING:
     from .node import Node
+
+log = logging.getLogger("omninode_shim.http")
 
 
 def as_api_error(exc: BaseException) -> ApiError | None:
@@ -58,6 +62,15 @@ async def resolve_name(node: Node, name: str) -> tuple[str, ModelText]:
         return base, await node.coordinator.resolve(base)
 
 
+async def resolve_for_api(node: Node, name: str) -> tuple[str, ModelText]:
+    """``resolve_name`` with its failures as ApiError (404 for an unknown model)."""
+    try:
+        return await resolve_name(node, name)
+    except Exception as exc:
+        raise_as_api_error(exc)
+        raise  # unreachable: raise_as_api_error always raises
+
+
 @dataclass
 class Run:
     name: str  # the name the client used, echoed back
@@ -74,6 +87,43 @@ class Run:
 
     async def close(self) -> None:
         await self.rest.aclose()  # type: ignore[attr-defined]
+
+    async def collect(self) -> tuple[str, Chunk]:
+        """The whole text and the final chunk (``"stream": false``); ApiError on failure."""
+        parts: list[str] = []
+        try:
+            async for chunk in self.chunks():
+                parts.append(chunk.text)
+                if chunk.done:
+                    return "".join(parts), chunk
+        except Exception as exc:
+            raise_as_api_error(exc)
+        finally:
+            await self.close()
+        raise ApiError(500, "generation ended without its final chunk")
+
+    async def pump(
+        self,
+        emit: Callable[[Chunk], Awaitable[None]],
+        fail: Callable[[str], Awaitable[None]],
+    ) -> bool:
+        """Hand every chunk to ``emit``. The response has started, so a failure can only be
+        told by ``fail`` (the stream's last message). False if the client went away."""
+        try:
+            async for chunk in self.chunks():
+                await emit(chunk)
+        except ConnectionResetError:
+            log.info("client of %s went away mid-stream", self.name)
+            return False
+        except Exception as exc:
+            err = as_api_error(exc)
+            if err is None:
+                log.exception("generation failed")
+            with contextlib.suppress(ConnectionResetError):
+                await fail(err.message if err else "internal error (see the shim's log)")
+        finally:
+            await self.close()
+        return True
 
     def durations_ns(self) -> dict[str, int]:
         """Ollama's final-object durations, in nanoseconds."""
@@ -94,10 +144,7 @@ async def start_run(node: Node, call: ApiCall) -> Run:
     """Start ``call`` and wait for its first chunk; ApiError if it fails before that."""
     assert call.request is not None
     started = time.perf_counter()
-    try:
-        resolved, _ = await resolve_name(node, call.model)
-    except Exception as exc:
-        raise_as_api_error(exc)
+    resolved, _ = await resolve_for_api(node, call.model)
     timings: dict[str, float] = {}
     gen = node.coordinator.generate(replace(call.request, model=resolved), timings,
                                     call.keep_alive)  # fmt: skip

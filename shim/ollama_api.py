@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from typing import Any
 
 from aiohttp import web
@@ -28,10 +27,8 @@ from .api_parse import (
     parse_ollama_chat,
     parse_ollama_generate,
 )
-from .api_run import Run, as_api_error, raise_as_api_error, resolve_name, start_run
+from .api_run import Run, raise_as_api_error, resolve_for_api, start_run
 from .http_server import NODE_KEY, iso, now_iso, read_json, start_stream, write_ndjson
-
-log = logging.getLogger("omninode_shim.http")
 
 # the Ollama API level these routes follow; clients compare it against their minimums
 OLLAMA_API_VERSION = "0.12.0"
@@ -70,10 +67,7 @@ async def show(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     name = get_model(body, legacy_name=True)
     verbose = get_bool(body, "verbose", False)
-    try:
-        _, model = await resolve_name(node, name)
-    except Exception as exc:
-        raise_as_api_error(exc)
+    _, model = await resolve_for_api(node, name)
     manifest = model.manifest
     template = "" if model.template.is_fallback else model.template.source
     parameters = api_models.parameters_text(model.tokenizer)
@@ -195,10 +189,7 @@ async def copy(request: web.Request) -> web.Response:
     source, destination = body.get("source"), body.get("destination")
     if not (isinstance(source, str) and source and isinstance(destination, str) and destination):
         raise ApiError(400, "source and destination must be non-empty strings")
-    try:
-        _, model = await resolve_name(node, source)
-    except Exception as exc:
-        raise_as_api_error(exc)
+    _, model = await resolve_for_api(node, source)
     try:
         alias = check_alias(destination.removesuffix(":latest"))
     except ValueError as exc:
@@ -242,45 +233,29 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
         return await _load_or_unload(node, call, chat)
     run = await start_run(node, call)
     if not call.stream:
-        parts: list[str] = []
-        try:
-            async for chunk in run.chunks():
-                parts.append(chunk.text)
-                if chunk.done:
-                    return web.json_response(_final(run, chunk, "".join(parts), chat))
-        except Exception as exc:
-            raise_as_api_error(exc)
-        finally:
-            await run.close()
-        raise ApiError(500, "generation ended without its final chunk")
+        text, last = await run.collect()
+        return web.json_response(_final(run, last, text, chat))
     response = await start_stream(request, "application/x-ndjson")
-    try:
-        async for chunk in run.chunks():
-            if chunk.done:
-                await write_ndjson(response, _final(run, chunk, "", chat))
-            elif chunk.text:
-                await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
-    except ConnectionResetError:
-        log.info("client went away during a %s stream", "chat" if chat else "generate")
-        return response
-    except Exception as exc:  # headers are gone: the error is the stream's last line
-        err = as_api_error(exc)
-        if err is None:
-            log.exception("generation failed")
-        message = err.message if err else "internal error (see the shim's log)"
+
+    async def emit(chunk: Chunk) -> None:
+        if chunk.done:
+            await write_ndjson(response, _final(run, chunk, "", chat))
+        elif chunk.text:
+            await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
+
+    async def fail(message: str) -> None:
+        await write_ndjson(response, {"error": message})
+
+    if await run.pump(emit, fail):
         with contextlib.suppress(ConnectionResetError):
-            await write_ndjson(response, {"error": message})
-    finally:
-        await run.close()
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
+            await response.write_eof()
     return response
 
 
 async def _load_or_unload(node, call: ApiCall, chat: bool) -> web.Response:
     """A body with a model and nothing to say: load it, or with keep_alive 0, unload it."""
+    name, model = await resolve_for_api(node, call.model)
     try:
-        name, model = await resolve_name(node, call.model)
         if call.keep_alive == 0:
             await node.coordinator.unload(model.manifest.model_id)
             reason = "unload"

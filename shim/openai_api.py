@@ -8,7 +8,6 @@ the model defaults Ollama uses, as Ollama's own /v1 does.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 import uuid
 from typing import Any
@@ -18,11 +17,9 @@ from aiohttp import web
 from llm_omninode.backend.generate import Chunk
 
 from . import api_models
-from .api_parse import ApiCall, ApiError, parse_openai_chat, parse_openai_completion
-from .api_run import Run, as_api_error, raise_as_api_error, start_run
+from .api_parse import ApiCall, parse_openai_chat, parse_openai_completion
+from .api_run import Run, start_run
 from .http_server import NODE_KEY, read_json, start_stream, write_sse
-
-log = logging.getLogger("omninode_shim.http")
 
 # Ollama reports "length" and "stop"; OpenAI's names are the same
 _FINISH = {"length": "length", "stop": "stop"}
@@ -101,42 +98,27 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
     run = await start_run(request.app[NODE_KEY], call)
     shape = _Shape(run, chat)
     if not call.stream:
-        parts: list[str] = []
-        try:
-            async for chunk in run.chunks():
-                parts.append(chunk.text)
-                if chunk.done:
-                    return web.json_response(shape.whole("".join(parts), chunk))
-        except Exception as exc:
-            raise_as_api_error(exc)
-        finally:
-            await run.close()
-        raise ApiError(500, "generation ended without its final chunk")
+        text, last = await run.collect()
+        return web.json_response(shape.whole(text, last))
     response = await start_stream(request, "text/event-stream")
-    try:
-        first = True
-        async for chunk in run.chunks():
-            if chunk.done:
-                finish = _FINISH.get(chunk.done_reason or "stop", "stop")
-                await write_sse(response, shape.delta(None if chat else "", finish, first))
-                if call.include_usage:
-                    await write_sse(response, shape.usage_only(chunk))
-            elif chunk.text:
-                await write_sse(response, shape.delta(chunk.text, None, first))
-                first = False
-        await write_sse(response, "[DONE]")
-    except ConnectionResetError:
-        log.info("client went away during a /v1 stream")
-        return response
-    except Exception as exc:
-        err = as_api_error(exc)
-        if err is None:
-            log.exception("generation failed")
-        message = err.message if err else "internal error (see the shim's log)"
+    first = True
+
+    async def emit(chunk: Chunk) -> None:
+        nonlocal first
+        if chunk.done:
+            finish = _FINISH.get(chunk.done_reason or "stop", "stop")
+            await write_sse(response, shape.delta(None if chat else "", finish, first))
+            if call.include_usage:
+                await write_sse(response, shape.usage_only(chunk))
+            await write_sse(response, "[DONE]")
+        elif chunk.text:
+            await write_sse(response, shape.delta(chunk.text, None, first))
+            first = False
+
+    async def fail(message: str) -> None:
+        await write_sse(response, {"error": {"message": message, "type": "api_error"}})
+
+    if await run.pump(emit, fail):
         with contextlib.suppress(ConnectionResetError):
-            await write_sse(response, {"error": {"message": message, "type": "api_error"}})
-    finally:
-        await run.close()
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
+            await response.write_eof()
     return response
