@@ -2,7 +2,8 @@
 
 For each cluster size it starts that many real ``omni-shim`` processes on loopback (node 0
 holds the model, the others fetch their slices), warms the plan up with one request, then
-times ``--runs`` greedy requests. Prefill and decode times are the coordinator's own
+times ``--runs`` greedy requests (the shims keep no caches between requests: every run computes
+its whole prompt). Prefill and decode times are the coordinator's own
 (STREAM_END's prefill_s / decode_s), so client start-up is not counted. The cost of a hop
 is the extra decode time per token over the single-stage run, divided by the number of extra
 stage boundaries each token crosses (there and back). The last line is JSON.
@@ -57,7 +58,8 @@ class Cluster:
         ports: list[int] = []
         for i, d in enumerate(self.dirs):
             argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(d), "--host",
-                    "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--name", f"node{i}",
+                    "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--no-prefix-cache",
+                    "--name", f"node{i}",
                     "--max-memory", "2GiB", "--log-level", LOG_LEVEL]  # fmt: skip
             if i:
                 argv += ["--join", secret]

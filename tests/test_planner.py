@@ -106,12 +106,20 @@ def test_one_node_gets_everything():
 
 
 def test_budgets_one_to_three_get_blocks_one_to_three():
-    m = model([256] * 40, embed=256, head=32)
+    m = model([256] * 40, embed=256, head=32, tied=False)  # a head of no weight to speak of
     small, big = NodeCapacity(IDS[0], 100 * MIB), NodeCapacity(IDS[1], 300 * MIB)
     assert stages_of(plan_stages(m, [big, small])) == [(IDS[0], 0, 10), (IDS[1], 10, 40)]
     # the other way round in id order: still 1:3
     small, big = NodeCapacity(IDS[1], 100 * MIB), NodeCapacity(IDS[0], 300 * MIB)
     assert stages_of(plan_stages(m, [small, big])) == [(IDS[0], 0, 30), (IDS[1], 30, 40)]
+
+
+def test_the_heads_work_moves_blocks_to_the_first_stage():
+    # SmolLM2's shape: the tied head is the work of 4 blocks, so equal nodes split 17/13 and
+    # each does half the work per token, not 15/15 with the last stage the slower one
+    m = model([256] * 30, embed=8 * 256, head=32, tied=True)
+    nodes = [NodeCapacity(IDS[0], 8 * 1024), NodeCapacity(IDS[1], 8 * 1024)]
+    assert plan_stages(m, nodes).bounds() == [0, 17, 30]
 
 
 def test_budget_moves_blocks_to_a_neighbour_with_room():
