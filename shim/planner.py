@@ -364,9 +364,7 @@ def _reachable(costs: _Costs, budgets: Sequence[int]) -> list[list[bool]]:
     return ok
 
 
-def _split(
-    costs: _Costs, budgets: Sequence[int], work: tuple[list[int], int]
-) -> list[int] | None:
+def _split(costs: _Costs, budgets: Sequence[int], work: tuple[list[int], int]) -> list[int] | None:
     """Boundaries nearest the proportional targets that fit every budget, or None."""
     ok = _reachable(costs, budgets)
     if not ok[0][0]:
