@@ -12,8 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +39,7 @@ from .pipeline import (
     step_fields,
 )
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
+from .prefixes import PrefixTable
 from .stage_host import KV_ALLOWANCE
 
 if TYPE_CHECKING:
@@ -50,10 +50,10 @@ log = logging.getLogger("omninode_shim.coordinator")
 LOAD_TIMEOUT = 900.0  # a stage load may include fetching its shards
 DEFAULT_KEEP_ALIVE = 300.0  # seconds a model stays loaded after its last request (Ollama's 5m)
 MAX_RECOVERIES = 3  # re-plans (lost node, unloaded stage) one generation may go through
-DEFAULT_PARALLEL = 4  # sequences of one model this coordinator runs at once (Ollama's
-MAX_QUEUE = 256  # NUM_PARALLEL); more wait in a queue of at most this many, then "busy"
-MIN_REUSE = 8  # cached positions worth reusing (fewer: just compute them)
-MAX_PARKED = 16  # finished sequences remembered for reuse (stages keep 4 each: MAX_PARKED)
+# sequences of one model this coordinator runs at once (Ollama's NUM_PARALLEL); more wait in
+# a queue of at most MAX_QUEUE, then "busy"
+DEFAULT_PARALLEL = 4
+MAX_QUEUE = 256
 BUSY_RETRIES = 40  # a stage full of other coordinators' sequences: retry, 0.25..2 s apart
 
 
@@ -104,28 +104,6 @@ class ModelText:
         )
 
 
-@dataclass(frozen=True)
-class Parked:
-    """A finished sequence whose KV caches the stages of ``route`` keep, and what they hold."""
-
-    model_id: str
-    route: tuple[tuple[str, int, int], ...]
-    tokens: tuple[int, ...]
-
-
-def _route_key(plan: Plan) -> tuple[tuple[str, int, int], ...]:
-    return tuple((s.node_id, s.start, s.end) for s in plan.stages)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y or n >= limit:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class PlanState:
     plan: Plan
@@ -137,8 +115,7 @@ class Coordinator:
     def __init__(self, node: Node, parallel: int = DEFAULT_PARALLEL) -> None:
         self.node = node
         self.parallel = parallel
-        self.prefix_reuse = True
-        self._parked: OrderedDict[str, Parked] = OrderedDict()  # seq -> parked, oldest first
+        self.prefixes = PrefixTable()  # finished sequences whose caches the stages keep
         self._slots: dict[str, asyncio.Semaphore] = {}  # model id -> running sequences
         self._queued: dict[str, int] = {}  # model id -> requests waiting for a slot
         self._models: dict[str, ModelText] = {}
@@ -400,7 +377,10 @@ class Coordinator:
             self._queued[model_id] -= 1
         try:
             attempt, busy = 0, 0
-            reuse = self._take_prefix(model_id, state.plan, ids)
+            if state is not self._plans.get(model_id) or not state.ready:  # changed meanwhile
+                await self.load(request.model, keep_alive)
+                state = self._plans[model_id]
+            reuse = self.prefixes.take(model_id, state.plan, ids)
             while True:
                 try:
                     async for chunk in self._run(
@@ -446,28 +426,6 @@ class Coordinator:
             if keep_alive == 0:  # unload now, not at the next maintenance round
                 self._tasks.add(task := asyncio.ensure_future(self.expire()))
                 task.add_done_callback(self._tasks.discard)
-
-    # ---- prefix reuse -------------------------------------------------------------------
-    def _park(self, seq: str, model_id: str, plan: Plan, cached: list[int]) -> None:
-        if not self.prefix_reuse:
-            return
-        self._parked[seq] = Parked(model_id, _route_key(plan), tuple(cached))
-        while len(self._parked) > MAX_PARKED:
-            self._parked.popitem(last=False)
-
-    def _take_prefix(self, model_id: str, plan: Plan, ids: list[int]) -> Reuse | None:
-        """The parked sequence sharing the longest prefix with ``ids`` on this very plan, if
-        that prefix is worth it; it is taken (a cache continues one sequence only)."""
-        key, best, best_len = _route_key(plan), None, MIN_REUSE - 1
-        for seq, parked in self._parked.items():
-            if parked.model_id == model_id and parked.route == key:
-                n = _common_prefix(parked.tokens, ids, limit=len(ids) - 1)
-                if n > best_len:
-                    best, best_len = seq, n
-        if best is None:
-            return None
-        del self._parked[best]
-        return Reuse(best, best_len)
 
     async def _drop_unanswering(self, plan: Plan) -> list[str]:
         """Probe the plan's other nodes; those that do not answer are marked down (so the
@@ -552,7 +510,7 @@ class Coordinator:
                 token = await step(F.token_frame(seq, [token]))
             closed = True  # every stage keeps the caches: prompt and all ids fed but the last
             await entry.close(park=True)
-            self._park(seq, model.manifest.model_id, state.plan, [*ids, *picked[:-1]])
+            self.prefixes.park(seq, model.manifest.model_id, state.plan, [*ids, *picked[:-1]])
         except PipelineError as exc:
             if exc.code == F.ErrorCode.CACHE_MISS:
                 raise CacheMiss(str(exc)) from exc

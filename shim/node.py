@@ -127,7 +127,7 @@ class Node:
             self.peers.add_static(*parse_host_port(text))
         self.host = StageHost(self.store, self.memory_budget, max_context=config.max_context)
         self.coordinator = Coordinator(self, config.parallel)
-        self.coordinator.prefix_reuse = config.prefix_reuse
+        self.coordinator.prefixes.enabled = config.prefix_reuse
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         self.device = device_name()
         self.server: Server | None = None
