@@ -69,11 +69,25 @@ def local_shim(home: Path | None = None) -> tuple[str, int, int] | None:
 
 
 def start_local_shim(home: Path | None = None, timeout: float = START_TIMEOUT) -> tuple[str, int]:
-    """Start a shim in the background on this data directory; wait until it is serving."""
+    """Start a shim in the background on this data directory; wait until it is serving.
+
+    If its HTTP API cannot have its port (Ollama itself may be listening there), the shim is
+    started again without the API: ``llm -m omni/...`` needs only its QUIC side.
+    """
     home = home or omni_home()
     home.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(home)]
     argv += shlex.split(os.environ.get("OMNI_SHIM_ARGS", ""))
+    try:
+        return _start(argv, home, timeout)
+    except ShimError as exc:
+        if "already in use" not in str(exc) or "--no-api" in argv:
+            raise
+    print("omni: the HTTP API's port is taken; the local shim runs without it", file=sys.stderr)
+    return _start([*argv, "--no-api"], home, timeout)
+
+
+def _start(argv: list[str], home: Path, timeout: float) -> tuple[str, int]:
     log_path = home / "shim.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(

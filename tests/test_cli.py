@@ -1,6 +1,7 @@
 """The llm plugin driven through llm's own CLI, with private LLM_USER_PATH and OMNI_HOME."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -67,6 +68,22 @@ def test_generate_stream_and_no_stream_agree(cli, tiny, omni_home):
     assert streamed == whole and streamed.strip()
     logged = json.loads(cli("logs", "--json", "-n", "1").output)[0]
     assert logged["input_tokens"] > 0 and 0 < logged["output_tokens"] <= 8
+
+
+def test_auto_started_shim_goes_without_the_api_when_its_port_is_taken(
+    cli, tiny, omni_home, monkeypatch
+):
+    """Ollama may hold the API's port: ``llm -m omni/...`` still works, and says why."""
+    cli("omni", "add", str(tiny), "--alias", "tiny")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = f"--host 127.0.0.1 --port 0 --no-mdns --max-memory 1GiB --api-port {port}"
+        monkeypatch.setenv("OMNI_SHIM_ARGS", args)
+        out = cli("prompt", "-m", "omni/tiny", "hi", "-o", "max_tokens", "4")
+    assert "port is taken" in out.stderr and out.stdout.strip()
+    assert "api" not in json.loads((omni_home / "shim.json").read_text())
 
 
 def test_seed_repeats_and_conversation_continues(cli, tiny):
