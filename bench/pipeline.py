@@ -89,7 +89,7 @@ class Cluster:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             rows = client.request("peers")["peers"]
-            if sum(1 for r in rows if r.get("memory_budget")) >= self.n:
+            if sum(1 for r in rows if r.get("memory_budget") and r.get("live", True)) >= self.n:
                 return
             time.sleep(0.5)
         sys.exit(f"the {self.n} shims did not all see each other")

@@ -32,7 +32,7 @@ export OMNI_SHIM="127.0.0.1:$PORT_A"
 echo "== waiting for node-a and node-b to see each other"
 live_nodes() {  # nodes that answered a greeting (a budget to plan on)
     $BIN/llm omni peers --json 2>/dev/null |
-        $BIN/python -c 'import json,sys; print(sum(1 for r in json.load(sys.stdin) if r["memory_budget"]))' ||
+        $BIN/python -c 'import json,sys; print(sum(1 for r in json.load(sys.stdin) if r["memory_budget"] and r.get("live", True)))' ||
         echo 0
 }
 for _ in $(seq 60); do

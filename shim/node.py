@@ -251,7 +251,9 @@ class Node:
                 self.peers.mark_left(peer_id)
                 return F.response_frame(frame.id)
             if method == "peers":
-                rows = [self.self_row()] + [p.row() for p in self.peers.all()]
+                live = {p.node_id for p in self.peers.live()}
+                rows = [self.self_row() | {"live": True}]
+                rows += [p.row() | {"live": p.node_id in live} for p in self.peers.all()]
                 return F.response_frame(frame.id, peers=rows)
             if method == "status":
                 return F.response_frame(frame.id, **self.status())

@@ -133,7 +133,7 @@ class ShimCluster:
         rows: list[dict] = []
         while time.monotonic() < deadline:
             rows = json.loads(self.llm("omni", "peers", "--json", i=i))
-            live = [r for r in rows if r["source"] == "self" or r.get("memory_budget")]
+            live = [r for r in rows if r.get("live") and r.get("memory_budget")]
             if len(live) >= count:
                 return rows
             time.sleep(1.0)
