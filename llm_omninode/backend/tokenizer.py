@@ -3,7 +3,7 @@
 Two vocabulary kinds are supported, the ones llama.cpp calls BPE and SPM:
 
 * ``tokenizer.ggml.model == "gpt2"``: byte-level BPE. The text is cut into words by the
-  pre-tokenizer regexes llama.cpp picks from ``tokenizer.ggml.pre`` (see ``_PRE_TYPES``), each
+  pre-tokenizer regexes llama.cpp picks from ``tokenizer.ggml.pre`` (see ``PRE_TYPES``), each
   word is mapped to GPT-2's byte alphabet and merged by rank. The regex splitting and the merging
   run in the Hugging Face ``tokenizers`` library (a ``BPE`` model on the GGUF vocab and merges,
   ``Split`` pre-tokenizers with llama.cpp's regexes in "isolated" mode, then ``ByteLevel``),
@@ -31,158 +31,36 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .vocab_tables import (
+    ASCII_SPACE,
+    ATTR_BYTE,
+    ATTR_CONTROL,
+    ATTR_LSTRIP,
+    ATTR_NORMAL,
+    ATTR_RSTRIP,
+    ATTR_SPECIAL,
+    ATTR_UNDEFINED,
+    ATTR_UNKNOWN,
+    ATTR_USER_DEFINED,
+    CHAR_TO_BYTE,
+    EOG_TEXTS,
+    EOT_TEXTS,
+    FIM_PAD_TEXTS,
+    FIM_REP_TEXTS,
+    FIM_SEP_TEXTS,
+    MAX_VOCAB,
+    PRE_TYPES,
+    SPECIAL_ID_KEYS,
+    SURROGATE,
+    TYPE_TO_ATTR,
+    is_hex_byte_token,
+)
+
 log = logging.getLogger(__name__)
 
 
 class TokenizerError(ValueError):
     """The GGUF tokenizer metadata is missing, malformed or of an unsupported kind."""
-
-
-# GGUF token types (tokenizer.ggml.token_type), as in llama.cpp's llama_token_type.
-TYPE_UNDEFINED = 0
-TYPE_NORMAL = 1
-TYPE_UNKNOWN = 2
-TYPE_CONTROL = 3
-TYPE_USER_DEFINED = 4
-TYPE_UNUSED = 5
-TYPE_BYTE = 6
-
-# llama.cpp's llama_token_attr bits; token types are turned into these at load, and some tokens
-# get extra bits from name-based heuristics (e.g. "<|im_end|>" is forced to CONTROL).
-ATTR_UNDEFINED = 0
-ATTR_UNKNOWN = 1 << 0
-ATTR_UNUSED = 1 << 1
-ATTR_NORMAL = 1 << 2
-ATTR_CONTROL = 1 << 3
-ATTR_USER_DEFINED = 1 << 4
-ATTR_BYTE = 1 << 5
-ATTR_LSTRIP = 1 << 7
-ATTR_RSTRIP = 1 << 8
-
-_TYPE_TO_ATTR = {
-    TYPE_UNKNOWN: ATTR_UNKNOWN,
-    TYPE_UNUSED: ATTR_UNUSED,
-    TYPE_NORMAL: ATTR_NORMAL,
-    TYPE_CONTROL: ATTR_CONTROL,
-    TYPE_USER_DEFINED: ATTR_USER_DEFINED,
-    TYPE_BYTE: ATTR_BYTE,
-}
-_ATTR_SPECIAL = ATTR_UNKNOWN | ATTR_CONTROL  # what decode(skip_special=True) leaves out
-
-# --- pre-tokenizer regexes, verbatim from llama.cpp's llm_tokenizer_bpe -----------------------
-# (the "adapted" forms: (?i:'s|...) written as '[sS]... so no Unicode case folding sneaks in)
-_RE_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-_RE_LLAMA3 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_RE_QWEN2 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_RES_DEFAULT = [r"[\p{P}\$\+<=>\^~\|]+", _RE_GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]
-_RES_FALCON = [r"[\p{P}\$\+<=>\^~\|`]+", _RE_GPT2, r"[0-9][0-9][0-9]"]
-
-
-# name -> (regexes, ignore_merges, default add_bos); names and groups as in llama-vocab.cpp
-def _pre_table() -> dict[str, tuple[list[str], bool, bool]]:
-    table: dict[str, tuple[list[str], bool, bool]] = {}
-
-    def put(names: str, regexes: list[str], ignore_merges: bool = False, add_bos: bool = False):
-        for name in names.split():
-            table[name] = (regexes, ignore_merges, add_bos)
-
-    put("default", _RES_DEFAULT)
-    put(
-        "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2",
-        [_RE_LLAMA3],
-        True,
-        True,
-    )
-    put("dbrx smaug-bpe glm4 chatglm-bpe", [_RE_LLAMA3])
-    put(
-        "gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert "
-        "exaone4 mpt olmo jais trillion granite-docling jina-v1-en jina-v2-code roberta-bpe",
-        [_RE_GPT2],
-    )
-    put(
-        "starcoder refact command-r smollm codeshell exaone minerva-7b mellum2",
-        [r"\p{N}", _RE_GPT2],
-    )
-    put(
-        "qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open",
-        [_RE_QWEN2],
-    )
-    put("falcon", _RES_FALCON)
-    # short aliases used in this project's docs
-    table["gpt2"] = table["gpt-2"]
-    return table
-
-
-_PRE_TYPES = _pre_table()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (llama.cpp unicode_byte_to_utf8_map)."""
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {b: chr(b) for b in keep}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-_BYTE_TO_CHAR = _bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-# llama.cpp's name-based end-of-generation detection (llama_vocab::impl::load)
-_EOT_TEXTS = (
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
-)  # fmt: skip
-_EOG_TEXTS = frozenset(
-    (
-        "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>",
-        "<|calls|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>",
-        "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>",
-        "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
-    )
-)  # fmt: skip
-_FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
-_FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
-_FIM_SEP_TEXTS = ("<|file_sep|>",)
-
-# metadata key suffix -> attribute, in llama.cpp's order (a later key overrides, as there)
-_SPECIAL_ID_KEYS = (
-    ("bos_token_id", "bos_id"),
-    ("eos_token_id", "eos_id"),
-    ("eot_token_id", "eot_id"),
-    ("eom_token_id", "eom_id"),
-    ("unknown_token_id", "unk_id"),
-    ("seperator_token_id", "sep_id"),  # sic: llama.cpp's key name
-    ("padding_token_id", "pad_id"),
-    ("mask_token_id", "mask_id"),
-    ("fim_pre_token_id", "fim_pre_id"),
-    ("fim_suf_token_id", "fim_suf_id"),
-    ("fim_mid_token_id", "fim_mid_id"),
-    ("fim_pad_token_id", "fim_pad_id"),
-    ("fim_rep_token_id", "fim_rep_id"),
-    ("fim_sep_token_id", "fim_sep_id"),
-    ("prefix_token_id", "fim_pre_id"),
-    ("suffix_token_id", "fim_suf_id"),
-    ("middle_token_id", "fim_mid_id"),
-)
-
-_MAX_VOCAB = 4_000_000  # far above any real vocabulary; refuses absurd metadata early
-_ASCII_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale, used by LSTRIP/RSTRIP
-_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: not encodable as UTF-8
-
-
-def _is_hex_byte_token(text: str) -> bool:
-    return len(text) == 6 and text.startswith("<0x") and text.endswith(">")
 
 
 class Tokenizer:
@@ -228,7 +106,7 @@ class Tokenizer:
         tokens = md.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, (list, tuple)) or not tokens:
             raise TokenizerError("GGUF has no tokenizer.ggml.tokens list")
-        if len(tokens) > _MAX_VOCAB:
+        if len(tokens) > MAX_VOCAB:
             raise TokenizerError(f"vocabulary of {len(tokens)} tokens is implausibly large")
         n = len(tokens)
         texts: list[str] = []
@@ -253,7 +131,7 @@ class Tokenizer:
         else:
             if not isinstance(types, (list, tuple)) or len(types) < n:
                 raise TokenizerError("tokenizer.ggml.token_type is shorter than the vocabulary")
-            attrs = [_TYPE_TO_ATTR.get(t, ATTR_UNDEFINED) for t in types[:n]]
+            attrs = [TYPE_TO_ATTR.get(t, ATTR_UNDEFINED) for t in types[:n]]
         self._attrs = attrs
 
         scores = md.get("tokenizer.ggml.scores")
@@ -272,13 +150,13 @@ class Tokenizer:
                     "generation quality may be degraded"
                 )
                 pre = "default"
-            if pre not in _PRE_TYPES:
+            if pre not in PRE_TYPES:
                 raise TokenizerError(
                     f"unknown pre-tokenizer type tokenizer.ggml.pre={pre!r} (supported: "
-                    + ", ".join(sorted(_PRE_TYPES))
+                    + ", ".join(sorted(PRE_TYPES))
                     + ")"
                 )
-            regexes, ignore_merges, add_bos = _PRE_TYPES[pre]
+            regexes, ignore_merges, add_bos = PRE_TYPES[pre]
             if pre in ("glm4", "chatglm-bpe"):
                 ids["bos_id"] = None
             self.add_space_prefix = False
@@ -293,11 +171,11 @@ class Tokenizer:
             self.add_space_prefix = asp
 
         # special token ids: defaults, then metadata (out-of-range values are ignored)
-        for _, attr in _SPECIAL_ID_KEYS:
+        for _, attr in SPECIAL_ID_KEYS:
             setattr(self, attr, None)
         for attr, value in ids.items():
             setattr(self, attr, value if value is not None and value < n else None)
-        for key, attr in _SPECIAL_ID_KEYS:
+        for key, attr in SPECIAL_ID_KEYS:
             value = md.get("tokenizer.ggml." + key)
             if isinstance(value, bool) or not isinstance(value, int):
                 continue
@@ -347,11 +225,11 @@ class Tokenizer:
                 attrs[i] |= ATTR_CONTROL
 
         for attr, texts in (
-            ("eot_id", _EOT_TEXTS),
+            ("eot_id", EOT_TEXTS),
             ("eom_id", ("<|eom_id|>",)),
-            ("fim_pad_id", _FIM_PAD_TEXTS),
-            ("fim_rep_id", _FIM_REP_TEXTS),
-            ("fim_sep_id", _FIM_SEP_TEXTS),
+            ("fim_pad_id", FIM_PAD_TEXTS),
+            ("fim_rep_id", FIM_REP_TEXTS),
+            ("fim_sep_id", FIM_SEP_TEXTS),
         ):
             if getattr(self, attr) is None:
                 found = find(texts)
@@ -374,7 +252,7 @@ class Tokenizer:
         for i in (self.fim_pad_id, self.fim_rep_id, self.fim_sep_id):
             if i is not None:
                 eog.add(i)
-        for t in _EOG_TEXTS:
+        for t in EOG_TEXTS:
             if t in tid:
                 eog.add(tid[t])
                 force_control(tid[t])
@@ -472,7 +350,7 @@ class Tokenizer:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            text = _SURROGATE.sub("\ufffd", text)
+            text = SURROGATE.sub("\ufffd", text)
         fragments = self._partition(text, parse_special)
         out: list[int] = []
         if add_special and self.add_bos:
@@ -546,13 +424,13 @@ class Tokenizer:
                         break
                     left = f[start:hit]
                     if a & ATTR_LSTRIP:
-                        left = left.rstrip(_ASCII_SPACE)
+                        left = left.rstrip(ASCII_SPACE)
                     if left:
                         new.append(left)
                     new.append(sid)
                     start = hit + len(tok)
                     if a & ATTR_RSTRIP:
-                        while start < len(f) and f[start] in _ASCII_SPACE:
+                        while start < len(f) and f[start] in ASCII_SPACE:
                             start += 1
                 if start < len(f):
                     new.append(f[start:])
@@ -636,7 +514,7 @@ class Tokenizer:
         SentencePiece vocabularies do not pre-split, so they return ``[text]``."""
         if self._hf is None:
             return [text] if text else []
-        c2b = _CHAR_TO_BYTE
+        c2b = CHAR_TO_BYTE
         words = self._hf.pre_tokenizer.pre_tokenize_str(text)
         return [bytes([c2b[c] for c in w]).decode("utf-8", "replace") for w, _ in words]
 
@@ -647,7 +525,7 @@ class Tokenizer:
 
     def is_special(self, id: int) -> bool:
         """True for control/unknown tokens (the ones decode(skip_special=True) leaves out)."""
-        return bool(self._attrs[id] & _ATTR_SPECIAL)
+        return bool(self._attrs[id] & ATTR_SPECIAL)
 
     def token_bytes(self, id: int) -> bytes:
         """The raw bytes of one token's piece (control tokens give their text), like
@@ -659,11 +537,11 @@ class Tokenizer:
             return cached
         text = self._texts[id]
         a = self._attrs[id]
-        if a & (_ATTR_SPECIAL | ATTR_USER_DEFINED):
+        if a & (ATTR_SPECIAL | ATTR_USER_DEFINED):
             piece = text.encode("utf-8")
         elif a & ATTR_NORMAL:
             if self.model == "gpt2":
-                c2b = _CHAR_TO_BYTE
+                c2b = CHAR_TO_BYTE
                 try:
                     piece = bytes([c2b[c] for c in text])
                 except KeyError:  # not byte-level text: keep unmapped characters as UTF-8
@@ -672,7 +550,7 @@ class Tokenizer:
                     )
             else:
                 piece = text.replace("\u2581", " ").encode("utf-8")
-        elif a & ATTR_BYTE and _is_hex_byte_token(text):
+        elif a & ATTR_BYTE and is_hex_byte_token(text):
             try:
                 piece = bytes([int(text[3:5], 16)])
             except ValueError:
