@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from llm_omninode.backend import describe
 from llm_omninode.backend.shards import Manifest
+from llm_omninode.backend.store import StoreError
 from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
@@ -38,7 +39,6 @@ class ListedModel:
     name: str
     manifest: Manifest
     modified: float  # seconds since the epoch
-    local: bool  # held (or served from a file) on this node
 
     @property
     def model_id(self) -> str:
@@ -90,24 +90,30 @@ async def cluster_models(node: Node) -> list[ListedModel]:
     rows: list[ListedModel] = []
     named: set[str] = set()
     for alias, model_id in sorted(names.items()):
-        try:
-            model = await node.coordinator.resolve(alias)
-        except CoordinatorError as exc:  # a peer went away, or sent a bad manifest
-            log.debug("cannot list %s: %s", alias, exc)
-            continue
-        if model.manifest.model_id != model_id:
+        if model_id in local_ids:  # the manifest is here: no need to build the model's text
+            manifest = _stored_manifest(node, model_id)
+        else:  # a peer's: fetched and checked against its id (then stored here)
+            try:
+                manifest = (await node.coordinator.resolve(alias)).manifest
+            except CoordinatorError as exc:  # a peer went away, or sent a bad manifest
+                log.debug("cannot list %s: %s", alias, exc)
+                continue
+        if manifest is None or manifest.model_id != model_id:
             continue
         named.add(model_id)
-        local = registry.aliases().get(alias) == model_id
-        rows.append(ListedModel(display_name(alias), model.manifest,
-                                modified_time(node, model_id), local))  # fmt: skip
+        rows.append(ListedModel(display_name(alias), manifest, modified_time(node, model_id)))
     for model_id in sorted(local_ids - named):  # a manifest with no name: listed by its id
-        try:
-            manifest = node.store.get_manifest(model_id)
-        except (OSError, ValueError):
-            continue
-        rows.append(ListedModel(model_id, manifest, modified_time(node, model_id), True))
+        manifest = _stored_manifest(node, model_id)
+        if manifest is not None:
+            rows.append(ListedModel(model_id, manifest, modified_time(node, model_id)))
     return rows
+
+
+def _stored_manifest(node: Node, model_id: str) -> Manifest | None:
+    try:
+        return node.store.get_manifest(model_id)
+    except (OSError, ValueError, StoreError):  # removed meanwhile, or unreadable
+        return None
 
 
 def model_info(manifest: Manifest, verbose: bool = False) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound
@@ -43,7 +43,7 @@ def as_api_error(exc: BaseException) -> ApiError | None:
     return None
 
 
-def raise_as_api_error(exc: Exception) -> None:
+def raise_as_api_error(exc: Exception) -> NoReturn:
     """Re-raise ``exc`` (being handled) as its ApiError, or as it is if it is a bug."""
     err = as_api_error(exc)
     if err is None:
@@ -68,7 +68,6 @@ async def resolve_for_api(node: Node, name: str) -> tuple[str, ModelText]:
         return await resolve_name(node, name)
     except Exception as exc:
         raise_as_api_error(exc)
-        raise  # unreachable: raise_as_api_error always raises
 
 
 @dataclass

@@ -361,71 +361,88 @@ class Coordinator:
         except ValueError as exc:  # empty prompt, or longer than the context
             raise RequestError(str(exc)) from exc
         picked: list[int] = []  # ids accepted so far: what a replay feeds after the prompt
-        self._active[model_id] = self._active.get(model_id, 0) + 1
         slot = self._slots.setdefault(model_id, asyncio.Semaphore(self.parallel))
         queued = self._queued.get(model_id, 0)
         if slot.locked() and queued >= MAX_QUEUE:
-            self._active[model_id] -= 1
             raise Busy(f"{queued} requests are waiting for {request.model}: try again later")
-        self._queued[model_id] = queued + 1
+        self._active[model_id] = self._active.get(model_id, 0) + 1  # queued ones count too
         try:
-            await slot.acquire()
-        except BaseException:
-            self._active[model_id] -= 1
-            raise
-        finally:
-            self._queued[model_id] -= 1
-        try:
-            attempt, busy = 0, 0
-            if state is not self._plans.get(model_id) or not state.ready:  # changed meanwhile
-                await self.load(request.model, keep_alive)
-                state = self._plans[model_id]
-            reuse = self.prefixes.take(model_id, state.plan, ids)
-            while True:
-                try:
-                    async for chunk in self._run(
-                        model, state, request, ids, picked, gen, timings, reuse
-                    ):
-                        yield chunk
-                    return
-                except CacheMiss as exc:  # compute the whole prompt after all
-                    log.info("%s", exc)
-                    reuse = None
-                    continue
-                except StageBusy as exc:
-                    busy += 1
-                    if busy > BUSY_RETRIES:
-                        raise CoordinatorError(f"generation failed: {exc}") from exc
-                    await asyncio.sleep(min(2.0, 0.25 * busy))
-                    continue
-                except StageMissing as exc:
-                    why = str(exc)
-                except NodeLost as exc:
-                    lost = await self._drop_unanswering(state.plan)
-                    if not lost:  # every node answers: not a loss, so a replay would fail again
-                        raise CoordinatorError(f"generation failed: {exc}") from exc
-                    why = f"lost {', '.join(n[:16] for n in lost)} ({exc})"
-                if attempt == MAX_RECOVERIES:
-                    raise CoordinatorError(f"generation failed after {attempt} recoveries: {why}")
-                attempt += 1
-                log.warning("%s: planning again and replaying the prompt and %d tokens", why,
-                            len(picked))  # fmt: skip
-                state.ready = False
-                try:
+            self._queued[model_id] = queued + 1
+            try:
+                await slot.acquire()
+            finally:
+                self._queued[model_id] -= 1
+            try:
+                if (
+                    state is not self._plans.get(model_id) or not state.ready
+                ):  # changed while queued
                     await self.load(request.model, keep_alive)
-                except CoordinatorError as exc:
-                    raise CoordinatorError(
-                        f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
-                    ) from exc
-                state = self._plans[model_id]
-                reuse = None
+                    state = self._plans[model_id]
+                async for chunk in self._recovering(model, state, request, ids, picked, gen,
+                                                    timings, keep_alive):  # fmt: skip
+                    yield chunk
+            finally:
+                slot.release()
         finally:
-            slot.release()
             self._active[model_id] -= 1
             self._touch(model_id, keep_alive)  # the keep-alive counts from the end
             if keep_alive == 0:  # unload now, not at the next maintenance round
                 self._tasks.add(task := asyncio.ensure_future(self.expire()))
                 task.add_done_callback(self._tasks.discard)
+
+    async def _recovering(
+        self,
+        model: ModelText,
+        state: PlanState,
+        request: GenerationRequest,
+        ids: list[int],
+        picked: list[int],
+        gen: Generation,
+        timings: dict[str, float],
+        keep_alive: float | None,
+    ) -> AsyncIterator[Chunk]:
+        """``_run`` until it ends, through what can be recovered from: a prefix no longer
+        cached, a full stage, a stage unloaded meanwhile, a lost node (re-plan and replay)."""
+        model_id = model.manifest.model_id
+        attempt, busy = 0, 0
+        reuse = self.prefixes.take(model_id, state.plan, ids)
+        while True:
+            try:
+                async for chunk in self._run(model, state, request, ids, picked, gen, timings,
+                                             reuse):  # fmt: skip
+                    yield chunk
+                return
+            except CacheMiss as exc:  # compute the whole prompt after all
+                log.info("%s", exc)
+                reuse = None
+                continue
+            except StageBusy as exc:
+                busy += 1
+                if busy > BUSY_RETRIES:
+                    raise CoordinatorError(f"generation failed: {exc}") from exc
+                await asyncio.sleep(min(2.0, 0.25 * busy))
+                continue
+            except StageMissing as exc:
+                why = str(exc)
+            except NodeLost as exc:
+                lost = await self._drop_unanswering(state.plan)
+                if not lost:  # every node answers: not a loss, so a replay would fail again
+                    raise CoordinatorError(f"generation failed: {exc}") from exc
+                why = f"lost {', '.join(n[:16] for n in lost)} ({exc})"
+            if attempt == MAX_RECOVERIES:
+                raise CoordinatorError(f"generation failed after {attempt} recoveries: {why}")
+            attempt += 1
+            log.warning("%s: planning again and replaying the prompt and %d tokens", why,
+                        len(picked))  # fmt: skip
+            state.ready = False
+            try:
+                await self.load(request.model, keep_alive)
+            except CoordinatorError as exc:
+                raise CoordinatorError(
+                    f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
+                ) from exc
+            state = self._plans[model_id]
+            reuse = None
 
     async def _drop_unanswering(self, plan: Plan) -> list[str]:
         """Probe the plan's other nodes; those that do not answer are marked down (so the

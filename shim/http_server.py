@@ -12,6 +12,7 @@ import errno
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,13 +49,13 @@ class ApiStartError(OSError):
     """The API cannot listen where it was told to."""
 
 
-def now_iso() -> str:
-    """Ollama's timestamps: RFC 3339 in UTC."""
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 def iso(ts: float) -> str:
+    """Ollama's timestamps: RFC 3339 in UTC."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return iso(time.time())
 
 
 def is_openai(request: web.Request) -> bool:

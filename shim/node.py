@@ -261,10 +261,7 @@ class Node:
                 return F.response_frame(frame.id, models=self.registry.aliases())
             if method == "manifest":
                 return self._manifest(frame)
-        # OverflowError: a peer's number that fits its wire type but not ours (a uint32 token
-        # id past 2**31 reaching NumPy int32): the peer's fault, not a bug of ours
-        except (CoordinatorError, StageError, RequestError, ModelNotFound, ValueError,
-                OverflowError) as exc:  # fmt: skip
+        except (CoordinatorError, StageError, RequestError, ModelNotFound, ValueError) as exc:
             return F.error_frame(ErrorCode.BAD_REQUEST, str(exc), frame.id)
         return F.error_frame(ErrorCode.UNSUPPORTED, f"unknown method {method!r}", frame.id)
 

@@ -57,20 +57,24 @@ _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class PipelineError(RuntimeError):
-    """A step could not be run; the message says where and why. ``code`` is
-    ``ErrorCode.NOT_FOUND`` when a stage of the route is not loaded (any more)."""
+    """A step could not be run; the message says where and why. ``code`` says what the
+    coordinator can do about it: NOT_FOUND (a stage is not loaded any more: load again), BUSY
+    (a stage is full of sequences: retry), CACHE_MISS (a prefix to reuse is gone: compute it).
+    """
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.code = code
 
 
-def _reply_code(exc: PipelineError) -> str:
-    """What to answer upstream: "not loaded" and "busy" travel back as themselves (the
-    coordinator acts on them), the rest as bad request."""
-    if exc.code in (F.ErrorCode.NOT_FOUND, F.ErrorCode.BUSY, F.ErrorCode.CACHE_MISS):
-        return exc.code
-    return F.ErrorCode.BAD_REQUEST
+_RELAYED = (F.ErrorCode.NOT_FOUND, F.ErrorCode.BUSY, F.ErrorCode.CACHE_MISS)
+
+
+def _reply_code(exc: Exception) -> str:
+    """What to answer upstream: the codes the coordinator acts on travel back as themselves,
+    everything else (a malformed frame too) as bad request."""
+    code = exc.code if isinstance(exc, PipelineError) else None
+    return code if code in _RELAYED else F.ErrorCode.BAD_REQUEST
 
 
 @dataclass(frozen=True)
@@ -152,9 +156,9 @@ def open_frame(
     )  # fmt: skip
 
 
-def park_frame(request_id: int) -> Frame:
+def park_frame() -> Frame:
     """The last frame of a finished sequence whose caches the stages keep for reuse."""
-    return F.request_frame(max(request_id, 1), "park")
+    return F.request_frame(1, "park")  # the id means nothing on a channel
 
 
 class Downstream:
@@ -228,7 +232,7 @@ class Downstream:
             stream, self._stream = self._stream, None
             with contextlib.suppress(NetError):  # the next stage may be gone already
                 if park:
-                    await stream.send(park_frame(0))
+                    await stream.send(park_frame())
                 await stream.aclose()
 
 
@@ -271,11 +275,8 @@ class Link:
         if stage.is_first:
             if hidden_dim != 1:
                 raise PipelineError("the first stage takes token ids (hidden_dim 1)")
-            ids = F.token_ids(frame)
-            vocab = self.hosted.spec.vocab_size
-            if not all(0 <= t < vocab for t in ids):  # uint32 ids may not fit int32 either
-                raise PipelineError(f"token id out of range [0, {vocab})")
-            return np.asarray(ids, dtype=np.int32)
+            # int64: a uint32 id past 2**31 must reach the stage's range check, not overflow
+            return np.asarray(F.token_ids(frame), dtype=np.int64)
         if hidden_dim != self.hosted.spec.d_model:
             raise PipelineError(
                 f"hidden_dim {hidden_dim} is not this model's width {self.hosted.spec.d_model}"
@@ -362,12 +363,9 @@ async def serve_pipeline(
                 break
             try:
                 reply = await link.step(frame)
-            except PipelineError as exc:
+            except (PipelineError, F.FrameError) as exc:
                 log.warning("sequence %s: %s", seq[:12], exc)
                 return F.error_frame(_reply_code(exc), str(exc), first.id)
-            except F.FrameError as exc:
-                log.warning("sequence %s: %s", seq[:12], exc)
-                return F.error_frame(F.ErrorCode.BAD_REQUEST, str(exc), first.id)
             await stream.send(reply)
     except (NetError, asyncio.CancelledError):
         pass  # upstream went away: the sequence is over

@@ -253,9 +253,7 @@ class StageHost:
         hosted = self._stages.get((model_id, start, end))
         if hosted is None or hosted.active:
             return False
-        del self._stages[hosted.key]
-        for seq in hosted.stage.sequences():
-            self._pool.submit(hosted.stage.free, seq)
+        del self._stages[hosted.key]  # its weights and KV caches go with it
         log.info("unloaded %s [%d, %d)", model_id[:16], start, end)
         return True
 

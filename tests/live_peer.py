@@ -47,22 +47,23 @@ def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
 
 @dataclass
 class LiveShim:
-    """Node 0 of ``cluster``, seen from the test process."""
+    """Node ``index`` of ``cluster``, seen from the test process."""
 
     cluster: ShimCluster
     member: NodeIdentity = field(default_factory=NodeIdentity.generate)
+    index: int = 0
 
     @property
     def port(self) -> int:
-        return self.cluster.ports[0]
+        return self.cluster.ports[self.index]
 
     @property
     def node_id(self) -> str:
-        return self.cluster.node_ids[0]
+        return self.cluster.node_ids[self.index]
 
     @property
     def pid(self) -> int:
-        return self.cluster.procs[0].pid
+        return self.cluster.procs[self.index].pid
 
     @property
     def secret(self) -> bytes:
@@ -70,7 +71,7 @@ class LiveShim:
 
     @property
     def store(self) -> ShardStore:
-        return ShardStore(self.cluster.dirs[0])
+        return ShardStore(self.cluster.dirs[self.index])
 
     async def connect(
         self,
@@ -91,7 +92,7 @@ class LiveShim:
     # ---- what every hostile-peer test ends with ----------------------------------------
     def snapshot(self) -> dict[str, str]:
         """sha256 of every file of the node's data dir that holds state (not logs, not tmp)."""
-        root = self.cluster.dirs[0]
+        root = self.cluster.dirs[self.index]
         out = {}
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root).as_posix()
@@ -112,7 +113,7 @@ class LiveShim:
 
     def assert_intact(self, before: dict[str, str]) -> None:
         """The process runs, answers a normal request, and its store lost nothing."""
-        assert self.cluster.procs[0].poll() is None, self.cluster.log(0)
+        assert self.cluster.procs[self.index].poll() is None, self.cluster.log(self.index)
         arun(self.answers(), 30)
         assert self.snapshot() == before
         store = self.store

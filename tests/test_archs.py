@@ -15,13 +15,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import stage_model
 from tiny_model import write_tiny_llama
 
 from llm_omninode.backend import kquants
-from llm_omninode.backend.engine import Stage, TensorData
+from llm_omninode.backend.engine import Stage
 from llm_omninode.backend.ggml_types import GGMLType
-from llm_omninode.backend.gguf import open_gguf
-from llm_omninode.backend.spec import ModelSpec
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
@@ -68,20 +67,8 @@ def write(path: Path, arch: str, **kw: object) -> Path:
     return write_tiny_llama(path, **options)  # type: ignore[arg-type]
 
 
-class Model:
-    def __init__(self, path: Path) -> None:
-        self.file = open_gguf(path)
-        self.spec = ModelSpec.from_metadata(self.file.metadata, self.file.tensors)
-        self.tensors = {
-            n: TensorData(n, t.ggml_type, t.shape, self.file.tensor_data(n))
-            for n, t in self.file.tensors.items()
-        }
-
-    def stages(self, bounds: Sequence[int], **kw: object) -> list[Stage]:
-        return [
-            Stage(self.spec, self.tensors, a, b, **kw)
-            for a, b in zip(bounds, bounds[1:], strict=False)
-        ]
+class Model(stage_model.Model):
+    """The tiny file's stages, and its weights dequantized by the ``gguf`` package."""
 
     def w(self, name: str) -> np.ndarray:
         t = self.tensors[name]

@@ -18,35 +18,17 @@ from llm_omninode.backend.engine import (
     TensorData,
 )
 from llm_omninode.backend.ggml_types import GGMLType
-from llm_omninode.backend.gguf import open_gguf
-from llm_omninode.backend.spec import ModelSpec, UnsupportedModelError
+from llm_omninode.backend.spec import UnsupportedModelError
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
+from stage_model import Model  # noqa: E402
 from tiny_model import write_tiny_llama  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-class Model:
-    """A GGUF file's spec and tensors (zero-copy views; the file stays open for the test)."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = open_gguf(path)
-        self.spec = ModelSpec.from_metadata(self.file.metadata, self.file.tensors)
-        self.tensors = {
-            n: TensorData(n, t.ggml_type, t.shape, self.file.tensor_data(n))
-            for n, t in self.file.tensors.items()
-        }
-
-    def stages(self, bounds: Sequence[int], **kw: object) -> list[Stage]:
-        return [
-            Stage(self.spec, self.tensors, a, b, **kw)
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-
-
 def run(stages: Sequence[Stage], seq_id: str, ids: Sequence[int]) -> np.ndarray:
     x: np.ndarray = np.asarray(ids, np.int32)
     for stage in stages:

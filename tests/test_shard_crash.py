@@ -28,19 +28,7 @@ STALL = 2 * WINDOW  # every shard of the stage is larger than this
 N_BLOCKS = 4
 
 
-class Node1(LiveShim):
-    """LiveShim of node 1 (LiveShim looks at node 0)."""
-
-    @property
-    def port(self) -> int:
-        return self.cluster.ports[1]
-
-    @property
-    def node_id(self) -> str:
-        return self.cluster.node_ids[1]
-
-
-def _stage_load(node: Node1, manifest, start: int, end: int, timeout: float):
+def _stage_load(node: LiveShim, manifest, start: int, end: int, timeout: float):
     async def main():
         conn = await node.connect()
         try:
@@ -71,7 +59,7 @@ def test_kill_mid_download_then_resume(tmp_path):
         cluster.start(1)
         cluster.extra_env = {}
         cluster.wait_for_peers(2, i=1)
-        node1 = Node1(cluster)
+        node1 = LiveShim(cluster, index=1)
         store1 = ShardStore(cluster.dirs[1])
 
         def stalled_now() -> dict[str, int] | None:
