@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llm_omninode.backend.chat_template import ChatTemplate
@@ -102,6 +102,18 @@ class ModelText:
         return cls(
             manifest, spec, tokenizer, ChatTemplate.from_metadata(manifest.metadata, tokenizer)
         )
+
+
+@dataclass
+class Job:
+    """One request's generation as the coordinator runs it, whatever plans it goes through."""
+
+    model: ModelText
+    request: GenerationRequest
+    ids: list[int]  # the prompt
+    gen: Generation
+    timings: dict[str, float]
+    picked: list[int] = field(default_factory=list)  # ids sent on: what a replay feeds again
 
 
 @dataclass
@@ -360,7 +372,7 @@ class Coordinator:
             )  # fmt: skip
         except ValueError as exc:  # empty prompt, or longer than the context
             raise RequestError(str(exc)) from exc
-        picked: list[int] = []  # ids accepted so far: what a replay feeds after the prompt
+        job = Job(model, request, ids, gen, timings)
         slot = self._slots.setdefault(model_id, asyncio.Semaphore(self.parallel))
         queued = self._queued.get(model_id, 0)
         if slot.locked() and queued >= MAX_QUEUE:
@@ -378,8 +390,7 @@ class Coordinator:
                 ):  # changed while queued
                     await self.load(request.model, keep_alive)
                     state = self._plans[model_id]
-                async for chunk in self._recovering(model, state, request, ids, picked, gen,
-                                                    timings, keep_alive):  # fmt: skip
+                async for chunk in self._recovering(job, state, keep_alive):
                     yield chunk
             finally:
                 slot.release()
@@ -391,25 +402,16 @@ class Coordinator:
                 task.add_done_callback(self._tasks.discard)
 
     async def _recovering(
-        self,
-        model: ModelText,
-        state: PlanState,
-        request: GenerationRequest,
-        ids: list[int],
-        picked: list[int],
-        gen: Generation,
-        timings: dict[str, float],
-        keep_alive: float | None,
+        self, job: Job, state: PlanState, keep_alive: float | None
     ) -> AsyncIterator[Chunk]:
         """``_run`` until it ends, through what can be recovered from: a prefix no longer
         cached, a full stage, a stage unloaded meanwhile, a lost node (re-plan and replay)."""
-        model_id = model.manifest.model_id
+        model_id = job.model.manifest.model_id
         attempt, busy = 0, 0
-        reuse = self.prefixes.take(model_id, state.plan, ids)
+        reuse = self.prefixes.take(model_id, state.plan, job.ids)
         while True:
             try:
-                async for chunk in self._run(model, state, request, ids, picked, gen, timings,
-                                             reuse):  # fmt: skip
+                async for chunk in self._run(job, state, reuse):
                     yield chunk
                 return
             except CacheMiss as exc:  # compute the whole prompt after all
@@ -433,10 +435,10 @@ class Coordinator:
                 raise CoordinatorError(f"generation failed after {attempt} recoveries: {why}")
             attempt += 1
             log.warning("%s: planning again and replaying the prompt and %d tokens", why,
-                        len(picked))  # fmt: skip
+                        len(job.picked))  # fmt: skip
             state.ready = False
             try:
-                await self.load(request.model, keep_alive)
+                await self.load(job.request.model, keep_alive)
             except CoordinatorError as exc:
                 raise CoordinatorError(
                     f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
@@ -456,28 +458,24 @@ class Coordinator:
         return lost
 
     async def _run(
-        self,
-        model: ModelText,
-        state: PlanState,
-        request: GenerationRequest,
-        ids: list[int],
-        picked: list[int],
-        gen: Generation,
-        timings: dict[str, float],
-        reuse: Reuse | None = None,
+        self, job: Job, state: PlanState, reuse: Reuse | None = None
     ) -> AsyncIterator[Chunk]:
-        """One pass through the plan: prefill ``ids``, then decode while ``gen`` wants tokens.
+        """One pass through the plan: prefill the prompt, then decode while ``job.gen`` wants
+        tokens.
 
         With ``reuse``, every stage starts from the cache a finished sequence left parked and
-        only ``ids[reuse.keep:]`` is computed (a chat's next turn). A sequence that ends well
+        only ``job.ids[reuse.keep:]`` is computed (a chat's next turn). A sequence that ends well
         is parked in turn.
 
-        After a lost node, ``picked`` holds the ids already sent to the client; they are
+        After a lost node, ``job.picked`` holds the ids already sent to the client; they are
         replayed as the decode steps they were (not as one longer prefill, whose batched
         arithmetic rounds differently), so every stage's cache and the last stage's sampler
         (penalty history, seeded generator) end as they would have with no failure, and the
         text goes on as it would have.
         """
+        model, request, ids, gen, timings, picked = (
+            job.model, job.request, job.ids, job.gen, job.timings, job.picked
+        )  # fmt: skip
         if gen.done:
             for chunk in gen.finish():
                 yield chunk
