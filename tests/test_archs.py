@@ -4,7 +4,8 @@ The reference is written from the architectures' definitions (HF / llama.cpp), n
 engine: NEOX rope, q/k/v biases (qwen2); per-head q/k RMS norms, post-attention and post-FFN
 norms, tanh-GELU, embeddings times sqrt(d_model), sliding-window layers (five in six) with
 their own rope base (gemma3). Weights come from the `gguf` package's dequantizers, rounded to
-float16 for the types the engine keeps as float16 (Q6_K, Q3_K, Q2_K).
+float16 for the types MLX keeps as float16 (Q6_K, Q3_K, Q2_K); a stage on the host packs their
+integers (qmatvec.py), so there its projections use the exact values.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 import stage_model
 from tiny_model import write_tiny_llama
 
-from llm_omninode.backend import kquants
+from llm_omninode.backend import kquants, qmatvec
 from llm_omninode.backend.engine import Stage
 from llm_omninode.backend.ggml_types import GGMLType
 
@@ -70,16 +71,17 @@ def write(path: Path, arch: str, **kw: object) -> Path:
 class Model(stage_model.Model):
     """The tiny file's stages, and its weights dequantized by the ``gguf`` package."""
 
-    def w(self, name: str) -> np.ndarray:
+    def w(self, name: str, exact: bool = False) -> np.ndarray:
         t = self.tensors[name]
         rows = int(np.prod(t.shape[1:]))
         a = dequantize(np.asarray(t.data).reshape(rows, -1), gguf.GGMLQuantizationType(t.ggml_type))
-        if t.ggml_type in kquants.FLOAT16_TYPES:
+        if t.ggml_type in kquants.FLOAT16_TYPES and not exact:
             a = a.astype(np.float16)
         return a.reshape(tuple(reversed(t.shape))).astype(np.float64)
 
 
-def reference_logits(m: Model, ids: Sequence[int]) -> np.ndarray:
+def reference_logits(m: Model, ids: Sequence[int], exact: bool = False) -> np.ndarray:
+    """``exact``: projections use the exact values of 16-weight-group types (packed host)."""
     spec, arch = m.spec, m.spec.arch
     gemma = arch == "gemma3"
     T, nh, nkv, hd = len(ids), spec.n_heads, spec.n_kv_heads, spec.head_dim
@@ -95,7 +97,7 @@ def reference_logits(m: Model, ids: Sequence[int]) -> np.ndarray:
         return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
     def linear(x: np.ndarray, name: str) -> np.ndarray:
-        y = x @ m.w(name + ".weight").T
+        y = x @ m.w(name + ".weight", exact).T
         bias = name + ".bias"
         return y + m.w(bias) if bias in m.tensors else y
 
@@ -138,7 +140,7 @@ def reference_logits(m: Model, ids: Sequence[int]) -> np.ndarray:
             f = rms(f, p + "post_ffw_norm.weight")
         x = x + f
     head = "token_embd.weight" if spec.tied_embedding else "output.weight"
-    return (rms(x[-1:], "output_norm.weight") @ m.w(head).T)[0]
+    return (rms(x[-1:], "output_norm.weight") @ m.w(head, exact).T)[0]
 
 
 @pytest.fixture(scope="module", params=["qwen2", "gemma3"])
@@ -168,12 +170,14 @@ def test_matches_numpy_reference(model: Model, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("OMNI_BLAS", blas)
     (stage,) = model.stages([0, 6], kv_dtype=mx.float32)
     assert stage.host_step == (blas == "numpy")
+    exact = blas == "numpy" and qmatvec.available()
     n0 = 6  # prompt longer than the window, then decode steps well past it
     logits = stage.forward("s", np.array(PROMPT[:n0], np.int32))
-    np.testing.assert_allclose(logits, reference_logits(model, PROMPT[:n0]), atol=2e-4, rtol=1e-4)
+    want = reference_logits(model, PROMPT[:n0], exact)
+    np.testing.assert_allclose(logits, want, atol=2e-4, rtol=1e-4)
     for n in range(n0, len(PROMPT)):
         logits = stage.forward("s", np.array(PROMPT[n : n + 1], np.int32))
-        want = reference_logits(model, PROMPT[: n + 1])
+        want = reference_logits(model, PROMPT[: n + 1], exact)
         np.testing.assert_allclose(logits, want, atol=2e-4, rtol=1e-4)
 
 

@@ -14,6 +14,7 @@ from llm_omninode.backend.quant import (
     TensorData,
     check_tensor_types,
     load_tensor,
+    small_group_weight,
 )
 from llm_omninode.backend.spec import UnsupportedModelError
 
@@ -68,6 +69,20 @@ def test_16_weight_sub_blocks_become_float16(ggml_type: GGMLType) -> None:
     w = load_tensor(t)
     assert isinstance(w, mx.array) and w.dtype == mx.float16 and w.shape == (5, 256)
     np.testing.assert_array_equal(np.array(w), reference(t).astype(np.float16))
+
+
+@pytest.mark.parametrize("ggml_type", FLOAT16, ids=lambda t: t.name)
+def test_16_weight_sub_blocks_pack_for_the_host(ggml_type: GGMLType) -> None:
+    """On the host they keep their integers: scale * u + offset is the oracle's value (one
+    rounding of the addition), and the packed matvec is the float64 product."""
+    t = random_tensor(ggml_type, (512, 6), seed=4)
+    w = small_group_weight(t)
+    assert w.shape == (6, 512) and w.group == 16
+    ref = reference(t)
+    np.testing.assert_allclose(w.dequantize().T, ref, rtol=1e-6, atol=1e-6)
+    x = np.random.default_rng(5).standard_normal((2, 512)).astype(np.float32)
+    want = x.astype(np.float64) @ ref.T.astype(np.float64)
+    np.testing.assert_allclose(w.matmul_np(x), want, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])

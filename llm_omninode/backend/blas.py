@@ -6,14 +6,17 @@ spends nearly all its time in those two. NumPy's wheels bundle a runtime-dispatc
 (~120 GFLOP/s sgemm there, sgemv at memory bandwidth). It cannot be swapped in under MLX (its
 symbols are renamed and 64-bit-int), nor can PyPI's cmeel-openblas (0.3.31 is built for
 SKYLAKEX only: AVX-512, SIGILL on an AVX2 CPU; it also needs the system's libgfortran.so.5).
-So each projection's weight is dequantized once into a float32 NumPy matrix and the matmul
-runs in NumPy; with float32 compute the rest of a block runs there too (host_step.py).
+So the projections run on the host: quantized weights packed as bytes with a compiled matvec
+(qmatvec.py: decode steps at a third of float32's memory traffic, prompts dequantize a matrix
+at a time into sgemm), float weights (and every weight when ggml roundings are emulated or
+Numba is missing) as float32 NumPy matrices here; with float32 compute the rest of a block
+runs in NumPy too (host_step.py).
 
-It costs memory: float32 is ~7x a Q4 weight (SmolLM2-135M: ~540 MB instead of ~80 MB), so it
-is used only while the stage's dense weights fit in ``dense_budget()``. Not used on macOS
-(MLX has Accelerate and Metal there) nor when MLX's default device is a GPU.
+A float32 copy costs memory (~7x a Q4 weight), so the host is used only while the stage's host
+weights fit in ``dense_budget()`` (packed ones count ~1.25-1.5 bytes a weight). Not used on
+macOS (MLX has Accelerate and Metal there) nor when MLX's default device is a GPU.
 OMNI_BLAS=numpy forces it on, OMNI_BLAS=mlx (or "bundled") off; OMNI_DENSE_MAX_MB sets the
-budget.
+budget; OMNI_QMATVEC=0 keeps quantized weights as float32 too.
 """
 
 from __future__ import annotations
@@ -64,28 +67,20 @@ class HostWeight:
         dense = np.asarray(w.astype(mx.float32))
         return cls(np.ascontiguousarray(dense.T), biases)
 
-    def matmul_t(self, x: mx.array) -> mx.array:
-        """``x @ W.T`` in NumPy's BLAS (this evaluates ``x``), back as an MLX array."""
-        dt = x.dtype
-        h = np.asarray(x if dt == mx.float32 else x.astype(mx.float32))
-        y = self.matmul_np(h.reshape(-1, h.shape[-1]))
-        out = mx.array(y.reshape(*h.shape[:-1], y.shape[-1]))
-        return out if dt == mx.float32 else out.astype(dt)
-
     def matmul_np(self, h: np.ndarray) -> np.ndarray:
         """``h @ W.T`` for float32 rows ``h`` (T, cols)."""
         set_threads(0 if h.shape[0] >= THREADED_MIN_ROWS else DECODE_THREADS)
         return h @ self.wt
 
 
-def wanted(dense_bytes: int) -> bool:
-    """Whether a stage whose projections hold ``dense_bytes`` as float32 should use HostWeight."""
+def wanted(host_bytes: int) -> bool:
+    """Whether a stage whose projections take ``host_bytes`` on the host should go there."""
     mode = os.environ.get("OMNI_BLAS", "auto").lower()
     if mode == "numpy":
         return True
     if mode in ("mlx", "bundled") or not available():
         return False
-    return dense_bytes <= dense_budget()
+    return host_bytes <= dense_budget()
 
 
 @functools.cache

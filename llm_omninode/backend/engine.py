@@ -25,11 +25,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import blas, host_step
+from . import blas, host_step, kquants
 from .blas import HostWeight
 from .ggml_types import GGMLType
 from .kv_cache import HOST_DTYPES, ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
-from .linear import DENSE_PREFILL_MIN, Linear, dense_prefill_wins
+from .linear import (
+    DENSE_PREFILL_MIN,
+    HOST_WEIGHTS,
+    HostStack,
+    Linear,
+    dense_prefill_wins,
+)
+from .qmatvec import PackedWeight
 from .quant import VEC_DOT_TYPE, QuantizedWeight, TensorData, Weight, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
 
@@ -114,7 +121,7 @@ class Attention:
                 self.q_proj = self.k_proj = self.v_proj = None
         lins = (self.qkv, self.o_proj)
         if self.ggml_numerics or not all(
-            lin is not None and isinstance(lin.weight, HostWeight) and lin.act is None
+            lin is not None and isinstance(lin.weight, HOST_WEIGHTS) and lin.act is None
             for lin in lins
         ):
             return
@@ -229,7 +236,7 @@ class MLP:
     def host_ready(self) -> bool:
         lins = [self.down] + ([self.gate_up] if self.gate_up else [self.gate, self.up])
         return self.host_act is not None and all(
-            lin is not None and isinstance(lin.weight, HostWeight) and lin.act is None
+            lin is not None and isinstance(lin.weight, HOST_WEIGHTS) and lin.act is None
             for lin in lins
         )
 
@@ -320,7 +327,15 @@ class _Loader:
         return act if self.ggml_numerics and act != GGMLType.F32 else None
 
     def linear(self, name: str, shape: tuple[int, ...], bias: mx.array | None = None) -> Linear:
-        return Linear(self.weight(name, shape), bias, self.act_type(name))
+        lin = Linear(self.weight(name, shape), bias, self.act_type(name))
+        return self.with_source(lin, name)
+
+    def with_source(self, lin: Linear, name: str) -> Linear:
+        """``lin`` knowing its tensor's bytes, if the host could pack what MLX holds as float16."""
+        t = self.tensors[name]
+        if GGMLType(t.ggml_type) in kquants.FLOAT16_TYPES:
+            lin.source = t
+        return lin
 
     def dense(self, name: str, shape: tuple[int, ...]) -> mx.array:
         w = self.weight(name, shape)
@@ -387,17 +402,19 @@ class Stage:
         if self.is_last:
             self.output_norm = w.dense("output_norm.weight", (d,))
             if tied:
-                self.output = Linear(self.embedding, act=w.act_type("token_embd.weight"))
+                head = Linear(self.embedding, act=w.act_type("token_embd.weight"))
+                self.output = w.with_source(head, "token_embd.weight")
             else:
                 self.output = w.linear("output.weight", (d, spec.vocab_size))
         if not self.is_first:
             self.embedding = None  # only the tied head holds on to it
         mx.eval([a for a in self._parameters() if isinstance(a, mx.array)])
         self.host_step = False
-        self.host_blas = blas.wanted(sum(4 * r * c for r, c in self._linear_shapes()))
-        if self.host_blas:
-            for linear in self._linears():
+        self.host_blas = blas.wanted(sum(lin.host_nbytes() for lin in self._linears()))
+        for linear in self._linears():
+            if self.host_blas:
                 linear.to_host()
+            linear.source = None
             ready = [block.enable_host() for block in self.blocks]
             # one position at a time in NumPy: float32 compute, no ggml roundings to emulate
             self.host_step = all(ready) and dtype == mx.float32 and not ggml_numerics
@@ -418,6 +435,8 @@ class Stage:
             if isinstance(obj, list | tuple):
                 for o in obj:
                     yield from walk(o)
+            elif isinstance(obj, HostStack):
+                yield from walk(obj.parts)
             elif isinstance(obj, Linear | Attention | MLP | Block):
                 for v in vars(obj).values():
                     yield from walk(v)
@@ -426,9 +445,6 @@ class Stage:
 
     def _linears(self) -> list[Linear]:
         return [o for o in self._walk() if isinstance(o, Linear)]
-
-    def _linear_shapes(self) -> list[tuple[int, int]]:
-        return [linear.weight.shape for linear in self._linears()]
 
     def _parameters(self) -> list[mx.array | np.ndarray]:
         out: list[mx.array | np.ndarray] = []
@@ -441,6 +457,9 @@ class Stage:
                 out.append(obj.wt)
                 if obj.biases is not None:
                     out.append(obj.biases)
+            elif isinstance(obj, PackedWeight):
+                out.extend([obj.qt, obj.scales, obj.offsets])
+
         return out
 
     @property

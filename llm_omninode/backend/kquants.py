@@ -11,7 +11,8 @@ little-endian bit stream):
 - Q5_K  the same with 5-bit q   -> 5 bits
 
 Q6_K, Q3_K and Q2_K give each 16 weights their own scale and MLX's smallest group is 32, so
-they are dequantized (in float32, in ggml's order of operations) and kept as float16.
+for MLX they are dequantized (in float32, in ggml's order of operations) and kept as float16;
+on a host that packs weights (qmatvec.py) they keep their integers in groups of 16.
 
 Block layouts follow ggml's ``block_q*`` structs (ggml-common.h). Everything is vectorised
 NumPy over all blocks of a tensor; sizes are checked by ``quant._blocks`` before we get here.
@@ -135,24 +136,24 @@ def affine_groups(
     return pack_bits(q, bits), scale.astype(np.float32), bias.astype(np.float32), bits
 
 
-# ---- float16 types: dequantized values (n_blocks, 256) float32 ---------------------------------
-def _q6_k(blocks: np.ndarray) -> np.ndarray:
+# ---- 16-weight sub-block types: (u (n, 256) uint8, scale (n, 16), zero, minimum (n, 16)) ------
+# w = scale * (u - zero) - minimum for each sub-block of 16 consecutive weights, as ggml
+# computes it (d * sc first, then * q). MLX's groups are >= 32 weights, so these load as
+# float16 for MLX; the host packs u with scale and -(zero * scale + minimum) (qmatvec.py).
+def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     # ql (128: low 4 bits), qh (64: high 2 bits), scales (16 int8), d (f16)
     ql, qh = blocks[:, 0:128], blocks[:, 128:192]
     sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
     d = f16_field(blocks, 208)
     # each half of 128 weights: ql bytes [64h, 64h+64), qh bytes [32h, 32h+32); weight
     # 32j + l of the half (j = 0..3) takes ql byte l + 32*(j % 2), nibble j // 2, and the
-    # 2 bits at 2j of qh byte l
+    # 2 bits at 2j of qh byte l; sub-block 8h + 2j + l // 16 follows weight order
     ql = ql.reshape(-1, 2, 2, 32)  # (n, half, j % 2, l)
     low = np.stack([ql[:, :, 0] & 0x0F, ql[:, :, 1] & 0x0F, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], 2)
     qh = qh.reshape(-1, 2, 1, 32)
     high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
-    q = (low | (high << 4)).astype(np.float32) - 32  # (n, half, j, l)
-    # 16 sub-blocks of 16: weight 32j + l of half h uses scale 8h + 2j + l // 16
-    scale = d[:, None] * sc  # ggml: d * sc first, then * q
-    w = scale.reshape(-1, 2, 4, 2, 1) * q.reshape(-1, 2, 4, 2, 16)
-    return w.reshape(-1, 256)
+    u = low | (high << 4)  # (n, half, j, l), q = u - 32
+    return u.reshape(-1, 256), d[:, None] * sc, 32, None
 
 
 def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
@@ -164,32 +165,48 @@ def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
     return (low | (high.reshape(-1, 16) << 4)).astype(np.float32) - 32
 
 
-def _q3_k(blocks: np.ndarray) -> np.ndarray:
+def _q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     # hmask (32), qs (64), scales (12), d (f16)
     hmask, qs = blocks[:, 0:32], blocks[:, 32:96]
     sc = _q3_k_scales(blocks[:, 96:108])
     d = f16_field(blocks, 108)
     # weight 128h + 32j + l: 2 bits at 2j of qs byte 32h + l; its high bit is bit 4h + j of
-    # hmask byte l, and a clear high bit subtracts 4
+    # hmask byte l, and a clear high bit subtracts 4 (so q = low + 4*high - 4)
     shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
     low = (qs.reshape(-1, 2, 1, 32) >> shifts) & 3  # (n, h, j, l)
     hbits = _bits_of(hmask).reshape(-1, 32, 2, 4).transpose(0, 2, 3, 1)  # (n, h, j, l)
-    q = low.astype(np.float32) - 4 * (1 - hbits.astype(np.float32))
-    scale = d[:, None] * sc  # sub-block 16-weight groups in order
-    w = scale.reshape(-1, 2, 4, 2, 1) * q.reshape(-1, 2, 4, 2, 16)
-    return w.reshape(-1, 256)
+    u = low | (hbits.astype(np.uint8) << 2)
+    return u.reshape(-1, 256), d[:, None] * sc, 4, None
 
 
-def _q2_k(blocks: np.ndarray) -> np.ndarray:
+def _q2_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     # scales (16: scale low nibble, min high nibble), qs (64), d, dmin (f16)
     sc = blocks[:, 0:16]
     qs = blocks[:, 16:80]
     d, dmin = f16_field(blocks, 80), f16_field(blocks, 82)
     shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
-    q = ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).astype(np.float32)  # (n, h, j, l)
+    u = (qs.reshape(-1, 2, 1, 32) >> shifts) & 3  # (n, h, j, l)
     dl = d[:, None] * (sc & 0x0F).astype(np.float32)
     ml = dmin[:, None] * (sc >> 4).astype(np.float32)
-    w = dl.reshape(-1, 2, 4, 2, 1) * q.reshape(-1, 2, 4, 2, 16) - ml.reshape(-1, 2, 4, 2, 1)
+    return u.reshape(-1, 256), dl, 0, ml
+
+
+def small_groups(
+    ggml_type: GGMLType, blocks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u (n_blocks * 16, 16) uint8, scale, offset (n_blocks * 16,) float32) of a 16-weight
+    sub-block type: ``w = scale * u + offset`` (up to the rounding of one addition)."""
+    u, scale, zero, minimum = _FLOAT_DECODERS[ggml_type](blocks)
+    offset = -zero * scale - (0 if minimum is None else minimum)
+    return u.reshape(-1, 16), scale.reshape(-1), offset.astype(np.float32).reshape(-1)
+
+
+def _small_group_values(ggml_type: GGMLType, blocks: np.ndarray) -> np.ndarray:
+    u, scale, zero, minimum = _FLOAT_DECODERS[ggml_type](blocks)
+    q = u.reshape(-1, 16, 16).astype(np.float32) - zero
+    w = scale[..., None] * q
+    if minimum is not None:
+        w = w - minimum[..., None]
     return w.reshape(-1, 256)
 
 
@@ -199,7 +216,7 @@ _FLOAT_DECODERS = {GGMLType.Q6_K: _q6_k, GGMLType.Q3_K: _q3_k, GGMLType.Q2_K: _q
 def dequantize_blocks(ggml_type: GGMLType, blocks: np.ndarray) -> np.ndarray:
     """float32 values (n_blocks * block_elems,) of any type this module decodes."""
     if ggml_type in _FLOAT_DECODERS:
-        return _FLOAT_DECODERS[ggml_type](blocks).reshape(-1)
+        return _small_group_values(ggml_type, blocks).reshape(-1)
     q, scale, bias = _AFFINE_DECODERS[ggml_type](blocks)
     return (scale[:, None] * q.astype(np.float32) + bias[:, None]).reshape(-1)
 

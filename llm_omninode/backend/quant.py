@@ -25,6 +25,7 @@ import numpy as np
 
 from . import kquants
 from .ggml_types import BLOCK_LAYOUT, GGMLType, tensor_nbytes
+from .qmatvec import PackedWeight
 from .spec import UnsupportedModelError
 
 GROUP_SIZE = 32
@@ -296,6 +297,16 @@ def load_tensor(t: TensorData, *, dtype: mx.Dtype = mx.float32) -> Weight:
     if t.ggml_type in DENSE_TYPES:
         return mx.array(_dense_numpy(t)).astype(dtype)
     raise UnsupportedModelError(unsupported_type_message(t.name, t.ggml_type))
+
+
+def small_group_weight(t: TensorData) -> PackedWeight:
+    """A Q6_K/Q3_K/Q2_K tensor as host bytes in groups of 16 (see kquants.small_groups)."""
+    u, scale, offset = kquants.small_groups(GGMLType(t.ggml_type), _blocks(t))
+    rows, cols = _matrix_shape(t)
+    shape = (rows, cols // 16)
+    return PackedWeight.from_groups(
+        u.reshape(rows, cols), scale.reshape(shape), offset.reshape(shape)
+    )
 
 
 def unsupported_type_message(name: str, ggml_type: GGMLType) -> str:
