@@ -1,7 +1,8 @@
 """Pipeline throughput: SmolLM2 split over 1, 2 and 3 shim processes on this machine.
 
 For each cluster size it starts that many real ``omni-shim`` processes on loopback (node 0
-holds the model, the others fetch their slices), warms the plan up with one request, then
+holds the model, the others fetch their slices; each gets its share of the cores with
+``--threads``, as if they were that many smaller devices), warms the plan up with one request, then
 times ``--runs`` greedy requests (the shims keep no caches between requests: every run computes
 its whole prompt). Prefill and decode times are the coordinator's own
 (STREAM_END's prefill_s / decode_s), so client start-up is not counted. The cost of a hop
@@ -59,7 +60,7 @@ class Cluster:
         for i, d in enumerate(self.dirs):
             argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(d), "--host",
                     "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--no-prefix-cache",
-                    "--name", f"node{i}",
+                    "--name", f"node{i}", "--threads", str(max(1, (os.cpu_count() or 1) // n)),
                     "--max-memory", "2GiB", "--log-level", LOG_LEVEL]  # fmt: skip
             if i:
                 argv += ["--join", secret]

@@ -80,13 +80,22 @@ def parse_size(text: str) -> int:
     is_flag=True,
     help="Do not keep finished sequences' KV caches for a chat's next turn.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(0, 1024),
+    default=0,
+    show_default=True,
+    help="CPU threads for a prompt's matmuls (0: all cores). Give each of several nodes on "
+    "one machine its share.",
+)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name, no_mdns,
          mdns_interfaces, advertise_host, api_host, api_port, api_token, no_api, parallel,
-         no_prefix_cache, log_level) -> None:  # fmt: skip
+         no_prefix_cache, threads, log_level) -> None:  # fmt: skip
     """Run an OmniNode node: it discovers its peers, holds a slice of each model's blocks and
     coordinates the requests that reach it."""
+    from llm_omninode.backend import blas
     from llm_omninode.home import omni_home
 
     from .http_server import ApiConfig
@@ -99,6 +108,8 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
     )
     for noisy in ("quic", "aioquic", "zeroconf"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if threads:
+        blas.set_max_threads(threads)
     config = NodeConfig(
         data_dir=data_dir or omni_home(),
         host=host,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class HostedStage:
     # finished sequences whose KV caches are kept for a next turn to reuse, oldest first
     parked: dict[str, float] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
+    # decode steps waiting for the worker thread, taken together by the next batch (see
+    # StageHost.forward); appended on the event loop, taken on the worker, hence the lock
+    waiting: list[tuple[str, np.ndarray, asyncio.Future]] = field(default_factory=list)
+    waiting_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -92,6 +97,7 @@ class StageHost:
         self._stages: dict[tuple[str, int, int], HostedStage] = {}
         self._loading: dict[tuple[str, int, int], asyncio.Future[HostedStage]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
+        self._batches: set[asyncio.Future] = set()
 
     # ---- what is here -------------------------------------------------------------------
     def stages(self) -> list[HostedStage]:
@@ -222,12 +228,59 @@ class StageHost:
     async def forward(self, hosted: HostedStage, seq: str, x: np.ndarray) -> np.ndarray:
         hosted.last_used = time.monotonic()
         try:
-            return await self.run(hosted.stage.forward, seq, x)
+            return await self._compute(hosted, seq, x)
         except SequenceLimitError:
             if not hosted.parked:
                 raise
             self.free(hosted, next(iter(hosted.parked)))  # a live sequence before a parked one
+            return await self._compute(hosted, seq, x)
+
+    async def _compute(self, hosted: HostedStage, seq: str, x: np.ndarray) -> np.ndarray:
+        """The stage's forward, a decode step batched with the others waiting for the worker.
+
+        While the worker computes, the next steps of other sequences queue up; the next batch
+        takes all of them, so each weight is read once for all (Stage.forward_batch; a
+        sequence's numbers do not depend on its batch).
+        """
+        if x.shape[0] != 1 or not hosted.stage.batches:
             return await self.run(hosted.stage.forward, seq, x)
+        future = asyncio.get_running_loop().create_future()
+        with hosted.waiting_lock:
+            hosted.waiting.append((seq, x, future))
+            first = len(hosted.waiting) == 1
+        if first:  # no batch is queued yet that will take this step
+            task = asyncio.ensure_future(self._run_waiting(hosted))
+            self._batches.add(task)  # a reference, so the task is not collected mid-run
+            task.add_done_callback(self._batches.discard)
+        return await future
+
+    async def _run_waiting(self, hosted: HostedStage) -> None:
+        def take_and_run() -> tuple[list, list]:
+            with hosted.waiting_lock:
+                batch, hosted.waiting = hosted.waiting, []
+            steps = [(seq, x) for seq, x, _ in batch]
+            try:
+                return batch, hosted.stage.forward_batch(steps)
+            except Exception as exc:  # noqa: BLE001 - every waiter gets it
+                return batch, [exc] * len(batch)
+
+        stopped: BaseException | None = None
+        try:
+            batch, results = await self.run(take_and_run)
+        except BaseException as exc:  # no worker (shutting down): fail what still waits
+            with hosted.waiting_lock:
+                batch, hosted.waiting = hosted.waiting, []
+            results = [RuntimeError(f"stage host stopped: {exc!r}")] * len(batch)
+            stopped = exc
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():  # its pipeline went away meanwhile
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if stopped is not None and not isinstance(stopped, Exception):
+            raise stopped  # cancelled
 
     def free(self, hosted: HostedStage, seq: str) -> None:
         hosted.pickers.pop(seq, None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llm_omninode.backend import blas, host_step
-from llm_omninode.backend.engine import Stage, TensorData
+from llm_omninode.backend.engine import SequenceLimitError, Stage, TensorData
 from llm_omninode.backend.ggml_types import GGMLType
 from llm_omninode.backend.gguf import open_gguf
 from llm_omninode.backend.spec import ModelSpec
@@ -153,6 +153,22 @@ def test_openblas_threads_are_controlled() -> None:
         assert blas._threads["now"] == (blas.DECODE_THREADS if rows == 1 else 0)
 
 
+def test_max_threads_caps_prompts() -> None:
+    """``omni-shim --threads N``: a prompt's matmuls use at most N OpenBLAS threads."""
+    control = blas._openblas_threads()
+    if control is None:
+        pytest.skip("NumPy is not on a reachable OpenBLAS here")
+    getter = control[1]
+    try:
+        blas.set_max_threads(1)
+        blas.set_threads(0)
+        assert getter() == 1
+    finally:
+        blas.set_max_threads(0)
+        blas.set_threads(0)
+    assert getter() == control[2]
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
 def test_low_precision_compute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: mx.Dtype
@@ -169,3 +185,65 @@ def test_low_precision_compute(
         out[mode] = logits
     scale = float(np.abs(out["mlx"]).max())
     assert float(np.abs(out["numpy"] - out["mlx"]).max()) < 0.03 * scale
+
+
+@linux
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"weight_type": GGMLType.Q8_0, "embed_type": GGMLType.F16, "tied": False}],
+    ids=["q4_1-tied", "q8_0"],
+)
+def test_batched_steps_equal_steps_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kw: dict
+) -> None:
+    """Decode steps of several sequences in one forward_batch: each sequence's hidden states
+    and logits are bit for bit what it gets alone, over a 2-stage split."""
+    path = write_tiny_llama(tmp_path / "m.gguf", **kw)
+    alone = stages(path, monkeypatch, "numpy", [0, 2, 4])
+    together = stages(path, monkeypatch, "numpy", [0, 2, 4])
+    assert all(s.batches for s in together)
+    prompts = [PROMPT[:3], PROMPT[2:9], PROMPT[5:6]]
+    want = []
+    for k, p in enumerate(prompts):  # reference: each sequence alone
+        x = np.asarray(p, np.int32)
+        steps = []
+        for _ in range(4):
+            for s in alone:
+                x = s.forward(f"q{k}", x)
+            steps.append(x)
+            x = np.array([int(np.argmax(x))], np.int32)
+        want.append(steps)
+    xs = []
+    for k, p in enumerate(prompts):  # prefills one by one, then batched decode steps
+        x = np.asarray(p, np.int32)
+        for s in together:
+            x = s.forward(f"q{k}", x)
+        assert np.array_equal(x, want[k][0])
+        xs.append(np.array([int(np.argmax(x))], np.int32))
+    for step in range(1, 4):
+        outs: list = xs
+        for s in together:
+            outs = s.forward_batch([(f"q{k}", x) for k, x in enumerate(outs)])
+        for k, logits in enumerate(outs):
+            assert np.array_equal(logits, want[k][step]), (k, step)
+        xs = [np.array([int(np.argmax(o))], np.int32) for o in outs]
+    assert [s.position("q1") for s in together] == [len(prompts[1]) + 3] * 2
+
+
+@linux
+def test_batched_step_errors_stay_with_their_sequence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (stage,) = stages(write_tiny_llama(tmp_path / "m.gguf"), monkeypatch, "numpy", [0, 4],
+                      max_sequences=2)  # fmt: skip
+    ok = np.array([5], np.int32)
+    out = stage.forward_batch(
+        [("a", ok), ("b", np.array([1, 2], np.int32)), ("a", ok), ("c", ok), ("d", ok)]
+    )
+    assert out[0].shape == (stage.spec.vocab_size,)
+    assert isinstance(out[1], ValueError) and "one position" in str(out[1])
+    assert isinstance(out[2], ValueError)  # the same sequence twice
+    assert out[3].shape == (stage.spec.vocab_size,)
+    assert isinstance(out[4], SequenceLimitError)
+    assert stage.position("a") == 1 and stage.position("c") == 1
+    assert stage.forward_batch([]) == []

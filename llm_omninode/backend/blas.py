@@ -102,7 +102,14 @@ def dense_budget() -> int:
 
 
 # ---- NumPy's OpenBLAS thread count -----------------------------------------------------------
-_threads = {"now": -1}
+_threads = {"now": -1, "max": 0}
+
+
+def set_max_threads(n: int) -> None:
+    """Never run more than ``n`` BLAS threads (0: no limit): several nodes sharing a machine
+    each take their share, as busy-waiting OpenBLAS threads of one would stall the others."""
+    _threads["max"] = max(0, n)
+    _threads["now"] = -1
 
 
 def set_threads(n: int) -> None:
@@ -111,14 +118,16 @@ def set_threads(n: int) -> None:
         return
     control = _openblas_threads()
     if control is not None:
-        setter, default = control
-        setter(default if n == 0 else n)
+        setter, _, default = control
+        want = default if n == 0 else n
+        setter(min(want, _threads["max"]) if _threads["max"] else want)
     _threads["now"] = n
 
 
 @functools.cache
-def _openblas_threads() -> tuple[Callable[[int], None], int] | None:
-    """(set_num_threads, default count) of the OpenBLAS NumPy loaded, found in our own maps."""
+def _openblas_threads() -> tuple[Callable[[int], None], Callable[[], int], int] | None:
+    """(set_num_threads, get_num_threads, default count) of the OpenBLAS NumPy loaded, found
+    in our own maps."""
     names = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
              "scipy_openblas_set_num_threads", "openblas_set_num_threads")  # fmt: skip
     try:
@@ -137,5 +146,5 @@ def _openblas_threads() -> tuple[Callable[[int], None], int] | None:
             if setter is not None and getter is not None:
                 setter.argtypes = [ctypes.c_int]
                 getter.restype = ctypes.c_int
-                return setter, max(1, getter())
+                return setter, getter, max(1, getter())
     return None

@@ -19,26 +19,24 @@ summation order (and its exp) would track llama.cpp's near-tied greedy choices.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from . import blas, host_step, kquants
+from . import blas, host_step
 from .blas import HostWeight
-from .ggml_types import GGMLType
+from .blocks import MLP, Attention, Block, Loader, rms_norm_ggml
 from .kv_cache import HOST_DTYPES, ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
 from .linear import (
     DENSE_PREFILL_MIN,
-    HOST_WEIGHTS,
     HostStack,
     Linear,
     dense_prefill_wins,
 )
 from .qmatvec import PackedWeight
-from .quant import VEC_DOT_TYPE, QuantizedWeight, TensorData, Weight, load_tensor
-from .spec import ModelSpec, UnsupportedModelError
+from .quant import QuantizedWeight, TensorData, Weight
+from .spec import ModelSpec
 
 __all__ = [
     "DENSE_PREFILL_MIN",
@@ -54,294 +52,6 @@ MAX_SEQ_ID_LEN = 256
 # Long prompts are run through the blocks in chunks so attention scores stay bounded
 # (T x T per head); the result is the same as one pass, the caller still makes one call.
 PREFILL_CHUNK = 512
-
-
-def rms_norm_ggml(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    """RMS norm rounded as ggml's CPU code rounds it (bit for bit in float32).
-
-    ggml sums the float32 squares in double, takes ``scale = 1/sqrtf(mean + eps)`` in float,
-    multiplies by it and then, as a separate op, by the weight. mx.fast.rms_norm differs in the
-    last bit for about half the elements, which is enough to flip a few roundings of the 8-bit
-    activation quantization that follows (see quant.round_activations).
-    """
-    ss = (x * x).astype(mx.float64).sum(axis=-1, keepdims=True)
-    mean = (ss / x.shape[-1]).astype(x.dtype)
-    return (x * (1.0 / mx.sqrt(mean + eps))) * weight
-
-
-def attention_mask(T: int, offset: int, S: int, window: int) -> mx.array | str | None:
-    """Which of S cached positions each of T new ones (from ``offset``) may attend to.
-
-    None: all; "causal": the usual triangle (MLX aligns it to the last query); else a boolean
-    (T, S) array, for a sliding window (llama.cpp: key p0 is hidden from query p1 when
-    p1 - p0 >= window).
-    """
-    if not window or offset + T <= window:
-        return "causal" if T > 1 else None
-    qpos = mx.arange(offset, offset + T)[:, None]
-    kpos = mx.arange(S)[None]
-    return (kpos <= qpos) & (qpos - kpos < window)
-
-
-class Attention:
-    def __init__(
-        self,
-        spec: ModelSpec,
-        w: _Loader,
-        prefix: str,
-        rope_freqs: mx.array | None,
-        layer: int = 0,
-    ) -> None:
-        self.spec = spec
-        self.ggml_numerics = w.ggml_numerics
-        self.rope_base, self.rope_scale = spec.layer_rope(layer)
-        self.window = spec.sliding_window if spec.is_sliding(layer) else 0
-        nh, nkv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
-        parts = []
-        for name, n_out in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
-            bias = w.dense(f"{prefix}attn_{name}.bias", (n_out,)) if spec.attn_bias else None
-            parts.append(w.linear(f"{prefix}attn_{name}.weight", (d, n_out), bias))
-        self.qkv = Linear.fused(parts)
-        self.q_proj, self.k_proj, self.v_proj = parts if self.qkv is None else (None,) * 3
-        self.o_proj = w.linear(f"{prefix}attn_output.weight", (nh * hd, d))
-        self.q_norm = self.k_norm = None
-        if spec.qk_norm:
-            self.q_norm = w.dense(f"{prefix}attn_q_norm.weight", (hd,))
-            self.k_norm = w.dense(f"{prefix}attn_k_norm.weight", (hd,))
-        self.rope_freqs = rope_freqs
-        self.splits = [nh * hd, (nh + nkv) * hd]
-        self.host: host_step.HostAttention | None = None
-
-    def enable_host(self) -> None:
-        """Run one-position steps in NumPy (host_step.py) if the projections allow it."""
-        if self.qkv is None:
-            # q/k/v of different quant types (a Q4_K_M mix) fuse once they are all on the host
-            self.qkv = Linear.fused([self.q_proj, self.k_proj, self.v_proj])
-            if self.qkv is not None:
-                self.q_proj = self.k_proj = self.v_proj = None
-        lins = (self.qkv, self.o_proj)
-        if self.ggml_numerics or not all(
-            lin is not None and isinstance(lin.weight, HOST_WEIGHTS) and lin.act is None
-            for lin in lins
-        ):
-            return
-        freqs, qn, kn = (
-            None if a is None else np.array(a.astype(mx.float32))
-            for a in (self.rope_freqs, self.q_norm, self.k_norm)
-        )
-        inv = host_step.inv_freqs(self.spec, freqs, self.rope_base)
-        self.host = host_step.HostAttention(inv, self.rope_scale, qn, kn, self.window)
-
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
-        s = self.spec
-        return mx.fast.rope(
-            x,
-            s.rope_dim,
-            traditional=s.rope_traditional,
-            base=None if self.rope_freqs is not None else self.rope_base,
-            scale=self.rope_scale,
-            offset=offset,
-            freqs=self.rope_freqs,
-        )
-
-    def _attend_ggml(
-        self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
-    ) -> mx.array:
-        """Attention rounded as llama.cpp's CPU graph without flash attention rounds it.
-
-        There ``KQ = mul_mat(K, Q)`` with K from the float16 cache converts Q to float16 first
-        (products and sums in float32), the scaled, masked softmax is float32, and
-        ``KQV = mul_mat(V, KQ)`` converts the probabilities to float16. q: (1, H, T, hd) in the
-        compute dtype; keys, values: (1, H_kv, S, hd) as cached.
-        """
-        _, nh, T, hd = q.shape
-        nkv, S = keys.shape[1], keys.shape[2]
-        dt = q.dtype
-        # query head h reads kv head h // (nh // nkv), as in ggml's broadcasting mul_mat
-        q = q.reshape(1, nkv, nh // nkv * T, hd).astype(mx.float16).astype(dt)
-        scores = (q @ keys.astype(dt).swapaxes(-1, -2)) * self.spec.scale
-        if mask is not None:
-            if isinstance(mask, str):  # causal, aligned to the last query
-                mask = mx.arange(T)[:, None] + (S - T) >= mx.arange(S)[None]
-            # row r of a group is query position r % T
-            scores = mx.where(mx.tile(mask, (nh // nkv, 1)), scores, -mx.inf)
-        probs = mx.softmax(scores, axis=-1, precise=True)
-        o = probs.astype(mx.float16).astype(dt) @ values.astype(dt)
-        return o.reshape(1, nh, T, hd)
-
-    def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
-        s = self.spec
-        _, T, _ = x.shape
-        if T == 1 and cache.host and self.host is not None:
-            y = self.step_host(np.asarray(x.astype(mx.float32))[0], cache, layer)
-            return mx.array(y[None]).astype(x.dtype)
-        if self.qkv is not None:
-            q, k, v = mx.split(self.qkv(x), self.splits, axis=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(1, T, s.n_heads, s.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(1, T, s.n_kv_heads, s.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(1, T, s.n_kv_heads, s.head_dim).transpose(0, 2, 1, 3)
-        if self.q_norm is not None:
-            q = mx.fast.rms_norm(q, self.q_norm, s.rms_eps)
-            k = mx.fast.rms_norm(k, self.k_norm, s.rms_eps)
-        q = self._rope(q, cache.offset)
-        k = self._rope(k, cache.offset)
-        keys, values = cache.update(layer, k, v)
-        if keys.dtype != q.dtype:
-            keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        if self.window and T == 1 and keys.shape[2] > self.window:
-            keys, values = keys[..., -self.window :, :], values[..., -self.window :, :]
-        else:
-            mask = attention_mask(T, cache.offset, keys.shape[2], self.window)
-        if self.ggml_numerics:
-            o = self._attend_ggml(q, keys, values, mask if T > 1 else None)
-        else:
-            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(1, T, s.n_heads * s.head_dim))
-
-    def step_host(self, x: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
-        """Positions (T, d_model) float32 in NumPy; see host_step.py."""
-        assert self.qkv is not None and self.host is not None
-        o = host_step.attend(self.qkv.host_apply(x), cache, layer, self.spec, self.host)
-        return self.o_proj.host_apply(o)
-
-
-class MLP:
-    """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU for llama."""
-
-    def __init__(self, spec: ModelSpec, w: _Loader, prefix: str) -> None:
-        d, f = spec.d_model, spec.d_ff
-        gate = w.linear(f"{prefix}ffn_gate.weight", (d, f))
-        up = w.linear(f"{prefix}ffn_up.weight", (d, f))
-        self.gate_up = Linear.fused([gate, up])
-        self.gate, self.up = (gate, up) if self.gate_up is None else (None, None)
-        self.down = w.linear(f"{prefix}ffn_down.weight", (f, d))
-        self.d_ff = f
-        self.host_act = host_step.ACTIVATIONS.get(spec.activation)
-        if spec.activation == "silu":
-            self.act = nn.silu
-        elif spec.activation == "gelu":
-            self.act = nn.gelu_approx  # gemma's gelu_pytorch_tanh, as llama.cpp's ggml_gelu
-        else:
-            raise UnsupportedModelError(f"activation {spec.activation!r} is not supported")
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.gate_up is not None:
-            g, u = mx.split(self.gate_up(x), [self.d_ff], axis=-1)
-        else:
-            g, u = self.gate(x), self.up(x)
-        return self.down(self.act(g) * u)
-
-    def host_ready(self) -> bool:
-        lins = [self.down] + ([self.gate_up] if self.gate_up else [self.gate, self.up])
-        return self.host_act is not None and all(
-            lin is not None and isinstance(lin.weight, HOST_WEIGHTS) and lin.act is None
-            for lin in lins
-        )
-
-    def step_host(self, x: np.ndarray) -> np.ndarray:
-        assert self.host_act is not None
-        if self.gate_up is not None:
-            g, u = np.split(self.gate_up.host_apply(x), [self.d_ff], axis=-1)
-        else:
-            g, u = self.gate.host_apply(x), self.up.host_apply(x)  # type: ignore[union-attr]
-        return self.down.host_apply(self.host_act(g) * u)
-
-
-class Block:
-    def __init__(
-        self, spec: ModelSpec, w: _Loader, index: int, rope_freqs: mx.array | None
-    ) -> None:
-        p = f"blk.{index}."
-        d = spec.d_model
-        self.eps = spec.rms_eps
-        self.norm = rms_norm_ggml if w.ggml_numerics else mx.fast.rms_norm
-        self.attn_norm = w.dense(f"{p}attn_norm.weight", (d,))
-        self.attn = Attention(spec, w, p, rope_freqs, index)
-        self.ffn_norm = w.dense(f"{p}ffn_norm.weight", (d,))
-        self.mlp = MLP(spec, w, p)
-        self.post_attn_norm = self.post_ffn_norm = None
-        if spec.post_norms:
-            self.post_attn_norm = w.dense(f"{p}post_attention_norm.weight", (d,))
-            self.post_ffn_norm = w.dense(f"{p}post_ffw_norm.weight", (d,))
-
-    def enable_host(self) -> bool:
-        """Prepare NumPy single-position steps (host_step.py); whether they are possible."""
-        self.attn.enable_host()
-        if self.attn.host is None or not self.mlp.host_ready():
-            return False
-        norms = (self.attn_norm, self.ffn_norm, self.post_attn_norm, self.post_ffn_norm)
-        self.host_norms = [None if w is None else np.array(w.astype(mx.float32)) for w in norms]
-        return True
-
-    def step_host(self, x: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
-        """Positions (T, d_model) float32 through the block in NumPy."""
-        an, fn, pan, pfn = self.host_norms
-        a = self.attn.step_host(host_step.rms_norm(x, an, self.eps), cache, layer)
-        if pan is not None:
-            a = host_step.rms_norm(a, pan, self.eps)
-        h = x + a
-        m = self.mlp.step_host(host_step.rms_norm(h, fn, self.eps))
-        if pfn is not None:
-            m = host_step.rms_norm(m, pfn, self.eps)
-        return h + m
-
-    def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
-        a = self.attn(self.norm(x, self.attn_norm, self.eps), cache, layer, mask)
-        if self.post_attn_norm is not None:
-            a = self.norm(a, self.post_attn_norm, self.eps)
-        h = x + a
-        m = self.mlp(self.norm(h, self.ffn_norm, self.eps))
-        if self.post_ffn_norm is not None:
-            m = self.norm(m, self.post_ffn_norm, self.eps)
-        return h + m
-
-
-class _Loader:
-    """Loads named tensors after checking they exist with the shape the spec implies."""
-
-    def __init__(
-        self, tensors: Mapping[str, TensorData], dtype: mx.Dtype, ggml_numerics: bool
-    ) -> None:
-        self.tensors = tensors
-        self.dtype = dtype
-        self.ggml_numerics = ggml_numerics
-
-    def _get(self, name: str, shape: tuple[int, ...]) -> TensorData:
-        t = self.tensors.get(name)
-        if t is None:
-            raise UnsupportedModelError(f"tensor {name} is missing")
-        if tuple(t.shape) != shape:
-            raise UnsupportedModelError(
-                f"tensor {name} has shape {tuple(t.shape)}, the model spec implies {shape}"
-            )
-        return t
-
-    def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
-        return load_tensor(self._get(name, shape), dtype=self.dtype)
-
-    def act_type(self, name: str) -> GGMLType | None:
-        """What ggml rounds the activations to before a matmul with this weight, if emulated."""
-        act = VEC_DOT_TYPE.get(GGMLType(self.tensors[name].ggml_type))
-        return act if self.ggml_numerics and act != GGMLType.F32 else None
-
-    def linear(self, name: str, shape: tuple[int, ...], bias: mx.array | None = None) -> Linear:
-        lin = Linear(self.weight(name, shape), bias, self.act_type(name))
-        return self.with_source(lin, name)
-
-    def with_source(self, lin: Linear, name: str) -> Linear:
-        """``lin`` knowing its tensor's bytes, if the host could pack what MLX holds as float16."""
-        t = self.tensors[name]
-        if GGMLType(t.ggml_type) in kquants.FLOAT16_TYPES:
-            lin.source = t
-        return lin
-
-    def dense(self, name: str, shape: tuple[int, ...]) -> mx.array:
-        w = self.weight(name, shape)
-        if isinstance(w, QuantizedWeight):
-            w = w.dequantize()  # a quantized norm or bias vector is odd but harmless
-        return w
 
 
 class Stage:
@@ -384,7 +94,7 @@ class Stage:
         # that small already changes later 8-bit roundings and so the tokens, so the state is
         # rounded after every block instead: then any split computes bit for bit the same.
         self.round_residual = ggml_numerics
-        w = _Loader(tensors, dtype, ggml_numerics)
+        w = Loader(tensors, dtype, ggml_numerics)
 
         rope_freqs = None
         if spec.rope_freq_factors:
@@ -519,17 +229,23 @@ class Stage:
             h = h * self.spec.embed_scale
         return h
 
-    def _step_host(self, x: np.ndarray, cache: KVCache) -> mx.array:
-        """``_run`` in NumPy (host_step.py)."""
+    def _step_host(self, x: np.ndarray, caches: Sequence[KVCache]) -> np.ndarray:
+        """``_run`` in NumPy (host_step.py), for one sequence's positions or for one position
+        of each of several sequences (then the last stage gives logits for every row)."""
         s = self.spec.boundary_scale
         h = np.asarray(self._embed(mx.array(x))) if self.is_first else x.astype(np.float32) / s
         for i, block in enumerate(self.blocks):
-            h = block.step_host(h, cache, i)
+            h = block.step_host(h, caches, i)
         if not self.is_last:
-            return mx.array((h * np.float32(s)).astype(np.float16))
-        h = host_step.rms_norm(h[-1:], np.array(self.output_norm), self.spec.rms_eps)
+            return (h * np.float32(s)).astype(np.float16)
+        if len(caches) == 1:
+            h = h[-1:]
+        h = host_step.rms_norm(h, np.array(self.output_norm), self.spec.rms_eps)
         assert self.output is not None
-        return self._softcap(mx.array(self.output.host_apply(h)[0]))
+        logits = self.output.host_apply(h)
+        if self.spec.final_softcap is None:
+            return logits
+        return np.stack([np.array(self._softcap(mx.array(row))) for row in logits])
 
     def _softcap(self, logits: mx.array) -> mx.array:
         c = self.spec.final_softcap
@@ -538,7 +254,8 @@ class Stage:
     def _run(self, x: np.ndarray, cache: KVCache) -> mx.array:
         T = x.shape[0]
         if self.host_step and cache.host and (T == 1 or host_step.PREFILL):
-            return self._step_host(x, cache)
+            out = self._step_host(x, [cache])
+            return mx.array(out[0] if self.is_last else out)
         s = self.spec.boundary_scale  # a power of two: scaling is exact
         h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype) / s
         h = h[None]
@@ -553,9 +270,56 @@ class Stage:
         h = norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
         return self._softcap(self.output(h)[0].astype(mx.float32))
 
+    @property
+    def batches(self) -> bool:
+        """Whether ``forward_batch`` computes its steps together (else one by one)."""
+        return self.host_step
+
+    def forward_batch(
+        self, steps: Sequence[tuple[str, np.ndarray]]
+    ) -> list[np.ndarray | Exception]:
+        """One position each of several sequences: ``forward``'s result for each, or the
+        exception ``forward`` would have raised for it (the others still run).
+
+        On the host the steps go through every projection together (each weight is read once
+        for all of them) and each attends over its own cache; a row's numbers are the same as
+        alone (the packed matvec and NumPy's row-wise ops do not mix rows).
+        """
+        if not self.batches:
+            return [_result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
+        out: list[np.ndarray | Exception] = []
+        rows, caches, where = [], [], []
+        with self._lock:
+            for seq_id, x in steps:
+                try:
+                    _check_seq_id(seq_id)
+                    x = self._check_input(x)
+                    if x.shape[0] != 1 or seq_id in where:
+                        raise ValueError("a batched step is one position of a distinct sequence")
+                    cache = self._caches.get(seq_id)
+                    cache.reserve(1)
+                    self._caches.keep(seq_id, cache)
+                except (ValueError, SequenceLimitError) as exc:
+                    out.append(exc)
+                    continue
+                out.append(np.empty(0))  # replaced below
+                rows.append(x)
+                caches.append(cache)
+                where.append(seq_id)
+            if not rows:
+                return out
+            y = self._step_host(np.concatenate(rows), caches)
+            for cache in caches:
+                cache.commit(1)
+        k = 0
+        for i, r in enumerate(out):
+            if not isinstance(r, Exception):
+                out[i] = y[k].copy() if self.is_last else y[k : k + 1].copy()
+                k += 1
+        return out
+
     def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
-        if not isinstance(seq_id, str) or not 0 < len(seq_id) <= MAX_SEQ_ID_LEN:
-            raise ValueError(f"seq_id must be a non-empty string of <= {MAX_SEQ_ID_LEN} chars")
+        _check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
         with self._lock:
@@ -572,3 +336,15 @@ class Stage:
         if self.is_last:
             return np.array(outs[-1])
         return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))
+
+
+def _check_seq_id(seq_id: object) -> None:
+    if not isinstance(seq_id, str) or not 0 < len(seq_id) <= MAX_SEQ_ID_LEN:
+        raise ValueError(f"seq_id must be a non-empty string of <= {MAX_SEQ_ID_LEN} chars")
+
+
+def _result_or_error(fn: Callable[..., np.ndarray], *args: object) -> np.ndarray | Exception:
+    try:
+        return fn(*args)
+    except (ValueError, SequenceLimitError) as exc:
+        return exc
