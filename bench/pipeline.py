@@ -45,7 +45,7 @@ def find_model(path: str | None) -> Path:
 
 
 class Cluster:
-    def __init__(self, root: Path, n: int, model: Path) -> None:
+    def __init__(self, root: Path, n: int, model: Path, env: dict[str, str] | None = None) -> None:
         from llm_omninode.backend.registry import ModelRegistry
         from llm_omninode.net.admission import create_cluster_secret
 
@@ -67,7 +67,8 @@ class Cluster:
             for p in ports:
                 argv += ["--peer", f"127.0.0.1:{p}"]
             log = open(root / f"node{i}.log", "wb")  # noqa: SIM115 - the process owns it
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
+            proc_env = {**os.environ, **(env or {})}
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log, env=proc_env))
             ports.append(self._port(d, self.procs[-1]))
         os.environ["OMNI_HOME"] = str(self.dirs[0])
         os.environ["OMNI_SHIM"] = f"127.0.0.1:{ports[0]}"

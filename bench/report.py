@@ -27,7 +27,11 @@ RESULTS = HERE / "results"
 BENCHES = [
     ("engine.py", ["--runs", "5"], ["--runs", "2", "--decode-tokens", "32"]),
     ("pipeline.py", ["--stages", "1,2,3", "--runs", "3"], ["--stages", "1,2", "--runs", "1"]),
+    # short answers (prefill weighs as much as decode) and chat-length ones
     ("concurrency.py", ["--concurrent", "4", "--runs", "3"], ["--runs", "1"]),
+    ("concurrency.py", ["--concurrent", "4", "--runs", "3", "--decode-tokens", "128"],
+     ["--runs", "1", "--decode-tokens", "64"]),
+    ("prefill.py", ["--runs", "3"], ["--runs", "1", "--repeat", "4"]),
     ("transfer.py", ["--size-mib", "64", "--runs", "3", "--rtt-count", "1000"],
      ["--size-mib", "16", "--runs", "1", "--rtt-count", "200"]),
 ]  # fmt: skip
@@ -84,8 +88,9 @@ def run(script: str, args: list[str]) -> dict:
     if result is None:
         tail = (proc.stderr or proc.stdout)[-2000:]
         print(f"   failed (exit {proc.returncode}):\n{tail}", flush=True)
-        return {"script": script, "ok": False, "exit": proc.returncode, "wall_s": wall}
-    return {"script": script, "ok": True, "wall_s": wall, "result": result}
+        return {"script": script, "args": args, "ok": False, "exit": proc.returncode,
+                "wall_s": wall}  # fmt: skip
+    return {"script": script, "args": args, "ok": True, "wall_s": wall, "result": result}
 
 
 def markdown(report: dict) -> str:
@@ -98,7 +103,7 @@ def markdown(report: dict) -> str:
            "Medians inside one run of each script; ratios against a baseline of the same run.",
            ""]  # fmt: skip
     for bench in report["benches"]:
-        out.append(f"## {bench['script']} ({bench['wall_s']} s)")
+        out.append(f"## {bench['script']} {' '.join(bench['args'])} ({bench['wall_s']} s)")
         out.append("")
         if not bench["ok"]:
             out += [f"failed (exit {bench['exit']})", ""]

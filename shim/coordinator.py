@@ -36,6 +36,7 @@ from .pipeline import (
     PipelineError,
     Reuse,
     check_token_reply,
+    prefill,
     step_fields,
 )
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
@@ -503,7 +504,7 @@ class Coordinator:
         closed = False
         try:
             fields = step_fields(request.options, ids)  # the penalty looks at the whole prompt
-            token = await step(F.token_frame(seq, ids[skip:], **fields))
+            token = await prefill(entry, seq, ids[skip:], fields)
             t1 = time.perf_counter() - t0
             timings.setdefault("prefill_s", t1)
             log.info("seq %s: prefill of %d tokens (%d more cached) in %.3f s", seq[:12],

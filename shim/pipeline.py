@@ -7,6 +7,13 @@ from its predecessor; the last stage picks the next token and its 4-byte id trav
 the chain. Hidden states never pass through the coordinator. The prefill step also carries the
 sampling options and the prompt's recent ids, which only the last stage uses.
 
+A long prompt goes in pieces of PREFILL_PIECE tokens: every piece but the last is marked
+``more`` and gets no answer, so each stage passes a piece on as soon as it has computed it and
+starts on the next while the following stage works on the one before (the first token comes
+after about one stage's whole prompt plus one piece per later stage, not the sum of all
+stages' prompts). Only the last piece carries the sampling fields and is answered. An error
+on the way ends the channel, and the last piece's answer says so.
+
 The channel opens with ``REQUEST pipeline {model, seq, route}``; ``route`` lists the hops from
 the receiving stage to the last (node id, address hint, block range), checked before use. A
 stage only serves a range it was asked to load; it never loads one because a pipeline asked.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +59,9 @@ STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slo
 # (SIGTERM), at once. LOST_AFTER is generous because a node loading a stage while other
 # processes share its 2 cores was seen silent for over 6 s, and a false alarm costs a replay.
 PROBE_AFTER = 2.0
+# Tokens of a prompt per pipelined piece (see above): big enough for an efficient matmul,
+# small enough that later stages start early. OMNI_PREFILL_PIECE=0: the whole prompt at once.
+PREFILL_PIECE = int(os.environ.get("OMNI_PREFILL_PIECE", "256"))
 PROBE_TIMEOUT = 3.0
 LOST_AFTER = 12.0
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -191,12 +202,15 @@ class Downstream:
         frame = open_frame(conn.next_id(), self.model_id, self.seq, self.route, self.reuse)
         return await conn.channel(frame)
 
-    async def step(self, frame: Frame) -> Frame:
-        """Send one step's input; return the token frame that comes back."""
+    async def step(self, frame: Frame) -> Frame | None:
+        """Send one step's input; return the token frame that comes back (None for a piece
+        marked ``more``, which is not answered)."""
         try:
             if self._stream is None:
                 self._stream = await self._open()
             await self._stream.send(frame)
+            if frame.header.get("more") is True:
+                return None
             reply = await self._watched_recv(self._stream)
         except (NetError, OSError) as exc:
             raise PipelineError(f"stage on {self.node_id[:16]} failed: {exc}") from exc
@@ -236,9 +250,25 @@ class Downstream:
                 await stream.aclose()
 
 
-def check_token_reply(frame: Frame, seq: str) -> int:
+async def prefill(
+    entry: Link | Downstream, seq: str, ids: Sequence[int], fields: dict[str, Any]
+) -> int:
+    """Send a prompt (pieces of PREFILL_PIECE, see above) into the chain; the first token."""
+    piece = PREFILL_PIECE if PREFILL_PIECE > 0 else len(ids)
+    for start in range(0, len(ids) - piece, piece):  # all but the last piece, unanswered
+        await entry.step(F.token_frame(seq, ids[start : start + piece], more=True))
+    last_start = (len(ids) - 1) // piece * piece
+    if last_start:
+        log.info("seq %s: prompt sent in %d pieces", seq[:12], last_start // piece + 1)
+    reply = await entry.step(F.token_frame(seq, ids[last_start:], **fields))
+    if reply is None:
+        raise PipelineError("a prompt's last piece was not answered")
+    return check_token_reply(reply, seq)
+
+
+def check_token_reply(frame: Frame | None, seq: str) -> int:
     """The one token id of a step's answer; PipelineError unless it is exactly that."""
-    if frame.type != FrameType.HIDDEN or frame.header.get("seq") != seq:
+    if frame is None or frame.type != FrameType.HIDDEN or frame.header.get("seq") != seq:
         raise PipelineError("a step was answered with something other than its token")
     ids = F.token_ids(frame)
     if len(ids) != 1:
@@ -300,7 +330,12 @@ class Link:
             raise PipelineError("no sampling options for this sequence (send them at prefill)")
         return picker
 
-    async def step(self, frame: Frame) -> Frame:
+    async def step(self, frame: Frame) -> Frame | None:
+        """Compute one step here and pass it on; the token frame that comes back, or None
+        for a prompt piece marked ``more`` (the last stage then only fills its caches)."""
+        more = frame.header.get("more", False)
+        if not isinstance(more, bool):
+            raise PipelineError("more must be true or false")
         if self.reuse is not None:
             reuse, self.reuse = self.reuse, None
             kept = await self.host.adopt(self.hosted, reuse.seq, self.seq, reuse.keep)
@@ -308,7 +343,7 @@ class Link:
                 raise PipelineError(f"prefix of {reuse.seq[:12]} is not cached here any more",
                                     F.ErrorCode.CACHE_MISS)  # fmt: skip
         x = self._input(frame)
-        picker = self._picker(frame) if self.next is None else None
+        picker = self._picker(frame) if self.next is None and not more else None
         try:
             out = await self.host.forward(self.hosted, self.seq, x)
         except SequenceLimitError as exc:  # full of other sequences: worth a retry later
@@ -316,9 +351,12 @@ class Link:
         except ValueError as exc:  # the stage's own checks and limits
             raise PipelineError(str(exc)) from exc
         if self.next is None:
+            if more:
+                return None
+            assert picker is not None
             token = await self.host.run(picker.pick, out)
             return F.token_frame(self.seq, [token])
-        extra = {k: frame.header[k] for k in ("sampling", "recent") if k in frame.header}
+        extra = {k: frame.header[k] for k in ("sampling", "recent", "more") if k in frame.header}
         return await self.next.step(
             F.hidden_frame(self.seq, out.tobytes(), out.shape, "float16", **extra)
         )
@@ -366,7 +404,8 @@ async def serve_pipeline(
             except (PipelineError, F.FrameError) as exc:
                 log.warning("sequence %s: %s", seq[:12], exc)
                 return F.error_frame(_reply_code(exc), str(exc), first.id)
-            await stream.send(reply)
+            if reply is not None:
+                await stream.send(reply)
     except (NetError, asyncio.CancelledError):
         pass  # upstream went away: the sequence is over
     finally:

@@ -8,6 +8,7 @@ token (float16 at stage boundaries is what the single-stage split-invariance tes
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,14 @@ def run_cluster(cluster: ShimCluster, smollm2_path: Path, reference: dict[str, s
 def test_two_shims_on_loopback(tmp_path, smollm2_path, reference):
     with ShimCluster(tmp_path, 2) as cluster:
         run_cluster(cluster, smollm2_path, reference, 2)
+
+
+def test_prompts_in_pipelined_pieces(tmp_path, smollm2_path, reference):
+    """Prompts sent in pieces of 8 tokens (each stage passes a piece on while computing the
+    next; see shim/pipeline.py) answer as the whole prompt at once does."""
+    with ShimCluster(tmp_path, 2, extra_env={"OMNI_PREFILL_PIECE": "8"}) as cluster:
+        run_cluster(cluster, smollm2_path, reference, 2)
+        assert re.search(r"prompt sent in \d+ pieces", cluster.logs[0].read_text())
 
 
 def test_three_shims_in_network_namespaces(tmp_path, smollm2_path, reference):
