@@ -25,12 +25,12 @@ apply (SPM adds BOS; BPE does not, except the llama3 pre-tokenizer family).
 from __future__ import annotations
 
 import codecs
-import heapq
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .spm import spm_tokenize
 from .vocab_tables import (
     ASCII_SPACE,
     ATTR_BYTE,
@@ -371,7 +371,8 @@ class Tokenizer:
                 else:
                     if self.add_space_prefix and prev_special:
                         frag = " " + frag
-                    self._spm_tokenize(frag.replace(" ", "\u2581"), out)
+                    spm = frag.replace(" ", "\u2581")
+                    out += spm_tokenize(spm, self._token_to_id, self._scores, self.unk_id)
                     prev_special = False
         if add_special and self.add_eos:
             out.append(self.eos_id)  # type: ignore[arg-type]
@@ -436,78 +437,6 @@ class Tokenizer:
                     new.append(f[start:])
             frags = new
         return frags
-
-    def _spm_tokenize(self, text: str, out: list[int]) -> None:
-        """llama.cpp ``llm_tokenizer_spm_session::tokenize`` on one fragment (spaces escaped)."""
-        n = len(text)
-        if n == 0:
-            return
-        tid = self._token_to_id
-        scores = self._scores
-        # symbols: start offset, length (0 = merged away), prev, next
-        start = list(range(n))
-        length = [1] * n
-        prev = list(range(-1, n - 1))
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        heap: list[tuple[float, int, int, int]] = []
-        rev_merge: dict[str, tuple[int, int]] = {}
-
-        def try_add(left: int, right: int) -> None:
-            if left == -1 or right == -1:
-                return
-            s = text[start[left] : start[left] + length[left] + length[right]]
-            tok = tid.get(s)
-            if tok is None:
-                return
-            score = scores[tok] if scores is not None else 0.0
-            # max-heap on score, ties to the leftmost pair (llm_bigram_spm::comparator)
-            heapq.heappush(heap, (-score, left, right, len(s)))
-            rev_merge[s] = (left, right)
-
-        for i in range(1, n):
-            try_add(i - 1, i)
-        while heap:
-            _, left, right, size = heapq.heappop(heap)
-            if length[left] == 0 or length[right] == 0 or length[left] + length[right] != size:
-                continue
-            length[left] += length[right]
-            length[right] = 0
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prev[nxt[right]] = left
-            try_add(prev[left], left)
-            try_add(left, nxt[left])
-
-        def resegment(i: int) -> None:
-            s = text[start[i] : start[i] + length[i]]
-            tok = tid.get(s)
-            if tok is not None:
-                out.append(tok)
-                return
-            p = rev_merge.get(s)
-            if p is None:
-                for b in s.encode("utf-8"):
-                    self._append_byte(b, out)
-                return
-            resegment(p[0])
-            resegment(p[1])
-
-        i = 0
-        while i != -1:
-            resegment(i)
-            i = nxt[i]
-
-    def _append_byte(self, b: int, out: list[int]) -> None:
-        tid = self._token_to_id
-        tok = tid.get(f"<0x{b:02X}>")
-        if tok is None and b < 0x80:
-            tok = tid.get(chr(b))
-        if tok is None:
-            # llama.cpp throws here (a vocabulary without byte fallback); we degrade to <unk>
-            tok = self.unk_id
-        if tok is not None:
-            out.append(tok)
 
     def split_words(self, text: str) -> list[str]:
         """The words the BPE pre-tokenizer cuts ``text`` into (no special-token handling);
