@@ -48,43 +48,46 @@ def available() -> bool:
     return True
 
 
+def _matvec(qt, scales, offsets, x, xsum, y, acc):  # noqa: ANN001, ANN202 - compiled below
+    """y = x @ W.T for rows x (m, cols), W as packed; acc is (m, rows) scratch."""
+    cols, rows = qt.shape
+    m = x.shape[0]
+    group = cols // scales.shape[0]
+    y[:, :] = 0.0
+    for g in range(scales.shape[0]):
+        acc[:, :] = 0.0
+        for j in range(g * group, (g + 1) * group):
+            for i in range(m):
+                xj = x[i, j]
+                for r in range(rows):
+                    acc[i, r] += np.float32(qt[j, r]) * xj
+        for i in range(m):
+            xg = xsum[i, g]
+            for r in range(rows):
+                y[i, r] += scales[g, r] * acc[i, r] + offsets[g, r] * xg
+
+
+def _dequantize(qt, scales, offsets, out):  # noqa: ANN001, ANN202 - compiled below
+    cols, rows = qt.shape
+    group = cols // scales.shape[0]
+    for j in range(cols):
+        g = j // group
+        for r in range(rows):
+            out[j, r] = scales[g, r] * np.float32(qt[j, r]) + offsets[g, r]
+
+
 @functools.cache
 def _kernels():  # noqa: ANN202 - Numba dispatchers
-    """Compile (or load from Numba's on-disk cache) the two kernels, on first use."""
+    """The two kernels compiled (or loaded from Numba's on-disk cache), on first use."""
     from numba import njit
 
     # "contract" lets LLVM fuse multiply-adds; nothing is reassociated, so the order of
-    # every sum is the one written here
-    opts = {"cache": True, "nogil": True, "boundscheck": False, "fastmath": {"contract"}}
-
-    @njit(**opts)
-    def matvec(qt, scales, offsets, x, xsum, y, acc):  # noqa: ANN001, ANN202
-        cols, rows = qt.shape
-        m = x.shape[0]
-        group = cols // scales.shape[0]
-        y[:, :] = 0.0
-        for g in range(scales.shape[0]):
-            acc[:, :] = 0.0
-            for j in range(g * group, (g + 1) * group):
-                for i in range(m):
-                    xj = x[i, j]
-                    for r in range(rows):
-                        acc[i, r] += np.float32(qt[j, r]) * xj
-            for i in range(m):
-                xg = xsum[i, g]
-                for r in range(rows):
-                    y[i, r] += scales[g, r] * acc[i, r] + offsets[g, r] * xg
-
-    @njit(**opts)
-    def dequantize(qt, scales, offsets, out):  # noqa: ANN001, ANN202
-        cols, rows = qt.shape
-        group = cols // scales.shape[0]
-        for j in range(cols):
-            g = j // group
-            for r in range(rows):
-                out[j, r] = scales[g, r] * np.float32(qt[j, r]) + offsets[g, r]
-
-    return matvec, dequantize
+    # every sum is the one written above
+    opts = {"nogil": True, "boundscheck": False, "fastmath": {"contract"}}
+    try:
+        return tuple(njit(cache=True, **opts)(f) for f in (_matvec, _dequantize))
+    except RuntimeError:  # no writable cache location (a read-only install): compile each run
+        return tuple(njit(**opts)(f) for f in (_matvec, _dequantize))
 
 
 @dataclass(frozen=True)
