@@ -208,10 +208,18 @@ class Downstream:
         try:
             if self._stream is None:
                 self._stream = await self._open()
-            await self._stream.send(frame)
-            if frame.header.get("more") is True:
-                return None
-            reply = await self._watched_recv(self._stream)
+            try:
+                await self._stream.send(frame)
+            except NetError:
+                # the next stage ended the channel: after an unanswered prompt piece its
+                # error frame (why) is waiting to be read
+                reply = await self._stream.recv(PROBE_TIMEOUT)
+                if reply is None or reply.type != FrameType.ERROR:
+                    raise
+            else:
+                if frame.header.get("more") is True:
+                    return None
+                reply = await self._watched_recv(self._stream)
         except (NetError, OSError) as exc:
             raise PipelineError(f"stage on {self.node_id[:16]} failed: {exc}") from exc
         if reply is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from netns import Topology, netns_available
-from shim_cluster import ShimCluster
+from shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.backend.runtime import LocalModel
@@ -92,6 +92,20 @@ def test_prompts_in_pipelined_pieces(tmp_path, smollm2_path, reference):
     with ShimCluster(tmp_path, 2, extra_env={"OMNI_PREFILL_PIECE": "8"}) as cluster:
         run_cluster(cluster, smollm2_path, reference, 2)
         assert re.search(r"prompt sent in \d+ pieces", cluster.logs[0].read_text())
+
+
+def test_a_piece_refused_downstream_says_why(tmp_path, smollm2_path):
+    """Stage 1 refuses a piece the user never waits on (its context is too short): the
+    answer to the prompt's last piece carries its reason, not a closed stream's."""
+    with ShimCluster(tmp_path, 2, extra_env={"OMNI_PREFILL_PIECE": "64"}) as cluster:
+        ModelRegistry(cluster.dirs[0]).add_file(smollm2_path, alias="smollm2")
+        cluster.start(0)
+        cluster.start(1, args=["--max-context", "150"])
+        cluster.wait_for_peers(2)
+        prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 30)
+        result = cluster.run([*LLM, "-m", "omni/smollm2", prompt, "-o", "max_tokens", "4"])
+        assert result.returncode != 0
+        assert "the context is 150" in result.stderr, result.stderr
 
 
 def test_three_shims_in_network_namespaces(tmp_path, smollm2_path, reference):
