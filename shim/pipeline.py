@@ -352,18 +352,15 @@ class Link:
                                     F.ErrorCode.CACHE_MISS)  # fmt: skip
         x = self._input(frame)
         picker = self._picker(frame) if self.next is None and not more else None
+        pick = None if picker is None else picker.pick
         try:
-            out = await self.host.forward(self.hosted, self.seq, x)
+            out = await self.host.forward(self.hosted, self.seq, x, pick)
         except SequenceLimitError as exc:  # full of other sequences: worth a retry later
             raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
         except ValueError as exc:  # the stage's own checks and limits
             raise PipelineError(str(exc)) from exc
         if self.next is None:
-            if more:
-                return None
-            assert picker is not None
-            token = await self.host.run(picker.pick, out)
-            return F.token_frame(self.seq, [token])
+            return None if more else F.token_frame(self.seq, [out])
         extra = {k: frame.header[k] for k in ("sampling", "recent", "more") if k in frame.header}
         return await self.next.step(
             F.hidden_frame(self.seq, out.tobytes(), out.shape, "float16", **extra)

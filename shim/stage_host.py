@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,9 @@ class HostedStage:
     last_used: float = field(default_factory=time.monotonic)
     # decode steps waiting for the worker thread, taken together by the next batch (see
     # StageHost.forward); appended on the event loop, taken on the worker, hence the lock
-    waiting: list[tuple[str, np.ndarray, asyncio.Future]] = field(default_factory=list)
+    waiting: list[tuple[str, np.ndarray, asyncio.Future, Callable | None]] = field(
+        default_factory=list
+    )
     waiting_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -225,17 +228,23 @@ class StageHost:
                         shard.name, shard.cid)  # fmt: skip
 
     # ---- compute ------------------------------------------------------------------------
-    async def forward(self, hosted: HostedStage, seq: str, x: np.ndarray) -> np.ndarray:
+    async def forward(
+        self, hosted: HostedStage, seq: str, x: np.ndarray, then: Callable | None = None
+    ) -> Any:
+        """The stage's output for ``x``, or ``then(output)`` (the last stage's token pick, run
+        on the worker thread too, so a step costs one hand-over, not two)."""
         hosted.last_used = time.monotonic()
         try:
-            return await self._compute(hosted, seq, x)
+            return await self._compute(hosted, seq, x, then)
         except SequenceLimitError:
             if not hosted.parked:
                 raise
             self.free(hosted, next(iter(hosted.parked)))  # a live sequence before a parked one
-            return await self._compute(hosted, seq, x)
+            return await self._compute(hosted, seq, x, then)
 
-    async def _compute(self, hosted: HostedStage, seq: str, x: np.ndarray) -> np.ndarray:
+    async def _compute(
+        self, hosted: HostedStage, seq: str, x: np.ndarray, then: Callable | None
+    ) -> Any:
         """The stage's forward, a decode step batched with the others waiting for the worker.
 
         While the worker computes, the next steps of other sequences queue up; the next batch
@@ -243,10 +252,10 @@ class StageHost:
         sequence's numbers do not depend on its batch).
         """
         if x.shape[0] != 1 or not hosted.stage.batches:
-            return await self.run(hosted.stage.forward, seq, x)
+            return await self.run(_then, then, hosted.stage.forward, seq, x)
         future = asyncio.get_running_loop().create_future()
         with hosted.waiting_lock:
-            hosted.waiting.append((seq, x, future))
+            hosted.waiting.append((seq, x, future, then))
             first = len(hosted.waiting) == 1
         if first:  # no batch is queued yet that will take this step
             task = asyncio.ensure_future(self._run_waiting(hosted))
@@ -258,11 +267,14 @@ class StageHost:
         def take_and_run() -> tuple[list, list]:
             with hosted.waiting_lock:
                 batch, hosted.waiting = hosted.waiting, []
-            steps = [(seq, x) for seq, x, _ in batch]
             try:
-                return batch, hosted.stage.forward_batch(steps)
+                outs = hosted.stage.forward_batch([(seq, x) for seq, x, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiter gets it
                 return batch, [exc] * len(batch)
+            return batch, [
+                out if isinstance(out, Exception) else _then_or_error(then, out)
+                for (_, _, _, then), out in zip(batch, outs, strict=True)
+            ]
 
         stopped: BaseException | None = None
         try:
@@ -272,7 +284,7 @@ class StageHost:
                 batch, hosted.waiting = hosted.waiting, []
             results = [RuntimeError(f"stage host stopped: {exc!r}")] * len(batch)
             stopped = exc
-        for (_, _, future), result in zip(batch, results, strict=True):
+        for (_, _, future, _), result in zip(batch, results, strict=True):
             if future.done():  # its pipeline went away meanwhile
                 continue
             if isinstance(result, Exception):
@@ -321,3 +333,15 @@ class StageHost:
     def close(self) -> None:
         self._stages.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _then(then: Callable | None, fn: Callable, *args: object) -> Any:
+    out = fn(*args)
+    return out if then is None else then(out)
+
+
+def _then_or_error(then: Callable | None, out: np.ndarray) -> Any:
+    try:
+        return out if then is None else then(out)
+    except Exception as exc:  # noqa: BLE001 - goes to that step's waiter
+        return exc
