@@ -9,6 +9,7 @@ generation loop: the prompt's ids go to stage 0, the last stage's picked ids com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -519,11 +520,22 @@ class Coordinator:
             while True:
                 chunks = gen.accept(token)
                 picked.append(token)
-                for chunk in chunks:
-                    yield chunk
-                if gen.done:
+                # the stages compute the next token while this one's text goes out
+                ahead = (
+                    None if gen.done else asyncio.ensure_future(step(F.token_frame(seq, [token])))
+                )
+                try:
+                    for chunk in chunks:
+                        yield chunk
+                except BaseException:  # the client went away: so does the step
+                    if ahead is not None:
+                        ahead.cancel()
+                        with contextlib.suppress(BaseException):
+                            await ahead
+                    raise
+                if ahead is None:
                     break
-                token = await step(F.token_frame(seq, [token]))
+                token = await ahead
             closed = True  # every stage keeps the caches: prompt and all ids fed but the last
             await entry.close(park=True)
             self.prefixes.park(seq, model.manifest.model_id, state.plan, [*ids, *picked[:-1]])

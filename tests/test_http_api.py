@@ -283,6 +283,33 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(shim: Shim):
     assert shim.client.generate(model="smollm2", prompt="Hi", options=GREEDY).done
 
 
+def test_a_client_that_goes_away_mid_stream(shim: Shim, reference):
+    """Closing a streamed answer halfway ends its generation: nothing is left running on the
+    node (generation, pipeline, live KV cache, sampler) and the next request is answered."""
+    parts = urlsplit(shim.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    body = {"model": "smollm2", "prompt": QUESTION, "stream": True,
+            "options": {"temperature": 0, "num_predict": 2000}}  # fmt: skip
+    conn.request("POST", "/api/generate", body=json.dumps(body).encode())
+    response = conn.getresponse()
+    assert response.status == 200
+    for _ in range(3):
+        assert json.loads(response.readline())["done"] is False
+    conn.close()  # mid-stream
+    for _ in range(30):
+        status = json.loads(shim.cluster.llm("omni", "status", "--json"))
+        hosted = status["hosted"]
+        left = (status["generations"], status["pipelines"],
+                sum(h["sequences"] - h["parked"] for h in hosted),
+                sum(h["pickers"] for h in hosted))  # fmt: skip
+        if not any(left):
+            break
+        time.sleep(0.2)
+    assert not any(left), f"left behind (generations, pipelines, caches, pickers): {left}"
+    whole = shim.client.generate(model="smollm2", prompt=QUESTION, options=GREEDY)
+    assert whole.response == reference["chat"]
+
+
 def test_token_and_a_taken_port(tmp_path):
     with ShimCluster(tmp_path, 1, extra_args=["--api-token", "sesame"]) as cluster:
         cluster.start_all()
