@@ -120,7 +120,14 @@ def compute_path(stage: Any) -> str:
     except (KeyError, TypeError):
         lib = "NumPy's BLAS"
     steps = "NumPy steps" if getattr(stage, "host_step", False) else "MLX ops"
-    return f"dense float32 projections on {lib} (via NumPy), {steps}"
+    from llm_omninode.backend.qmatvec import PackedWeight
+
+    kinds = {type(lin.weight) for lin in stage._linears()}
+    if PackedWeight in kinds:
+        weights = f"packed quantized projections (Numba matvec; prompts dequantize into {lib})"
+    else:
+        weights = f"dense float32 projections on {lib} (via NumPy)"
+    return f"{weights}, {steps}"
 
 
 # ---- loading --------------------------------------------------------------------------------
