@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llm_omninode.backend import blas, host_step
+from llm_omninode.backend import blas, host_step, qmatvec
 from llm_omninode.backend.engine import SequenceLimitError, Stage, TensorData
 from llm_omninode.backend.ggml_types import GGMLType
 from llm_omninode.backend.gguf import open_gguf
@@ -228,6 +228,26 @@ def test_batched_steps_equal_steps_alone(
             assert np.array_equal(logits, want[k][step]), (k, step)
         xs = [np.array([int(np.argmax(o))], np.int32) for o in outs]
     assert [s.position("q1") for s in together] == [len(prompts[1]) + 3] * 2
+
+
+@linux
+def test_batches_larger_than_the_kernel_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More sequences than the packed kernel's rows (a stage holds 16): still their numbers
+    alone, in passes of at most KERNEL_MAX_ROWS."""
+    path = write_tiny_llama(tmp_path / "m.gguf")
+    n = qmatvec.KERNEL_MAX_ROWS + 3
+    alone, together = (stages(path, monkeypatch, "numpy", [0, 4], max_sequences=n)[0]
+                       for _ in range(2))  # fmt: skip
+    want = []
+    for k in range(n):
+        alone.forward(f"s{k}", np.asarray(PROMPT[k : k + 2], np.int32))
+        together.forward(f"s{k}", np.asarray(PROMPT[k : k + 2], np.int32))
+        want.append(alone.forward(f"s{k}", np.array([k + 1], np.int32)))
+    got = together.forward_batch([(f"s{k}", np.array([k + 1], np.int32)) for k in range(n)])
+    for k in range(n):
+        assert np.array_equal(got[k], want[k]), k
 
 
 @linux

@@ -34,7 +34,7 @@ from .linear import (
     Linear,
     dense_prefill_wins,
 )
-from .qmatvec import PackedWeight
+from .qmatvec import KERNEL_MAX_ROWS, PackedWeight
 from .quant import QuantizedWeight, TensorData, Weight
 from .spec import ModelSpec
 
@@ -308,7 +308,15 @@ class Stage:
                 where.append(seq_id)
             if not rows:
                 return out
-            y = self._step_host(np.concatenate(rows), caches)
+            # at most KERNEL_MAX_ROWS at a time: more rows would take the prompt path
+            # (dequantize + sgemm), whose rounding differs from a step alone
+            n = KERNEL_MAX_ROWS
+            y = np.concatenate(
+                [
+                    self._step_host(np.concatenate(rows[a : a + n]), caches[a : a + n])
+                    for a in range(0, len(rows), n)
+                ]  # fmt: skip
+            )
             for cache in caches:
                 cache.commit(1)
         k = 0

@@ -16,8 +16,9 @@ over contiguous output rows and vectorises without any horizontal sum.
 
 Several rows of activations (a batch of sequences' decode steps) read each weight byte once;
 every row's result is computed by the same operations in the same order whatever the batch
-size, so batching does not change a sequence's numbers. Longer batches (prompts) are
-dequantized a group at a time into float32 and go to NumPy's BLAS sgemm, which wins there.
+size, so batching does not change a sequence's numbers (up to KERNEL_MAX_ROWS rows). Longer
+inputs (prompts) dequantize the matrix into a reused float32 buffer and go to NumPy's BLAS
+sgemm, which wins there.
 """
 
 from __future__ import annotations
