@@ -28,12 +28,7 @@ from . import blas, host_step
 from .blas import HostWeight
 from .blocks import MLP, Attention, Block, Loader, rms_norm_ggml
 from .kv_cache import HOST_DTYPES, ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
-from .linear import (
-    DENSE_PREFILL_MIN,
-    HostStack,
-    Linear,
-    dense_prefill_wins,
-)
+from .linear import DENSE_PREFILL_MIN, HostStack, Linear, dense_prefill_wins
 from .qmatvec import KERNEL_MAX_ROWS, PackedWeight
 from .quant import QuantizedWeight, TensorData, Weight
 from .spec import ModelSpec
@@ -125,6 +120,7 @@ class Stage:
             if self.host_blas:
                 linear.to_host()
             linear.source = None
+        if self.host_blas:
             ready = [block.enable_host() for block in self.blocks]
             # one position at a time in NumPy: float32 compute, no ggml roundings to emulate
             self.host_step = all(ready) and dtype == mx.float32 and not ggml_numerics
@@ -169,7 +165,6 @@ class Stage:
                     out.append(obj.biases)
             elif isinstance(obj, PackedWeight):
                 out.extend([obj.qt, obj.scales, obj.offsets])
-
         return out
 
     @property
