@@ -59,11 +59,11 @@ STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slo
 # (SIGTERM), at once. LOST_AFTER is generous because a node loading a stage while other
 # processes share its 2 cores was seen silent for over 6 s, and a false alarm costs a replay.
 PROBE_AFTER = 2.0
+PROBE_TIMEOUT = 3.0
+LOST_AFTER = 12.0
 # Tokens of a prompt per pipelined piece (see above): big enough for an efficient matmul,
 # small enough that later stages start early. OMNI_PREFILL_PIECE=0: the whole prompt at once.
 PREFILL_PIECE = int(os.environ.get("OMNI_PREFILL_PIECE", "256"))
-PROBE_TIMEOUT = 3.0
-LOST_AFTER = 12.0
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
