@@ -69,7 +69,7 @@ class HostWeight:
 
     def matmul_np(self, h: np.ndarray) -> np.ndarray:
         """``h @ W.T`` for float32 rows ``h`` (T, cols)."""
-        set_threads(0 if h.shape[0] >= THREADED_MIN_ROWS else DECODE_THREADS)
+        threads_for(h.shape[0])
         return h @ self.wt
 
 
@@ -110,6 +110,12 @@ def set_max_threads(n: int) -> None:
     each take their share, as busy-waiting OpenBLAS threads of one would stall the others."""
     _threads["max"] = max(0, n)
     _threads["now"] = -1
+
+
+def threads_for(rows: int) -> None:
+    """OpenBLAS threads for a matmul of ``rows`` rows: all for a prompt, DECODE_THREADS for a
+    decode step (see THREADED_MIN_ROWS)."""
+    set_threads(0 if rows >= THREADED_MIN_ROWS else DECODE_THREADS)
 
 
 def set_threads(n: int) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from . import host_step, kquants
 from .ggml_types import GGMLType
 from .kv_cache import KVCache
-from .linear import HOST_WEIGHTS, Linear
+from .linear import Linear
 from .quant import VEC_DOT_TYPE, QuantizedWeight, TensorData, Weight, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
 
@@ -84,10 +84,7 @@ class Attention:
             if self.qkv is not None:
                 self.q_proj = self.k_proj = self.v_proj = None
         lins = (self.qkv, self.o_proj)
-        if self.ggml_numerics or not all(
-            lin is not None and isinstance(lin.weight, HOST_WEIGHTS) and lin.act is None
-            for lin in lins
-        ):
+        if self.ggml_numerics or not all(lin is not None and lin.on_host for lin in lins):
             return
         freqs, qn, kn = (
             None if a is None else np.array(a.astype(mx.float32))
@@ -207,10 +204,7 @@ class MLP:
 
     def host_ready(self) -> bool:
         lins = [self.down] + ([self.gate_up] if self.gate_up else [self.gate, self.up])
-        return self.host_act is not None and all(
-            lin is not None and isinstance(lin.weight, HOST_WEIGHTS) and lin.act is None
-            for lin in lins
-        )
+        return self.host_act is not None and all(lin is not None and lin.on_host for lin in lins)
 
     def step_host(self, x: np.ndarray) -> np.ndarray:
         assert self.host_act is not None

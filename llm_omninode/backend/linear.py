@@ -161,9 +161,14 @@ class Linear:
         if self.bias is not None:
             self.host_bias = np.array(self.bias.astype(mx.float32))
 
+    @property
+    def on_host(self) -> bool:
+        """Whether ``host_apply`` can run it: a host weight, no ggml rounding to emulate."""
+        return isinstance(self.weight, HOST_WEIGHTS) and self.act is None
+
     def host_apply(self, h: np.ndarray) -> np.ndarray:
         """This layer on float32 NumPy rows (T, in), for a host weight without act rounding."""
-        assert isinstance(self.weight, HOST_WEIGHTS) and self.act is None
+        assert self.on_host
         y = self.weight.matmul_np(h)
         return y if self.host_bias is None else y + self.host_bias
 

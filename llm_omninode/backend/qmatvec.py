@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blas import DECODE_THREADS, THREADED_MIN_ROWS, set_threads
+from .blas import threads_for
 
 # Up to this many rows the compiled kernel runs; beyond, dequantize + sgemm (measured on a
 # 2-core x86-64: the kernel is ~4x sgemm's speed at 1 row and breaks even at ~8).
@@ -153,7 +153,7 @@ class PackedWeight:
             raise ValueError(f"input has {cols} columns, the weight {self.qt.shape[0]}")
         # the kernel is single-threaded, but attention's small matmuls go to OpenBLAS, whose
         # idle threads would spin on the core another stage's process needs (see blas.py)
-        set_threads(0 if t >= THREADED_MIN_ROWS else DECODE_THREADS)
+        threads_for(t)
         if t > KERNEL_MAX_ROWS:
             return h @ self._scratch_dense()
         y = np.empty((t, self.qt.shape[1]), np.float32)
