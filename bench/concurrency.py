@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from pipeline import Cluster, find_model
+from pipeline import find_model, running
 
 PROMPTS = [
     "Explain how a bicycle works.",
@@ -61,24 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args(argv)
     model = find_model(args.model)
-    from llm_omninode.client import ShimClient
-
-    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
-        cluster = Cluster(Path(tmp), 2, model)
-        try:
-            with ShimClient.connect(start=False) as client:
-                cluster.wait_peers(client)
-            run_round(1, 4)  # plan, load and fetch both stages
-            single, many = [], []
-            for _ in range(args.runs):
-                wall, tokens = run_round(1, args.decode_tokens)
-                single.append(tokens / wall)
-                wall, tokens = run_round(args.concurrent, args.decode_tokens)
-                many.append(tokens / wall)
-                print(f"1 request {single[-1]:.1f} tok/s; {args.concurrent} at once "
-                      f"{many[-1]:.1f} tok/s in all", flush=True)  # fmt: skip
-        finally:
-            cluster.close()
+    with running(2, model):  # the rounds connect clients of their own
+        run_round(1, 4)  # plan, load and fetch both stages
+        single, many = [], []
+        for _ in range(args.runs):
+            wall, tokens = run_round(1, args.decode_tokens)
+            single.append(tokens / wall)
+            wall, tokens = run_round(args.concurrent, args.decode_tokens)
+            many.append(tokens / wall)
+            print(f"1 request {single[-1]:.1f} tok/s; {args.concurrent} at once "
+                  f"{many[-1]:.1f} tok/s in all", flush=True)  # fmt: skip
     one, n = statistics.median(single), statistics.median(many)
     result = {
         "stages": 2,

@@ -15,6 +15,7 @@ stage boundaries each token crosses (there and back). The last line is JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 LOG_LEVEL = os.environ.get("OMNI_BENCH_LOG", "warning")  # the shims' logs, in the temp dir
@@ -106,9 +108,24 @@ class Cluster:
                 p.kill()
 
 
+@contextlib.contextmanager
+def running(n: int, model: Path, env: dict[str, str] | None = None) -> Iterator:
+    """A client of node 0 of ``n`` shims started in a temporary directory, once they all see
+    each other; the shims stop on exit."""
+    from llm_omninode.client import ShimClient
+
+    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
+        cluster = Cluster(Path(tmp), n, model, env)
+        try:
+            with ShimClient.connect(start=False) as client:
+                cluster.wait_peers(client)
+                yield client
+        finally:
+            cluster.close()
+
+
 def measure(n: int, model: Path, runs: int, decode_tokens: int) -> dict:
     from llm_omninode.backend.sampling import SamplingOptions
-    from llm_omninode.client import ShimClient
     from llm_omninode.request import GenerationRequest
 
     request = GenerationRequest(
@@ -117,23 +134,17 @@ def measure(n: int, model: Path, runs: int, decode_tokens: int) -> dict:
         options=SamplingOptions().updated(temperature=0.0, repeat_penalty=1.0),
         max_tokens=decode_tokens,
     )
-    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
-        cluster = Cluster(Path(tmp), n, model)
-        try:
-            with ShimClient.connect(start=False) as client:
-                cluster.wait_peers(client)
-                t0 = time.perf_counter()
-                list(client.generate(request))  # plan, load (and fetch) every stage
-                warm_s = time.perf_counter() - t0
-                stages = client.request("status")["plans"][0]["stages"]
-                prefill, decode = [], []
-                for _ in range(runs):
-                    last = list(client.generate(request))[-1]
-                    t = last.timings or {}
-                    prefill.append(last.prompt_tokens / t["prefill_s"])
-                    decode.append((last.completion_tokens - 1) / t["decode_s"])
-        finally:
-            cluster.close()
+    with running(n, model) as client:
+        t0 = time.perf_counter()
+        list(client.generate(request))  # plan, load (and fetch) every stage
+        warm_s = time.perf_counter() - t0
+        stages = client.request("status")["plans"][0]["stages"]
+        prefill, decode = [], []
+        for _ in range(runs):
+            last = list(client.generate(request))[-1]
+            t = last.timings or {}
+            prefill.append(last.prompt_tokens / t["prefill_s"])
+            decode.append((last.completion_tokens - 1) / t["decode_s"])
     return {
         "stages": n,
         "split": [[s["start"], s["end"]] for s in stages],

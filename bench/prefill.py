@@ -15,34 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from pipeline import PROMPT, Cluster, find_model
+from pipeline import PROMPT, find_model, running
 
 
 def measure(model: Path, piece: int, prompt: str, runs: int) -> dict:
     from llm_omninode.backend.sampling import SamplingOptions
-    from llm_omninode.client import ShimClient
     from llm_omninode.request import GenerationRequest
 
     request = GenerationRequest(model="smollm2", prompt=prompt, max_tokens=1,
                                 options=SamplingOptions().updated(temperature=0.0))  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
-        cluster = Cluster(Path(tmp), 2, model, env={"OMNI_PREFILL_PIECE": str(piece)})
-        try:
-            with ShimClient.connect(start=False) as client:
-                cluster.wait_peers(client)
-                list(client.generate(request))  # plan, load and fetch both stages
-                times, first = [], []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    last = list(client.generate(request))[-1]
-                    first.append(time.perf_counter() - t0)
-                    times.append((last.timings or {})["prefill_s"])
-        finally:
-            cluster.close()
+    with running(2, model, env={"OMNI_PREFILL_PIECE": str(piece)}) as client:
+        list(client.generate(request))  # plan, load and fetch both stages
+        times, first = [], []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            last = list(client.generate(request))[-1]
+            first.append(time.perf_counter() - t0)
+            times.append((last.timings or {})["prefill_s"])
     return {
         "piece": piece or None,
         "prompt_tokens": last.prompt_tokens,
