@@ -282,53 +282,53 @@ class Stage:
         """
         if not self.batches:
             return [_result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
-        out: list[np.ndarray | Exception] = []
-        rows, caches, where = [], [], []
+        out: list[np.ndarray | Exception | None] = [None] * len(steps)
+        taken: list[int] = []  # the steps that run, in order
+        rows, caches, seen = [], [], set()
         with self._lock:
-            for seq_id, x in steps:
+            for i, (seq_id, x) in enumerate(steps):
                 try:
                     _check_seq_id(seq_id)
                     x = self._check_input(x)
-                    if x.shape[0] != 1 or seq_id in where:
+                    if x.shape[0] != 1 or seq_id in seen:
                         raise ValueError("a batched step is one position of a distinct sequence")
-                    cache = self._caches.get(seq_id)
-                    cache.reserve(1)
-                    self._caches.keep(seq_id, cache)
+                    caches.append(self._reserve(seq_id, 1))
                 except (ValueError, SequenceLimitError) as exc:
-                    out.append(exc)
+                    out[i] = exc
                     continue
-                out.append(np.empty(0))  # replaced below
+                taken.append(i)
                 rows.append(x)
-                caches.append(cache)
-                where.append(seq_id)
-            if not rows:
-                return out
-            # at most KERNEL_MAX_ROWS at a time: more rows would take the prompt path
-            # (dequantize + sgemm), whose rounding differs from a step alone
-            n = KERNEL_MAX_ROWS
-            y = np.concatenate(
-                [
-                    self._step_host(np.concatenate(rows[a : a + n]), caches[a : a + n])
-                    for a in range(0, len(rows), n)
-                ]  # fmt: skip
-            )
-            for cache in caches:
-                cache.commit(1)
-        k = 0
-        for i, r in enumerate(out):
-            if not isinstance(r, Exception):
-                out[i] = y[k].copy() if self.is_last else y[k : k + 1].copy()
-                k += 1
-        return out
+                seen.add(seq_id)
+            if taken:
+                # at most KERNEL_MAX_ROWS at a time: more rows would take the prompt path
+                # (dequantize + sgemm), whose rounding differs from a step alone
+                n = KERNEL_MAX_ROWS
+                y = np.concatenate(
+                    [
+                        self._step_host(np.concatenate(rows[a : a + n]), caches[a : a + n])
+                        for a in range(0, len(rows), n)
+                    ]  # fmt: skip
+                )
+                for cache in caches:
+                    cache.commit(1)
+        for k, i in enumerate(taken):
+            out[i] = y[k].copy() if self.is_last else y[k : k + 1].copy()
+        return out  # type: ignore[return-value] - every None was replaced
+
+    def _reserve(self, seq_id: str, n: int) -> KVCache:
+        """The sequence's cache with room for ``n`` more positions (held under ``_lock``);
+        ContextOverflowError or SequenceLimitError before anything changes."""
+        cache = self._caches.get(seq_id)
+        cache.reserve(n)
+        self._caches.keep(seq_id, cache)
+        return cache
 
     def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
         _check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
         with self._lock:
-            cache = self._caches.get(seq_id)
-            cache.reserve(T)  # raises ContextOverflowError before anything changes
-            self._caches.keep(seq_id, cache)
+            cache = self._reserve(seq_id, T)
             outs = []
             for s in range(0, T, PREFILL_CHUNK):
                 chunk = x[s : s + PREFILL_CHUNK]
