@@ -70,14 +70,15 @@ class ModelRegistry:
         """Read, check and shard a GGUF; its shards stay in the file (mapped, not copied)."""
         if alias is not None:
             check_alias(alias)
-        with open_gguf(path) as gguf:
-            manifest = manifest_from_gguf(gguf)
-        # checked at add time so a user hears about an unsupported model now, not at first use
+        # checked at add time so a user hears about a model that cannot run now, not at first
+        # use; the metadata against the tensors first, before the file is read and hashed
+        from .model_check import check_model
         from .quant import check_tensor_types
-        from .spec import ModelSpec
 
-        ModelSpec.from_metadata(manifest.metadata, manifest.tensor_home().keys())
-        check_tensor_types({t.name: t.ggml_type for s in manifest.shards for t in s.tensors})
+        with open_gguf(path) as gguf:
+            check_model(gguf.metadata, {name: t.shape for name, t in gguf.tensors.items()})
+            check_tensor_types({name: t.ggml_type for name, t in gguf.tensors.items()})
+            manifest = manifest_from_gguf(gguf)
         model_id = self.store.put_manifest(manifest)
         self.store.add_file_source(model_id, path)
         if alias:

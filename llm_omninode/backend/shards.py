@@ -7,7 +7,8 @@ file order, each started at a 32-byte boundary (zero padding), so any node can r
 bytes, and so the same CID, from its own copy of the file.
 
 The manifest holds all GGUF metadata and the ordered shard list; the model id is the CID of its
-canonical JSON. Manifests also arrive from peers, so ``Manifest.from_json`` checks everything.
+canonical JSON. Manifests also arrive from peers, so ``Manifest.from_json`` checks everything,
+the model's metadata against its tensors included (backend/model_check.py).
 """
 
 from __future__ import annotations
@@ -257,6 +258,13 @@ class Manifest:
         manifest = _manifest_from_doc(doc)
         if manifest.to_json() != raw:
             raise ManifestError("manifest is not in canonical form")
+        # well formed; now its metadata against its tensors (a peer's block_count, widths,
+        # vocabulary, special ids and chat template are no more trusted than a file's)
+        from .model_check import check_model
+
+        check_model(
+            manifest.metadata, {t.name: t.shape for s in manifest.shards for t in s.tensors}
+        )
         return manifest
 
 

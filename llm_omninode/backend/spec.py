@@ -8,13 +8,30 @@ an architecture means adding a row to ``_ARCH_FLAGS`` plus whatever metadata it 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .shards import MAX_BLOCKS
+
 
 class UnsupportedModelError(ValueError):
     """The file is well formed but describes a model this engine cannot run."""
+
+
+class ModelCheckError(ValueError):
+    """The metadata contradicts the tensors, or a value is out of any sensible range.
+
+    The message names the key and both values (see backend/model_check.py)."""
+
+
+# Bounds on counts the metadata states, before anything is sized from them: MAX_BLOCKS is the
+# manifest's own limit; 2^24 positions is above any released model's context (the largest,
+# 10M tokens, is under 2^24) and keeps a hostile value from sizing caches.
+MAX_CONTEXT_LENGTH = 1 << 24
+
+_BLOCK_NAME_RE = re.compile(r"blk\.(\d+)\.")
 
 
 # Per-architecture defaults. GGUF llama/mistral q/k weights are permuted by the converter so
@@ -127,7 +144,9 @@ class ModelSpec:
 
         Raises UnsupportedModelError for a model this engine cannot run (unknown architecture,
         mixture of experts, unsupported rope scaling, missing tensors) and ValueError subclasses
-        with the offending key for nonsensical hyper-parameters.
+        with the offending key for nonsensical hyper-parameters. ``block_count`` is checked
+        against the ``blk.N`` tensors (ModelCheckError) before anything loops over blocks, and is
+        at most MAX_BLOCKS; shapes, vocabulary and chat template are model_check.check_model's.
         """
         arch = metadata.get("general.architecture")
         if not isinstance(arch, str) or not arch:
@@ -147,6 +166,12 @@ class ModelSpec:
             )
 
         n_blocks = m.get_int("block_count")
+        if names:  # before anything loops over the blocks: the count must match the tensors
+            _check_block_count(arch, n_blocks, names)
+        if n_blocks > MAX_BLOCKS:  # and without tensors, a bound on what may be sized from it
+            raise ModelCheckError(
+                f"{arch}.block_count is {n_blocks}, more than the {MAX_BLOCKS} blocks supported"
+            )
         d_model = m.get_int("embedding_length")
         n_heads = m.get_int("attention.head_count", per_layer=n_blocks)
         n_kv_heads = m.get_int("attention.head_count_kv", default=n_heads, per_layer=n_blocks)
@@ -173,6 +198,11 @@ class ModelSpec:
             )
         d_ff = m.get_int("feed_forward_length", per_layer=n_blocks)
         context_length = m.get_int("context_length")
+        if context_length > MAX_CONTEXT_LENGTH:
+            raise ModelCheckError(
+                f"{arch}.context_length is {context_length}, more than the "
+                f"{MAX_CONTEXT_LENGTH} (2^24) positions supported"
+            )
         rms_eps = m.get_float("attention.layer_norm_rms_epsilon")
         rope_base = m.get_float("rope.freq_base", default=10000.0)
 
@@ -219,9 +249,26 @@ class ModelSpec:
                 raise UnsupportedModelError(
                     f"{arch} model is missing tensors: {', '.join(missing[:5])}{more}"
                 )
-            if f"blk.{n_blocks}.attn_norm.weight" in names:
-                raise ValueError(f"tensors for more than {arch}.block_count={n_blocks} blocks")
         return spec
+
+
+def _check_block_count(arch: str, n_blocks: int, names: set[str]) -> None:
+    """``{arch}.block_count`` against the ``blk.N`` tensors present: cost bounded by the names."""
+    present = {int(m.group(1)) for n in names if (m := _BLOCK_NAME_RE.match(n))}
+    if not present:
+        raise ModelCheckError(f"{arch}.block_count is {n_blocks} but the file has no blk.N tensors")
+    last = max(present)
+    if last + 1 == n_blocks:
+        return  # blocks missing in between are named by the tensor check
+    if len(present) == last + 1:
+        found = f"blocks 0..{last}"
+    else:
+        shown = sorted(present)
+        found = f"blocks {', '.join(map(str, shown[:8]))}{', ...' if len(shown) > 8 else ''}"
+    more = f" (more than {n_blocks} blocks)" if last >= n_blocks else ""
+    raise ModelCheckError(
+        f"{arch}.block_count is {n_blocks} but the file has tensors for {found}{more}"
+    )
 
 
 def _gemma3_flags(m: _Meta, d_model: int, n_heads: int, n_blocks: int) -> dict[str, Any]:
