@@ -2,9 +2,12 @@
 
 Which shim: ``OMNI_SHIM=HOST:PORT`` if set; else the local one, found through the
 ``shim.json`` it writes into the data directory; else one is started in the background
-(``python -m omninode_shim``, extra flags from ``OMNI_SHIM_ARGS``), and stderr says so. The
-client uses this machine's node identity and cluster secret (``llm omni join``), so a shim
-admits it like any member.
+(``python -m omninode_shim``, extra flags from ``OMNI_SHIM_ARGS``), and stderr says so. One
+shim owns a data directory (it holds ``shim.lock``): a start that finds one already there
+uses it. The client uses this machine's node identity and cluster secret (``llm omni join``),
+so a shim admits it like any member, and it talks only to shims of its cluster (or trusted by
+id, or holding this very node key: the local shim), unless ``OMNI_OPEN=1`` says that any shim
+will do (one started with ``--open``, on a network you trust).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shlex
 import subprocess
 import sys
@@ -24,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .home import SHIM_STATE_FILE, omni_home
+from .home import SHIM_STATE_FILE, data_dir_locked, omni_home
 from .request import GenerationRequest
 
 START_TIMEOUT = 60.0
+OPEN_ENV = "OMNI_OPEN"  # "1": talk to any shim, of our cluster or not (one run with --open)
 REQUEST_TIMEOUT = 900.0  # the first request may load and fetch stages
 
 
@@ -55,15 +60,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def open_trust() -> bool:
+    """Whether ``OMNI_OPEN`` asks the client to accept shims outside its cluster."""
+    return os.environ.get(OPEN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def local_shim(home: Path | None = None) -> tuple[str, int, int] | None:
-    """(host, port, pid) of the shim running on this data directory, if any."""
-    path = (home or omni_home()) / SHIM_STATE_FILE
+    """(host, port, pid) of the shim running on this data directory, if any: its shim.json,
+    if that pid lives and the data directory's lock is held (a shim killed with -9 leaves
+    shim.json behind, and its pid may since be another process's)."""
+    home = home or omni_home()
     try:
-        state = json.loads(path.read_text())
+        state = json.loads((home / SHIM_STATE_FILE).read_text())
         host, port, pid = state["host"], state["port"], state["pid"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not (isinstance(host, str) and type(port) is int and type(pid) is int) or not _alive(pid):
+        return None
+    if data_dir_locked(home) is False:
         return None
     return host, port, pid
 
@@ -87,22 +101,38 @@ def start_local_shim(home: Path | None = None, timeout: float = START_TIMEOUT) -
     return _start([*argv, "--no-api"], home, timeout)
 
 
+_IN_USE_RE = re.compile(r"data dir .* is in use by ")
+
+
 def _start(argv: list[str], home: Path, timeout: float) -> tuple[str, int]:
     log_path = home / "shim.log"
     with open(log_path, "ab") as log:
+        offset = log.tell()  # what this start writes, not earlier runs
         proc = subprocess.Popen(
             argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
         )
     print(f"omni: started a local shim (pid {proc.pid}, log {log_path})", file=sys.stderr)
     deadline = time.monotonic() + timeout
+    other = False  # the data dir turned out to be another shim's: wait for that one
     while time.monotonic() < deadline:
         found = local_shim(home)
-        if found is not None and found[2] == proc.pid:
+        if found is not None and (other or found[2] == proc.pid):
             return found[0], found[1]
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise ShimError(f"the shim exited with code {proc.returncode}:\n{tail}")
+        if not other and proc.poll() is not None:
+            with open(log_path, "rb") as log:
+                log.seek(offset)
+                tail = log.read().decode("utf-8", "replace")[-2000:]
+            if not _IN_USE_RE.search(tail):
+                raise ShimError(f"the shim exited with code {proc.returncode}:\n{tail}")
+            # another shim owns this data directory (started meanwhile, or still starting):
+            # it is the local shim, once it says where it listens
+            other = True
+            print(f"omni: {tail.strip().splitlines()[-1]}; using it", file=sys.stderr)
         time.sleep(0.1)
+    if other:
+        raise ShimError(
+            f"the shim that owns {home} did not say where it listens within {timeout:.0f} s"
+        )
     raise ShimError(f"the shim did not start within {timeout:.0f} s (see {log_path})")
 
 
@@ -119,6 +149,9 @@ def shim_address(start: bool = True) -> tuple[str, int]:
     if not start:
         raise ShimError("no shim is running here (start one with `llm omni serve`)")
     return start_local_shim()
+
+
+_OUR_REFUSAL_RE = re.compile(r"^we refused (\S+): (.*)$", re.DOTALL)
 
 
 class ShimClient:
@@ -147,14 +180,28 @@ class ShimClient:
     async def _connect(self):
         from .net.admission import Admission
         from .net.identity import load_or_create_identity
-        from .net.quic import NetError, connect
+        from .net.quic import NetError, PeerRefused, connect
 
         home = omni_home()
         home.mkdir(parents=True, exist_ok=True)
+        admission = Admission.from_home(home, open=open_trust())
         try:
-            return await connect(
-                self.host, self.port, load_or_create_identity(home), Admission.from_home(home)
-            )
+            return await connect(self.host, self.port, load_or_create_identity(home), admission)
+        except PeerRefused as exc:
+            ours = _OUR_REFUSAL_RE.search(exc.reason)
+            if ours is None:
+                why = exc.reason.removeprefix("server closed: ")
+                raise ShimError(
+                    f"the shim at {self.host}:{self.port} refused this client: {why} "
+                    "(has this machine joined its cluster: llm omni join SECRET?)"
+                ) from exc
+            node_id, why = ours.groups()
+            raise ShimError(
+                f"refused the shim at {self.host}:{self.port} (node {node_id}): it is not in "
+                f"this machine's cluster ({why}). If it runs with --open on a network you "
+                f"trust, set {OPEN_ENV}=1 to talk to it anyway; or trust it for good: "
+                f"llm omni trust {node_id}"
+            ) from exc
         except (NetError, OSError) as exc:
             raise ShimError(
                 f"cannot reach the shim at {self.host}:{self.port}: {exc} "

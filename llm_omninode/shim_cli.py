@@ -49,15 +49,25 @@ def register(omni: click.Group) -> None:
     def stop() -> None:
         """Stop the shim running on this machine's data directory."""
         from .client import local_shim
+        from .home import data_dir_locked, data_dir_owner, omni_home
 
-        found = local_shim()
-        if found is None:
+        home = omni_home()
+        found = local_shim(home)
+        # the lock names the owner too: a shim still starting has not written shim.json yet
+        pid = found[2] if found is not None else data_dir_owner(home)
+        if pid is None:
             raise click.ClickException("no shim is running here")
-        pid = found[2]
         os.kill(pid, signal.SIGTERM)
+
+        def gone() -> bool:  # the lock goes with the process; shim.json where there is none
+            locked = data_dir_locked(home)
+            return not locked if locked is not None else local_shim(home) is None
+
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and local_shim() is not None:
+        while time.monotonic() < deadline and not gone():
             time.sleep(0.1)
+        if not gone():
+            raise click.ClickException(f"the shim (pid {pid}) has not stopped within 15 s")
         click.echo(f"stopped the shim (pid {pid})")
 
     @omni.command()
@@ -69,11 +79,18 @@ def register(omni: click.Group) -> None:
             click.echo(json.dumps(rows, indent=2))
             return
         table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "MEMORY", "RSS", "LAYERS", "RTT"]]
+        notes = []  # why a node is not in: "refused by ...: bad cluster proof", ...
         for r in rows:
             rtt = r.get("rtt_ms")
+            node_id = str(r.get("node_id") or "")
+            error = r.get("error")
+            if error and not r.get("live"):
+                refused = str(error).startswith(("refused by ", "we refused "))
+                label = r.get("name") or node_id[:20] or r.get("address", "?")
+                notes.append(str(error) if refused else f"{label}: {error}")
             table.append([
                 str(r.get("name") or "?") + (" (this)" if r.get("source") == "self" else ""),
-                str(r.get("node_id", ""))[:20] + "…",
+                node_id[:20] + "…" if node_id else "?",
                 str(r.get("address", "")),
                 str(r.get("device", "")) or "?",
                 _human_bytes(r.get("memory_budget") or 0),
@@ -82,6 +99,8 @@ def register(omni: click.Group) -> None:
                 "-" if rtt is None else f"{rtt:.2f} ms",
             ])  # fmt: skip
         click.echo(_table(table))
+        for note in notes:
+            click.echo(note)
 
     @omni.command()
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

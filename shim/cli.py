@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import logging
+import os
 import re
 import signal
 import sys
@@ -15,6 +17,9 @@ import click
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # fmt: skip
+
+
+STOP_WITHIN = 4.0  # seconds from SIGTERM to exit, whatever the node is doing
 
 
 def parse_size(text: str) -> int:
@@ -96,7 +101,7 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
     """Run an OmniNode node: it discovers its peers, holds a slice of each model's blocks and
     coordinates the requests that reach it."""
     from llm_omninode.backend import blas
-    from llm_omninode.home import omni_home
+    from llm_omninode.home import DataDirInUse, lock_data_dir, omni_home
 
     from .http_server import ApiConfig
     from .node import DEFAULT_PORT, Node, NodeConfig
@@ -110,8 +115,15 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     if threads:
         blas.set_max_threads(threads)
+    data_dir = data_dir or omni_home()
+    try:  # one shim per data dir (one node id, one store): before any socket or file of it
+        lock_data_dir(data_dir)
+    except DataDirInUse as exc:
+        _exit(str(exc))
+    except OSError as exc:
+        _exit(f"cannot lock data dir {data_dir}: {exc}")
     config = NodeConfig(
-        data_dir=data_dir or omni_home(),
+        data_dir=data_dir,
         host=host,
         port=DEFAULT_PORT if port is None else port,
         join=join,
@@ -130,7 +142,23 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
     try:
         asyncio.run(_run(Node, config))
     except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        _exit(str(exc))
+
+
+def _exit(message: str) -> None:
+    """One clear line on stderr, exit status 1 (no traceback)."""
+    click.echo(f"omni-shim: {message}", err=True)
+    sys.exit(1)
+
+
+class UdpBindError(OSError):
+    """The node's QUIC (UDP) address cannot be had."""
+
+
+def _udp_bind_error(exc: OSError, host: str, port: int) -> UdpBindError:
+    if exc.errno == errno.EADDRINUSE:
+        return UdpBindError(f"UDP port {port} on {host} is in use (another omni-shim? pick --port)")
+    return UdpBindError(f"cannot listen on UDP {host}:{port}: {exc.strerror or exc}")
 
 
 def _dump_tasks() -> None:
@@ -142,6 +170,8 @@ def _dump_tasks() -> None:
 
 
 async def _run(node_cls, config) -> None:
+    from .http_server import ApiStartError
+
     node = node_cls(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,10 +179,27 @@ async def _run(node_cls, config) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # what is everyone waiting on?
     try:
-        await node.start()
+        try:
+            await node.start()
+        except OSError as exc:
+            # the API (started first) says itself what went wrong; another OSError before the
+            # QUIC server exists is its UDP socket's bind
+            if node.server is None and not isinstance(exc, ApiStartError):
+                raise _udp_bind_error(exc, config.host, config.port) from exc
+            raise
         await stop.wait()
     finally:
-        await node.stop()
+        # a node stops within STOP_WITHIN whatever it is doing: what is left (a stage mid
+        # prompt on the worker thread, a peer that does not answer) is cut off by the exit
+        try:
+            await asyncio.wait_for(node.stop(), STOP_WITHIN)
+        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - exiting anyway
+            logging.getLogger("omninode_shim").warning("stop cut short: %r", exc)
+        if stop.is_set():  # asked to stop: no worker thread may hold the exit up either
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ has not answered for ``stale_after`` seconds is no longer live: the planner stop
 it, and it is forgotten unless it is a static peer or still advertised.
 
 One QUIC connection per peer is kept and reused; it is re-opened when it drops.
+
+A peer that refuses us (or that we refuse) at admission says why in the close of the
+connection; the reason is kept on its row (``error``: "refused by node1 (HOST:PORT): bad
+cluster proof ...") and logged once. A ``--peer`` address that refuses us before we ever got
+in has no node id we could key it by: it gets a row of its own, with an empty ``node_id``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from typing import Any
 from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission
 from llm_omninode.net.identity import NodeIdentity, is_node_id
-from llm_omninode.net.quic import Connection, NetError, QuicSettings, connect
+from llm_omninode.net.quic import (
+    CloseCode,
+    Connection,
+    NetError,
+    PeerRefused,
+    QuicSettings,
+    connect,
+)
 
 log = logging.getLogger("omninode_shim.peers")
 
@@ -66,7 +78,22 @@ class Peer:
             "rss": self.info.get("rss") if type(self.info.get("rss")) is int else None,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "source": self.source,
+            "error": self.error,
         }
+
+
+def refusal(exc: NetError, where: str) -> str | None:
+    """Why an admission failed, for a peer's row: "refused by WHERE: REASON" (the peer closed
+    the handshake on us, saying why) or "we refused WHERE: REASON" (our admission said no);
+    None for any other failure (unreachable, timed out)."""
+    if not isinstance(exc, PeerRefused) or exc.code == CloseCode.NO_ERROR:
+        return None
+    reason = exc.reason
+    if reason.startswith("server closed: "):
+        return f"refused by {where}: {reason.removeprefix('server closed: ') or exc}"
+    if reason.startswith("we refused "):
+        return f"we refused {where}: {reason.partition(': ')[2] or reason}"
+    return f"refused by {where}: {reason}"
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -96,6 +123,8 @@ class PeerTable:
         self._static: list[tuple[str, int]] = []
         self._connections: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+        # --peer addresses whose node refused us (or we it) before its id was ever known
+        self._refused: dict[tuple[str, int], Peer] = {}
 
     # ---- who is there -------------------------------------------------------------------
     def add_static(self, host: str, port: int) -> None:
@@ -179,7 +208,26 @@ class PeerTable:
         )
 
     def all(self) -> list[Peer]:
-        return sorted(self._peers.values(), key=lambda p: p.node_id)
+        """Every peer known, then a row (``node_id`` "") per ``--peer`` address that refused
+        us before we learned who it is: ``llm omni peers`` shows why."""
+        known = {(p.host, p.port) for p in self._peers.values()}
+        refused = [p for a, p in self._refused.items() if a not in known]
+        return sorted(self._peers.values(), key=lambda p: p.node_id) + refused
+
+    def _note_error(self, peer: Peer, exc: BaseException) -> None:
+        """Keep why ``peer`` cannot be reached; a refusal (a reason the other side gave, or
+        ours) is logged as a warning when it first appears, not every round."""
+        where = f"{peer.host}:{peer.port}"
+        if peer.name:
+            where = f"{peer.name} ({where})"
+        text = refusal(exc, where) if isinstance(exc, NetError) else None
+        if text is not None:
+            if text != peer.error:
+                log.warning("%s%s", f"peer {peer.node_id[:16]}: " if peer.node_id else "", text)
+            peer.error = text
+            return
+        peer.error = str(exc) or type(exc).__name__
+        log.info("peer %s did not answer HELLO: %s", peer.node_id[:16] or where, peer.error)
 
     # ---- connections --------------------------------------------------------------------
     async def connection(self, node_id: str) -> Connection:
@@ -234,8 +282,7 @@ class PeerTable:
             info = await conn.request(self._hello(conn), timeout=timeout)
             rtt = (time.perf_counter() - t0) * 1000
         except (NetError, OSError, asyncio.TimeoutError) as exc:
-            peer.error = str(exc) or type(exc).__name__
-            log.info("peer %s did not answer HELLO: %s", peer.node_id[:16], peer.error)
+            self._note_error(peer, exc)
             return False
         if info.type != F.FrameType.INFO or info.header.get("node_id") != peer.node_id:
             peer.error = "answered HELLO with something other than its INFO"
@@ -251,8 +298,15 @@ class PeerTable:
         try:
             conn = await connect(host, port, self.identity, self.admission, settings=self.settings)
         except (NetError, OSError) as exc:
-            log.debug("static peer %s:%d not reachable: %s", host, port, exc)
+            row = self._refused.get((host, port))
+            if row is None and isinstance(exc, NetError) and refusal(exc, "") is not None:
+                row = self._refused[(host, port)] = Peer("", host, port, "static")
+            if row is not None:  # refused once: keep saying why it is not in
+                self._note_error(row, exc)
+            else:
+                log.debug("static peer %s:%d not reachable: %s", host, port, exc)
             return
+        self._refused.pop((host, port), None)
         peer = self.note(conn.peer_id, host, port, "static")
         if peer is None:  # ourselves
             await conn.close()

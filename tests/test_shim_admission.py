@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 
 import pytest
@@ -160,3 +161,65 @@ def test_replayed_handshake_is_refused(cluster, monkeypatch):
     assert len({binding for binding, _ in captured}) == len(captured) == 2
     assert cluster.log(0).count("bad cluster proof (wrong secret or replayed)") >= 2
     LiveShim(cluster).assert_intact(live.snapshot())
+
+
+# ---- the plugin and an --open shim; why a node is refused -----------------------------------
+
+
+def test_plugin_talks_to_an_open_shim_only_when_told_to(tmp_path):
+    """A shim started with --open admits everyone, but the plugin's client still checks whom
+    it talks to: a shim outside its cluster is refused, with how to opt in (OMNI_OPEN=1);
+    with it, the client gets its answer. The plugin of the shim's own data dir (the same node
+    key) needs nothing."""
+    with ShimCluster(tmp_path, 1) as cluster:
+        (cluster.dirs[0] / "cluster_secret").unlink()  # an open node of no cluster at all
+        cluster.start(0, args=["--open"])
+        stranger = tmp_path / "stranger"  # another machine's plugin: its own key, no secret
+        code, out = peers_as(cluster, stranger)
+        assert code != 0, out
+        assert f"refused the shim at 127.0.0.1:{cluster.ports[0]}" in out, out
+        assert "OMNI_OPEN=1" in out and f"llm omni trust {cluster.node_ids[0]}" in out, out
+        result = cluster.run([*LLM, "omni", "peers", "--json"], OMNI_HOME=str(stranger),
+                             OMNI_OPEN="1")  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)[0]["node_id"] == cluster.node_ids[0]
+        # a member of some cluster, opting in too: it is admitted (open) and admits (OMNI_OPEN)
+        member = tmp_path / "member"
+        member.mkdir()
+        create_cluster_secret(member)
+        code, out = peers_as(cluster, member)
+        assert code != 0 and "OMNI_OPEN=1" in out, out
+        result = cluster.run([*LLM, "omni", "peers"], OMNI_HOME=str(member), OMNI_OPEN="1")
+        assert result.returncode == 0 and "node0 (this)" in result.stdout, result.stderr
+        # the shim's own data dir: no secret, no trust list, yet its plugin gets in
+        assert json.loads(cluster.llm("omni", "peers", "--json"))[0]["name"] == "node0"
+    assert "admitted" in cluster.log(0) and "open mode" in cluster.log(0)
+
+
+def test_a_node_refused_for_a_bad_proof_says_so_in_its_log_and_peers(tmp_path):
+    """node1 joins with another cluster's secret and names node0 with --peer: node0 refuses
+    its handshake with the reason in the QUIC close; node1 logs it once and shows it in
+    ``llm omni peers`` (table and JSON)."""
+    with ShimCluster(tmp_path, 2) as cluster:
+        cluster.start(0)
+        other = tmp_path / "other"
+        other.mkdir()
+        cluster.start(1, args=["--join", create_cluster_secret(other)])
+        where = f"127.0.0.1:{cluster.ports[0]}"
+        expected = f"refused by {where}: bad cluster proof"
+        deadline = time.monotonic() + 30
+        rows: list[dict] = []
+        while time.monotonic() < deadline:
+            rows = json.loads(cluster.llm("omni", "peers", "--json", i=1))
+            if any(expected in (r.get("error") or "") for r in rows):
+                break
+            time.sleep(0.5)
+        (row,) = [r for r in rows if r.get("source") != "self"]
+        assert row["address"] == where and expected in row["error"], rows
+        assert row["live"] is False and row["node_id"] == ""
+        table = cluster.llm("omni", "peers", i=1)
+        assert expected in table, table
+        time.sleep(6)  # another round of probing: still refused, not logged again
+        log = cluster.log(1)
+        assert log.count(expected) == 1, log
+        assert "bad cluster proof" in cluster.log(0)

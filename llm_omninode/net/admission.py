@@ -13,7 +13,10 @@ other's), the two node ids are the ones proven by the TLS certificates, and ``bi
 proof recorded on one connection is worthless on any other.
 
 Trusted ids: ``<home>/trusted_nodes``, one node id per line (``#`` comments). A peer whose id
-is listed is admitted without a proof. Open mode admits everyone and exists only as a flag.
+is listed is admitted without a proof. A peer whose id is our own (it proved it holds our
+private key, which lies next to the secret: the plugin and the shim of one data directory) is
+admitted too. Open mode admits everyone and exists only as a flag (``omni-shim --open``; the
+plugin's client: ``OMNI_OPEN=1``).
 
 The cluster fingerprint (``omnifp1`` + 16 base32 chars, 80 bits of SHA-256 over a labelled
 secret) is public: mDNS may advertise it so nodes can tell clusters apart; it reveals nothing
@@ -190,6 +193,8 @@ class Admission:
     ) -> Decision:
         """Admit the peer (whose role is ``peer_role``) or say why not."""
         peer_id = client_id if peer_role == "client" else server_id
+        if client_id == server_id:  # the peer holds our own private key: it is this node
+            return Decision(True, "this node's own key")  # (the plugin and its local shim)
         if self.open:
             return Decision(True, "open mode")
         if peer_id in self.trusted:
