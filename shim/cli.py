@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -122,6 +123,10 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
         _exit(str(exc))
     except OSError as exc:
         _exit(f"cannot lock data dir {data_dir}: {exc}")
+    try:  # a taken port is said now, before a new data dir gets its key and secret
+        _try_udp(host, DEFAULT_PORT if port is None else port)
+    except UdpBindError as exc:
+        _exit(str(exc))
     config = NodeConfig(
         data_dir=data_dir,
         host=host,
@@ -159,6 +164,18 @@ def _udp_bind_error(exc: OSError, host: str, port: int) -> UdpBindError:
     if exc.errno == errno.EADDRINUSE:
         return UdpBindError(f"UDP port {port} on {host} is in use (another omni-shim? pick --port)")
     return UdpBindError(f"cannot listen on UDP {host}:{port}: {exc.strerror or exc}")
+
+
+def _try_udp(host: str, port: int) -> None:
+    """UdpBindError if ``host:port`` cannot be bound now (the node binds it again later)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        raise _udp_bind_error(exc, host, port) from exc
 
 
 def _dump_tasks() -> None:

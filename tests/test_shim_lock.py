@@ -22,6 +22,9 @@ from shim_cluster import LLM, SHIM
 from llm_omninode.client import local_shim, start_local_shim
 from llm_omninode.home import SHIM_LOCK_FILE, SHIM_STATE_FILE, data_dir_locked, data_dir_owner
 
+if sys.platform == "win32":  # pragma: no cover - no flock there: the lock is not taken
+    pytestmark = pytest.mark.skip("data dir lock uses flock")
+
 FLAGS = ["--host", "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--max-memory", "1GiB"]
 
 
@@ -150,6 +153,8 @@ def test_a_taken_udp_port_is_a_clear_one_line_error(tmp_path):
     expected = f"omni-shim: UDP port {port} on 127.0.0.1 is in use (another omni-shim? pick --port)"
     assert result.stderr.strip().splitlines()[-1] == expected, result.stderr
     assert "Traceback" not in result.stderr and "Errno" not in result.stderr
+    assert result.stdout == ""  # said before a new data dir got its key and cluster secret
+    assert not (tmp_path / "node" / "node_key.pem").exists()
 
 
 def test_a_taken_api_port_is_a_clear_one_line_error(tmp_path):
@@ -167,5 +172,33 @@ def test_a_taken_api_port_is_a_clear_one_line_error(tmp_path):
     assert "--api-port" in last and "Traceback" not in result.stderr
 
 
-if sys.platform == "win32":  # pragma: no cover - no flock there: the lock is not taken
-    pytestmark = pytest.mark.skip("data dir lock uses flock")
+def test_a_bind_lost_in_a_race_is_named_too():
+    """The port was free at the early check and taken when the node bound it: the same
+    message (shim/cli.py maps the node's start failure), the API's own errors untouched."""
+    import asyncio
+    import errno
+    from types import SimpleNamespace
+
+    from omninode_shim.cli import UdpBindError, _run
+    from omninode_shim.http_server import ApiStartError
+
+    def node_failing_with(exc):
+        class FailingNode:
+            def __init__(self, config) -> None:
+                self.server = self.api = None
+
+            async def start(self) -> None:
+                raise exc
+
+            async def stop(self) -> None:
+                pass
+
+        return FailingNode
+
+    config = SimpleNamespace(host="127.0.0.1", port=7341)
+    taken = OSError(errno.EADDRINUSE, "Address already in use")
+    with pytest.raises(UdpBindError, match=r"^UDP port 7341 on 127.0.0.1 is in use \(another"):
+        asyncio.run(_run(node_failing_with(taken), config))
+    api = ApiStartError("HTTP API: 127.0.0.1:11434 is already in use")
+    with pytest.raises(ApiStartError):
+        asyncio.run(_run(node_failing_with(api), config))
