@@ -91,15 +91,13 @@ def data_dir_owner(home: Path) -> int | None:
 
 def data_dir_locked(home: Path) -> bool | None:
     """Whether a shim owns ``home`` now (holds its lock); None where that cannot be told
-    (no ``flock``: Windows)."""
+    (no ``flock``: Windows; no lock file)."""
     try:
         import fcntl
     except ImportError:
         return None
-    try:
+    try:  # no lock file: no shim ever ran here, or one from before the lock (cannot tell)
         fd = os.open(home / SHIM_LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
     except OSError:
         return None
     try:
