@@ -14,13 +14,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NoReturn
 
+from llm_omninode.backend.chat_template import ChatTemplateError
 from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound
+from llm_omninode.backend.store import is_disk_full
+from llm_omninode.net.transfer import TransferError
 from llm_omninode.request import RequestError
 
 from .api_parse import ApiCall, ApiError
 from .coordinator import Busy, CoordinatorError, ModelText, ModelUnknown
-from .stage_host import StageError
+from .stage_host import ShardsUnavailable, StageError, StageStorageFull
 
 if TYPE_CHECKING:
     from .node import Node
@@ -29,17 +32,32 @@ log = logging.getLogger("omninode_shim.http")
 
 
 def as_api_error(exc: BaseException) -> ApiError | None:
-    """The HTTP status and message for a failure of ours; None for a bug (a plain 500)."""
+    """The HTTP status and message for a failure of ours; None for a bug (a plain 500).
+
+    Expected failures get their own status: a chat template that fails, 400; a full disk,
+    507 Insufficient Storage; a shard that no peer could supply intact, 502 Bad Gateway.
+    A coordinator reports a stage's failure as text (a peer sends only its message), so a
+    CoordinatorError is read for the markers those stage errors' messages start with.
+    """
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, RequestError):
+    if isinstance(exc, RequestError | ChatTemplateError):
         return ApiError(400, str(exc))
     if isinstance(exc, ModelUnknown | ModelNotFound):
         return ApiError(404, str(exc))
     if isinstance(exc, Busy):
         return ApiError(503, str(exc))
+    if isinstance(exc, StageStorageFull) or is_disk_full(exc):
+        return ApiError(507, str(exc))
+    if isinstance(exc, ShardsUnavailable | TransferError):
+        return ApiError(502, str(exc))
     if isinstance(exc, CoordinatorError | StageError):
-        return ApiError(500, str(exc))
+        text = str(exc)
+        if StageStorageFull.MARKER in text:
+            return ApiError(507, text)
+        if ShardsUnavailable.MARKER in text:
+            return ApiError(502, text)
+        return ApiError(500, text)
     return None
 
 

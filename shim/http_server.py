@@ -106,7 +106,10 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             return error_response(request, 401, "unauthorized: send Authorization: Bearer TOKEN")
     try:
         return await handler(request)
-    except ApiError as exc:
+    except ApiError as exc:  # a refusal we expected: one line, no traceback
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        log.log(level, "%s %s: %d %.2000s", request.method, request.path, exc.status,
+                " ".join(exc.message.split()))  # fmt: skip
         return error_response(request, exc.status, exc.message)
     except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method
         if exc.status < 400:

@@ -26,8 +26,14 @@ from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.runtime import stage_tensors
 from llm_omninode.backend.shards import Manifest
 from llm_omninode.backend.spec import ModelSpec
-from llm_omninode.backend.store import ShardStore
-from llm_omninode.net.transfer import ShardSource, fetch_shards
+from llm_omninode.backend.store import (
+    ShardStore,
+    StorageFull,
+    StoreError,
+    free_bytes,
+    human_bytes,
+)
+from llm_omninode.net.transfer import ShardSource, TransferError, fetch_shards
 
 from .planner import stage_bytes
 
@@ -42,6 +48,20 @@ MAX_PARKED = 4  # of those, finished ones kept for prefix reuse (the oldest go f
 
 class StageError(RuntimeError):
     """A stage cannot be loaded here (budget, missing shards, bad manifest)."""
+
+
+class StageStorageFull(StageError):
+    """The disk filled up while this node stored the stage's shards (HTTP 507). Messages
+    start with ``MARKER``: a coordinator that only got the text (a peer's error frame, or a
+    message that joined several failures) still knows what it was."""
+
+    MARKER = "disk full while"
+
+
+class ShardsUnavailable(StageError):
+    """No peer could supply a shard of the stage intact (HTTP 502); see StageStorageFull."""
+
+    MARKER = "no peer could supply"
 
 
 @dataclass
@@ -155,6 +175,33 @@ class StageHost:
             )
 
     async def _load(
+        self,
+        manifest: Manifest,
+        start: int,
+        end: int,
+        sources_for: Callable[[str], Sequence[ShardSource]],
+    ) -> HostedStage:
+        """``_load_stage``, its expected failures as named StageErrors, each logged in one
+        line here (a peer that asked gets the message in its error frame)."""
+        where = f"{manifest.model_id[:16]} [{start}, {end})"
+        try:
+            return await self._load_stage(manifest, start, end, sources_for)
+        except StorageFull as exc:
+            error: StageError = StageStorageFull(
+                _storage_full_message(self.store, manifest, start, end, exc)
+            )
+            cause: Exception = exc
+        except TransferError as exc:
+            error, cause = ShardsUnavailable(_unavailable_message(manifest, exc)), exc
+        except StoreError as exc:  # a shard missing or the wrong size, a source file gone
+            error, cause = StageError(str(exc)), exc
+        except StageError as exc:
+            log.warning("cannot load %s: %s", where, exc)
+            raise
+        log.warning("cannot load %s: %s", where, error)
+        raise error from cause
+
+    async def _load_stage(
         self,
         manifest: Manifest,
         start: int,
@@ -333,6 +380,34 @@ class StageHost:
     def close(self) -> None:
         self._stages.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _storage_full_message(
+    store: ShardStore, manifest: Manifest, start: int, end: int, exc: StorageFull
+) -> str:
+    """For a shard: what the stage still needs on disk (its shards not held, whole) and what
+    there is; anything else (the manifest) says it in its own words."""
+    if exc.path != store.tmp_dir:
+        return str(exc)
+    need = sum(s.size for s in manifest.shards_for_stage(start, end) if not store.has(s.cid))
+    free = free_bytes(exc.path)
+    room = [f"needs {human_bytes(need)}"] if need else []
+    room += [f"{human_bytes(free)} free"] if free is not None else []
+    text = f"{StageStorageFull.MARKER} storing the shards of {manifest.model_id[:16]} "
+    text += f"blocks [{start}, {end}) in {exc.path}" + (f" ({', '.join(room)})" if room else "")
+    return text + (f"; {exc.removed}" if exc.removed else "")
+
+
+def _unavailable_message(manifest: Manifest, exc: TransferError) -> str:
+    """Which shards no peer supplied intact, and why each peer was refused."""
+    names = {s.cid: s.name for s in manifest.shards}
+    parts = []
+    for cid, refused in exc.refused.items():
+        why = "; ".join(f"{node[:16]}: {reason}" for node, reason in refused.items())
+        parts.append(f"shard {names.get(cid, '?')} ({cid}): {why or 'no live peer to ask'}")
+    if not parts:  # no detail (not from fetch_shard): its own words
+        parts.append(str(exc))
+    return f"{ShardsUnavailable.MARKER} {len(parts)} shard(s) intact: " + " | ".join(parts)
 
 
 def _then(then: Callable | None, fn: Callable, *args: object) -> Any:

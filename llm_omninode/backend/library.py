@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .registry import ModelRecord, ModelRegistry
 from .sources import ModelSource, Progress, pull
+from .store import is_disk_full, storage_full
 
 
 def pip_args_from_env() -> list[str]:
@@ -39,9 +40,16 @@ def pull_model(
     )  # fmt: skip
     try:
         return registry.add_file(path, alias or source.name)
-    except Exception:  # not a model we can serve: do not keep it for the next pull to reuse
+    except Exception as exc:  # not a model we can serve: do not keep it for the next pull
         path.unlink(missing_ok=True)
-        raise
+        if not is_disk_full(exc):
+            raise
+        # no room for its manifest or name: say so, with the GGUF's space given back too
+        removed = [getattr(exc, "removed", ""), f"the pulled {source.filename} was removed"]
+        raise storage_full(
+            f"model {source.name}", getattr(exc, "path", None) or registry.home,
+            getattr(exc, "need", None), "; ".join(r for r in removed if r),
+        ) from exc  # fmt: skip
 
 
 def remove_model(registry: ModelRegistry, name: str) -> tuple[ModelRecord, bool]:

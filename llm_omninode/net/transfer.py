@@ -97,11 +97,18 @@ class ShardSource:
 
 
 class TransferError(NetError):
-    """Every source failed; ``failures`` says why, per node id (or per CID for many shards)."""
+    """Every source failed; ``failures`` says why, per node id (or per CID for many shards),
+    and ``refused`` per shard: CID -> {node id -> why that source was refused}."""
 
-    def __init__(self, message: str, failures: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        failures: dict[str, str] | None = None,
+        refused: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.failures = dict(failures or {})
+        self.refused = dict(refused or {})
 
 
 # ---- serving ------------------------------------------------------------------------------
@@ -226,7 +233,7 @@ async def fetch_shard(
             return source.node_id
         failures[source.node_id] = reason
     why = "; ".join(f"{node}: {reason}" for node, reason in failures.items()) or "no sources"
-    raise TransferError(f"shard {cid}: every source failed ({why})", failures)
+    raise TransferError(f"shard {cid}: every source failed ({why})", failures, {cid: failures})
 
 
 async def _fetch_from(job: _Job, source: ShardSource, retries: int) -> str | None:
@@ -285,7 +292,7 @@ async def _commit(job: _Job) -> str | None:
         job.served_by.clear()
         job.received = 0
         job.report(0)
-        return f"served bytes that do not match the CID ({exc})"
+        return "served bytes that do not match the CID"
     if job.received < job.size:
         log.info("shard %s verified: %d bytes kept from before, %d received now",
                  job.cid, job.size - job.received, job.received)  # fmt: skip
@@ -421,16 +428,20 @@ async def fetch_shards(
     results = await asyncio.gather(*(one(c, sizes[c]) for c in cids), return_exceptions=True)
     served: dict[str, str] = {}
     failed: dict[str, str] = {}
+    refused: dict[str, dict[str, str]] = {}
     for cid, result in zip(cids, results, strict=True):
         if isinstance(result, TransferError):
             failed[cid] = str(result)
+            refused.update(result.refused)
         elif isinstance(result, BaseException):
             raise result  # a local failure (the sink, a bug): not the peers' doing
         else:
             served[cid] = result
     if failed:
         raise TransferError(
-            f"{len(failed)} of {len(cids)} shards failed: " + "; ".join(failed.values()), failed
+            f"{len(failed)} of {len(cids)} shards failed: " + "; ".join(failed.values()),
+            failed,
+            refused,
         )
     return served
 
