@@ -346,3 +346,29 @@ def test_a_peer_whose_disk_fills_up_is_a_507_over_http(tmp_path):
         assert len([x for x in log1.splitlines() if "cannot load" in x]) == 1, log1
         assert len([x for x in log0.splitlines() if ": 507 " in x]) == 1, log0
         assert cluster.procs[1].poll() is None  # and it keeps serving
+
+
+def test_shards_no_peer_supplies_intact_are_a_502_over_http(tmp_path):
+    """node0 holds only corrupt copies of the model's shards, node1 nothing: whichever stage
+    asks whom, no shard arrives intact, and the client gets a 502 that says so."""
+    gguf = write_tiny_llama(tmp_path / "m.gguf")
+    with ShimCluster(tmp_path / "c", 2, max_memory="1GiB") as cluster:
+        good = ModelRegistry(tmp_path / "good")
+        record = good.add_file(gguf, alias="m")
+        bad = ModelRegistry(cluster.dirs[0])
+        bad.store.put_manifest(record.manifest)
+        bad.set_alias("m", record.model_id)
+        for shard in record.manifest.shards:
+            data = bytearray(good.store.open(shard.cid))
+            data[len(data) // 2] ^= 0x01
+            (bad.store.shard_dir / shard.cid).write_bytes(bytes(data))
+        cluster.start(0)
+        cluster.start(1)
+        cluster.wait_for_peers(2)
+        doc = {"model": "m", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+        status, body = _post(cluster.api_url(0), "/api/generate", doc)
+        assert status == 502, (status, body, cluster.log(0), cluster.log(1))
+        assert "no peer could supply" in body["error"] and "intact" in body["error"], body
+        log0, log1 = cluster.log(0), cluster.log(1)
+        assert "Traceback" not in log0 + log1, log0 + log1
+        assert len([x for x in log0.splitlines() if ": 502 " in x]) == 1, log0
