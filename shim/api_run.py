@@ -102,7 +102,8 @@ class Run:
             async for chunk in self.rest:
                 yield chunk
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop the generation (its slot, its sequence on every stage); again is a no-op."""
         await self.rest.aclose()  # type: ignore[attr-defined]
 
     async def collect(self) -> tuple[str, Chunk]:
@@ -116,7 +117,7 @@ class Run:
         except Exception as exc:
             raise_as_api_error(exc)
         finally:
-            await self.close()
+            await self.aclose()
         raise ApiError(500, "generation ended without its final chunk")
 
     async def pump(
@@ -139,7 +140,7 @@ class Run:
             with contextlib.suppress(ConnectionResetError):
                 await fail(err.message if err else "internal error (see the shim's log)")
         finally:
-            await self.close()
+            await self.aclose()
         return True
 
     def durations_ns(self) -> dict[str, int]:

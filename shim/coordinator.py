@@ -281,13 +281,18 @@ class Coordinator:
 
     # ---- keep-alive ---------------------------------------------------------------------
     async def load(self, name: str, keep_alive: float | None = None) -> ModelText:
-        """Plan and load a model on every node of its plan; it stays ``keep_alive`` seconds."""
+        """Plan and load a model on every node of its plan; it stays ``keep_alive`` seconds.
+        A caller that goes away (its client did) does not stop the load: others may wait on it.
+        """
         model = await self.resolve(name)
+        await _shielded(self._plan_and_load(model))
+        self._touch(model.manifest.model_id, keep_alive)
+        return model
+
+    async def _plan_and_load(self, model: ModelText) -> None:
         async with self._lock:  # one planning/loading round at a time
             state = await self.plan_for(model)
             await self.ensure_ready(model, state)
-        self._touch(model.manifest.model_id, keep_alive)
-        return model
 
     def _touch(self, model_id: str, keep_alive: float | None) -> None:
         keep = DEFAULT_KEEP_ALIVE if keep_alive is None else keep_alive
@@ -556,3 +561,11 @@ class Coordinator:
                  time.perf_counter() - t0, gen.reason)  # fmt: skip
         for chunk in gen.finish():
             yield chunk
+
+
+async def _shielded(coro) -> object:
+    """Await ``coro`` in a task of its own that outlives a cancelled caller; its failure is
+    retrieved either way (no "exception was never retrieved")."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)

@@ -30,6 +30,7 @@ log = logging.getLogger("omninode_shim.http")
 DEFAULT_API_PORT = 11434  # Ollama's: clients find us where they look for it
 MAX_BODY = 16 * 1024 * 1024  # a request's text is capped at 8 MiB; JSON escaping may double it
 OPEN_PATHS = frozenset({"/"})  # "is it running?" needs no token
+STOP_GRACE = 1.0  # seconds a stopping node lets HTTP handlers finish
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", object)  # type: ignore[arg-type]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -142,7 +143,16 @@ class ApiServer:
         self.port = config.port
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that goes away (before its first byte, queued, during
+        # a load) cancels its handler, so its slot and sequences are freed at once; a stopping
+        # node waits at most STOP_GRACE for handlers to end
+        self.runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=STOP_GRACE,
+        )
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port)
         try:

@@ -280,21 +280,23 @@ class Node:
         request = GenerationRequest.from_wire(frame.header.get("request"))
         seq = 0
         timings: dict[str, float] = {}
-        async for chunk in self.coordinator.generate(request, timings):
-            if chunk.done:
-                return F.stream_end_frame(
-                    frame.id,
-                    done_reason=chunk.done_reason,
-                    prompt_tokens=chunk.prompt_tokens,
-                    completion_tokens=chunk.completion_tokens,
-                    **{k: round(v, 6) for k, v in timings.items()},
+        chunks = self.coordinator.generate(request, timings)
+        async with contextlib.aclosing(chunks):  # a client gone mid-stream ends it here and now
+            async for chunk in chunks:
+                if chunk.done:
+                    return F.stream_end_frame(
+                        frame.id,
+                        done_reason=chunk.done_reason,
+                        prompt_tokens=chunk.prompt_tokens,
+                        completion_tokens=chunk.completion_tokens,
+                        **{k: round(v, 6) for k, v in timings.items()},
+                    )
+                await stream.send(
+                    F.stream_data_frame(
+                        frame.id, seq, chunk.text.encode("utf-8"), tokens=list(chunk.token_ids)
+                    )  # fmt: skip
                 )
-            await stream.send(
-                F.stream_data_frame(
-                    frame.id, seq, chunk.text.encode("utf-8"), tokens=list(chunk.token_ids)
-                )  # fmt: skip
-            )
-            seq += 1
+                seq += 1
         raise CoordinatorError("generation ended without its final chunk")
 
     async def _stage_load(self, peer_id: str, frame: Frame) -> Frame:

@@ -232,24 +232,25 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
     if call.request is None:
         return await _load_or_unload(node, call, chat)
     run = await start_run(node, call)
-    if not call.stream:
-        text, last = await run.collect()
-        return web.json_response(_final(run, last, text, chat))
-    response = await start_stream(request, "application/x-ndjson")
+    async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
+        if not call.stream:
+            text, last = await run.collect()
+            return web.json_response(_final(run, last, text, chat))
+        response = await start_stream(request, "application/x-ndjson")
 
-    async def emit(chunk: Chunk) -> None:
-        if chunk.done:
-            await write_ndjson(response, _final(run, chunk, "", chat))
-        elif chunk.text:
-            await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
+        async def emit(chunk: Chunk) -> None:
+            if chunk.done:
+                await write_ndjson(response, _final(run, chunk, "", chat))
+            elif chunk.text:
+                await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
 
-    async def fail(message: str) -> None:
-        await write_ndjson(response, {"error": message})
+        async def fail(message: str) -> None:
+            await write_ndjson(response, {"error": message})
 
-    if await run.pump(emit, fail):
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
-    return response
+        if await run.pump(emit, fail):
+            with contextlib.suppress(ConnectionResetError):
+                await response.write_eof()
+        return response
 
 
 async def _load_or_unload(node, call: ApiCall, chat: bool) -> web.Response:

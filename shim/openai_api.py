@@ -96,29 +96,30 @@ class _Shape:
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
     run = await start_run(request.app[NODE_KEY], call)
-    shape = _Shape(run, chat)
-    if not call.stream:
-        text, last = await run.collect()
-        return web.json_response(shape.whole(text, last))
-    response = await start_stream(request, "text/event-stream")
-    first = True
+    async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
+        shape = _Shape(run, chat)
+        if not call.stream:
+            text, last = await run.collect()
+            return web.json_response(shape.whole(text, last))
+        response = await start_stream(request, "text/event-stream")
+        first = True
 
-    async def emit(chunk: Chunk) -> None:
-        nonlocal first
-        if chunk.done:
-            finish = _FINISH.get(chunk.done_reason or "stop", "stop")
-            await write_sse(response, shape.delta(None if chat else "", finish, first))
-            if call.include_usage:
-                await write_sse(response, shape.usage_only(chunk))
-            await write_sse(response, "[DONE]")
-        elif chunk.text:
-            await write_sse(response, shape.delta(chunk.text, None, first))
-            first = False
+        async def emit(chunk: Chunk) -> None:
+            nonlocal first
+            if chunk.done:
+                finish = _FINISH.get(chunk.done_reason or "stop", "stop")
+                await write_sse(response, shape.delta(None if chat else "", finish, first))
+                if call.include_usage:
+                    await write_sse(response, shape.usage_only(chunk))
+                await write_sse(response, "[DONE]")
+            elif chunk.text:
+                await write_sse(response, shape.delta(chunk.text, None, first))
+                first = False
 
-    async def fail(message: str) -> None:
-        await write_sse(response, {"error": {"message": message, "type": "api_error"}})
+        async def fail(message: str) -> None:
+            await write_sse(response, {"error": {"message": message, "type": "api_error"}})
 
-    if await run.pump(emit, fail):
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
-    return response
+        if await run.pump(emit, fail):
+            with contextlib.suppress(ConnectionResetError):
+                await response.write_eof()
+        return response

@@ -420,7 +420,8 @@ def test_keepalive_holds_an_idle_connection(ids):
     no_pings = QuicSettings(idle_timeout=0.5, keepalive=None, connect_timeout=5.0)
 
     async def main():
-        server = await serve(HOST, 0, server_id, Admission.open_mode(), Recorder(), quick_idle)
+        # the server does not ping either (a pinging side keeps every connection it has up)
+        server = await serve(HOST, 0, server_id, Admission.open_mode(), Recorder(), no_pings)
         try:
             kept = await connect(
                 HOST, server.port, client_id, Admission.open_mode(), None, quick_idle

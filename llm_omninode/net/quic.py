@@ -24,7 +24,17 @@ from . import tls
 from .admission import Admission
 from .frames import Frame, FrameType
 from .identity import NodeIdentity
-from .session import BATCH, RECV_SIZE, ClientProtocol, Handler, ReceiveBatch, ServerProtocol
+from .session import (
+    BATCH,
+    PORT_UNREACHABLE,
+    RECV_SIZE,
+    ClientProtocol,
+    Handler,
+    ReceiveBatch,
+    ServerProtocol,
+    report_unreachable,
+    unreachable,
+)
 from .streams import (
     CloseCode,
     ConnectionClosed,
@@ -61,7 +71,11 @@ class QuicSettings:
     # else LAN_DATAGRAM_SIZE. aioquic spends its time per packet, so size is speed.
     max_datagram_size: int | None = None
     idle_timeout: float = 60.0  # a connection with no packets for this long is dropped
-    keepalive: float | None = 15.0  # clients ping this often so idle connections stay up
+    # clients ping this often (the peer's event loop answers even while its stage computes);
+    # a connection silent for lost_after is dropped as lost by either side, long before the
+    # idle timeout. A killed peer on a live host is known at once (ICMP, see session.py).
+    keepalive: float | None = 1.0
+    lost_after: float | None = 8.0
     connect_timeout: float = 10.0  # handshake + admission, client side
     join_timeout: float = 10.0  # server waits this long for JOIN after the handshake
     request_timeout: float = 60.0  # default for Connection.request / each frame of stream()
@@ -165,10 +179,15 @@ async def serve(
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         _size_socket(sock, settings.socket_buffer)
+        report_unreachable(sock)
         sock.bind((host, port))
         transport, quic_server = await loop.create_datagram_endpoint(
             lambda: _BatchingQuicServer(
-                sock, batch, configuration=configuration, create_protocol=create_protocol
+                sock,
+                batch,
+                server._protocols,
+                configuration=configuration,
+                create_protocol=create_protocol,
             ),
             sock=sock,
         )
@@ -185,10 +204,17 @@ class _BatchingQuicServer(QuicServer):
     """aioquic's server, reading every datagram already queued on the socket per wake-up and
     answering each connection once per burst (uploads to a server gain their speed here)."""
 
-    def __init__(self, sock: socket.socket, batch: ReceiveBatch, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        batch: ReceiveBatch,
+        protocols: set[ServerProtocol],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._sock = sock
         self._batch = batch
+        self._peers = protocols
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self._batch.begin()
@@ -197,11 +223,24 @@ class _BatchingQuicServer(QuicServer):
             for _ in range(BATCH):
                 try:
                     data, addr = self._sock.recvfrom(RECV_SIZE)
+                except ConnectionRefusedError as exc:  # an ICMP error came in between
+                    self.error_received(exc)
+                    break
                 except OSError:  # BlockingIOError: drained
                     break
                 super().datagram_received(data, addr)
         finally:
             self._batch.end()
+
+    def error_received(self, exc: Exception) -> None:
+        """A client's port is unreachable (its process is gone): drop its connections now,
+        which ends what they were doing (a generation for a killed ``llm``, a pipeline)."""
+        if not isinstance(exc, ConnectionRefusedError):
+            return
+        for addr in unreachable(self._sock):
+            for protocol in list(self._peers):
+                if protocol.peer_addr and tuple(protocol.peer_addr[:2]) == tuple(addr[:2]):
+                    protocol.peer_lost(PORT_UNREACHABLE)
 
 
 def _size_socket(sock: socket.socket, size: int) -> None:
@@ -319,6 +358,7 @@ async def connect(
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         _size_socket(sock, settings.socket_buffer)
+        report_unreachable(sock)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: ClientProtocol(

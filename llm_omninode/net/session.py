@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,46 @@ BATCH = 64  # datagrams taken from the socket per wake-up
 RECV_SIZE = 65536
 
 
+# ICMP errors on UDP: Linux reports them on unconnected sockets too once asked (IP_RECVERR),
+# with the address each failed datagram went to in the socket's error queue
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+PORT_UNREACHABLE = "its port is unreachable (the process is gone)"
+
+
+def report_unreachable(sock: socket.socket) -> bool:
+    """Ask the OS to report ICMP errors of datagrams ``sock`` sent (Linux only); whether it
+    will. Elsewhere a dead peer is found by silence alone."""
+    if sys.platform != "linux":
+        return False
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+    except OSError:
+        return False
+    return True
+
+
+def unreachable(sock: socket.socket) -> list[Any]:
+    """Drain ``sock``'s error queue: the addresses datagrams could not be delivered to."""
+    addrs = []
+    for _ in range(BATCH):
+        try:
+            _, _, _, addr = sock.recvmsg(1, 512, MSG_ERRQUEUE)
+        except OSError:  # empty (EAGAIN), or no error queue here
+            break
+        if addr:
+            addrs.append(addr)
+    return addrs
+
+
+def _same_addr(a: Any, b: Any) -> bool:
+    return bool(a) and bool(b) and tuple(a[:2]) == tuple(b[:2])
+
+
 SMALL_PAYLOAD = 256 * 1024  # payloads up to this are copied behind their header and sent at once
 
 
@@ -105,6 +146,7 @@ class OmniProtocol(QuicConnectionProtocol):
         self._tasks: set[asyncio.Task] = set()
         self._acked = asyncio.Event()  # set on every transmit: acknowledgements may have come
         self.last_received = time.monotonic()
+        self._watcher: asyncio.TimerHandle | None = None
         tls.limit_peer_streams(quic, settings.max_streams)
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -113,6 +155,47 @@ class OmniProtocol(QuicConnectionProtocol):
             self.peer_addr = addr
         self.last_received = time.monotonic()  # liveness: a dead process sends nothing
         super().datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        """The socket reported an ICMP error (see ``unreachable``): "port unreachable" from
+        the peer's host means no process listens there any more (killed, crashed), so the
+        peer is gone now, not at the next timeout."""
+        sock = getattr(self, "_sock", None)
+        if (
+            isinstance(exc, ConnectionRefusedError)
+            and sock is not None
+            and any(_same_addr(a, self.peer_addr) for a in unreachable(sock))
+        ):
+            self.peer_lost(PORT_UNREACHABLE)
+
+    def peer_lost(self, why: str) -> None:
+        if self.close_code is not None:
+            return
+        log.warning("%s lost peer %s at %s: %s", self.role, self.peer_id or "(unauthenticated)",
+                    _format_addr(self.peer_addr), why)  # fmt: skip
+        self.shutdown(CloseCode.NO_ERROR, f"peer lost: {why}")
+
+    # ---- liveness ------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Every ``keepalive`` s once admitted: ping (so both sides hear each other while
+        idle, and a killed peer is found by its port), and drop a connection silent for
+        ``lost_after`` s. A peer's event loop answers (ACKs) even while its stage computes on
+        the worker thread, so silence means the peer is gone or frozen, not busy."""
+        self._watcher = None
+        if self.close_code is not None or not self.settings.keepalive:
+            return
+        silent = time.monotonic() - self.last_received
+        if self.settings.lost_after and silent > self.settings.lost_after:
+            self.peer_lost(f"nothing heard for {silent:.1f} s")
+            return
+        self._quic.send_ping(0)  # both sides: a dead peer's host answers with an ICMP error
+        self.transmit()
+        self._watcher = self._loop.call_later(self.settings.keepalive, self._watch)
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
     def send_frame(self, stream_id: int, frame: Frame | None, end_stream: bool = False) -> None:
         if frame is None:
@@ -205,6 +288,7 @@ class OmniProtocol(QuicConnectionProtocol):
     def shutdown(self, code: int = CloseCode.NO_ERROR, reason: str = "") -> None:
         if self.close_code is None:
             self.close_code, self.close_reason = int(code), reason
+        self._stop_watching()
         self.close(error_code=int(code), reason_phrase=reason[:200])
         self._terminate_streams(ConnectionClosed(f"connection closed: {reason or 'local'}"))
         for task in list(self._tasks):
@@ -240,6 +324,7 @@ class OmniProtocol(QuicConnectionProtocol):
             self._terminate_streams(
                 ConnectionClosed(f"connection closed ({event.error_code}: {event.reason_phrase})")
             )
+            self._stop_watching()
             self._connection_lost(event)
             for task in list(self._tasks):
                 task.cancel()
@@ -418,6 +503,7 @@ class ServerProtocol(OmniProtocol):
             return
         if self.peer_addr is None:
             self.peer_addr = addr
+        self.last_received = time.monotonic()
         self._quic.receive_datagram(data, addr, now=self._loop.time())
         touched.add(self)  # events and transmit once the burst is read (ReceiveBatch.end)
 
@@ -442,6 +528,7 @@ class ServerProtocol(OmniProtocol):
         self.admitted = True
         if self._join_timer is not None:
             self._join_timer.cancel()
+        self._watch()
         self.send_frame(
             event.stream_id, join_frame(self.identity.node_id, self._own_proof(), ok=True), True
         )
@@ -505,7 +592,6 @@ class ClientProtocol(OmniProtocol):
         super().__init__(quic, **kwargs)
         self.expected_node_id = expected_node_id
         self._sock: socket.socket | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[None] = self._loop.create_future()
 
     def _fail(self, exc: Exception) -> None:
@@ -537,18 +623,7 @@ class ClientProtocol(OmniProtocol):
         self.admitted = True
         if not self.ready.done():
             self.ready.set_result(None)
-        self._schedule_keepalive()
-
-    def _schedule_keepalive(self) -> None:
-        if self.settings.keepalive and self.close_code is None:
-            self._keepalive = self._loop.call_later(self.settings.keepalive, self._ping)
-
-    def _ping(self) -> None:
-        """Keep an idle connection (a pipeline edge between requests) from timing out."""
-        if self.close_code is None:
-            self._quic.send_ping(0)
-            self.transmit()
-            self._schedule_keepalive()
+        self._watch()
 
     def _new_inbound_stream(self, stream_id: int) -> Inbound | None:
         if stream_id != self._join_stream:  # data on a stream we never opened (or forgot)
@@ -557,8 +632,6 @@ class ClientProtocol(OmniProtocol):
         return None
 
     def _connection_lost(self, event: events.ConnectionTerminated) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
         if event.error_code in CLOSE_CODES and event.error_code != CloseCode.NO_ERROR:
             self._fail(PeerRefused(event.error_code, f"server closed: {event.reason_phrase}"))
         else:
@@ -570,6 +643,7 @@ class ClientProtocol(OmniProtocol):
         here)."""
         if self.peer_addr is None:
             self.peer_addr = addr
+        self.last_received = time.monotonic()
         now = self._loop.time
         self._quic.receive_datagram(data, addr, now=now())
         sock = self._sock
@@ -577,7 +651,10 @@ class ClientProtocol(OmniProtocol):
             for _ in range(BATCH):
                 try:
                     data, addr = sock.recvfrom(RECV_SIZE)
-                except OSError:  # BlockingIOError: drained; anything else: asyncio reports it
+                except ConnectionRefusedError as exc:  # an ICMP error came in between
+                    self.error_received(exc)
+                    break
+                except OSError:  # BlockingIOError: drained
                     break
                 self._quic.receive_datagram(data, addr, now=now())
         self._process_events()
