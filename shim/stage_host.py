@@ -26,6 +26,7 @@ from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.runtime import stage_tensors
 from llm_omninode.backend.shards import Manifest
 from llm_omninode.backend.spec import ModelSpec
+from llm_omninode.backend.stage_engine import new_stage
 from llm_omninode.backend.store import (
     ShardStore,
     StorageFull,
@@ -232,7 +233,7 @@ class StageHost:
             fetched = await fetch_shards(missing, sources_for, self.store)
         tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)
         stage = await self.run(
-            lambda: Stage(
+            lambda: new_stage(
                 spec, tensors, start, end, max_context=self.max_context, max_sequences=MAX_SEQUENCES
             )  # fmt: skip
         )
