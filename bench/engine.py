@@ -1,6 +1,7 @@
 """Prefill and decode speed of one OmniNode stage holding a whole model, next to llama.cpp.
 
     python bench/engine.py [--model NAME_OR_GGUF] [--runs N] [--blas auto|bundled|PATH]
+                           [--engine default|ggml|both] [--threads N]
 
 Prefill: one forward of a ~128-token prompt (fresh sequence each run), tokens per second.
 Decode: 128 greedy tokens one at a time after that prompt, tokens per second. Each figure is
@@ -9,6 +10,11 @@ the median over --runs runs, after one warm-up run that is not counted.
 On a Linux CPU the stage computes on NumPy's OpenBLAS by default (llm_omninode/backend/blas.py
 and host_step.py); OMNI_BLAS=mlx measures MLX's own kernels instead, OMNI_DECODE_THREADS=0
 decodes on all BLAS threads (faster on an idle machine, much slower on a busy one).
+
+``--engine ggml`` measures the ggml stage instead (backend/ggml_stage.py: ggml's own kernels on
+the GGUF bytes, OMNI_ENGINE=ggml in the shim); ``--engine both`` runs each engine in a process
+of its own and prints them side by side, with each one's weights and peak resident memory
+(VmHWM, and its growth from before the stage was loaded).
 
 llama.cpp is measured the same way when the ``llama_cpp`` module can be imported (it is never
 a dependency; --llama-python names another interpreter that has it). Otherwise the ratios use
@@ -109,7 +115,15 @@ def _mlx_linked_blas() -> str:
 
 
 def compute_path(stage: Any) -> str:
-    """Where the stage computes: MLX kernels, or NumPy's BLAS (llm_omninode.backend.blas)."""
+    """Where the stage computes: ggml, MLX kernels, or NumPy's BLAS (backend/blas.py)."""
+    if hasattr(stage, "flash_attn"):  # a GgmlStage
+        import ggml
+
+        llamafile = "on" if ggml.ggml_cpu_has_llamafile() else "off"
+        return (
+            f"ggml-python {ggml.__version__} CPU kernels on the GGUF bytes, {stage.threads} "
+            f"threads, llamafile sgemm {llamafile}"
+        )
     if not getattr(stage, "host_blas", False):
         return "MLX (quantized matmuls; OMNI_BLAS=mlx or not a Linux CPU)"
     import numpy as np
@@ -131,9 +145,23 @@ def compute_path(stage: Any) -> str:
 
 
 # ---- loading --------------------------------------------------------------------------------
-def load_stage(model: str) -> tuple[Any, Any, str | None, str]:
-    """(stage, tokenizer, gguf_path, label) for a GGUF file or a model name in the registry."""
+def stage_class(engine: str, threads: int | None) -> Any:
+    """The stage constructor of ``engine`` ("default": engine.Stage, "ggml": GgmlStage)."""
+    if engine == "ggml":
+        import functools
+
+        from llm_omninode.backend.ggml_stage import GgmlStage
+
+        return functools.partial(GgmlStage, threads=threads)
     from llm_omninode.backend.engine import Stage
+
+    return Stage
+
+
+def load_stage(
+    model: str, engine: str = "default", threads: int | None = None
+) -> tuple[Any, Any, str | None, str]:
+    """(stage, tokenizer, gguf_path, label) for a GGUF file or a model name in the registry."""
     from llm_omninode.backend.spec import ModelSpec
     from llm_omninode.backend.tokenizer import Tokenizer
 
@@ -148,7 +176,7 @@ def load_stage(model: str) -> tuple[Any, Any, str | None, str]:
             name: TensorData(name, t.ggml_type, t.shape, gguf.tensor_data(name))
             for name, t in gguf.tensors.items()
         }
-        stage = Stage(spec, tensors, 0, spec.n_blocks)
+        stage = stage_class(engine, threads)(spec, tensors, 0, spec.n_blocks)
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         del tensors
         return stage, tokenizer, str(path), path.name
@@ -162,7 +190,7 @@ def load_stage(model: str) -> tuple[Any, Any, str | None, str]:
     manifest = record.manifest
     spec = ModelSpec.from_metadata(manifest.metadata, manifest.tensor_home().keys())
     tensors = stage_tensors(registry.store, manifest, 0, spec.n_blocks, record.model_id)
-    stage = Stage(spec, tensors, 0, spec.n_blocks)
+    stage = stage_class(engine, threads)(spec, tensors, 0, spec.n_blocks)
     del tensors
     source = registry.store.file_source(record.model_id)
     label = f"{model} ({record.model_id[:16]})"
@@ -291,6 +319,53 @@ def _llama_cpp_subprocess(
     return out
 
 
+# ---- memory and engines side by side ----------------------------------------------------------
+def memory_status() -> dict[str, float]:
+    """VmRSS, VmHWM (peak), RssAnon and RssFile of this process in MB (Linux; else empty)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = round(int(rest.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def compare_engines(argv: list[str]) -> int:
+    """Run this script once per engine, each in its own process; print them side by side."""
+    results = {}
+    for engine in ("default", "ggml"):
+        cmd = [sys.executable, __file__, *argv, "--engine", engine]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-4000:])
+            raise RuntimeError(f"--engine {engine} failed")
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [("", "default", "ggml")]
+    figures = (
+        ("prefill tok/s", lambda r: r["omninode"]["prefill_tok_s"]),
+        ("decode tok/s", lambda r: r["omninode"]["decode_tok_s"]),
+        ("weights MB", lambda r: r["stage_weights_mb"]),
+        ("peak RSS MB", lambda r: r["memory_mb"]["VmHWM"]),
+        ("RSS growth MB", lambda r: r["rss_growth_mb"]),
+        ("load s", lambda r: r["load_s"]),
+    )
+    for name, get in figures:
+        rows.append((name, *(str(get(results[e])) for e in ("default", "ggml"))))
+    print(f"\n{results['default']['model']} ({results['default']['machine']})")
+    for e in ("default", "ggml"):
+        print(f"  {e}: {results[e]['path']}")
+    for name, a, b in rows:
+        print(f"  {name:<16}{a:>12}{b:>12}")
+    ref = results["default"]["llama_cpp"]
+    print(f"  llama.cpp ({ref['source']}): {ref['prefill_tok_s']} / {ref['decode_tok_s']} tok/s")
+    print(json.dumps(results))
+    return 0
+
+
 # ---- report ---------------------------------------------------------------------------------
 def report(omni: dict[str, Any], ref: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     ratios = {
@@ -331,6 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         "llm_omninode/backend/blas.py). default/bundled: the wheel's; auto: the first system "
         "BLIS/OpenBLAS found, loaded before mlx; or a path to a libblas with cblas_sgemm",
     )
+    ap.add_argument(
+        "--engine",
+        choices=("default", "ggml", "both"),
+        default="default",
+        help="default: engine.Stage; ggml: ggml_stage.GgmlStage (OMNI_ENGINE=ggml); both: "
+        "each in its own process, side by side",
+    )
+    ap.add_argument("--threads", type=int, help="ggml threads (default: every CPU)")
     ap.add_argument("--llama-python", help="interpreter that has llama_cpp (optional)")
     ap.add_argument("--no-llama", action="store_true", help="use the reference figures")
     ap.add_argument("--llama-worker", help=argparse.SUPPRESS)
@@ -343,11 +426,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.runs < 1:
         ap.error("--runs must be >= 1")
+    if args.engine == "both":
+        rest = list(argv if argv is not None else sys.argv[1:])
+        if "--engine" in rest:
+            i = rest.index("--engine")
+            del rest[i : i + 2]
+        rest = [a for a in rest if not a.startswith("--engine=")]
+        return compare_engines(rest)
 
     preloaded = None if args.blas == "default" else preload_blas(args.blas)
+    before = memory_status()
     t0 = time.perf_counter()
     try:
-        stage, tokenizer, gguf_path, label = load_stage(args.model)
+        stage, tokenizer, gguf_path, label = load_stage(args.model, args.engine, args.threads)
     except LookupError as exc:  # registry.ModelNotFound
         print(f"{exc}\n(pull it with `llm omni pull smollm2`, or pass --model FILE.gguf)")
         return 2
@@ -367,14 +458,18 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": len(ids),
         "decode_tokens": args.decode_tokens,
         "runs": args.runs,
+        "engine": args.engine,
     }
     omni = bench_omninode(stage, ids, args.decode_tokens, args.runs)
+    meta["memory_mb"] = memory_status()
+    if before and meta["memory_mb"]:
+        meta["rss_growth_mb"] = round(meta["memory_mb"]["VmHWM"] - before["VmRSS"], 1)
     if args.no_llama:
         ref = dict(REFERENCE_LLAMA_CPP, source="reference figures, not measured here (--no-llama)")
     else:
         ref = llama_cpp_figures(gguf_path, ids, args.decode_tokens, args.runs, args.llama_python)
     result = report(omni, ref, meta)
-    if "mlx-cpu" in meta["mlx_blas"] and not getattr(stage, "host_blas", False):
+    if "mlx-cpu" in meta["mlx_blas"] and args.engine == "default" and not stage.host_blas:
         print(
             "  note: the projections run on the reference BLAS bundled with mlx-cpu (slow); "
             "the default (OMNI_BLAS unset) moves them to NumPy's OpenBLAS"

@@ -173,9 +173,9 @@ def test_weights_are_the_files_bytes(tiny) -> None:
     model = tiny["qwen2", "q"]
     for bounds in ((0, 4), (0, 2), (2, 4)):
         stage = GgmlStage(model.spec, model.tensors, *bounds)
-        for name, tensor in stage._weights.items():
+        for name, tensor in stage.weights.tensors.items():
             assert tensor.contents.data == model.tensors[name].data.ctypes.data, name
-        assert stage.nbytes == sum(model.tensors[n].data.nbytes for n in stage._weights)
+        assert stage.nbytes == sum(model.tensors[n].data.nbytes for n in stage.weights.tensors)
 
 
 def test_engine_switch(tiny, monkeypatch) -> None:
@@ -307,3 +307,28 @@ def test_resident_memory_is_the_gguf_slice(smollm2_path) -> None:
     assert weights == sum(t.data.nbytes for t in Model(smollm2_path).tensors.values())
     assert grew["VmHWM"] * mb < weights + r["kv"] + 64 * mb  # peak: weights once + buffers
     assert grew["RssAnon"] * mb < r["kv"] + 48 * mb  # nothing of the weights is anonymous
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_steps_are_the_steps_alone(tiny, arch) -> None:
+    """forward_batch: one position of each of several sequences (at different lengths) through
+    the projections together gives what each step gives alone; bad steps fail alone."""
+    model = tiny[arch, "q"]
+    for bounds in ((0, 4), (0, 2, 4)):
+        alone = ggml_stages(model, bounds)
+        batched = ggml_stages(model, bounds)
+        prompts = {f"s{k}": PROMPT[: 3 + 2 * k] for k in range(4)}
+        for seq, ids in prompts.items():
+            run(alone, seq, ids)
+            run(batched, seq, ids)
+        for t in STEPS[:3]:
+            want = {seq: run(alone, seq, [t + k]) for k, seq in enumerate(prompts)}
+            xs = {seq: np.array([t + k], np.int32) for k, seq in enumerate(prompts)}
+            for stage in batched:
+                assert stage.batches
+                steps = list(xs.items()) + [("s0", np.array([1, 2], np.int32))]
+                outs = stage.forward_batch(steps)
+                assert isinstance(outs[-1], ValueError)
+                xs = dict(zip(xs, outs[:-1], strict=True))
+            for seq, w in want.items():
+                np.testing.assert_array_equal(xs[seq], w)

@@ -1,0 +1,103 @@
+"""The KV caches of a ggml stage (ggml_stage.py): one float16 NumPy buffer pair per sequence,
+which the stage's graphs point at (nothing copied into ggml)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .kv_cache import ContextOverflowError, SequenceCaches, SequenceLimitError
+
+KV_STEP = 256  # caches grow, and graphs attend, in steps of this many positions
+
+
+def attended(positions: int, max_len: int) -> int:
+    """Cache positions a step attends over (the rest masked): a multiple of KV_STEP."""
+    return min(max_len, -(-positions // KV_STEP) * KV_STEP)
+
+
+class GgmlKV:
+    """Keys and values of one sequence for a stage's blocks, float16, grown in KV_STEP steps up
+    to ``max_len`` positions: keys (layers, positions, n_kv_heads * head_dim); values the same,
+    or with ``v_trans`` (layers, n_kv_heads * head_dim, positions) as llama.cpp caches them
+    for attention without flash attention."""
+
+    def __init__(self, n_layers: int, width: int, max_len: int, v_trans: bool) -> None:
+        self.n_layers, self.width, self.max_len, self.v_trans = n_layers, width, max_len, v_trans
+        self.keys = np.zeros((n_layers, 0, width), np.float16)
+        self.values = np.zeros(
+            (n_layers, width, 0) if v_trans else (n_layers, 0, width), np.float16
+        )
+        self.offset = 0  # positions already cached
+        self.last_used = time.monotonic()
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more positions (ContextOverflowError past max_len, nothing changed)."""
+        need = self.offset + n
+        if need > self.max_len:
+            raise ContextOverflowError(
+                f"sequence would reach {need} positions; the context is {self.max_len} "
+                f"({self.offset} cached + {n} new)"
+            )
+        if need > self.capacity:
+            old, cap = self.capacity, attended(need, self.max_len)
+            keys = np.zeros((self.n_layers, cap, self.width), np.float16)
+            keys[:, :old] = self.keys
+            if self.v_trans:
+                values = np.zeros((self.n_layers, self.width, cap), np.float16)
+                values[:, :, :old] = self.values
+            else:
+                values = np.zeros_like(keys)
+                values[:, :old] = self.values
+            self.keys, self.values = keys, values
+
+    def commit(self, n: int) -> None:
+        self.offset += n
+        self.last_used = time.monotonic()
+
+    def base(self, layer: int, kind: int) -> int:
+        """Address of layer ``layer``'s keys (kind 0) or values (kind 1)."""
+        a = self.values if kind else self.keys
+        return a.ctypes.data + layer * a[0].nbytes
+
+    @property
+    def where(self) -> tuple[int, int]:
+        """Identifies the buffers (a graph pointed at them need not be re-pointed)."""
+        return (self.keys.ctypes.data, self.values.ctypes.data)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class GgmlSequences(SequenceCaches):
+    """SequenceCaches (count bound, prefix adoption, idle eviction) holding GgmlKV caches."""
+
+    def __init__(
+        self, max_sequences: int, n_layers: int, width: int, max_len: int, v_trans: bool
+    ) -> None:
+        super().__init__(
+            max_sequences, n_layers=n_layers, n_kv_heads=0, head_dim=0, max_len=max_len, dtype=None
+        )
+        self._shape = (n_layers, width, max_len, v_trans)
+
+    def get(self, seq_id: str) -> GgmlKV:  # type: ignore[override]
+        cache = self._caches.get(seq_id)
+        if cache is not None:
+            self._caches.move_to_end(seq_id)
+            return cache  # type: ignore[return-value]
+        if len(self._caches) >= self.max_sequences:
+            raise SequenceLimitError(
+                f"stage holds {len(self._caches)} sequences (max_sequences="
+                f"{self.max_sequences}); free one before starting {seq_id!r}"
+            )
+        return GgmlKV(*self._shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._caches.values())
