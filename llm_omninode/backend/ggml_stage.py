@@ -33,6 +33,9 @@ MAX_SEQ_ID_LEN = 256
 PREFILL_CHUNK = 512  # positions per graph run of a long prompt (bounds the compute buffer)
 KEPT_GRAPHS = 8  # decode graphs kept (per batch size and attended lengths in use)
 MAX_BATCH = 8  # sequences whose steps one graph computes together
+# llama.cpp's graphs of these scale the queries before attention rather than the scores (the
+# same up to float16 rounding of tiny query values, which the K.Q product rounds to)
+PRESCALED_QUERIES = frozenset({"gemma3"})
 # a graph's slot: a sequence's cache, its positions in this run, the cache positions attended
 Slot = tuple[GgmlKV, int, int]
 
@@ -289,6 +292,8 @@ class GgmlStage:
         rope = (s.rope_dim, mode, s.context_length, base, scale, 0.0, 1.0, 32.0, 1.0)
         pos, freqs = b.tensor("pos"), w("rope_freqs.weight")
         q = ggml.ggml_rope_ext(ctx, q, pos, freqs, *rope)
+        if s.arch in PRESCALED_QUERIES:
+            q = ggml.ggml_scale(ctx, q, s.scale)
         k = ggml.ggml_reshape_2d(ctx, ggml.ggml_rope_ext(ctx, k, pos, freqs, *rope), width, total)
         outs, c0 = [], 0
         for j, (cache, T, n_kv) in enumerate(slots):
@@ -326,19 +331,20 @@ class GgmlStage:
         keys = b.cached(j, layer, 0, (width, n_kv))
         b.expand(ggml.ggml_set_rows(ctx, keys, k, b.tensor(f"rows{j}")))
         qp = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # [hd, T, nh]
+        kq_scale = 1.0 if s.arch in PRESCALED_QUERIES else s.scale
         kview = ggml.ggml_view_3d(ctx, keys, hd, n_kv, nkv, width * 2, hd * 2, 0)
         if self.flash_attn:
             values = b.cached(j, layer, 1, (width, n_kv))
             b.expand(ggml.ggml_set_rows(ctx, values, v, b.tensor(f"rows{j}")))
             vview = ggml.ggml_view_3d(ctx, values, hd, n_kv, nkv, width * 2, hd * 2, 0)
-            o = ggml.ggml_flash_attn_ext(ctx, qp, kview, vview, mask, s.scale, 0.0, 0.0)
+            o = ggml.ggml_flash_attn_ext(ctx, qp, kview, vview, mask, kq_scale, 0.0, 0.0)
             ggml.ggml_flash_attn_ext_set_prec(o, ggml.GGML_PREC_F32)
             return ggml.ggml_reshape_2d(ctx, o, hd * nh, T)
         values = b.cached(j, layer, 1, (1, width * cap))
         v = v if ggml.ggml_is_contiguous(v) else ggml.ggml_cont(ctx, v)
         flat = ggml.ggml_reshape_2d(ctx, v, 1, width * T)
         b.expand(ggml.ggml_set_rows(ctx, values, flat, b.tensor(f"v_rows{j}")))
-        kq = ggml.ggml_soft_max_ext(ctx, ggml.ggml_mul_mat(ctx, kview, qp), mask, s.scale, 0.0)
+        kq = ggml.ggml_soft_max_ext(ctx, ggml.ggml_mul_mat(ctx, kview, qp), mask, kq_scale, 0.0)
         vview = ggml.ggml_view_3d(ctx, values, n_kv, hd, nkv, cap * 2, cap * hd * 2, 0)
         o = ggml.ggml_permute(ctx, ggml.ggml_mul_mat(ctx, vview, kq), 0, 2, 1, 3)
         return ggml.ggml_cont_2d(ctx, o, hd * nh, T)
