@@ -332,3 +332,45 @@ def test_batched_steps_are_the_steps_alone(tiny, arch) -> None:
                 xs = dict(zip(xs, outs[:-1], strict=True))
             for seq, w in want.items():
                 np.testing.assert_array_equal(xs[seq], w)
+
+
+@pytest.mark.model
+def test_two_shims_compute_with_ggml(tmp_path, smollm2_path, smollm2_golden) -> None:
+    """OMNI_ENGINE=ggml: the shims' stages are ggml stages (libggml is mapped in each node
+    once it has answered), and the greedy answer is that of ggml stages at the same split
+    in-process (hidden states crossing as float16 in both)."""
+    from shim_cluster import ShimCluster
+
+    from llm_omninode.backend.chat_template import ChatTemplate
+    from llm_omninode.backend.registry import ModelRegistry
+    from llm_omninode.backend.runtime import LocalModel
+    from llm_omninode.backend.sampling import SamplingOptions
+    from llm_omninode.backend.tokenizer import Tokenizer
+    from llm_omninode.request import GenerationRequest, Message
+
+    content = smollm2_golden["chat"][0]["messages"][-1]["content"]
+    env = {"OMNI_ENGINE": "ggml", "OMNI_GGML_THREADS": "1"}
+    with ShimCluster(tmp_path, 2, extra_env=env) as cluster:
+        ModelRegistry(cluster.dirs[0]).add_file(smollm2_path, alias="smollm2")
+        cluster.start_all()
+        cluster.wait_for_peers(2)
+        args = ("-o", "temperature", "0", "-o", "max_tokens", "12", "--no-log")
+        got = cluster.llm("-m", "omni/smollm2", content, *args).rstrip("\n")
+        (plan,) = json.loads(cluster.llm("omni", "status", "--json"))["plans"]
+        bounds = [s["start"] for s in plan["stages"]] + [plan["stages"][-1]["end"]]
+        for proc in cluster.procs:
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            assert "libggml-cpu" in maps
+    model = Model(smollm2_path)
+    tokenizer = Tokenizer.from_metadata(model.file.metadata)
+    template = ChatTemplate.from_metadata(model.file.metadata, tokenizer)
+    local = LocalModel(None, model.spec, tokenizer, template, ggml_stages(model, bounds))  # type: ignore[arg-type]
+    request = GenerationRequest(
+        model="smollm2",
+        messages=(Message("user", content),),
+        options=SamplingOptions().updated(temperature=0.0),
+        max_tokens=12,
+    )
+    want = "".join(c.text for c in local.run(request))
+    print(f"split {bounds}: {got!r}")
+    assert len(bounds) == 3 and got == want
