@@ -208,6 +208,10 @@ class ShimClient:
                 "(is it running? has this machine joined its cluster: llm omni join SECRET?)"
             ) from exc
 
+    def _who(self) -> str:
+        node = self._conn.peer_id[:16] if self._conn is not None else ""
+        return f"the shim at {self.host}:{self.port}" + (f" (node {node})" if node else "")
+
     def request(self, method: str, **fields: Any) -> dict[str, Any]:
         from .net import frames as F
         from .net.quic import NetError
@@ -243,9 +247,9 @@ class ShimClient:
                                               h.get("prompt_tokens", 0),
                                               h.get("completion_tokens", 0), timings))  # fmt: skip
                         return
-                items.put(ShimError("the shim ended the stream without finishing"))
+                items.put(ShimError(f"{self._who()} ended the stream without finishing"))
             except NetError as exc:
-                items.put(ShimError(str(exc)))
+                items.put(ShimError(f"{self._who()}: {exc}"))
             except BaseException as exc:
                 items.put(exc)
                 raise

@@ -71,6 +71,11 @@ class NodeLost(CoordinatorError):
     """A step failed in a way a lost node explains (probed before a recovery)."""
 
 
+class LinkLost(NodeLost):
+    """A link of the chain broke (the transport lost a node, or thought so): recover even
+    if every node answers afterwards (a starved node falls silent, then comes back)."""
+
+
 class Busy(CoordinatorError):
     """Too many requests queued for the model (HTTP 503)."""
 
@@ -177,13 +182,20 @@ class Coordinator:
             del self._aliases[alias]
 
     async def _manifest_from_peers(self, name: str) -> Manifest:
+        refused: list[str] = []  # peers that had the model, but a manifest we cannot accept
         for peer in self.node.peers.live():
             try:
                 conn = await self.node.peers.connection(peer.node_id)
                 reply = await conn.request(F.request_frame(conn.next_id(), "manifest", model=name))
-                manifest = Manifest.from_json(reply.payload)
-            except (NetError, ManifestError, ValueError) as exc:
+            except NetError as exc:  # not there (an error frame), or the peer is unreachable
                 log.debug("no manifest of %s from %s: %s", name, peer.node_id[:16], exc)
+                continue
+            try:
+                manifest = Manifest.from_json(reply.payload)
+            except (ManifestError, ValueError) as exc:  # malformed, or metadata that lies
+                log.warning("refused the manifest of %s from %s: %s", name, peer.node_id[:16],
+                            exc)  # fmt: skip
+                refused.append(f"{peer.name or peer.node_id[:16]}: {exc}")
                 continue
             wanted = reply.header.get("model_id")
             if manifest.model_id != wanted:  # content addressing: the bytes must be the id
@@ -191,6 +203,9 @@ class Coordinator:
                 continue
             self.node.store.put_manifest(manifest)
             return manifest
+        if refused:
+            why = "; ".join(refused)
+            raise CoordinatorError(f"model {name!r}: refused what peers sent: {why}")
         raise ModelUnknown(
             f"model {name!r} not found on this node nor on any live peer (pull it first)"
         )
@@ -211,12 +226,28 @@ class Coordinator:
         ]
         return [me, *others]
 
+    def unsourced(self, manifest: Manifest) -> list[str]:
+        """Names of the model's shards that neither this node nor any live peer holds: no
+        plan can be loaded while there are any (a stage's node would have nowhere to fetch
+        them from)."""
+        held = set(self.node.held_shards())
+        for peer in self.node.peers.live():
+            held |= peer.shards
+        return [s.name for s in manifest.shards if s.cid not in held]
+
     async def plan_for(self, model: ModelText) -> PlanState:
         nodes = self.capacities()
         node_ids = tuple(sorted(n.node_id for n in nodes))
         state = self._plans.get(model.manifest.model_id)
         if state is not None and state.nodes == node_ids:
             return state
+        missing = self.unsourced(model.manifest)
+        if missing:
+            named = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+            raise CoordinatorError(
+                f"no live node holds {len(missing)} shard(s) of this model ({named}): "
+                "the nodes that had them are gone"
+            )
         try:
             plan = plan_stages(model.manifest, nodes)
         except PlanError as exc:
@@ -407,6 +438,7 @@ class Coordinator:
             if keep_alive == 0:  # unload now, not at the next maintenance round
                 self._tasks.add(task := asyncio.ensure_future(self.expire()))
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _recovering(
         self, job: Job, state: PlanState, keep_alive: float | None
@@ -435,9 +467,12 @@ class Coordinator:
                 why = str(exc)
             except NodeLost as exc:
                 lost = await self._drop_unanswering(state.plan)
-                if not lost:  # every node answers: not a loss, so a replay would fail again
+                if lost:
+                    why = f"lost {', '.join(n[:16] for n in lost)} ({exc})"
+                elif isinstance(exc, LinkLost):
+                    why = f"a link broke, every node answers now ({exc})"
+                else:  # every node answers: not a loss, so a replay would fail again
                     raise CoordinatorError(f"generation failed: {exc}") from exc
-                why = f"lost {', '.join(n[:16] for n in lost)} ({exc})"
             if attempt == MAX_RECOVERIES:
                 raise CoordinatorError(f"generation failed after {attempt} recoveries: {why}")
             attempt += 1
@@ -552,6 +587,8 @@ class Coordinator:
             state.ready = False  # the next request re-checks every stage
             if exc.code == F.ErrorCode.NOT_FOUND:
                 raise StageMissing(f"a stage is not loaded any more: {exc}") from exc
+            if exc.code == F.ErrorCode.LINK_LOST:
+                raise LinkLost(str(exc)) from exc
             raise NodeLost(str(exc)) from exc
         finally:
             if not closed:

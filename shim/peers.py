@@ -29,6 +29,7 @@ from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission
 from llm_omninode.net.identity import NodeIdentity, is_node_id
 from llm_omninode.net.quic import (
+    PORT_UNREACHABLE,
     CloseCode,
     Connection,
     NetError,
@@ -176,33 +177,57 @@ class PeerTable:
         if peer is not None:
             peer.left = False
 
-    async def alive(self, node_id: str, timeout: float, lost_after: float) -> bool:
-        """Whether ``node_id`` is still there: it answers a HELLO within ``timeout`` seconds,
-        or sent us anything (a HELLO answer, any packet) less than ``lost_after`` seconds ago:
-        a node busy with many sequences on few cores may be slow to answer, and is not lost
-        for that. A node marked down (it said it was leaving, or was found lost) is not alive
-        until it answers again."""
+    def lost(self, node_id: str, why: str) -> None:
+        """A connection with ``node_id`` (ours or its) found it gone. Its port unreachable:
+        the process died, so it is down until greeted again. Silent past the transport's
+        bound: maybe only starved of CPU, so the connection goes but the next question
+        (``alive``, a HELLO) decides."""
         peer = self._peers.get(node_id)
-        if peer is None or peer.left:
-            return False
-        try:
-            if await asyncio.wait_for(self.greet(peer, timeout=timeout), timeout + 1.0):
-                return True
-        except asyncio.TimeoutError:  # connecting itself hung
-            pass
-        if peer.last_ok is None:
-            return False
+        if peer is None:
+            return
+        if PORT_UNREACHABLE in why:
+            self.mark_down(node_id, f"lost: {why}")
+        else:
+            peer.error = f"connection lost: {why}"
+            self._drop_connection(node_id)
+
+    def heard(self, node_id: str) -> float | None:
+        """time.monotonic() of the last packet from ``node_id`` on our open connection to it
+        (pings are answered every second or so), else of its last HELLO answer."""
+        peer = self._peers.get(node_id)
+        if peer is None or peer.last_ok is None:
+            return None
         conn = self._connections.get(node_id)
-        heard = max(peer.last_ok, conn.last_received if conn and not conn.closed else 0.0)
-        return time.monotonic() - heard <= lost_after
+        return max(peer.last_ok, conn.last_received if conn and not conn.closed else 0.0)
+
+    async def alive(self, node_id: str, timeout: float, lost_after: float) -> bool:
+        """Whether ``node_id`` is still there: our connection to it is open and heard from
+        within ``lost_after`` s (its event loop answers pings even while it computes, and the
+        transport closes a connection to a dead or silent node), or it answers a HELLO within
+        ``timeout`` s. A node marked down (it left, or was found lost) is not alive until it
+        answers again."""
+        peer = self._peers.get(node_id)
+        if peer is None or peer.left or peer.last_ok is None:
+            return False  # unknown, leaving, or found dead (the next greeting revives it)
+        heard = self.heard(node_id)
+        if heard is not None and time.monotonic() - heard <= lost_after:
+            conn = self._connections.get(node_id)
+            if conn is not None and not conn.closed:
+                return True
+        try:
+            return await asyncio.wait_for(self.greet(peer, timeout=timeout), timeout + 1.0)
+        except asyncio.TimeoutError:  # connecting itself hung
+            return False
 
     def live(self) -> list[Peer]:
+        """Peers greeted and heard from (a HELLO answer, or any packet on our connection)
+        within ``stale_after``: a node too busy to answer HELLO in time still answers pings."""
         now = time.monotonic()
         return sorted(
             (
                 p
                 for p in self._peers.values()
-                if p.last_ok is not None and now - p.last_ok <= self.stale_after
+                if (heard := self.heard(p.node_id)) is not None and now - heard <= self.stale_after
             ),
             key=lambda p: p.node_id,
         )
@@ -250,6 +275,7 @@ class PeerTable:
                 self.admission,
                 expected_node_id=node_id,
                 settings=self.settings,
+                on_lost=self.lost,
             )
             self._connections[node_id] = conn
             return conn
@@ -296,7 +322,10 @@ class PeerTable:
         """A static peer's node id is learned from its certificate (admission proves it is
         one of ours), then it is a peer like any other."""
         try:
-            conn = await connect(host, port, self.identity, self.admission, settings=self.settings)
+            conn = await connect(
+                host, port, self.identity, self.admission, settings=self.settings,
+                on_lost=self.lost,
+            )  # fmt: skip
         except (NetError, OSError) as exc:
             row = self._refused.get((host, port))
             if row is None and isinstance(exc, NetError) and refusal(exc, "") is not None:
@@ -328,17 +357,10 @@ class PeerTable:
         now = time.monotonic()
         static = set(self._static)
         for p in peers:
-            silent = now - (p.last_ok or 0.0)
-            if (
-                p.last_ok is not None
-                and silent > self.stale_after
-                and p.node_id in self._connections
-            ):
-                # dead (or hopelessly overloaded): fail the steps waiting on it now rather
-                # than at the QUIC idle timeout; a later greeting reconnects if it comes back
-                log.warning("peer %s silent for %.0f s: dropping its connection",
-                            p.node_id[:16], silent)  # fmt: skip
-                self._drop_connection(p.node_id)
+            # a dead or silent node's connection is the transport's to drop (a killed one at
+            # once, a silent one after its lost_after), not a slow HELLO's: a node starved of
+            # CPU may miss HELLOs while it still answers pings and computes its steps
+            silent = now - (self.heard(p.node_id) or 0.0)
             if (
                 (p.host, p.port) not in static
                 and p.source == "hello"

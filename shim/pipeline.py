@@ -51,16 +51,13 @@ log = logging.getLogger("omninode_shim.pipeline")
 MAX_HOPS = 64
 MAX_RECENT = 4096  # prompt ids the last stage's repeat penalty may look back over
 STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slow nodes)
-# A step unanswered for PROBE_AFTER makes us ask the next node (HELLO) whether it is there,
-# again every PROBE_AFTER; it is lost once nothing at all (no HELLO answer, no packet) has come
-# from it for LOST_AFTER. A live node answers even in the middle of a long prefill (its MLX
-# work runs on a worker thread), so a killed node is known within PROBE_AFTER + LOST_AFTER +
-# PROBE_TIMEOUT = 17 s at most (the QUIC idle timeout is 60 s); a node that says it is leaving
-# (SIGTERM), at once. LOST_AFTER is generous because a node loading a stage while other
-# processes share its 2 cores was seen silent for over 6 s, and a false alarm costs a replay.
-PROBE_AFTER = 2.0
+# Liveness comes from the transport (net/session.py): a killed node's port answers the next
+# ping (every second) with ICMP "unreachable", a frozen one after 20 s of silence, a
+# node that says it is leaving (SIGTERM), at once. After a failed step the coordinator asks
+# each node of the plan whether it is there: an open connection heard within LOST_AFTER, or a
+# HELLO answered within PROBE_TIMEOUT.
 PROBE_TIMEOUT = 3.0
-LOST_AFTER = 12.0
+LOST_AFTER = 8.0
 # Tokens of a prompt per pipelined piece (see above): big enough for an efficient matmul,
 # small enough that later stages start early. OMNI_PREFILL_PIECE=0: the whole prompt at once.
 PREFILL_PIECE = int(os.environ.get("OMNI_PREFILL_PIECE", "256"))
@@ -70,7 +67,8 @@ _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 class PipelineError(RuntimeError):
     """A step could not be run; the message says where and why. ``code`` says what the
     coordinator can do about it: NOT_FOUND (a stage is not loaded any more: load again), BUSY
-    (a stage is full of sequences: retry), CACHE_MISS (a prefix to reuse is gone: compute it).
+    (a stage is full of sequences: retry), CACHE_MISS (a prefix to reuse is gone: compute it),
+    LINK_LOST (a link of the chain broke: plan again without the lost node and replay).
     """
 
     def __init__(self, message: str, code: str | None = None) -> None:
@@ -78,7 +76,12 @@ class PipelineError(RuntimeError):
         self.code = code
 
 
-_RELAYED = (F.ErrorCode.NOT_FOUND, F.ErrorCode.BUSY, F.ErrorCode.CACHE_MISS)
+_RELAYED = (
+    F.ErrorCode.NOT_FOUND,
+    F.ErrorCode.BUSY,
+    F.ErrorCode.CACHE_MISS,
+    F.ErrorCode.LINK_LOST,
+)
 
 
 def _reply_code(exc: Exception) -> str:
@@ -221,7 +224,9 @@ class Downstream:
                     return None
                 reply = await self._watched_recv(self._stream)
         except (NetError, OSError) as exc:
-            raise PipelineError(f"stage on {self.node_id[:16]} failed: {exc}") from exc
+            raise PipelineError(
+                f"stage on {self.node_id[:16]} failed: {exc}", F.ErrorCode.LINK_LOST
+            ) from exc
         if reply is None:
             raise PipelineError(f"stage on {self.node_id[:16]} ended the sequence")
         if reply.type == FrameType.ERROR:
@@ -232,21 +237,10 @@ class Downstream:
         return reply
 
     async def _watched_recv(self, stream: FrameStream) -> Frame | None:
-        """The step's answer; PipelineError as soon as the next node stops answering."""
-        answer = asyncio.ensure_future(stream.recv(STEP_TIMEOUT))
-        try:
-            while True:
-                done, _ = await asyncio.wait({answer}, timeout=PROBE_AFTER)
-                if done:
-                    return answer.result()
-                if not await self.peers.alive(self.node_id, PROBE_TIMEOUT, LOST_AFTER):
-                    self.peers.mark_down(self.node_id, "stopped answering during a step")
-                    raise PipelineError(f"node {self.node_id[:16]} stopped answering")
-        finally:
-            if not answer.done():
-                answer.cancel()
-            elif not answer.cancelled():
-                answer.exception()  # seen: no "exception was never retrieved" in the log
+        """The step's answer. The transport watches the next node (pings answered by its
+        event loop, ICMP for a dead process): when it is lost, the stream ends with PeerLost
+        at once, however long its step would take."""
+        return await stream.recv(STEP_TIMEOUT)
 
     async def close(self, park: bool = False) -> None:
         """End the channel; ``park``: the stages keep the sequence's caches for reuse."""

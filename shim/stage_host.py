@@ -154,6 +154,7 @@ class StageHost:
             pending = asyncio.ensure_future(self._load(manifest, start, end, sources_for))
             self._loading[key] = pending
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
+            pending.add_done_callback(_retrieved)  # its askers may all have gone meanwhile
         return await asyncio.shield(pending)
 
     def _make_room(self, need: int) -> None:
@@ -409,6 +410,12 @@ def _unavailable_message(manifest: Manifest, exc: TransferError) -> str:
     if not parts:  # no detail (not from fetch_shard): its own words
         parts.append(str(exc))
     return f"{ShardsUnavailable.MARKER} {len(parts)} shard(s) intact: " + " | ".join(parts)
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a task's failure as seen (no "exception was never retrieved" in the log)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _then(then: Callable | None, fn: Callable, *args: object) -> Any:

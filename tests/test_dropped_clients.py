@@ -123,11 +123,13 @@ def test_a_hundred_streaming_clients_that_drop(cluster: ShimCluster, path: str):
 
 
 def test_plugin_clients_killed_mid_stream(cluster: ShimCluster):
+    cluster.llm("-m", "omni/smollm2", "-o", "max_tokens", "1", "Hi")  # llm sets up its dir once
     procs = []
     for i in range(4):
         proc = subprocess.Popen(
-            [*LLM, "-m", "omni/smollm2", "-o", "max_tokens", "2000", f"Story number {i}:"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cluster.env(i % 2),
+            [*LLM, "-m", "omni/smollm2", "-o", "max_tokens", "2000", "--no-log", f"Story {i}:"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=cluster.env(0, OMNI_SHIM=f"127.0.0.1:{cluster.ports[i % 2]}"),  # both nodes
         )  # fmt: skip
         procs.append(proc)
     for proc in procs:

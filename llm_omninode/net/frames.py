@@ -77,6 +77,7 @@ class ErrorCode:
     TIMEOUT = "timeout"
     INTERNAL = "internal"
     CACHE_MISS = "cache_miss"  # a prefix to reuse is no longer cached: compute it again
+    LINK_LOST = "link_lost"  # a pipeline link to a further node broke: plan again and replay
 
 
 class FrameError(ValueError):

@@ -13,7 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from .streams import (
     ConnectionClosed,
     FrameStream,
     NetError,
+    PeerLost,
     PeerRefused,
     RemoteError,
 )
@@ -71,11 +72,12 @@ class QuicSettings:
     # else LAN_DATAGRAM_SIZE. aioquic spends its time per packet, so size is speed.
     max_datagram_size: int | None = None
     idle_timeout: float = 60.0  # a connection with no packets for this long is dropped
-    # clients ping this often (the peer's event loop answers even while its stage computes);
-    # a connection silent for lost_after is dropped as lost by either side, long before the
-    # idle timeout. A killed peer on a live host is known at once (ICMP, see session.py).
+    # both sides ping this often (the peer's event loop answers even while its stage
+    # computes); a connection silent for lost_after (while our own loop ran) is dropped as
+    # lost, long before the idle timeout. A killed peer on a live host is known at once (ICMP,
+    # see session.py).
     keepalive: float | None = 1.0
-    lost_after: float | None = 8.0
+    lost_after: float | None = 20.0
     connect_timeout: float = 10.0  # handshake + admission, client side
     join_timeout: float = 10.0  # server waits this long for JOIN after the handshake
     request_timeout: float = 60.0  # default for Connection.request / each frame of stream()
@@ -149,6 +151,7 @@ async def serve(
     admission: Admission,
     handler: Handler,
     settings: QuicSettings | None = None,
+    on_lost: Callable[[str, str], None] | None = None,
 ) -> Server:
     """Listen on UDP ``host:port`` (port 0: any) and serve admitted peers with ``handler``.
 
@@ -164,7 +167,7 @@ async def serve(
     batch = ReceiveBatch()
 
     def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> ServerProtocol:
-        return ServerProtocol(
+        protocol = ServerProtocol(
             quic,
             handler=handler,
             registry=server._protocols,
@@ -173,6 +176,8 @@ async def serve(
             admission=admission,
             settings=settings,
         )
+        protocol.on_lost = on_lost
+        return protocol
 
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -345,6 +350,7 @@ async def connect(
     admission: Admission,
     expected_node_id: str | None = None,
     settings: QuicSettings | None = None,
+    on_lost: Callable[[str, str], None] | None = None,
 ) -> Connection:
     """Connect, authenticate the server (against ``expected_node_id`` if given), prove our
     membership and check the server's with ``admission``. PeerRefused if either side says no."""
@@ -375,6 +381,7 @@ async def connect(
         raise
     protocol.peer_addr = addr
     protocol._sock = sock
+    protocol.on_lost = on_lost
     try:
         protocol.connect(addr)
         await asyncio.wait_for(asyncio.shield(protocol.ready), settings.connect_timeout)
@@ -389,12 +396,14 @@ async def connect(
 
 
 __all__ = [
+    "PORT_UNREACHABLE",
     "CloseCode",
     "Connection",
     "ConnectionClosed",
     "FrameStream",
     "Handler",
     "NetError",
+    "PeerLost",
     "PeerRefused",
     "QuicSettings",
     "RemoteError",

@@ -58,6 +58,7 @@ from .streams import (
     ConnectionClosed,
     FrameStream,
     Inbound,
+    PeerLost,
     PeerRefused,
 )
 
@@ -147,6 +148,10 @@ class OmniProtocol(QuicConnectionProtocol):
         self._acked = asyncio.Event()  # set on every transmit: acknowledgements may have come
         self.last_received = time.monotonic()
         self._watcher: asyncio.TimerHandle | None = None
+        self._last_tick = self.last_received
+        self._quiet_ticks = 0
+        # told (node id, why) when this connection finds its peer gone
+        self.on_lost: Callable[[str, str], None] | None = None
         tls.limit_peer_streams(quic, settings.max_streams)
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -169,11 +174,18 @@ class OmniProtocol(QuicConnectionProtocol):
             self.peer_lost(PORT_UNREACHABLE)
 
     def peer_lost(self, why: str) -> None:
+        """Close as lost: waiters get PeerLost, and ``on_lost`` (the peer table) hears it."""
         if self.close_code is not None:
             return
-        log.warning("%s lost peer %s at %s: %s", self.role, self.peer_id or "(unauthenticated)",
-                    _format_addr(self.peer_addr), why)  # fmt: skip
-        self.shutdown(CloseCode.NO_ERROR, f"peer lost: {why}")
+        # a server's clients come and go (an `llm` command shares its node's key): info only
+        level = logging.WARNING if self.role == "client" else logging.INFO
+        log.log(level, "%s lost peer %s at %s: %s", self.role, self.peer_id or
+                "(unauthenticated)", _format_addr(self.peer_addr), why)  # fmt: skip
+        reason = f"peer lost: {why}"
+        self._terminate_streams(PeerLost(reason))
+        self.shutdown(CloseCode.NO_ERROR, reason)
+        if self.on_lost is not None and self.peer_id:
+            self.on_lost(self.peer_id, why)
 
     # ---- liveness ------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -184,8 +196,18 @@ class OmniProtocol(QuicConnectionProtocol):
         self._watcher = None
         if self.close_code is not None or not self.settings.keepalive:
             return
-        silent = time.monotonic() - self.last_received
-        if self.settings.lost_after and silent > self.settings.lost_after:
+        now = time.monotonic()
+        # ticks in a row with nothing received: when our own loop was starved (one late tick
+        # for many seconds), the peer's answers are waiting in the socket, not missing
+        self._quiet_ticks = 0 if self.last_received > self._last_tick else self._quiet_ticks + 1
+        self._last_tick = now
+        silent = now - self.last_received
+        lost_after = self.settings.lost_after
+        if (
+            lost_after
+            and silent > lost_after
+            and self._quiet_ticks * self.settings.keepalive >= lost_after
+        ):
             self.peer_lost(f"nothing heard for {silent:.1f} s")
             return
         self._quic.send_ping(0)  # both sides: a dead peer's host answers with an ICMP error
@@ -593,6 +615,8 @@ class ClientProtocol(OmniProtocol):
         self.expected_node_id = expected_node_id
         self._sock: socket.socket | None = None
         self.ready: asyncio.Future[None] = self._loop.create_future()
+        # a failure after connect() stopped waiting (timed out) is nobody's to raise
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _fail(self, exc: Exception) -> None:
         if not self.ready.done():
@@ -601,6 +625,10 @@ class ClientProtocol(OmniProtocol):
     def refuse(self, code: CloseCode, reason: str) -> None:
         super().refuse(code, reason)
         self._fail(PeerRefused(code, f"we refused {self.peer_id or 'the server'}: {reason}"))
+
+    def peer_lost(self, why: str) -> None:
+        super().peer_lost(why)
+        self._fail(PeerLost(f"peer lost: {why}"))  # while connecting: no waiting for a timeout
 
     def _authenticated(self) -> None:
         if self.expected_node_id is not None and self.peer_id != self.expected_node_id:

@@ -52,6 +52,10 @@ class ConnectionClosed(NetError):
     """The connection or stream ended before the answer came."""
 
 
+class PeerLost(ConnectionClosed):
+    """The peer is gone: its port is unreachable (process killed), or it fell silent."""
+
+
 class RemoteError(NetError):
     """The peer answered with an ERROR frame."""
 
