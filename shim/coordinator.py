@@ -479,14 +479,26 @@ class Coordinator:
             log.warning("%s: planning again and replaying the prompt and %d tokens", why,
                         len(job.picked))  # fmt: skip
             state.ready = False
-            try:
-                await self.load(job.request.model, keep_alive)
-            except CoordinatorError as exc:
-                raise CoordinatorError(
-                    f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
-                ) from exc
+            await self._reload(job, why, keep_alive)
             state = self._plans[model_id]
             reuse = None
+
+    async def _reload(self, job: Job, why: str, keep_alive: float | None) -> None:
+        """Plan and load again after a failure; a node of the new plan that turns out to be
+        gone too (found while loading) is left out and the load tried again."""
+        model_id = job.model.manifest.model_id
+        for _ in range(MAX_RECOVERIES):
+            try:
+                await self.load(job.request.model, keep_alive)
+                return
+            except CoordinatorError as exc:
+                failed = self._plans.get(model_id)
+                if failed is None or not await self._drop_unanswering(failed.plan):
+                    raise CoordinatorError(
+                        f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
+                    ) from exc
+                log.warning("loading the new plan failed (%s): planning again", exc)
+        raise CoordinatorError(f"generation failed: {why}; the nodes kept failing while loading")
 
     async def _drop_unanswering(self, plan: Plan) -> list[str]:
         """Probe the plan's other nodes; those that do not answer are marked down (so the

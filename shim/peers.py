@@ -201,23 +201,30 @@ class PeerTable:
         return max(peer.last_ok, conn.last_received if conn and not conn.closed else 0.0)
 
     async def alive(self, node_id: str, timeout: float, lost_after: float) -> bool:
-        """Whether ``node_id`` is still there: our connection to it is open and heard from
-        within ``lost_after`` s (its event loop answers pings even while it computes, and the
-        transport closes a connection to a dead or silent node), or it answers a HELLO within
-        ``timeout`` s. A node marked down (it left, or was found lost) is not alive until it
+        """Whether ``node_id`` is still there: it answers a HELLO within ``timeout`` s, or our
+        connection to it is open and heard from within ``lost_after`` s (its event loop
+        answers pings even while it computes, and the transport closes a connection to a dead
+        or silent node). A node marked down (it left, or was found lost) is not alive until it
         answers again."""
         peer = self._peers.get(node_id)
         if peer is None or peer.left or peer.last_ok is None:
             return False  # unknown, leaving, or found dead (the next greeting revives it)
-        heard = self.heard(node_id)
-        if heard is not None and time.monotonic() - heard <= lost_after:
-            conn = self._connections.get(node_id)
-            if conn is not None and not conn.closed:
+        try:  # a dead process's port answers the HELLO with ICMP at once: False
+            if await asyncio.wait_for(self.greet(peer, timeout=timeout), timeout + 1.0):
                 return True
-        try:
-            return await asyncio.wait_for(self.greet(peer, timeout=timeout), timeout + 1.0)
         except asyncio.TimeoutError:  # connecting itself hung
+            pass
+        if peer.last_ok is None:  # found lost meanwhile
             return False
+        # no answer in time: a node starved of CPU may still answer the transport's pings
+        conn = self._connections.get(node_id)
+        heard = self.heard(node_id)
+        return (
+            conn is not None
+            and not conn.closed
+            and heard is not None
+            and time.monotonic() - heard <= lost_after
+        )
 
     def live(self) -> list[Peer]:
         """Peers greeted and heard from (a HELLO answer, or any packet on our connection)
