@@ -27,7 +27,7 @@ from .api_parse import (
     parse_ollama_chat,
     parse_ollama_generate,
 )
-from .api_run import Run, raise_as_api_error, resolve_for_api, start_run
+from .api_run import Run, as_api_error, raise_as_api_error, resolve_for_api, start_run
 from .http_server import NODE_KEY, iso, now_iso, read_json, start_stream, write_ndjson
 
 # the Ollama API level these routes follow; clients compare it against their minimums
@@ -142,7 +142,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
         try:
             await job
         except Exception as exc:
-            raise ApiError(500, f"pull {name}: {exc}") from exc
+            err = as_api_error(exc)  # a full disk is 507
+            raise ApiError(err.status if err else 500, f"pull {name}: {exc}") from exc
         return web.json_response({"status": "success"})
     response = await start_stream(request, "application/x-ndjson")
     while not (job.done() and events.empty()):
