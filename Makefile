@@ -1,10 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Each creates or reuses .venv.
+# `make unit` is the inner loop: no model files, no processes started, under a minute.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Name three uses for a paperclip.
 
-.PHONY: setup model models demo test lint bench clean
+.PHONY: setup model models demo test unit lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ lint: setup
 
 test: models lint
 	$(BIN)/python -m pytest -q
+
+# tests that start no process and read no model file (markers in pyproject.toml)
+unit: setup
+	$(BIN)/python -m pytest -q -m "not cluster and not model and not large_model and not faults"
 
 # every benchmark once; report in bench/results/report.md and report.json
 bench: model

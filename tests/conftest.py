@@ -58,6 +58,23 @@ def find_pulled(source: str, env: str) -> Path | None:
     return path if path.is_file() else None
 
 
+# a test that asks for a real model file carries that model's marker, so `make unit`
+# (-m "not model and not large_model ...") never reads one
+MODEL_FIXTURES = {
+    "smollm2_path": "model",
+    "gemma3_path": "large_model",
+    "qwen2_path": "large_model",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            marker = MODEL_FIXTURES.get(fixture)
+            if marker is not None and item.get_closest_marker(marker) is None:
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return _required(find_smollm2(), "smollm2")

@@ -90,6 +90,7 @@ def test_add_refuses_malformed_files_and_stores_nothing(cli, omni_home, tmp_path
 
 
 @pytest.mark.parametrize("case", ["not gguf", "cut in the tensor data", "unknown architecture"])
+@pytest.mark.cluster
 def test_pull_of_a_verified_file_that_is_no_gguf(omni_home, tmp_path, monkeypatch, case):
     """The sha256 matches (the source says what the bytes are), the bytes are no model.
     Through ``pull_model``, what ``llm omni pull`` and the shim's ``/api/pull`` both call (the

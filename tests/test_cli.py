@@ -30,6 +30,7 @@ def tiny(tmp_path):
     return write_tiny_llama(tmp_path / "tiny.gguf")
 
 
+@pytest.mark.cluster
 def test_plugin_start_up_imports_nothing_heavy():
     code = (
         "import sys, llm; llm.get_plugins(); from llm_omninode import plugin; "
@@ -56,6 +57,7 @@ def test_add_models_inspect_tokenize(cli, tiny, omni_home):
     assert "omni/tiny" in cli("models").output
 
 
+@pytest.mark.cluster
 def test_generate_stream_and_no_stream_agree(cli, tiny, omni_home):
     """The first prompt starts a local shim in the background (and says so on stderr)."""
     cli("omni", "add", str(tiny), "--alias", "tiny")
@@ -70,6 +72,7 @@ def test_generate_stream_and_no_stream_agree(cli, tiny, omni_home):
     assert logged["input_tokens"] > 0 and 0 < logged["output_tokens"] <= 8
 
 
+@pytest.mark.cluster
 def test_auto_started_shim_goes_without_the_api_when_its_port_is_taken(
     cli, tiny, omni_home, monkeypatch
 ):
@@ -86,6 +89,7 @@ def test_auto_started_shim_goes_without_the_api_when_its_port_is_taken(
     assert "api" not in json.loads((omni_home / "shim.json").read_text())
 
 
+@pytest.mark.cluster
 def test_seed_repeats_and_conversation_continues(cli, tiny):
     cli("omni", "add", str(tiny), "--alias", "tiny")
     args = ["-m", "omni/tiny", "hi", "-o", "seed", "7", "-o", "max_tokens", "6"]

@@ -263,6 +263,7 @@ def topology():
         yield topo
 
 
+@pytest.mark.cluster
 def test_discovery_liveness_across_namespaces(topology):
     a_id, b_id, c_id = (NodeIdentity.generate().node_id for _ in range(3))
     fp = cluster_fingerprint(os.urandom(32))

@@ -23,7 +23,7 @@ from shim_cluster import LLM, ShimCluster
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.client import ShimClient
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 DROPPED = 100
 LONG = {"temperature": 0, "num_predict": 2000}

@@ -19,7 +19,7 @@ from shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 N = 120
 # from the kill to the next token: the goal is 5 s (bench/failover.py reports the median, ~1 s

@@ -27,7 +27,7 @@ from shim_cluster import ShimCluster
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.client import ShimClient
 
-pytestmark = [pytest.mark.model, pytest.mark.faults]
+pytestmark = [pytest.mark.model, pytest.mark.faults, pytest.mark.cluster]
 
 PROMPTS = [
     "Name three rivers in Europe.",

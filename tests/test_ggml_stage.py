@@ -292,6 +292,7 @@ print(json.dumps({"before": before, "after": after, "weights": stage.nbytes,
 
 
 @pytest.mark.model
+@pytest.mark.cluster
 def test_resident_memory_is_the_gguf_slice(smollm2_path) -> None:
     """Loading and running a whole SmolLM2 stage grows the process by its GGUF bytes (file
     pages, shared with the page cache) plus KV cache and compute buffers, not by copies."""
@@ -335,6 +336,7 @@ def test_batched_steps_are_the_steps_alone(tiny, arch) -> None:
 
 
 @pytest.mark.model
+@pytest.mark.cluster
 def test_two_shims_compute_with_ggml(tmp_path, smollm2_path, smollm2_golden) -> None:
     """OMNI_ENGINE=ggml: the shims' stages are ggml stages (libggml is mapped in each node
     once it has answered), and the greedy answer is that of ggml stages at the same split

@@ -32,6 +32,8 @@ from llm_omninode.net.identity import NodeIdentity
 from llm_omninode.net.quic import QuicSettings, RemoteError
 from llm_omninode.net.transfer import ShardSource, fetch_shard
 
+pytestmark = pytest.mark.cluster  # starts omni-shim processes
+
 MiB = 1024 * 1024
 BIG = 24 * MiB  # one shard; a flood of reads of it must not be held in memory at once
 FLOOD = 48  # streams the flooding peer opens at once (each asks for the whole big shard)

@@ -27,7 +27,7 @@ from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.backend.sources import SOURCES
 from llm_omninode.request import GenerationRequest, Message
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 N = 12  # tokens per answer
 QUESTION = "Write a short poem about the sea."

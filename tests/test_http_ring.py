@@ -17,7 +17,7 @@ from shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 GREEDY = {"temperature": 0, "num_predict": 12}
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]

@@ -21,7 +21,10 @@ from llm_omninode.net.identity import NodeIdentity
 from llm_omninode.net.quic import ConnectionClosed, NetError, QuicSettings, connect, serve
 
 HOST = "127.0.0.1"
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="ICMP reports are Linux's")
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(sys.platform != "linux", reason="ICMP reports are Linux's"),
+]
 
 SERVER = textwrap.dedent("""
     import asyncio, sys

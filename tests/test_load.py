@@ -20,7 +20,7 @@ from shim_cluster import ShimCluster
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.client import ShimClient
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 N = 8
 PROMPTS = [

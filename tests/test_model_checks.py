@@ -191,6 +191,7 @@ def test_manifest_from_a_peer_refused(tmp_path, tiny, case, changes, message):
     assert message in str(refused.value)
 
 
+@pytest.mark.cluster
 def test_pull_refuses_and_keeps_nothing(omni_home, tmp_path, tiny, monkeypatch):
     """``pull_model`` (``llm omni pull`` and the shim's /api/pull): a verified download whose
     metadata lies is refused by name, the download deleted, the store unchanged."""
@@ -274,6 +275,7 @@ measure(work)
 
 
 @pytest.mark.parametrize("what", ["add", "manifest", "spec"])
+@pytest.mark.cluster
 def test_billion_blocks_refused_fast_in_bounded_memory(omni_home, tmp_path, tiny, what):
     path = hostile_file(tiny, tmp_path, {"llama.block_count": 10**9})
     done = subprocess.run(

@@ -74,6 +74,7 @@ def no_tracebacks(records: list[logging.LogRecord]) -> None:
 # ---- disk full: the store ------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 def test_put_on_a_full_disk_removes_what_was_written(tmp_path):
     with tmpfs(tmp_path / "disk", 256 * KiB) as disk:
         store = ShardStore(disk)
@@ -95,6 +96,7 @@ def test_put_on_a_full_disk_removes_what_was_written(tmp_path):
         assert store.put_bytes(cid_of(small), small).read_bytes() == small
 
 
+@pytest.mark.cluster
 def test_a_partial_download_on_a_full_disk_is_removed(tmp_path):
     with tmpfs(tmp_path / "disk", 128 * KiB) as disk:
         store = ShardStore(disk)
@@ -109,6 +111,7 @@ def test_a_partial_download_on_a_full_disk_is_removed(tmp_path):
         assert free_bytes(disk) == free
 
 
+@pytest.mark.cluster
 def test_a_manifest_on_a_full_disk_leaves_no_temporary_file(tmp_path):
     record = ModelRegistry(tmp_path / "src").add_file(write_tiny_llama(tmp_path / "m.gguf"))
     size = len(record.manifest.to_json())
@@ -123,6 +126,7 @@ def test_a_manifest_on_a_full_disk_leaves_no_temporary_file(tmp_path):
         assert files_under(disk) == [filler] and not store.has_manifest(record.model_id)
 
 
+@pytest.mark.cluster
 def test_pull_on_a_full_disk_removes_its_files(tmp_path, monkeypatch):
     """``llm omni pull`` / ``/api/pull``: the file being extracted and the wheels go."""
     payload = os.urandom(512 * KiB)
@@ -173,6 +177,7 @@ def load_stage(host: StageHost, manifest, *servers_readers):
     return main()
 
 
+@pytest.mark.cluster
 def test_a_stage_that_fills_the_disk_is_a_507(tmp_path, model, caplog):
     peer, manifest = model
     total = sum(s.size for s in manifest.shards_for_stage(0, manifest.n_blocks))
@@ -305,6 +310,7 @@ def _post(url: str, path: str, doc: dict) -> tuple[int, dict]:
         conn.close()
 
 
+@pytest.mark.cluster
 def test_a_template_error_over_http_is_a_400_and_one_log_line(tmp_path):
     with ShimCluster(tmp_path, 1, max_memory="1GiB") as cluster:
         registry = ModelRegistry(cluster.dirs[0])
@@ -324,6 +330,7 @@ def test_a_template_error_over_http_is_a_400_and_one_log_line(tmp_path):
         assert "Traceback" not in log, log
 
 
+@pytest.mark.cluster
 def test_a_peer_whose_disk_fills_up_is_a_507_over_http(tmp_path):
     """node1's data directory is a small tmpfs: loading its stage fills it; node0's client
     gets a 507 that says so, node1 logs one line and keeps no partial file."""
@@ -348,6 +355,7 @@ def test_a_peer_whose_disk_fills_up_is_a_507_over_http(tmp_path):
         assert cluster.procs[1].poll() is None  # and it keeps serving
 
 
+@pytest.mark.cluster
 def test_shards_no_peer_supplies_intact_are_a_502_over_http(tmp_path):
     """node0 holds only corrupt copies of the model's shards, node1 nothing: whichever stage
     asks whom, no shard arrives intact, and the client gets a 502 that says so."""

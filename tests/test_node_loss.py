@@ -19,7 +19,7 @@ from shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 PROMPT = "Tell me a long story about a lighthouse keeper."
 N = 120  # tokens: long enough that the kill lands mid-generation

@@ -13,7 +13,7 @@ from shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 OPTIONS = {"temperature": 0, "num_predict": 16}
 FIRST = {"role": "user", "content": "Name a famous painter."}

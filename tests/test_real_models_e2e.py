@@ -18,7 +18,7 @@ from llm_omninode.backend.runtime import LocalModel
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.request import GenerationRequest, Message
 
-pytestmark = pytest.mark.large_model
+pytestmark = [pytest.mark.large_model, pytest.mark.cluster]
 DATA = Path(__file__).parent / "data"
 N_TOKENS = 8
 CASES = {

@@ -14,6 +14,7 @@ import contextlib
 import signal
 import time
 
+import pytest
 from live_peer import LiveShim, arun
 from shim_cluster import ShimCluster
 from tiny_model import write_tiny_llama
@@ -22,6 +23,8 @@ from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.backend.store import ShardStore
 from llm_omninode.net import frames as F
 from llm_omninode.net.transfer import TEST_STALL_ENV, TEST_WINDOW_ENV
+
+pytestmark = pytest.mark.cluster  # starts omni-shim processes
 
 WINDOW = 4096
 STALL = 2 * WINDOW  # every shard of the stage is larger than this

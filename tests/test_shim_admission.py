@@ -17,6 +17,8 @@ from llm_omninode.net.admission import Admission, create_cluster_secret, join_pr
 from llm_omninode.net.identity import NodeIdentity
 from llm_omninode.net.quic import CloseCode, PeerRefused
 
+pytestmark = pytest.mark.cluster  # starts omni-shim processes
+
 
 @pytest.fixture
 def cluster(tmp_path):

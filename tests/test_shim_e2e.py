@@ -20,7 +20,7 @@ from llm_omninode.backend.runtime import LocalModel
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.request import GenerationRequest, Message
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
 N_TOKENS = 12
 

@@ -22,8 +22,11 @@ from shim_cluster import LLM, SHIM
 from llm_omninode.client import local_shim, start_local_shim
 from llm_omninode.home import SHIM_LOCK_FILE, SHIM_STATE_FILE, data_dir_locked, data_dir_owner
 
-if sys.platform == "win32":  # pragma: no cover - no flock there: the lock is not taken
-    pytestmark = pytest.mark.skip("data dir lock uses flock")
+pytestmark = [
+    pytest.mark.cluster,
+    # no flock on Windows: the lock is not taken there
+    pytest.mark.skipif(sys.platform == "win32", reason="data dir lock uses flock"),
+]
 
 FLAGS = ["--host", "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--max-memory", "1GiB"]
 

@@ -19,6 +19,8 @@ from tiny_model import write_tiny_llama
 
 from llm_omninode.backend.registry import ModelRegistry
 
+pytestmark = pytest.mark.cluster  # starts omni-shim processes
+
 ESCAPES = [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{{ cycler.__init__.__globals__.os.popen('touch {pwned}').read() }}",
