@@ -1,0 +1,18 @@
+"""The version is written once, in llm_omninode.__version__, and read from there."""
+
+import asyncio
+import json
+from importlib.metadata import version
+
+from omninode_shim import ollama_api
+
+import llm_omninode
+
+
+def test_the_distribution_reads_the_package_version():
+    assert version("llm-omninode") == llm_omninode.__version__
+
+
+def test_api_version_names_it():
+    response = asyncio.run(ollama_api.version(None))
+    assert json.loads(response.body)["omninode"] == llm_omninode.__version__
