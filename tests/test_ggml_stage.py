@@ -98,8 +98,12 @@ def test_hidden_states_cross_as_float16(tiny) -> None:
     h = first.forward("s", np.asarray(PROMPT, np.int32))
     assert h.dtype == np.float16 and h.shape == (len(PROMPT), model.spec.d_model)
     assert last.forward("s", h).shape == (model.spec.vocab_size,)
-    with pytest.raises(ValueError, match="float16"):
-        last.forward("t", h.astype(np.float32))
+    np.testing.assert_array_equal(  # float32 is taken as h, float16 as h * boundary_scale
+        last.forward("t", h.astype(np.float32) / np.float32(model.spec.boundary_scale)),
+        last.forward("u", h),
+    )
+    with pytest.raises(ValueError, match="float32 or float16"):
+        last.forward("v", h.astype(np.float64))
     with pytest.raises(ValueError, match="token id out of range"):
         first.forward("t", np.array([model.spec.vocab_size], np.int32))
 
@@ -340,7 +344,8 @@ def test_batched_steps_are_the_steps_alone(tiny, arch) -> None:
 def test_two_shims_compute_with_ggml(tmp_path, smollm2_path, smollm2_golden) -> None:
     """OMNI_ENGINE=ggml: the shims' stages are ggml stages (libggml is mapped in each node
     once it has answered), and the greedy answer is that of ggml stages at the same split
-    in-process (hidden states crossing as float16 in both)."""
+    in-process (hidden states crossing as the shim sends them: float32, or float16 before
+    OMNI_WIRE_DTYPE)."""
     from shim_cluster import ShimCluster
 
     from llm_omninode.backend.chat_template import ChatTemplate
@@ -366,13 +371,16 @@ def test_two_shims_compute_with_ggml(tmp_path, smollm2_path, smollm2_golden) -> 
     model = Model(smollm2_path)
     tokenizer = Tokenizer.from_metadata(model.file.metadata)
     template = ChatTemplate.from_metadata(model.file.metadata, tokenizer)
-    local = LocalModel(None, model.spec, tokenizer, template, ggml_stages(model, bounds))  # type: ignore[arg-type]
     request = GenerationRequest(
         model="smollm2",
         messages=(Message("user", content),),
         options=SamplingOptions().updated(temperature=0.0),
         max_tokens=12,
     )
-    want = "".join(c.text for c in local.run(request))
-    print(f"split {bounds}: {got!r}")
-    assert len(bounds) == 3 and got == want
+    want = []
+    for dtype in (np.float32, np.float16):
+        stages = ggml_stages(model, bounds, hidden_dtype=dtype)
+        local = LocalModel(None, model.spec, tokenizer, template, stages)  # type: ignore[arg-type]
+        want.append("".join(c.text for c in local.run(request)))
+    print(f"split {bounds}: {got!r}; in-process float32, float16: {want}")
+    assert len(bounds) == 3 and got in want

@@ -57,14 +57,15 @@ class GgmlStage:
     """Blocks [start, end) of a model computed by ggml, with a KV cache per sequence.
 
     ``forward(seq_id, x)`` as engine.Stage: int32 token ids (T,) on the first stage, hidden
-    states (T, d_model) times ``spec.boundary_scale`` otherwise (float16, or ``hidden_dtype``);
-    returns hidden states, or on the last stage float32 logits (vocab,) of the last position
-    (of every position with ``all_logits=True``: (T, vocab)).
+    states (T, d_model) otherwise, float32 or float16 times ``spec.boundary_scale``; returns
+    hidden states as ``hidden_dtype`` (float32: unrounded, so any split computes bit for bit
+    what one stage computes; float16: half the bytes), or on the last stage float32 logits
+    (vocab,) of the last position (of every position with ``all_logits=True``: (T, vocab)).
 
     ``flash_attn``: ggml's flash attention (as llama.cpp with -fa) instead of softmax(KQ)V.
-    ``hidden_dtype=np.float32``: hidden states cross the boundary unrounded, so any split
-    computes bit for bit what one stage computes. ``repack``: weights of the types the CPU
-    backend interleaves are repacked (a copy of the same size; their file pages are given back).
+    ``repack``: weights of the types the CPU backend interleaves are repacked (a copy of the
+    same size; their file pages are given back); rows of a batch then take other kernels than
+    a row alone, so a step's numbers depend on its batch.
     """
 
     def __init__(
@@ -227,8 +228,6 @@ class GgmlStage:
                 h = ggml.ggml_scale(ctx, h, s.embed_scale)
         else:
             h = b.input("x", F32, np.zeros((total, d), np.float32))
-            if s.boundary_scale != 1.0:
-                h = ggml.ggml_scale(ctx, h, 1.0 / s.boundary_scale)
         b.input("pos", I32, _zeros(total))
         width = s.n_kv_heads * s.head_dim
         mtype, mdtype = (F16, np.float16) if self.flash_attn else (F32, np.float32)
@@ -368,8 +367,10 @@ class GgmlStage:
             raise ValueError(
                 f"stage takes hidden states of shape (T, {self.spec.d_model}), got {x.shape}"
             )
-        if x.dtype != self.hidden_dtype:
-            raise ValueError(f"hidden states must be {self.hidden_dtype}, got {x.dtype}")
+        if x.dtype == np.float16:  # h * boundary_scale, rounded (a power of two: exact)
+            return x.astype(np.float32) / np.float32(self.spec.boundary_scale)
+        if x.dtype != np.float32:
+            raise ValueError(f"hidden states must be float32 or float16, got {x.dtype}")
         return x
 
     def _run(self, xs: Sequence[np.ndarray], caches: Sequence[GgmlKV], all_logits: bool) -> list:
@@ -387,7 +388,7 @@ class GgmlStage:
             if any(T != 1 for _, T, _ in slots):
                 g.free()
         if not self.is_last:
-            out = (out * np.float32(self.spec.boundary_scale)).astype(self.hidden_dtype)
+            out = _leaving(out, self.hidden_dtype, self.spec.boundary_scale)
         if len(xs) == 1:
             return [out]
         return [out[j : j + 1] for j in range(len(xs))]  # one position each
@@ -465,6 +466,11 @@ class GgmlStage:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _leaving(h: np.ndarray, dtype: np.dtype, scale: float) -> np.ndarray:
+    """Hidden states as they leave a stage: float32 as they are, or float16 of h * scale."""
+    return h if dtype == np.float32 else (h * np.float32(scale)).astype(np.float16)
 
 
 def _zeros(n: int, dtype: type = np.int32) -> np.ndarray:
