@@ -1,6 +1,7 @@
 """The llm plugin driven through llm's own CLI, with private LLM_USER_PATH and OMNI_HOME."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -30,14 +31,37 @@ def tiny(tmp_path):
     return write_tiny_llama(tmp_path / "tiny.gguf")
 
 
+HEAVY = ("mlx", "numpy", "tokenizers", "jinja2", "numba", "ggml", "aioquic", "aiohttp")
+
+# in a fresh interpreter: what llm imports by itself (no plugins), then what our hooks add
+START_UP = f"""
+import json, sys, llm
+from llm.cli import cli
+llm.get_models()
+before = sorted(m for m in {HEAVY!r} if m in sys.modules)
+from llm_omninode import plugin
+llm.pm.register(plugin, name="llm-omninode")
+plugin.register_commands(cli)
+names = [m.model_id for m in llm.get_models()]
+after = sorted(m for m in {HEAVY!r} if m in sys.modules)
+print(json.dumps({{"before": before, "after": after, "models": names}}))
+"""
+
+
 @pytest.mark.cluster
-def test_plugin_start_up_imports_nothing_heavy():
-    code = (
-        "import sys, llm; llm.get_plugins(); from llm_omninode import plugin; "
-        "print(sorted(m for m in ('mlx', 'numpy', 'tokenizers', 'jinja2') if m in sys.modules))"
+def test_plugin_start_up_imports_nothing_heavy(omni_home):
+    """`llm` imports every plugin at start-up: ours, with a model registered, adds none of
+    HEAVY (llm itself imports some of them, numpy for one: those cannot be ours)."""
+    omni_home.mkdir(parents=True)
+    (omni_home / "aliases.json").write_text(json.dumps({"tiny": "bafkr4i-not-loaded"}))
+    env = {**os.environ, "LLM_LOAD_PLUGINS": ""}  # no other plugin's imports either
+    done = subprocess.run(
+        [sys.executable, "-c", START_UP], capture_output=True, text=True, check=True, env=env
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "mlx" not in out.stdout and "tokenizers" not in out.stdout, out.stdout
+    seen = json.loads(done.stdout)
+    assert "omni/tiny" in seen["models"]  # the hooks ran
+    assert seen["after"] == seen["before"], seen
+    assert {"mlx", "tokenizers", "jinja2"}.isdisjoint(seen["before"])  # so the check means it
 
 
 def test_add_models_inspect_tokenize(cli, tiny, omni_home):

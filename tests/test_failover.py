@@ -65,7 +65,6 @@ def test_a_killed_stage_costs_seconds(three: ShimCluster):
     assert result.error is None
     assert result.text == want and result.tokens == N
     assert result.stall_s <= STALL_BOUND, f"stalled {result.stall_s:.1f} s"
-    assert "planning again and replaying" in cluster.log(0)
     survivors = [i for i in range(3) if i != victim]
     assert {n for n, _, _ in _plan(cluster)} == {cluster.node_ids[i] for i in survivors}
     _clean_logs(cluster, survivors)

@@ -23,6 +23,14 @@ GREEDY = {"temperature": 0, "num_predict": 12}
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
+def _status(cluster: ShimCluster, i: int) -> dict:
+    return json.loads(cluster.llm("omni", "status", "--json", i=i))
+
+
+def _hosted(cluster: ShimCluster, i: int) -> list[tuple[int, int]]:
+    return [(h["start"], h["end"]) for h in _status(cluster, i)["hosted"]]
+
+
 def test_a_shim_without_layers_serves_through_the_ring(tmp_path: Path, smollm2_path: Path):
     with ShimCluster(tmp_path, 2) as cluster:
         ModelRegistry(cluster.dirs[0]).add_file(smollm2_path, alias="smollm2")
@@ -36,8 +44,7 @@ def test_a_shim_without_layers_serves_through_the_ring(tmp_path: Path, smollm2_p
         want = holder.chat(model="smollm2", messages=MESSAGES, options=GREEDY).message.content
         got = empty.chat(model="smollm2", messages=MESSAGES, options=GREEDY)
         assert got.message.content == want and got.eval_count == 12
-        status = json.loads(cluster.llm("omni", "status", "--json", i=1))
-        (plan,) = status["plans"]
+        (plan,) = _status(cluster, 1)["plans"]
         assert [(s["node_id"], s["start"], s["end"]) for s in plan["stages"]] == [
             (cluster.node_ids[0], 0, 30)
         ]
@@ -45,10 +52,13 @@ def test_a_shim_without_layers_serves_through_the_ring(tmp_path: Path, smollm2_p
 
         # node0's own keep-alive unloads the stage node1's plan uses: node1 notices (the
         # stage answers "not loaded"), loads the plan again and serves the request anyway
+        assert _hosted(cluster, 0) == [(0, 30)]
         assert holder.generate(model="smollm2", keep_alive=0).done_reason == "unload"
+        assert _hosted(cluster, 0) == []
         again = empty.chat(model="smollm2", messages=MESSAGES, options=GREEDY)
         assert again.message.content == want
-        assert "planning again and replaying" in cluster.log(1)
+        assert _hosted(cluster, 0) == [(0, 30)]  # loaded again for node1's plan
+        assert [p["ready"] for p in _status(cluster, 1)["plans"]] == [True]
 
         stream = empty.generate(model="smollm2", prompt="Tell me a very long story.",
                                 options={"num_predict": 4000}, stream=True)  # fmt: skip

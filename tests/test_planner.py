@@ -315,11 +315,20 @@ def test_plan_invariants_and_optimality(case):
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
 
-def test_large_model_plans_quickly():
+def test_a_2000_block_model_on_10_nodes_is_shared_in_proportion_to_budget():
+    """Every budget has room for its share here, so each boundary is the proportional target:
+    the model's work in blocks (2000, plus the tied head's, one block's worth) times the
+    budgets so far over all budgets, to the nearest block."""
     m = model([32] * 2000, embed=64, head=32)
-    nodes = [NodeCapacity(i, 10_000 + 1000 * k) for k, i in enumerate(IDS)]
+    budgets = [10_000 + 1000 * k for k in range(10)]
+    nodes = [NodeCapacity(i, b) for i, b in zip(IDS, budgets, strict=True)]
     plan = plan_stages(m, nodes, kv_bytes_per_block=32)
-    assert len(plan.stages) == 10 and plan.bounds()[-1] == 2000
+    assert [s.node_id for s in plan.stages] == IDS
+    so_far = list(itertools.accumulate(budgets))
+    assert plan.bounds() == [0] + [min(2000, round(2001 * b / so_far[-1])) for b in so_far]
+    for stage, budget in zip(plan.stages, budgets, strict=True):
+        assert stage.weight_bytes == cost(m, stage) and cost(m, stage, kv=32) <= budget
+    assert plan_stages(m, nodes[::-1], kv_bytes_per_block=32) == plan  # order does not matter
 
 
 # ---- Plan JSON and describe ----------------------------------------------------------------
