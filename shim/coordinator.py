@@ -488,12 +488,14 @@ class Coordinator:
         gone too (found while loading) is left out and the load tried again."""
         model_id = job.model.manifest.model_id
         for _ in range(MAX_RECOVERIES):
+            live = {p.node_id for p in self.node.peers.live()}
             try:
                 await self.load(job.request.model, keep_alive)
                 return
             except CoordinatorError as exc:
                 failed = self._plans.get(model_id)
-                if failed is None or not await self._drop_unanswering(failed.plan):
+                lost = await self._drop_unanswering(failed.plan) if failed else []
+                if not set(lost) & live:  # nobody newly lost: the rest cannot take over
                     raise CoordinatorError(
                         f"generation failed: {why}; the remaining nodes cannot take over: {exc}"
                     ) from exc

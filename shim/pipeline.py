@@ -2,7 +2,7 @@
 
 The coordinator opens a ``pipeline`` channel to the node of stage 0 (or calls its own stage 0
 in-process); each stage opens one to the next. Per step the first stage gets token ids
-(HIDDEN, ``hidden_dim`` 1), every later stage float16 hidden states ``[T, d_model]`` straight
+(HIDDEN, ``hidden_dim`` 1), every later stage float32 hidden states ``[T, d_model]`` straight
 from its predecessor; the last stage picks the next token and its 4-byte id travels back along
 the chain. Hidden states never pass through the coordinator. The prefill step also carries the
 sampling options and the prompt's recent ids, which only the last stage uses.
@@ -302,7 +302,7 @@ class Link:
     def _input(self, frame: Frame) -> np.ndarray:
         if frame.type != FrameType.HIDDEN or frame.header.get("seq") != self.seq:
             raise PipelineError("expected a HIDDEN frame of this sequence")
-        tokens, hidden_dim, _ = F.hidden_geometry(frame.header)
+        tokens, hidden_dim, dtype = F.hidden_geometry(frame.header)
         stage = self.hosted.stage
         if stage.is_first:
             if hidden_dim != 1:
@@ -313,7 +313,8 @@ class Link:
             raise PipelineError(
                 f"hidden_dim {hidden_dim} is not this model's width {self.hosted.spec.d_model}"
             )
-        return np.frombuffer(frame.payload, dtype="<f2").reshape(tokens, hidden_dim)
+        wire = "<f4" if dtype == "float32" else "<f2"  # the frame checked it is one of them
+        return np.frombuffer(frame.payload, dtype=wire).reshape(tokens, hidden_dim)
 
     def _picker(self, frame: Frame) -> TokenPicker:
         header = frame.header
@@ -357,7 +358,7 @@ class Link:
             return None if more else F.token_frame(self.seq, [out])
         extra = {k: frame.header[k] for k in ("sampling", "recent", "more") if k in frame.header}
         return await self.next.step(
-            F.hidden_frame(self.seq, out.tobytes(), out.shape, "float16", **extra)
+            F.hidden_frame(self.seq, out.tobytes(), out.shape, out.dtype.name, **extra)
         )
 
     async def close(self, park: bool = False) -> None:

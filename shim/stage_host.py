@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,19 @@ KV_ALLOWANCE = 0.25  # of the weights: room kept for KV caches when checking the
 # slack for the caches of finished ones being freed on the worker thread
 MAX_SEQUENCES = 16
 MAX_PARKED = 4  # of those, finished ones kept for prefix reuse (the oldest go first)
+
+
+# how hidden states leave this node's stages: float32 (default: unrounded, so any split gives
+# bit for bit the logits of one stage), or float16 (half the bytes) with OMNI_WIRE_DTYPE=float16;
+# a stage takes either form as input
+def _wire_dtype() -> type:
+    name = os.environ.get("OMNI_WIRE_DTYPE", "float32").strip().lower()
+    if name not in ("float32", "float16"):
+        raise ValueError(f"OMNI_WIRE_DTYPE={name!r}: expected float32 or float16")
+    return np.float32 if name == "float32" else np.float16
+
+
+WIRE_DTYPE = _wire_dtype()
 
 
 class StageError(RuntimeError):
@@ -235,7 +249,13 @@ class StageHost:
         tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)
         stage = await self.run(
             lambda: new_stage(
-                spec, tensors, start, end, max_context=self.max_context, max_sequences=MAX_SEQUENCES
+                spec,
+                tensors,
+                start,
+                end,
+                max_context=self.max_context,
+                max_sequences=MAX_SEQUENCES,
+                hidden_dtype=WIRE_DTYPE,
             )  # fmt: skip
         )
         # what it really holds: on a Linux CPU the projections are dense float32 copies

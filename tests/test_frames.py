@@ -109,7 +109,8 @@ def test_hidden_activations_and_token_ids():
         ([2, 1], "int32", 7),
         ([2, 1], "float16", 4),  # hidden_dim 1 means token ids
         ([2, 8], "int32", 64),  # wide means float16
-        ([2, 8], "float32", 64),
+        ([2, 8], "float64", 128),  # activations are float32 or float16
+        ([2, 8], "float32", 32),  # float32 is 4 bytes each
         ([0, 8], "float16", 0),
         ([2], "float16", 4),
         ([2, 8, 1], "float16", 32),

@@ -257,11 +257,11 @@ def test_hidden_states_of_the_wrong_shape_dtype_or_size(shim, before):
     act = np.zeros((1, D_MODEL), dtype="<f2").tobytes()
     bad_frame, bad_request = ErrorCode.BAD_FRAME, ErrorCode.BAD_REQUEST
     h = functools.partial(_hidden, "s", prefill=True)
-    cases_second = [  # the second stage [half, N) takes float16 [T, D_MODEL] only
+    cases_second = [  # the second stage [half, N) takes float32 or float16 [T, D_MODEL] only
         ("width", h(b"\0" * 2 * (D_MODEL + 1), [1, D_MODEL + 1], "float16"), bad_request,
          "not this model's width"),
         ("token ids", h(b"\0" * 4, [1, 1], "int32"), bad_request, "not this model's width"),
-        ("float32", h(b"\0" * 4 * D_MODEL, [1, D_MODEL], "float32"), bad_frame, "float16"),
+        ("float64", h(b"\0" * 8 * D_MODEL, [1, D_MODEL], "float64"), bad_frame, "float32"),
         ("bytes short", h(act[:-1], [1, D_MODEL], "float16"), bad_frame, "needs exactly"),
         ("bytes long", h(act + b"\0\0", [1, D_MODEL], "float16"), bad_frame, "needs exactly"),
         ("flat shape", h(act, [D_MODEL], "float16"), bad_frame, "shape"),

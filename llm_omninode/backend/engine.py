@@ -1,8 +1,9 @@
 """A stage: a contiguous slice of transformer blocks executed with MLX.
 
 The first stage also embeds token ids; the last also applies the final norm and the output
-projection. Between stages hidden states travel as float16 (T, d_model); inside a stage the
-compute dtype is float32 by default.
+projection. Between stages hidden states travel as ``hidden_dtype`` (T, d_model): float32
+(what a shim uses: any split then computes bit for bit what one stage does) or float16;
+inside a stage the compute dtype is float32 by default.
 
 Two numerics: by default the model is computed as written, in float32 (it agrees with a
 float64 forward to ~1e-4). ``ggml_numerics=True`` instead rounds where llama.cpp's CPU
@@ -52,10 +53,10 @@ PREFILL_CHUNK = 512
 class Stage:
     """Blocks [start, end) of a model, with a KV cache per sequence.
 
-    ``forward(seq_id, x)`` takes int32 token ids (T,) on the first stage, float16 hidden
-    states (T, d_model) otherwise (times ``spec.boundary_scale``, so that gemma's large
-    residual stream fits float16); it returns float16 hidden states (T, d_model), or on the
-    last stage float32 logits (vocab,) of the last position.
+    ``forward(seq_id, x)`` takes int32 token ids (T,) on the first stage, hidden states
+    (T, d_model) otherwise: float32, or float16 times ``spec.boundary_scale`` (so that gemma's
+    large residual stream fits float16). It returns hidden states as ``hidden_dtype`` (the
+    same two forms), or on the last stage float32 logits (vocab,) of the last position.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Stage:
         dtype: mx.Dtype = mx.float32,
         kv_dtype: mx.Dtype = mx.float16,
         ggml_numerics: bool = False,
+        hidden_dtype: type = np.float16,
     ) -> None:
         if not 0 <= start < end <= spec.n_blocks:
             raise ValueError(f"bad block range [{start}, {end}) for {spec.n_blocks} blocks")
@@ -77,6 +79,11 @@ class Stage:
             raise ValueError(f"max_context must be >= 1, got {max_context}")
         if dtype not in (mx.float32, mx.float16, mx.bfloat16):
             raise ValueError(f"compute dtype must be a float type, got {dtype}")
+        # what a stage's hidden states leave as: float32 unrounded (any split then computes
+        # what one stage does), or float16 of h * spec.boundary_scale (half the bytes)
+        self.hidden_dtype = np.dtype(hidden_dtype)
+        if self.hidden_dtype not in (np.float16, np.float32):
+            raise ValueError(f"hidden states cross as float16 or float32, not {hidden_dtype}")
         self.spec = spec
         self.start, self.end = start, end
         self.is_first = start == 0
@@ -212,8 +219,10 @@ class Stage:
             raise ValueError(
                 f"stage takes hidden states of shape (T, {self.spec.d_model}), got {x.shape}"
             )
-        if x.dtype != np.float16:
-            raise ValueError(f"hidden states must be float16, got {x.dtype}")
+        if x.dtype == np.float16:  # h * boundary_scale, rounded (a power of two: exact)
+            return x.astype(np.float32) / np.float32(self.spec.boundary_scale)
+        if x.dtype != np.float32:
+            raise ValueError(f"hidden states must be float32 or float16, got {x.dtype}")
         return x
 
     def _embed(self, ids: mx.array) -> mx.array:
@@ -227,12 +236,11 @@ class Stage:
     def _step_host(self, x: np.ndarray, caches: Sequence[KVCache]) -> np.ndarray:
         """``_run`` in NumPy (host_step.py), for one sequence's positions or for one position
         of each of several sequences (then the last stage gives logits for every row)."""
-        s = self.spec.boundary_scale
-        h = np.asarray(self._embed(mx.array(x))) if self.is_first else x.astype(np.float32) / s
+        h = np.asarray(self._embed(mx.array(x))) if self.is_first else x
         for i, block in enumerate(self.blocks):
             h = block.step_host(h, caches, i)
         if not self.is_last:
-            return (h * np.float32(s)).astype(np.float16)
+            return self._leaving(h)
         if len(caches) == 1:
             h = h[-1:]
         h = host_step.rms_norm(h, np.array(self.output_norm), self.spec.rms_eps)
@@ -241,6 +249,12 @@ class Stage:
         if self.spec.final_softcap is None:
             return logits
         return np.stack([np.array(self._softcap(mx.array(row))) for row in logits])
+
+    def _leaving(self, h: np.ndarray) -> np.ndarray:
+        """Hidden states as they cross to the next stage (``hidden_dtype``)."""
+        if self.hidden_dtype == np.float32:
+            return h.astype(np.float32, copy=False)
+        return (h * np.float32(self.spec.boundary_scale)).astype(np.float16)
 
     def _softcap(self, logits: mx.array) -> mx.array:
         c = self.spec.final_softcap
@@ -252,7 +266,7 @@ class Stage:
             out = self._step_host(x, [cache])
             return mx.array(out[0] if self.is_last else out)
         s = self.spec.boundary_scale  # a power of two: scaling is exact
-        h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype) / s
+        h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
         h = h[None]
         mask = "causal" if T > 1 else None
         for i, block in enumerate(self.blocks):
@@ -260,6 +274,8 @@ class Stage:
             if self.round_residual:
                 h = (h * s).astype(mx.float16).astype(self.dtype) * (1 / s)
         if not self.is_last:
+            if self.hidden_dtype == np.float32:
+                return h[0].astype(mx.float32)
             return (h[0] * s).astype(mx.float16)
         norm = rms_norm_ggml if self.ggml_numerics else mx.fast.rms_norm
         h = norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)

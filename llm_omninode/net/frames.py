@@ -18,8 +18,9 @@ its payload is allocated. Pure functions and a small incremental decoder; no pic
 
 Hidden states and token ids (HIDDEN): ``shape = [T, hidden_dim]``. ``hidden_dim == 1`` means
 token ids, 4 bytes each, ``dtype`` ``int32`` or ``uint32`` (little-endian); a wider
-``hidden_dim`` means activations, ``dtype`` ``float16`` (little-endian); the stage checks that
-it equals the model width. Payload bytes == T * hidden_dim * element size, exactly.
+``hidden_dim`` means activations, ``dtype`` ``float32`` (unrounded, the default) or
+``float16`` (little-endian); the stage checks that it equals the model width. Payload
+bytes == T * hidden_dim * element size, exactly.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ MAX_ID = 2**53  # ids and offsets stay exact in every JSON implementation
 FLAG_LAST = 0x0001  # the last frame of a streamed response
 KNOWN_FLAGS = FLAG_LAST
 
-DTYPE_SIZES = {"float16": 2, "int32": 4, "uint32": 4}
+DTYPE_SIZES = {"float32": 4, "float16": 2, "int32": 4, "uint32": 4}
+ACTIVATION_DTYPES = ("float32", "float16")
 TOKEN_DTYPES = ("int32", "uint32")
 
 
@@ -157,8 +159,10 @@ def hidden_geometry(header: dict) -> tuple[int, int, str]:
     if hidden_dim == 1:
         if dtype not in TOKEN_DTYPES:
             raise _fail(ftype, f"hidden_dim 1 means token ids: dtype must be one of {TOKEN_DTYPES}")
-    elif dtype != "float16":
-        raise _fail(ftype, "hidden_dim > 1 means activations: dtype must be 'float16'")
+    elif dtype not in ACTIVATION_DTYPES:
+        raise _fail(
+            ftype, f"hidden_dim > 1 means activations: dtype must be one of {ACTIVATION_DTYPES}"
+        )
     return tokens, hidden_dim, dtype
 
 
@@ -502,7 +506,8 @@ def shard_data_frame(request_id: int, cid: str, offset: int, data: bytes, **fiel
 def hidden_frame(
     seq: int | str, payload: bytes, shape: Sequence[int], dtype: str = "float16", **fields: Any
 ) -> Frame:
-    """Activations ``[T, hidden_dim]`` (float16, little-endian), or token ids if hidden_dim 1."""
+    """Activations ``[T, hidden_dim]`` (float32 or float16, little-endian), or token ids if
+    hidden_dim 1."""
     header = {**fields, "seq": seq, "shape": [int(n) for n in shape], "dtype": dtype}
     return Frame(FrameType.HIDDEN, header, payload)
 
