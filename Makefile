@@ -34,6 +34,7 @@ demo: model
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy llm_omninode shim
 
 test: models lint
 	$(BIN)/python -m pytest -q

@@ -60,7 +60,7 @@ def pull(name, alias):
     click.echo(f"pulling {source.name}: {source.description}", err=True)
     try:
         record = pull_model(_registry(), source, alias=alias, progress=progress)
-    except (PullError, *_add_errors()) as exc:
+    except (PullError, *_add_errors()) as exc:  # type: ignore[misc]
         _fail(exc)
     finally:
         if bar is not None:

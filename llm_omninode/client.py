@@ -217,8 +217,8 @@ class ShimClient:
         from .net.quic import NetError
 
         async def go():
-            frame = F.request_frame(self._conn.next_id(), method, **fields)
-            return await self._conn.request(frame)
+            frame = F.request_frame(self._conn.next_id(), method, **fields)  # type: ignore[union-attr]
+            return await self._conn.request(frame)  # type: ignore[union-attr]
 
         try:
             reply = self._call(go())
@@ -235,9 +235,9 @@ class ShimClient:
         items: queue.Queue = queue.Queue()
 
         async def pump():
-            frame = F.request_frame(self._conn.next_id(), "generate", request=request.to_wire())
+            frame = F.request_frame(self._conn.next_id(), "generate", request=request.to_wire())  # type: ignore[union-attr]
             try:
-                async for reply in self._conn.stream(frame, timeout=REQUEST_TIMEOUT):
+                async for reply in self._conn.stream(frame, timeout=REQUEST_TIMEOUT):  # type: ignore[union-attr]
                     h = reply.header
                     if reply.type == FrameType.STREAM_DATA:
                         items.put(StreamChunk(reply.payload.decode("utf-8", "replace")))

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from llm_omninode.backend.sampling import SamplingError, SamplingOptions
 from llm_omninode.request import GenerationRequest, Message, RequestError
@@ -44,8 +44,8 @@ def bad(message: str) -> ApiError:
 
 
 # ---- small typed getters ---------------------------------------------------------------------
-def _is_number(value: object) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def get_model(body: dict[str, Any], *, legacy_name: bool = False) -> str:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -151,7 +151,7 @@ class Coordinator:
         """An alias or model id, known here or to a live peer (whose manifest is verified)."""
         registry = self.node.registry
         try:
-            model_id = registry.resolve(name)
+            model_id: str | None = registry.resolve(name)
         except ModelNotFound:
             model_id = self._aliases.get(name)
         if model_id is not None and model_id in self._models:
@@ -382,7 +382,7 @@ class Coordinator:
         request: GenerationRequest,
         timings: dict[str, float] | None = None,
         keep_alive: float | None = None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Stream the request's chunks. ``timings`` (if given) receives load_s (resolve, plan,
         load), prefill_s (prompt in, first id out) and decode_s (the rest), measured here.
 

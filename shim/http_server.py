@@ -166,7 +166,7 @@ class ApiServer:
                     "choose another with --api-port, or --no-api"
                 ) from exc
             raise ApiStartError(f"HTTP API: cannot listen on {where}: {exc.strerror}") from exc
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        sockets = site._server.sockets if site._server else []  # type: ignore[attr-defined]
         if sockets:
             self.port = sockets[0].getsockname()[1]
         log.info("HTTP API (Ollama, OpenAI) on http://%s:%d%s", self.config.host, self.port,

@@ -329,7 +329,7 @@ class Stage:
                     cache.commit(1)
         for k, i in enumerate(taken):
             out[i] = y[k].copy() if self.is_last else y[k : k + 1].copy()
-        return out  # type: ignore[return-value] - every None was replaced
+        return out  # type: ignore[return-value]  # every None was replaced
 
     def _reserve(self, seq_id: str, n: int) -> KVCache:
         """The sequence's cache with room for ``n`` more positions (held under ``_lock``);

@@ -118,7 +118,7 @@ class Weights:
         if not buf:
             return False
         ggml.ggml_backend_tensor_alloc(buf, w, ggml.ggml_backend_buffer_get_base(buf))
-        if not w.contents.extra:  # no interleaved layout for it: the buffer was never touched
+        if not w.contents.extra:  # type: ignore[attr-defined]  # no interleaved layout for it: the buffer was never touched
             ggml.ggml_backend_buffer_free(buf)
             return False
         ggml.ggml_backend_buffer_set_usage(buf, ggml.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
@@ -165,7 +165,7 @@ class Graph:
         if self.bound == where:
             return
         for tensor, slot, layer, kind, offs in self.kv_refs:
-            tensor.contents.data = caches[slot].base(layer, kind) + offs
+            tensor.contents.data = caches[slot].base(layer, kind) + offs  # type: ignore[attr-defined]
         self.bound = where
 
     def compute(self, backend: object) -> np.ndarray:
@@ -173,7 +173,7 @@ class Graph:
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed (status {status})")
         n = self.out_shape[0] * self.out_shape[1]
-        out = (ctypes.c_float * n).from_address(self.output.contents.data)
+        out = (ctypes.c_float * n).from_address(self.output.contents.data)  # type: ignore[attr-defined]
         return np.ctypeslib.as_array(out).reshape(self.out_shape).copy()
 
     def free(self) -> None:
@@ -237,7 +237,7 @@ class GraphBuilder:
     def _kv_refs(self) -> list[tuple[object, int, int, int, int]]:
         """The cache tensors and every view of them in the graph, with their byte offsets (a
         view's data pointer is fixed when it is made: re-pointing the cache must move it)."""
-        where = {ctypes.addressof(t.contents): key for t, *key in self._leaves}
+        where = {ctypes.addressof(t.contents): key for t, *key in self._leaves}  # type: ignore[attr-defined]
         refs = [(t, slot, layer, kind, 0) for t, slot, layer, kind in self._leaves]
         for i in range(ggml.ggml_graph_n_nodes(self.graph)):
             node = ggml.ggml_graph_node(self.graph, i)

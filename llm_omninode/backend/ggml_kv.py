@@ -82,7 +82,12 @@ class GgmlSequences(SequenceCaches):
         self, max_sequences: int, n_layers: int, width: int, max_len: int, v_trans: bool
     ) -> None:
         super().__init__(
-            max_sequences, n_layers=n_layers, n_kv_heads=0, head_dim=0, max_len=max_len, dtype=None
+            max_sequences,
+            n_layers=n_layers,
+            n_kv_heads=0,
+            head_dim=0,
+            max_len=max_len,
+            dtype=None,  # type: ignore[arg-type]  # no MLX caches: GgmlKV holds its own buffers
         )
         self._shape = (n_layers, width, max_len, v_trans)
 

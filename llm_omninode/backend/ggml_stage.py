@@ -273,7 +273,7 @@ class GgmlStage:
         the projections see every slot's positions, each slot attends over its own cache."""
         s, ctx, w = self.spec, b.ctx, self.weights.get
         p, hd, nh, nkv = f"blk.{i}.", s.head_dim, s.n_heads, s.n_kv_heads
-        total, width = x.contents.ne[1], nkv * hd
+        total, width = x.contents.ne[1], nkv * hd  # type: ignore[attr-defined]
         q = ggml.ggml_mul_mat(ctx, w(p + "attn_q.weight"), x)
         k = ggml.ggml_mul_mat(ctx, w(p + "attn_k.weight"), x)
         v = ggml.ggml_mul_mat(ctx, w(p + "attn_v.weight"), x)
@@ -413,7 +413,7 @@ class GgmlStage:
         ContextOverflowError or SequenceLimitError before anything changes."""
         cache = self._caches.get(seq_id)
         cache.reserve(n)
-        self._caches.keep(seq_id, cache)
+        self._caches.keep(seq_id, cache)  # type: ignore[arg-type]
         return cache
 
     @property
@@ -451,7 +451,7 @@ class GgmlStage:
                 cache.commit(1)
         for i, y in zip(taken, results, strict=True):
             out[i] = y[0] if self.is_last else y
-        return out  # type: ignore[return-value] - every None was replaced
+        return out  # type: ignore[return-value]  # every None was replaced
 
     def close(self) -> None:
         """Free ggml's memory (graphs, backend, weight buffers); the stage is unusable after."""

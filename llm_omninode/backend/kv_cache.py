@@ -66,8 +66,8 @@ class KVCache:
             return
         new_cap = min(self.max_len, -(-need // self.step) * self.step)
         if self.host:
-            shape = (self.n_kv_heads, new_cap - self.capacity, self.head_dim)
-            grow = [np.zeros(shape, np.float32) for _ in range(2 * self.n_layers)]
+            host_shape = (self.n_kv_heads, new_cap - self.capacity, self.head_dim)
+            grow = [np.zeros(host_shape, np.float32) for _ in range(2 * self.n_layers)]
             if self.keys:
                 pairs = zip(self.state(), grow, strict=True)
                 grow = [np.concatenate([a, b], axis=1) for a, b in pairs]

@@ -168,8 +168,9 @@ class Linear:
 
     def host_apply(self, h: np.ndarray) -> np.ndarray:
         """This layer on float32 NumPy rows (T, in), for a host weight without act rounding."""
-        assert self.on_host
-        y = self.weight.matmul_np(h)
+        w = self.weight
+        assert self.on_host and isinstance(w, HOST_WEIGHTS)
+        y = w.matmul_np(h)
         return y if self.host_bias is None else y + self.host_bias
 
     @classmethod
@@ -178,37 +179,39 @@ class Linear:
         if len({p.act for p in parts}) != 1:
             return None
         ws = [p.weight for p in parts]
-        if all(isinstance(w, QuantizedWeight) for w in ws):
-            if len({(w.bits, w.group_size, w.scales.dtype) for w in ws}) != 1:
+        quantized = [w for w in ws if isinstance(w, QuantizedWeight)]
+        dense = [w for w in ws if isinstance(w, mx.array)]
+        host = [w for w in ws if isinstance(w, HOST_WEIGHTS)]
+        if len(quantized) == len(ws):
+            if len({(w.bits, w.group_size, w.scales.dtype) for w in quantized}) != 1:
                 return None
             weight: Weight = QuantizedWeight(
-                mx.concatenate([w.weight for w in ws]),
-                mx.concatenate([w.scales for w in ws]),
-                mx.concatenate([w.biases for w in ws]),
-                ws[0].bits,
-                ws[0].group_size,
-                ws[0].ggml_type if len({w.ggml_type for w in ws}) == 1 else None,
+                mx.concatenate([w.weight for w in quantized]),
+                mx.concatenate([w.scales for w in quantized]),
+                mx.concatenate([w.biases for w in quantized]),
+                quantized[0].bits,
+                quantized[0].group_size,
+                quantized[0].ggml_type if len({w.ggml_type for w in quantized}) == 1 else None,
             )
-        elif all(isinstance(w, mx.array) for w in ws):
-            if len({w.dtype for w in ws}) != 1 or any(p.source is not None for p in parts):
+        elif len(dense) == len(ws):
+            if len({w.dtype for w in dense}) != 1 or any(p.source is not None for p in parts):
                 return None  # 16-weight groups: the host packs them apart, then fuses
-            weight = mx.concatenate(ws)
-        elif all(isinstance(w, HOST_WEIGHTS) and getattr(w, "biases", None) is None for w in ws):
-            biases = [p.bias for p in parts]
+            weight = mx.concatenate(dense)
+        elif len(host) == len(ws) and all(getattr(w, "biases", None) is None for w in host):
             with_bias = [p.bias is not None and p.host_bias is not None for p in parts]
             if any(with_bias) and not all(with_bias):
                 return None
-            host = cls(_host_concat(ws), act=parts[0].act)  # type: ignore[arg-type]
-            if biases[0] is not None:
-                host.bias = mx.concatenate(biases)
-                host.host_bias = np.concatenate([p.host_bias for p in parts])
-            return host
+            joined = cls(_host_concat(host), act=parts[0].act)  # type: ignore[arg-type]
+            if parts[0].bias is not None:
+                joined.bias = mx.concatenate([p.bias for p in parts])  # type: ignore[misc]
+                joined.host_bias = np.concatenate([p.host_bias for p in parts])
+            return joined
         else:
             return None
-        biases = [p.bias for p in parts]
-        if all(b is None for b in biases):
+        biases = [p.bias for p in parts if p.bias is not None]
+        if not biases:
             bias = None
-        elif all(b is not None for b in biases):
+        elif len(biases) == len(parts):
             bias = mx.concatenate(biases)
         else:
             return None

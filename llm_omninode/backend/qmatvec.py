@@ -27,6 +27,7 @@ import functools
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def _kernels():  # noqa: ANN202 - Numba dispatchers
 
     # "contract" lets LLVM fuse multiply-adds; nothing is reassociated, so the order of
     # every sum is the one written above
-    opts = {"nogil": True, "boundscheck": False, "fastmath": {"contract"}}
+    opts: dict[str, Any] = {"nogil": True, "boundscheck": False, "fastmath": {"contract"}}
     try:
         return tuple(njit(cache=True, **opts)(f) for f in (_matvec, _dequantize))
     except RuntimeError:  # no writable cache location (a read-only install): compile each run

@@ -79,7 +79,7 @@ class SamplingOptions:
             else:
                 kind = "a finite number" if name in _FLOAT_OPTIONS else "an integer"
                 raise SamplingError(f"{name} must be {kind}")
-        return cls(**values)  # __post_init__ checks the ranges
+        return cls(**values)  # type: ignore[arg-type]  # __post_init__ checks the ranges
 
     def updated(self, **changes: object) -> SamplingOptions:
         known = {f.name for f in fields(self)}
@@ -87,7 +87,7 @@ class SamplingOptions:
         unknown = set(given) - known
         if unknown:
             raise SamplingError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-        return replace(self, **given)
+        return replace(self, **given)  # type: ignore[arg-type]  # checked in __post_init__
 
 
 class Sampler:

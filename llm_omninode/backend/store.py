@@ -28,12 +28,16 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 import numpy as np
 
 from .cid import cid_from_digest, cid_of_chunks, digest_of_cid
 from .shards import Manifest, ShardEntry, shard_chunks
+
+if TYPE_CHECKING:
+    from .gguf import GGUFFile
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -117,7 +121,7 @@ class ShardStore:
         for d in (self.shard_dir, self.tmp_dir, self.manifest_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._sources_path = self.root / "sources.json"
-        self._open_files: dict[str, object] = {}
+        self._open_files: dict[str, GGUFFile] = {}
         # manifests are content-addressed (file name = CID of the bytes): safe to keep parsed
         self._manifests: dict[str, Manifest] = {}
 

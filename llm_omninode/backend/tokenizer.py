@@ -70,6 +70,11 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int | None
     eot_id: int | None
+    eom_id: int | None
+    unk_id: int | None
+    fim_pad_id: int | None
+    fim_rep_id: int | None
+    fim_sep_id: int | None
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
@@ -236,7 +241,7 @@ class Tokenizer:
                 if found is not None:
                     setattr(self, attr, found)
                     force_control(found)
-        for texts in (
+        for marked in (
             ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
              "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
             ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
@@ -244,7 +249,7 @@ class Tokenizer:
             ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
              "▁<MID>", "<|code_middle|>", "<|middle|>"),
         ):  # fmt: skip
-            for t in texts:  # llama.cpp marks these control even though they are not EOG
+            for t in marked:  # llama.cpp marks these control even though they are not EOG
                 if t in tid:
                     force_control(tid[t])
 
@@ -263,9 +268,9 @@ class Tokenizer:
         for i in (self.eos_id, self.eot_id, self.eom_id):
             if i is not None:
                 eog.add(i)
-        texts = self._texts
+        vocab = self._texts
         # o200k_harmony / solar-open: "<|end|>" is not the end of generation there
-        eog_texts = {texts[i] for i in eog}
+        eog_texts = {vocab[i] for i in eog}
         if "<|end|>" in eog_texts and (
             ("<|return|>" in eog_texts and "<|call|>" in eog_texts)
             or ({"<|call|>", "<|calls|>"} & eog_texts and "<|flush|>" in eog_texts)

@@ -432,6 +432,7 @@ class FrameDecoder:
                 self._payload += view[pos : pos + take]
                 pos += take
                 continue
+            assert self._fixed is not None and self._header is not None  # read above
             ftype, flags, _, _ = self._fixed
             frames.append(Frame(ftype, self._header, bytes(self._payload), flags))
             self._reset()

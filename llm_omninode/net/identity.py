@@ -188,9 +188,9 @@ def load_or_create_identity(home: str | os.PathLike) -> NodeIdentity:
             log.info("created node key %s (node id %s)", path, identity.node_id)
             return identity
     try:
-        key = serialization.load_pem_private_key(read_private_file(path), password=None)
+        loaded = serialization.load_pem_private_key(read_private_file(path), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise IdentityError(f"cannot read node key {path}: {exc}") from exc
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise IdentityError(f"node key {path} is {type(key).__name__}, not Ed25519")
-    return NodeIdentity(key)
+    if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+        raise IdentityError(f"node key {path} is {type(loaded).__name__}, not Ed25519")
+    return NodeIdentity(loaded)

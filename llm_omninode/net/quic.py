@@ -13,7 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -299,7 +299,9 @@ class Connection:
             self._protocol.forget_stream(stream.stream_id)
         return _checked(reply)
 
-    async def stream(self, frame: Frame, timeout: float | None = None) -> AsyncIterator[Frame]:
+    async def stream(
+        self, frame: Frame, timeout: float | None = None
+    ) -> AsyncGenerator[Frame, None]:
         """Send one frame; yield every frame answered until the peer ends the stream.
         ``timeout`` bounds the wait for each frame. ERROR -> RemoteError."""
         timeout = self._protocol.settings.request_timeout if timeout is None else timeout

@@ -143,7 +143,8 @@ class FrameStream:
         """The next frame; None once the peer ended the stream. Raises FrameError for a
         malformed frame, ConnectionClosed if the stream or connection went away."""
         if self._final is not None:
-            return self._raise_final()
+            self._raise_final()
+            return None
         try:
             item = await asyncio.wait_for(self._inbound.get(), timeout)
         except asyncio.TimeoutError as exc:
@@ -151,7 +152,8 @@ class FrameStream:
         if isinstance(item, Frame):
             return item
         self._final = item
-        return self._raise_final()
+        self._raise_final()
+        return None
 
     def _raise_final(self) -> None:
         if self._final is EOF_MARK:
