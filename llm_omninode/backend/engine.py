@@ -20,7 +20,7 @@ summation order (and its exp) would track llama.cpp's near-tied greedy choices.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -33,6 +33,7 @@ from .linear import DENSE_PREFILL_MIN, HostStack, Linear, dense_prefill_wins
 from .qmatvec import KERNEL_MAX_ROWS, PackedWeight
 from .quant import QuantizedWeight, TensorData, Weight
 from .spec import ModelSpec
+from .stage_base import SequenceStage, check_seq_id, leaving, result_or_error
 
 __all__ = [
     "DENSE_PREFILL_MIN",
@@ -44,13 +45,12 @@ __all__ = [
     "dense_prefill_wins",
 ]
 
-MAX_SEQ_ID_LEN = 256
 # Long prompts are run through the blocks in chunks so attention scores stay bounded
 # (T x T per head); the result is the same as one pass, the caller still makes one call.
 PREFILL_CHUNK = 512
 
 
-class Stage:
+class Stage(SequenceStage):
     """Blocks [start, end) of a model, with a KV cache per sequence.
 
     ``forward(seq_id, x)`` takes int32 token ids (T,) on the first stage, hidden states
@@ -180,51 +180,7 @@ class Stage:
         return sum({id(a): a.nbytes for a in self._parameters()}.values())
 
     # ---- sequences ------------------------------------------------------------------------
-    def sequences(self) -> list[str]:
-        with self._lock:
-            return self._caches.ids()
-
-    def free(self, seq_id: str) -> None:
-        with self._lock:
-            self._caches.free(seq_id)
-
-    def evict_idle(self, max_idle_s: float) -> list[str]:
-        """Free sequences unused for ``max_idle_s`` seconds; returns their ids."""
-        with self._lock:
-            return self._caches.evict_idle(max_idle_s)
-
-    def position(self, seq_id: str) -> int:
-        """Tokens cached for the sequence (0 if unknown)."""
-        with self._lock:
-            return self._caches.position(seq_id)
-
-    def adopt(self, old_id: str, new_id: str, keep: int) -> int:
-        """Start ``new_id`` from the first ``keep`` cached positions of ``old_id`` (prefix
-        reuse); the positions kept, 0 if that prefix is not here."""
-        with self._lock:
-            return self._caches.adopt(old_id, new_id, keep)
-
     # ---- compute --------------------------------------------------------------------------
-    def _check_input(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        if self.is_first:
-            if x.ndim != 1 or x.size == 0 or x.dtype.kind not in "iu":
-                raise ValueError(
-                    f"first stage takes token ids of shape (T,), got {x.dtype}{x.shape}"
-                )
-            if x.min() < 0 or x.max() >= self.spec.vocab_size:
-                raise ValueError(f"token id out of range [0, {self.spec.vocab_size})")
-            return x.astype(np.int32, copy=False)
-        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.spec.d_model:
-            raise ValueError(
-                f"stage takes hidden states of shape (T, {self.spec.d_model}), got {x.shape}"
-            )
-        if x.dtype == np.float16:  # h * boundary_scale, rounded (a power of two: exact)
-            return x.astype(np.float32) / np.float32(self.spec.boundary_scale)
-        if x.dtype != np.float32:
-            raise ValueError(f"hidden states must be float32 or float16, got {x.dtype}")
-        return x
-
     def _embed(self, ids: mx.array) -> mx.array:
         e = self.embedding
         h = e.take_rows(ids) if isinstance(e, QuantizedWeight) else e[ids]
@@ -240,7 +196,7 @@ class Stage:
         for i, block in enumerate(self.blocks):
             h = block.step_host(h, caches, i)
         if not self.is_last:
-            return self._leaving(h)
+            return leaving(h, self.hidden_dtype, self.spec.boundary_scale)
         if len(caches) == 1:
             h = h[-1:]
         h = host_step.rms_norm(h, np.array(self.output_norm), self.spec.rms_eps)
@@ -249,12 +205,6 @@ class Stage:
         if self.spec.final_softcap is None:
             return logits
         return np.stack([np.array(self._softcap(mx.array(row))) for row in logits])
-
-    def _leaving(self, h: np.ndarray) -> np.ndarray:
-        """Hidden states as they cross to the next stage (``hidden_dtype``)."""
-        if self.hidden_dtype == np.float32:
-            return h.astype(np.float32, copy=False)
-        return (h * np.float32(self.spec.boundary_scale)).astype(np.float16)
 
     def _softcap(self, logits: mx.array) -> mx.array:
         c = self.spec.final_softcap
@@ -297,24 +247,10 @@ class Stage:
         alone (the packed matvec and NumPy's row-wise ops do not mix rows).
         """
         if not self.batches:
-            return [_result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
+            return [result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
         out: list[np.ndarray | Exception | None] = [None] * len(steps)
-        taken: list[int] = []  # the steps that run, in order
-        rows, caches, seen = [], [], set()
         with self._lock:
-            for i, (seq_id, x) in enumerate(steps):
-                try:
-                    _check_seq_id(seq_id)
-                    x = self._check_input(x)
-                    if x.shape[0] != 1 or seq_id in seen:
-                        raise ValueError("a batched step is one position of a distinct sequence")
-                    caches.append(self._reserve(seq_id, 1))
-                except (ValueError, SequenceLimitError) as exc:
-                    out[i] = exc
-                    continue
-                taken.append(i)
-                rows.append(x)
-                seen.add(seq_id)
+            taken, rows, caches = self._admit_steps(steps, out)
             if taken:
                 # at most KERNEL_MAX_ROWS at a time: more rows would take the prompt path
                 # (dequantize + sgemm), whose rounding differs from a step alone
@@ -331,16 +267,8 @@ class Stage:
             out[i] = y[k].copy() if self.is_last else y[k : k + 1].copy()
         return out  # type: ignore[return-value]  # every None was replaced
 
-    def _reserve(self, seq_id: str, n: int) -> KVCache:
-        """The sequence's cache with room for ``n`` more positions (held under ``_lock``);
-        ContextOverflowError or SequenceLimitError before anything changes."""
-        cache = self._caches.get(seq_id)
-        cache.reserve(n)
-        self._caches.keep(seq_id, cache)
-        return cache
-
     def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
-        _check_seq_id(seq_id)
+        check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
         with self._lock:
@@ -355,15 +283,3 @@ class Stage:
         if self.is_last:
             return np.array(outs[-1])
         return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))
-
-
-def _check_seq_id(seq_id: object) -> None:
-    if not isinstance(seq_id, str) or not 0 < len(seq_id) <= MAX_SEQ_ID_LEN:
-        raise ValueError(f"seq_id must be a non-empty string of <= {MAX_SEQ_ID_LEN} chars")
-
-
-def _result_or_error(fn: Callable[..., np.ndarray], *args: object) -> np.ndarray | Exception:
-    try:
-        return fn(*args)
-    except (ValueError, SequenceLimitError) as exc:
-        return exc

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .kv_cache import ContextOverflowError, SequenceCaches, SequenceLimitError
+from .kv_cache import SequenceCaches, SequenceLimitError, check_room
 
 KV_STEP = 256  # caches grow, and graphs attend, in steps of this many positions
 
@@ -38,12 +38,7 @@ class GgmlKV:
 
     def reserve(self, n: int) -> None:
         """Room for ``n`` more positions (ContextOverflowError past max_len, nothing changed)."""
-        need = self.offset + n
-        if need > self.max_len:
-            raise ContextOverflowError(
-                f"sequence would reach {need} positions; the context is {self.max_len} "
-                f"({self.offset} cached + {n} new)"
-            )
+        need = check_room(self.offset, n, self.max_len)
         if need > self.capacity:
             old, cap = self.capacity, attended(need, self.max_len)
             keys = np.zeros((self.n_layers, cap, self.width), np.float16)

@@ -16,20 +16,19 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import ggml
 import numpy as np
 
 from .ggml_graph import F16, F32, I32, I64, Graph, GraphBuilder, Weights
 from .ggml_kv import GgmlKV, GgmlSequences, attended
-from .kv_cache import SequenceLimitError
 from .quant import TensorData, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
+from .stage_base import SequenceStage, check_seq_id, leaving
 
 __all__ = ["GgmlStage", "default_threads"]
 
-MAX_SEQ_ID_LEN = 256
 PREFILL_CHUNK = 512  # positions per graph run of a long prompt (bounds the compute buffer)
 KEPT_GRAPHS = 8  # decode graphs kept (per batch size and attended lengths in use)
 MAX_BATCH = 8  # sequences whose steps one graph computes together
@@ -53,7 +52,7 @@ def default_repack() -> bool:
     return os.environ.get("OMNI_GGML_REPACK", "0") == "1"
 
 
-class GgmlStage:
+class GgmlStage(SequenceStage):
     """Blocks [start, end) of a model computed by ggml, with a KV cache per sequence.
 
     ``forward(seq_id, x)`` as engine.Stage: int32 token ids (T,) on the first stage, hidden
@@ -170,28 +169,6 @@ class GgmlStage:
         return self.weights.nbytes
 
     # ---- sequences --------------------------------------------------------------------
-    def sequences(self) -> list[str]:
-        with self._lock:
-            return self._caches.ids()
-
-    def free(self, seq_id: str) -> None:
-        with self._lock:
-            self._caches.free(seq_id)
-
-    def evict_idle(self, max_idle_s: float) -> list[str]:
-        """Free sequences unused for ``max_idle_s`` seconds; returns their ids."""
-        with self._lock:
-            return self._caches.evict_idle(max_idle_s)
-
-    def position(self, seq_id: str) -> int:
-        with self._lock:
-            return self._caches.position(seq_id)
-
-    def adopt(self, old_id: str, new_id: str, keep: int) -> int:
-        """Start ``new_id`` from the first ``keep`` cached positions of ``old_id``."""
-        with self._lock:
-            return self._caches.adopt(old_id, new_id, keep)
-
     @property
     def kv_nbytes(self) -> int:
         with self._lock:
@@ -353,26 +330,6 @@ class GgmlStage:
         return ggml.ggml_mul(ctx, norm, self.weights.get(name))
 
     # ---- compute ----------------------------------------------------------------------
-    def _check_input(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        if self.is_first:
-            if x.ndim != 1 or x.size == 0 or x.dtype.kind not in "iu":
-                raise ValueError(
-                    f"first stage takes token ids of shape (T,), got {x.dtype}{x.shape}"
-                )
-            if x.min() < 0 or x.max() >= self.spec.vocab_size:
-                raise ValueError(f"token id out of range [0, {self.spec.vocab_size})")
-            return x.astype(np.int32, copy=False)
-        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.spec.d_model:
-            raise ValueError(
-                f"stage takes hidden states of shape (T, {self.spec.d_model}), got {x.shape}"
-            )
-        if x.dtype == np.float16:  # h * boundary_scale, rounded (a power of two: exact)
-            return x.astype(np.float32) / np.float32(self.spec.boundary_scale)
-        if x.dtype != np.float32:
-            raise ValueError(f"hidden states must be float32 or float16, got {x.dtype}")
-        return x
-
     def _run(self, xs: Sequence[np.ndarray], caches: Sequence[GgmlKV], all_logits: bool) -> list:
         """One graph run: positions ``xs[j]`` of the sequence of ``caches[j]``, for each j
         (reserved, committed by the caller); each one's output rows."""
@@ -388,13 +345,13 @@ class GgmlStage:
             if any(T != 1 for _, T, _ in slots):
                 g.free()
         if not self.is_last:
-            out = _leaving(out, self.hidden_dtype, self.spec.boundary_scale)
+            out = leaving(out, self.hidden_dtype, self.spec.boundary_scale)
         if len(xs) == 1:
             return [out]
         return [out[j : j + 1] for j in range(len(xs))]  # one position each
 
     def forward(self, seq_id: str, x: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
-        _check_seq_id(seq_id)
+        check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
         with self._lock:
@@ -407,14 +364,6 @@ class GgmlStage:
         if self.is_last:
             return np.concatenate(outs) if all_logits else outs[-1][0]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
-
-    def _reserve(self, seq_id: str, n: int) -> GgmlKV:
-        """The sequence's cache with room for ``n`` more positions (under ``_lock``);
-        ContextOverflowError or SequenceLimitError before anything changes."""
-        cache = self._caches.get(seq_id)
-        cache.reserve(n)
-        self._caches.keep(seq_id, cache)  # type: ignore[arg-type]
-        return cache
 
     @property
     def batches(self) -> bool:
@@ -429,21 +378,8 @@ class GgmlStage:
         through every projection together (each weight read once for all), each attends
         over its own cache."""
         out: list[np.ndarray | Exception | None] = [None] * len(steps)
-        taken, rows, caches, seen = [], [], [], set()
         with self._lock:
-            for i, (seq_id, x) in enumerate(steps):
-                try:
-                    _check_seq_id(seq_id)
-                    x = self._check_input(x)
-                    if x.shape[0] != 1 or seq_id in seen:
-                        raise ValueError("a batched step is one position of a distinct sequence")
-                    caches.append(self._reserve(seq_id, 1))
-                except (ValueError, SequenceLimitError) as exc:
-                    out[i] = exc
-                    continue
-                taken.append(i)
-                rows.append(x)
-                seen.add(seq_id)
+            taken, rows, caches = self._admit_steps(steps, out)
             results: list[np.ndarray] = []
             for a in range(0, len(rows), MAX_BATCH):
                 results += self._run(rows[a : a + MAX_BATCH], caches[a : a + MAX_BATCH], False)
@@ -466,11 +402,6 @@ class GgmlStage:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _leaving(h: np.ndarray, dtype: np.dtype, scale: float) -> np.ndarray:
-    """Hidden states as they leave a stage: float32 as they are, or float16 of h * scale."""
-    return h if dtype == np.float32 else (h * np.float32(scale)).astype(np.float16)
 
 
 def _zeros(n: int, dtype: type = np.int32) -> np.ndarray:
@@ -500,15 +431,3 @@ def _set_inputs(
             inp[f"mask_swa{j}"][:] = -np.inf
             inp[f"mask_swa{j}"][:T] = np.where(causal & (qpos - kpos < window), 0.0, -np.inf)
         c0 += T
-
-
-def _check_seq_id(seq_id: object) -> None:
-    if not isinstance(seq_id, str) or not 0 < len(seq_id) <= MAX_SEQ_ID_LEN:
-        raise ValueError(f"seq_id must be a non-empty string of <= {MAX_SEQ_ID_LEN} chars")
-
-
-def _result_or_error(fn: Callable[..., np.ndarray], *args: object) -> np.ndarray | Exception:
-    try:
-        return fn(*args)
-    except (ValueError, SequenceLimitError) as exc:
-        return exc

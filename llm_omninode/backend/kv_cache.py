@@ -20,6 +20,17 @@ class SequenceLimitError(RuntimeError):
     """The stage already holds its maximum number of sequences; free one first."""
 
 
+def check_room(offset: int, n: int, max_len: int) -> int:
+    """The positions a sequence reaches with ``n`` more; ContextOverflowError past max_len."""
+    need = offset + n
+    if need > max_len:
+        raise ContextOverflowError(
+            f"sequence would reach {need} positions; the context is {max_len} "
+            f"({offset} cached + {n} new)"
+        )
+    return need
+
+
 class KVCache:
     """Keys and values of one sequence for the blocks of one stage.
 
@@ -56,12 +67,7 @@ class KVCache:
 
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more positions (raises ContextOverflowError past max_len)."""
-        need = self.offset + n
-        if need > self.max_len:
-            raise ContextOverflowError(
-                f"sequence would reach {need} positions; the context is {self.max_len} "
-                f"({self.offset} cached + {n} new)"
-            )
+        need = check_room(self.offset, n, self.max_len)
         if need <= self.capacity:
             return
         new_cap = min(self.max_len, -(-need // self.step) * self.step)
