@@ -26,6 +26,19 @@ SHIM = [sys.executable, "-m", "omninode_shim"]
 LLM = [sys.executable, "-m", "llm"]
 
 
+def leftovers(status: dict) -> dict[str, int]:
+    """What a node's status says is still running: generations (running or queued),
+    sequences passing through its stages, live KV caches (those of finished sequences kept for
+    a next turn, at most 4 a stage, are not live) and samplers."""
+    hosted = status["hosted"]
+    return {
+        "generations": status["generations"],
+        "pipelines": status["pipelines"],
+        "kv_caches": sum(h["sequences"] - h["parked"] for h in hosted),
+        "pickers": sum(h["pickers"] for h in hosted),
+    }
+
+
 class ShimCluster:
     def __init__(
         self,
@@ -127,6 +140,14 @@ class ShimCluster:
             logs = "\n".join(f"--- node{j}\n{self.log(j)}" for j in range(self.n))
             raise AssertionError(f"llm {args} failed:\n{result.stdout}\n{result.stderr}\n{logs}")
         return result.stdout
+
+    def leftovers(self, i: int) -> dict[str, int]:
+        """What node ``i`` still runs (``leftovers`` of its status), asked over QUIC as the
+        identity of this process's OMNI_HOME (which must be a member)."""
+        from llm_omninode.client import ShimClient
+
+        with ShimClient("127.0.0.1", self.ports[i]) as client:
+            return leftovers(client.request("status"))
 
     def wait_for_peers(self, count: int, i: int = 0, timeout: float = 60.0) -> list[dict]:
         deadline = time.monotonic() + timeout

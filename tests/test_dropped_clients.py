@@ -21,7 +21,6 @@ import pytest
 from shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
-from llm_omninode.client import ShimClient
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
 
@@ -39,26 +38,11 @@ ROUTES = {
 }  # fmt: skip
 
 
-def _leftovers(cluster: ShimCluster) -> list[dict[str, int]]:
-    rows = []
-    for i in range(cluster.n):
-        with ShimClient("127.0.0.1", cluster.ports[i]) as client:
-            status = client.request("status")
-        hosted = status["hosted"]
-        rows.append({
-            "generations": status["generations"],
-            "pipelines": status["pipelines"],
-            "kv_caches": sum(h["sequences"] - h["parked"] for h in hosted),
-            "pickers": sum(h["pickers"] for h in hosted),
-        })  # fmt: skip
-    return rows
-
-
 def _wait_clean(cluster: ShimCluster, bound: float) -> float:
     """Seconds until nothing is left on any node; AssertionError past ``bound``."""
     t0 = time.monotonic()
     while True:
-        rows = _leftovers(cluster)
+        rows = [cluster.leftovers(i) for i in range(cluster.n)]
         if not any(any(r.values()) for r in rows):
             return time.monotonic() - t0
         if time.monotonic() - t0 > bound:

@@ -25,7 +25,6 @@ import pytest
 from shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
-from llm_omninode.client import ShimClient
 
 pytestmark = [pytest.mark.model, pytest.mark.faults, pytest.mark.cluster]
 
@@ -40,18 +39,6 @@ GENERATIONS = 32  # at least 30
 FAULTS = 20  # at least 20
 SEED = 20261206
 BOUND_S = 900  # the whole run, faults and all
-
-
-def _leftovers(cluster: ShimCluster, i: int) -> dict[str, int]:
-    with ShimClient("127.0.0.1", cluster.ports[i]) as client:
-        status = client.request("status")
-    hosted = status["hosted"]
-    return {
-        "generations": status["generations"],
-        "pipelines": status["pipelines"],
-        "kv_caches": sum(h["sequences"] - h["parked"] for h in hosted),
-        "pickers": sum(h["pickers"] for h in hosted),
-    }
 
 
 def _drop_a_client(url: str, rng: random.Random) -> None:
@@ -149,7 +136,7 @@ def test_random_faults_during_generations(tmp_path: Path, smollm2_path: Path, mo
         cluster.wait_for_peers(3)
         for i in range(3):
             for _ in range(100):
-                left = _leftovers(cluster, i)
+                left = cluster.leftovers(i)
                 if not any(left.values()):
                     break
                 time.sleep(0.1)

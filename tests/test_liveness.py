@@ -6,12 +6,14 @@ a peer that is only busy keeps its connection. Real QUIC, peers in their own pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -63,11 +65,16 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def _spawn(script: str, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
+@contextlib.contextmanager
+def _server() -> Iterator[tuple[subprocess.Popen, int]]:
+    """A QUIC server in a process of its own, and its port; killed at the end."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc, int(proc.stdout.readline())
+    finally:
+        proc.kill()  # SIGKILL ends a stopped process too
+        proc.wait()
 
 
 async def _closed_within(conn, bound: float) -> float:
@@ -80,11 +87,10 @@ async def _closed_within(conn, bound: float) -> float:
 
 
 def test_a_killed_server_is_lost_at_once():
-    proc, port = _spawn(SERVER)
     settings = QuicSettings(keepalive=0.5, lost_after=30.0)
 
-    async def main():
-        conn = await connect(HOST, int(port), NodeIdentity.generate(), Admission.open_mode(),
+    async def main(proc: subprocess.Popen, port: int):
+        conn = await connect(HOST, port, NodeIdentity.generate(), Admission.open_mode(),
                              settings=settings)  # fmt: skip
         waiting = asyncio.ensure_future(
             conn.request(F.request_frame(conn.next_id(), "slow", sleep=60), timeout=120)
@@ -99,29 +105,26 @@ def test_a_killed_server_is_lost_at_once():
         print(f"killed server: lost after {took:.2f} s")
         await conn.close()
 
-    asyncio.run(main())
+    with _server() as (proc, port):
+        asyncio.run(main(proc, port))
 
 
 def test_a_frozen_server_is_lost_once_silent():
-    proc, port = _spawn(SERVER)
     settings = QuicSettings(keepalive=0.2, lost_after=1.5)
-    try:
 
-        async def main():
-            conn = await connect(HOST, int(port), NodeIdentity.generate(),
-                                 Admission.open_mode(), settings=settings)  # fmt: skip
-            await asyncio.sleep(2.5)  # idle but answering pings: kept
-            assert not conn.closed
-            os.kill(proc.pid, signal.SIGSTOP)
-            took = await _closed_within(conn, 6.0)
-            assert took >= 1.0
-            print(f"frozen server: lost after {took:.2f} s")
-            await conn.close()
+    async def main(proc: subprocess.Popen, port: int):
+        conn = await connect(HOST, port, NodeIdentity.generate(), Admission.open_mode(),
+                             settings=settings)  # fmt: skip
+        await asyncio.sleep(2.5)  # idle but answering pings: kept
+        assert not conn.closed
+        os.kill(proc.pid, signal.SIGSTOP)
+        took = await _closed_within(conn, 6.0)
+        assert took >= 1.0
+        print(f"frozen server: lost after {took:.2f} s")
+        await conn.close()
 
-        asyncio.run(main())
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with _server() as (proc, port):
+        asyncio.run(main(proc, port))
 
 
 def test_a_killed_client_is_dropped_by_the_server_at_once():
@@ -163,22 +166,16 @@ def test_a_killed_client_is_dropped_by_the_server_at_once():
 
 
 def test_a_busy_peer_keeps_its_connection():
-    """A server whose handler holds the GIL-free wait for longer than lost_after still
-    answers pings: not lost."""
-    proc, port = _spawn(SERVER)
+    """A server whose handler takes longer than lost_after still answers pings: not lost."""
     settings = QuicSettings(keepalive=0.2, lost_after=1.0)
-    try:
 
-        async def main():
-            conn = await connect(HOST, int(port), NodeIdentity.generate(),
-                                 Admission.open_mode(), settings=settings)  # fmt: skip
-            reply = await conn.request(F.request_frame(conn.next_id(), "slow", sleep=3),
-                                       timeout=10)  # fmt: skip
-            assert reply.type == F.FrameType.RESPONSE
-            assert not conn.closed
-            await conn.close()
+    async def main(port: int):
+        conn = await connect(HOST, port, NodeIdentity.generate(), Admission.open_mode(),
+                             settings=settings)  # fmt: skip
+        reply = await conn.request(F.request_frame(conn.next_id(), "slow", sleep=3), timeout=10)
+        assert reply.type == F.FrameType.RESPONSE
+        assert not conn.closed
+        await conn.close()
 
-        asyncio.run(main())
-    finally:
-        proc.kill()
-        proc.wait()
+    with _server() as (_, port):
+        asyncio.run(main(port))

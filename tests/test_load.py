@@ -15,7 +15,7 @@ from pathlib import Path
 import llm
 import ollama
 import pytest
-from shim_cluster import ShimCluster
+from shim_cluster import ShimCluster, leftovers
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.client import ShimClient
@@ -38,25 +38,14 @@ def _status(cluster: ShimCluster, i: int) -> dict:
         return client.request("status")
 
 
-def _leftovers(status: dict) -> dict[str, int]:
-    hosted = status["hosted"]
-    return {
-        "generations": status["generations"],
-        "pipelines": status["pipelines"],
-        # caches of finished sequences kept for a next turn (at most 4 a stage) are not live
-        "kv_caches": sum(h["sequences"] - h["parked"] for h in hosted),
-        "pickers": sum(h["pickers"] for h in hosted),
-    }
-
-
 def _wait_idle(cluster: ShimCluster) -> list[dict]:
     """Both nodes' status once nothing is left running (frees are asynchronous)."""
     for _ in range(300):
         statuses = [_status(cluster, i) for i in range(2)]
-        if not any(any(_leftovers(s).values()) for s in statuses):
+        if not any(any(leftovers(s).values()) for s in statuses):
             return statuses
         time.sleep(0.1)
-    raise AssertionError(f"sequences left behind: {[_leftovers(s) for s in statuses]}")
+    raise AssertionError(f"sequences left behind: {[leftovers(s) for s in statuses]}")
 
 
 def test_32_concurrent_requests_three_rounds(tmp_path: Path, smollm2_path: Path, monkeypatch):
