@@ -47,7 +47,8 @@ from llm_omninode.backend.store import ShardStore
 from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission
 from llm_omninode.net.identity import NodeIdentity
-from llm_omninode.net.quic import LOOPBACK_DATAGRAM_SIZE, QuicSettings, connect, serve
+from llm_omninode.net.quic import QuicSettings, connect, serve
+from llm_omninode.net.settings import LOOPBACK_DATAGRAM_SIZE
 from llm_omninode.net.transfer import (
     CHUNK,
     WINDOW,

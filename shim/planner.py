@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_omninode.backend.cid import is_cid
-from llm_omninode.backend.shards import MAX_BLOCKS, Manifest
+from llm_omninode.backend.shards import Manifest
+from llm_omninode.backend.spec import MAX_BLOCKS
 from llm_omninode.net.identity import is_node_id
 
 PLAN_FORMAT = "omninode/plan/1"

@@ -21,11 +21,11 @@ from typing import Any
 
 from .cid import CIDError, cid_of, cid_of_chunks, digest_of_cid
 from .ggml_types import BLOCK_LAYOUT, GGMLType, GGUFValueType, tensor_nbytes
+from .spec import MAX_BLOCKS
 
 MANIFEST_FORMAT = "omninode/manifest/1"
 SHARD_ALIGNMENT = 32
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-MAX_BLOCKS = 4096
 MAX_TENSORS_PER_SHARD = 4096
 # Tensors read by every block rather than owned by one (llama 3 rope scaling factors).
 SHARED_TENSORS = frozenset(

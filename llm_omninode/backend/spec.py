@@ -13,8 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .shards import MAX_BLOCKS
-
 
 class UnsupportedModelError(ValueError):
     """The file is well formed but describes a model this engine cannot run."""
@@ -26,9 +24,10 @@ class ModelCheckError(ValueError):
     The message names the key and both values (see backend/model_check.py)."""
 
 
-# Bounds on counts the metadata states, before anything is sized from them: MAX_BLOCKS is the
-# manifest's own limit; 2^24 positions is above any released model's context (the largest,
-# 10M tokens, is under 2^24) and keeps a hostile value from sizing caches.
+# Bounds on counts the metadata states, before anything is sized from them: MAX_BLOCKS (also
+# the manifest's limit on its shard list); 2^24 positions is above any released model's
+# context (the largest, 10M tokens, is under 2^24) and keeps a hostile value from sizing caches.
+MAX_BLOCKS = 4096
 MAX_CONTEXT_LENGTH = 1 << 24
 
 _BLOCK_NAME_RE = re.compile(r"blk\.(\d+)\.")

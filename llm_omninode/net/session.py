@@ -28,11 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
@@ -51,19 +49,16 @@ from .frames import (
     join_frame,
 )
 from .identity import IdentityError, NodeIdentity, node_id_from_certificate
+from .settings import QuicSettings
 from .streams import (
-    CLOSE_CODES,
     EOF_MARK,
     CloseCode,
     ConnectionClosed,
     FrameStream,
     Inbound,
     PeerLost,
-    PeerRefused,
 )
-
-if TYPE_CHECKING:
-    from .quic import QuicSettings
+from .unreachable import PORT_UNREACHABLE, same_addr, unreachable
 
 log = logging.getLogger("llm_omninode.net.quic")
 
@@ -72,46 +67,6 @@ Handler = Callable[[str, Frame, "FrameStream"], Awaitable[Frame | None]]
 
 BATCH = 64  # datagrams taken from the socket per wake-up
 RECV_SIZE = 65536
-
-
-# ICMP errors on UDP: Linux reports them on unconnected sockets too once asked (IP_RECVERR),
-# with the address each failed datagram went to in the socket's error queue
-IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
-IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
-MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-PORT_UNREACHABLE = "its port is unreachable (the process is gone)"
-
-
-def report_unreachable(sock: socket.socket) -> bool:
-    """Ask the OS to report ICMP errors of datagrams ``sock`` sent (Linux only); whether it
-    will. Elsewhere a dead peer is found by silence alone."""
-    if sys.platform != "linux":
-        return False
-    try:
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-    except OSError:
-        return False
-    return True
-
-
-def unreachable(sock: socket.socket) -> list[Any]:
-    """Drain ``sock``'s error queue: the addresses datagrams could not be delivered to."""
-    addrs = []
-    for _ in range(BATCH):
-        try:
-            _, _, _, addr = sock.recvmsg(1, 512, MSG_ERRQUEUE)
-        except OSError:  # empty (EAGAIN), or no error queue here
-            break
-        if addr:
-            addrs.append(addr)
-    return addrs
-
-
-def _same_addr(a: Any, b: Any) -> bool:
-    return bool(a) and bool(b) and tuple(a[:2]) == tuple(b[:2])
 
 
 SMALL_PAYLOAD = 256 * 1024  # payloads up to this are copied behind their header and sent at once
@@ -169,7 +124,7 @@ class OmniProtocol(QuicConnectionProtocol):
         if (
             isinstance(exc, ConnectionRefusedError)
             and sock is not None
-            and any(_same_addr(a, self.peer_addr) for a in unreachable(sock))
+            and any(same_addr(a, self.peer_addr) for a in unreachable(sock))
         ):
             self.peer_lost(PORT_UNREACHABLE)
 
@@ -605,93 +560,3 @@ class ServerProtocol(OmniProtocol):
         if self._join_timer is not None:
             self._join_timer.cancel()
         self.registry.discard(self)
-
-
-class ClientProtocol(OmniProtocol):
-    role = "client"
-
-    def __init__(self, quic: QuicConnection, *, expected_node_id: str | None, **kwargs) -> None:
-        super().__init__(quic, **kwargs)
-        self.expected_node_id = expected_node_id
-        self._sock: socket.socket | None = None
-        self.ready: asyncio.Future[None] = self._loop.create_future()
-        # a failure after connect() stopped waiting (timed out) is nobody's to raise
-        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    def _fail(self, exc: Exception) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(exc)
-
-    def refuse(self, code: CloseCode, reason: str) -> None:
-        super().refuse(code, reason)
-        self._fail(PeerRefused(code, f"we refused {self.peer_id or 'the server'}: {reason}"))
-
-    def peer_lost(self, why: str) -> None:
-        super().peer_lost(why)
-        self._fail(PeerLost(f"peer lost: {why}"))  # while connecting: no waiting for a timeout
-
-    def _authenticated(self) -> None:
-        if self.expected_node_id is not None and self.peer_id != self.expected_node_id:
-            self.refuse(
-                CloseCode.BAD_CERTIFICATE,
-                f"server key is {self.peer_id}, expected {self.expected_node_id}",
-            )
-            return
-        stream_id = self._quic.get_next_available_stream_id()
-        self._join_stream = stream_id
-        self._join_decoder = FrameDecoder(
-            max_header=4096, max_payload=0, types=frozenset({FrameType.JOIN_OK})
-        )
-        self.send_frame(stream_id, join_frame(self.identity.node_id, self._own_proof()), True)
-
-    def _before_admission(self, event: events.StreamDataReceived) -> None:
-        frame = self._join_frame(event, FrameType.JOIN_OK)
-        if frame is None or not self._decide(frame):
-            return
-        self.admitted = True
-        if not self.ready.done():
-            self.ready.set_result(None)
-        self._watch()
-
-    def _new_inbound_stream(self, stream_id: int) -> Inbound | None:
-        if stream_id != self._join_stream:  # data on a stream we never opened (or forgot)
-            with contextlib.suppress(Exception):
-                self._quic.stop_stream(stream_id, CloseCode.PROTOCOL)
-        return None
-
-    def _connection_lost(self, event: events.ConnectionTerminated) -> None:
-        if event.error_code in CLOSE_CODES and event.error_code != CloseCode.NO_ERROR:
-            self._fail(PeerRefused(event.error_code, f"server closed: {event.reason_phrase}"))
-        else:
-            self._fail(ConnectionClosed(f"closed during set-up: {event.reason_phrase}"))
-
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        """Take every datagram already waiting on the socket, then answer once: one ACK and
-        one flush per burst instead of per datagram (bulk downloads gain most of their speed
-        here)."""
-        if self.peer_addr is None:
-            self.peer_addr = addr
-        self.last_received = time.monotonic()
-        now = self._loop.time
-        self._quic.receive_datagram(data, addr, now=now())
-        sock = self._sock
-        if sock is not None:
-            for _ in range(BATCH):
-                try:
-                    data, addr = sock.recvfrom(RECV_SIZE)
-                except ConnectionRefusedError as exc:  # an ICMP error came in between
-                    self.error_received(exc)
-                    break
-                except OSError:  # BlockingIOError: drained
-                    break
-                self._quic.receive_datagram(data, addr, now=now())
-        self._process_events()
-        self.transmit()
-
-    def open_stream(self) -> FrameStream:
-        if self.close_code is not None:
-            raise ConnectionClosed(f"connection closed: {self.close_reason}")
-        stream_id = self._quic.get_next_available_stream_id()
-        inbound = Inbound(FrameDecoder())
-        self._streams[stream_id] = inbound
-        return FrameStream(self, stream_id, inbound)
