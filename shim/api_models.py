@@ -18,7 +18,7 @@ from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
 
-from .coordinator import CoordinatorError
+from .errors import CoordinatorError
 from .http_server import iso
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from llm_omninode.net.transfer import TransferError
 from llm_omninode.request import RequestError
 
 from .api_parse import ApiCall, ApiError
-from .coordinator import Busy, CoordinatorError, ModelText, ModelUnknown
+from .coordinator import ModelText
+from .errors import Busy, CoordinatorError, ModelUnknown
 from .stage_host import ShardsUnavailable, StageError, StageStorageFull
 
 if TYPE_CHECKING:

@@ -28,6 +28,16 @@ from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
 from llm_omninode.request import GenerationRequest, RequestError
 
+from .errors import (
+    Busy,
+    CacheMiss,
+    CoordinatorError,
+    LinkLost,
+    ModelUnknown,
+    NodeLost,
+    StageBusy,
+    StageMissing,
+)
 from .pipeline import (
     LOST_AFTER,
     PROBE_TIMEOUT,
@@ -57,40 +67,6 @@ MAX_RECOVERIES = 3  # re-plans (lost node, unloaded stage) one generation may go
 DEFAULT_PARALLEL = 4
 MAX_QUEUE = 256
 BUSY_RETRIES = 40  # a stage full of other coordinators' sequences: retry, 0.25..2 s apart
-
-
-class CoordinatorError(RuntimeError):
-    """A request cannot be served; the message is for the user."""
-
-
-class ModelUnknown(CoordinatorError):
-    """No node of the cluster has the model (HTTP 404)."""
-
-
-class NodeLost(CoordinatorError):
-    """A step failed in a way a lost node explains (probed before a recovery)."""
-
-
-class LinkLost(NodeLost):
-    """A link of the chain broke (the transport lost a node, or thought so): recover even
-    if every node answers afterwards (a starved node falls silent, then comes back)."""
-
-
-class Busy(CoordinatorError):
-    """Too many requests queued for the model (HTTP 503)."""
-
-
-class StageBusy(CoordinatorError):
-    """A stage holds as many sequences as it may (other coordinators' too): retry later."""
-
-
-class CacheMiss(CoordinatorError):
-    """A stage no longer holds the prefix a sequence was to start from."""
-
-
-class StageMissing(CoordinatorError):
-    """A stage of the plan is no longer loaded (unloaded by its node, or by another
-    coordinator's keep-alive): loading again and retrying serves the request."""
 
 
 @dataclass

@@ -44,7 +44,8 @@ from llm_omninode.net.quic import FrameStream, QuicSettings, Server, serve
 from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
-from .coordinator import DEFAULT_PARALLEL, Coordinator, CoordinatorError
+from .coordinator import DEFAULT_PARALLEL, Coordinator
+from .errors import CoordinatorError
 from .http_server import ApiConfig
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
