@@ -46,25 +46,30 @@ def pull(name, alias):
         source = find_source(name)
     except PullError as exc:
         _fail(exc)
-    bar = None
+    # one bar for the whole pull, over the file's bytes (downloads and extraction; pip's own
+    # output is not shown); not a TTY: click prints the label once and no bar
+    total = source.size
 
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = click.progressbar(
-                length=total, label=f"extracting {source.filename}", file=sys.stderr
-            )
-            bar.__enter__()
+    def sizes(_item: object) -> str:
+        return f"{_human_bytes(bar.pos)}/{_human_bytes(total)}" if total else ""
+
+    bar = click.progressbar(
+        length=total or None, label=source.filename, file=sys.stderr, show_eta=True,
+        item_show_func=sizes,
+    )  # fmt: skip
+
+    def progress(done: int, of: int) -> None:
+        nonlocal total
+        if of != total:  # a source without a size: the total grows as its parts arrive
+            total = bar.length = of
         bar.update(done - bar.pos)
 
     click.echo(f"pulling {source.name}: {source.description}", err=True)
     try:
-        record = pull_model(_registry(), source, alias=alias, progress=progress)
+        with bar:
+            record = pull_model(_registry(), source, alias=alias, progress=progress)
     except (PullError, *_add_errors()) as exc:  # type: ignore[misc]
         _fail(exc)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
     click.echo(f"verified sha256 {source.sha256[:16]}...", err=True)
     _added(record)
 
