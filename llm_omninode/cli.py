@@ -50,8 +50,12 @@ def pull(name, alias):
     # output is not shown); not a TTY: click prints the label once and no bar
     total = source.size
 
-    def sizes(_item: object) -> str:
-        return f"{_human_bytes(bar.pos)}/{_human_bytes(total)}" if total else ""
+    def sizes(_item: object) -> str:  # "0.52/1.04 GiB": both in the total's unit
+        if not total:
+            return ""
+        scale = next(s for s in (30, 20, 10, 0) if total >= 1 << s)
+        unit = {30: "GiB", 20: "MiB", 10: "KiB", 0: "B"}[scale]
+        return f"{bar.pos / 2**scale:.2f}/{total / 2**scale:.2f} {unit}"
 
     bar = click.progressbar(
         length=total or None, label=source.filename, file=sys.stderr, show_eta=True,
