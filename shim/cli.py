@@ -101,7 +101,6 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
          no_prefix_cache, threads, log_level) -> None:  # fmt: skip
     """Run an OmniNode node: it discovers its peers, holds a slice of each model's blocks and
     coordinates the requests that reach it."""
-    from llm_omninode.backend import blas
     from llm_omninode.home import DataDirInUse, lock_data_dir, omni_home
 
     from .http_server import ApiConfig
@@ -114,8 +113,6 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
     )
     for noisy in ("quic", "aioquic", "zeroconf"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    if threads:
-        blas.set_max_threads(threads)
     data_dir = data_dir or omni_home()
     try:  # one shim per data dir (one node id, one store): before any socket or file of it
         lock_data_dir(data_dir)

@@ -82,10 +82,11 @@ def test_float_weights_match_the_engine(tiny, arch, bounds) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quantized_weights_match_the_engine(tiny, arch) -> None:
     """Quantized weights: ggml rounds activations to 8 bits before each matmul, as llama.cpp
-    does; engine.Stage emulates those roundings with ``ggml_numerics``."""
+    does, engine.Stage computes in float32 without them; on these files that moves the logits
+    by ~0.03 (measured at most 0.027). Fidelity to llama.cpp itself: the teacher-forced tests."""
     model = tiny[arch, "q"]
     for bounds in ((0, 4), (0, 2, 4)):
-        want = logits_along(model.stages(bounds, ggml_numerics=True))
+        want = logits_along(model.stages(bounds))
         got = logits_along(ggml_stages(model, bounds))
         for w, g in zip(want, got, strict=True):
             assert np.abs(g - w).max() < 0.1

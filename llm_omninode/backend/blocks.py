@@ -1,36 +1,17 @@
-"""The layers of a transformer block (attention, gated MLP, norms) and the loader that checks
-their tensors, for MLX and, on a Linux CPU host, for NumPy single steps (host_step.py).
-
-See engine.py for the two numerics (float32 as written, or llama.cpp's CPU roundings).
-"""
+"""The layers of a transformer block (attention, gated MLP, norms) in MLX, and the loader
+that checks their tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from . import host_step, kquants
-from .ggml_types import GGMLType
 from .kv_cache import KVCache
 from .linear import Linear
-from .quant import VEC_DOT_TYPE, QuantizedWeight, TensorData, Weight, load_tensor
+from .quant import QuantizedWeight, TensorData, Weight, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
-
-
-def rms_norm_ggml(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    """RMS norm rounded as ggml's CPU code rounds it (bit for bit in float32).
-
-    ggml sums the float32 squares in double, takes ``scale = 1/sqrtf(mean + eps)`` in float,
-    multiplies by it and then, as a separate op, by the weight. mx.fast.rms_norm differs in the
-    last bit for about half the elements, which is enough to flip a few roundings of the 8-bit
-    activation quantization that follows (see quant.round_activations).
-    """
-    ss = (x * x).astype(mx.float64).sum(axis=-1, keepdims=True)
-    mean = (ss / x.shape[-1]).astype(x.dtype)
-    return (x * (1.0 / mx.sqrt(mean + eps))) * weight
 
 
 def attention_mask(T: int, offset: int, S: int, window: int) -> mx.array | str | None:
@@ -57,7 +38,6 @@ class Attention:
         layer: int = 0,
     ) -> None:
         self.spec = spec
-        self.ggml_numerics = w.ggml_numerics
         self.rope_base, self.rope_scale = spec.layer_rope(layer)
         self.window = spec.sliding_window if spec.is_sliding(layer) else 0
         nh, nkv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
@@ -74,24 +54,6 @@ class Attention:
             self.k_norm = w.dense(f"{prefix}attn_k_norm.weight", (hd,))
         self.rope_freqs = rope_freqs
         self.splits = [nh * hd, (nh + nkv) * hd]
-        self.host: host_step.HostAttention | None = None
-
-    def enable_host(self) -> None:
-        """Run one-position steps in NumPy (host_step.py) if the projections allow it."""
-        if self.qkv is None:
-            # q/k/v of different quant types (a Q4_K_M mix) fuse once they are all on the host
-            self.qkv = Linear.fused([self.q_proj, self.k_proj, self.v_proj])
-            if self.qkv is not None:
-                self.q_proj = self.k_proj = self.v_proj = None
-        lins = (self.qkv, self.o_proj)
-        if self.ggml_numerics or not all(lin is not None and lin.on_host for lin in lins):
-            return
-        freqs, qn, kn = (
-            None if a is None else np.array(a.astype(mx.float32))
-            for a in (self.rope_freqs, self.q_norm, self.k_norm)
-        )
-        inv = host_step.inv_freqs(self.spec, freqs, self.rope_base)
-        self.host = host_step.HostAttention(inv, self.rope_scale, qn, kn, self.window)
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         s = self.spec
@@ -105,37 +67,9 @@ class Attention:
             freqs=self.rope_freqs,
         )
 
-    def _attend_ggml(
-        self, q: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None
-    ) -> mx.array:
-        """Attention rounded as llama.cpp's CPU graph without flash attention rounds it.
-
-        There ``KQ = mul_mat(K, Q)`` with K from the float16 cache converts Q to float16 first
-        (products and sums in float32), the scaled, masked softmax is float32, and
-        ``KQV = mul_mat(V, KQ)`` converts the probabilities to float16. q: (1, H, T, hd) in the
-        compute dtype; keys, values: (1, H_kv, S, hd) as cached.
-        """
-        _, nh, T, hd = q.shape
-        nkv, S = keys.shape[1], keys.shape[2]
-        dt = q.dtype
-        # query head h reads kv head h // (nh // nkv), as in ggml's broadcasting mul_mat
-        q = q.reshape(1, nkv, nh // nkv * T, hd).astype(mx.float16).astype(dt)
-        scores = (q @ keys.astype(dt).swapaxes(-1, -2)) * self.spec.scale
-        if mask is not None:
-            if isinstance(mask, str):  # causal, aligned to the last query
-                mask = mx.arange(T)[:, None] + (S - T) >= mx.arange(S)[None]
-            # row r of a group is query position r % T
-            scores = mx.where(mx.tile(mask, (nh // nkv, 1)), scores, -mx.inf)
-        probs = mx.softmax(scores, axis=-1, precise=True)
-        o = probs.astype(mx.float16).astype(dt) @ values.astype(dt)
-        return o.reshape(1, nh, T, hd)
-
     def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
         s = self.spec
         _, T, _ = x.shape
-        if T == 1 and cache.host and self.host is not None:
-            y = self.step_host(np.asarray(x.astype(mx.float32))[0], [cache], layer)
-            return mx.array(y[None]).astype(x.dtype)
         if self.qkv is not None:
             q, k, v = mx.split(self.qkv(x), self.splits, axis=-1)
         else:
@@ -155,25 +89,8 @@ class Attention:
             keys, values = keys[..., -self.window :, :], values[..., -self.window :, :]
         else:
             mask = attention_mask(T, cache.offset, keys.shape[2], self.window)
-        if self.ggml_numerics:
-            o = self._attend_ggml(q, keys, values, mask if T > 1 else None)
-        else:
-            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=s.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(1, T, s.n_heads * s.head_dim))
-
-    def step_host(self, x: np.ndarray, caches: Sequence[KVCache], layer: int) -> np.ndarray:
-        """Rows (T, d_model) float32 in NumPy (host_step.py): T positions of one sequence if
-        one cache is given, else one position of each sequence in ``caches``."""
-        assert self.qkv is not None and self.host is not None
-        qkv, spec, h = self.qkv.host_apply(x), self.spec, self.host
-        if len(caches) == 1:
-            o = host_step.attend(qkv, caches[0], layer, spec, h)
-        else:
-            rows = [
-                host_step.attend(qkv[i : i + 1], c, layer, spec, h) for i, c in enumerate(caches)
-            ]
-            o = np.concatenate(rows)
-        return self.o_proj.host_apply(o)
 
 
 class MLP:
@@ -187,7 +104,6 @@ class MLP:
         self.gate, self.up = (gate, up) if self.gate_up is None else (None, None)
         self.down = w.linear(f"{prefix}ffn_down.weight", (f, d))
         self.d_ff = f
-        self.host_act = host_step.ACTIVATIONS.get(spec.activation)
         if spec.activation == "silu":
             self.act = nn.silu
         elif spec.activation == "gelu":
@@ -202,25 +118,13 @@ class MLP:
             g, u = self.gate(x), self.up(x)
         return self.down(self.act(g) * u)
 
-    def host_ready(self) -> bool:
-        lins = [self.down] + ([self.gate_up] if self.gate_up else [self.gate, self.up])
-        return self.host_act is not None and all(lin is not None and lin.on_host for lin in lins)
-
-    def step_host(self, x: np.ndarray) -> np.ndarray:
-        assert self.host_act is not None
-        if self.gate_up is not None:
-            g, u = np.split(self.gate_up.host_apply(x), [self.d_ff], axis=-1)
-        else:
-            g, u = self.gate.host_apply(x), self.up.host_apply(x)  # type: ignore[union-attr]
-        return self.down.host_apply(self.host_act(g) * u)
-
 
 class Block:
     def __init__(self, spec: ModelSpec, w: Loader, index: int, rope_freqs: mx.array | None) -> None:
         p = f"blk.{index}."
         d = spec.d_model
         self.eps = spec.rms_eps
-        self.norm = rms_norm_ggml if w.ggml_numerics else mx.fast.rms_norm
+        self.norm = mx.fast.rms_norm
         self.attn_norm = w.dense(f"{p}attn_norm.weight", (d,))
         self.attn = Attention(spec, w, p, rope_freqs, index)
         self.ffn_norm = w.dense(f"{p}ffn_norm.weight", (d,))
@@ -229,27 +133,6 @@ class Block:
         if spec.post_norms:
             self.post_attn_norm = w.dense(f"{p}post_attention_norm.weight", (d,))
             self.post_ffn_norm = w.dense(f"{p}post_ffw_norm.weight", (d,))
-
-    def enable_host(self) -> bool:
-        """Prepare NumPy single-position steps (host_step.py); whether they are possible."""
-        self.attn.enable_host()
-        if self.attn.host is None or not self.mlp.host_ready():
-            return False
-        norms = (self.attn_norm, self.ffn_norm, self.post_attn_norm, self.post_ffn_norm)
-        self.host_norms = [None if w is None else np.array(w.astype(mx.float32)) for w in norms]
-        return True
-
-    def step_host(self, x: np.ndarray, caches: Sequence[KVCache], layer: int) -> np.ndarray:
-        """Rows (T, d_model) float32 through the block in NumPy (see Attention.step_host)."""
-        an, fn, pan, pfn = self.host_norms
-        a = self.attn.step_host(host_step.rms_norm(x, an, self.eps), caches, layer)
-        if pan is not None:
-            a = host_step.rms_norm(a, pan, self.eps)
-        h = x + a
-        m = self.mlp.step_host(host_step.rms_norm(h, fn, self.eps))
-        if pfn is not None:
-            m = host_step.rms_norm(m, pfn, self.eps)
-        return h + m
 
     def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
         a = self.attn(self.norm(x, self.attn_norm, self.eps), cache, layer, mask)
@@ -265,12 +148,9 @@ class Block:
 class Loader:
     """Loads named tensors after checking they exist with the shape the spec implies."""
 
-    def __init__(
-        self, tensors: Mapping[str, TensorData], dtype: mx.Dtype, ggml_numerics: bool
-    ) -> None:
+    def __init__(self, tensors: Mapping[str, TensorData], dtype: mx.Dtype) -> None:
         self.tensors = tensors
         self.dtype = dtype
-        self.ggml_numerics = ggml_numerics
 
     def _get(self, name: str, shape: tuple[int, ...]) -> TensorData:
         t = self.tensors.get(name)
@@ -285,21 +165,8 @@ class Loader:
     def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
         return load_tensor(self._get(name, shape), dtype=self.dtype)
 
-    def act_type(self, name: str) -> GGMLType | None:
-        """What ggml rounds the activations to before a matmul with this weight, if emulated."""
-        act = VEC_DOT_TYPE.get(GGMLType(self.tensors[name].ggml_type))
-        return act if self.ggml_numerics and act != GGMLType.F32 else None
-
     def linear(self, name: str, shape: tuple[int, ...], bias: mx.array | None = None) -> Linear:
-        lin = Linear(self.weight(name, shape), bias, self.act_type(name))
-        return self.with_source(lin, name)
-
-    def with_source(self, lin: Linear, name: str) -> Linear:
-        """``lin`` knowing its tensor's bytes, if the host could pack what MLX holds as float16."""
-        t = self.tensors[name]
-        if GGMLType(t.ggml_type) in kquants.FLOAT16_TYPES:
-            lin.source = t
-        return lin
+        return Linear(self.weight(name, shape), bias)
 
     def dense(self, name: str, shape: tuple[int, ...]) -> mx.array:
         w = self.weight(name, shape)

@@ -3,18 +3,9 @@
 The first stage also embeds token ids; the last also applies the final norm and the output
 projection. Between stages hidden states travel as ``hidden_dtype`` (T, d_model): float32
 (what a shim uses: any split then computes bit for bit what one stage does) or float16;
-inside a stage the compute dtype is float32 by default.
-
-Two numerics: by default the model is computed as written, in float32 (it agrees with a
-float64 forward to ~1e-4). ``ggml_numerics=True`` instead rounds where llama.cpp's CPU
-backend rounds: activations quantized to Q8_0/Q8_1 before quantized matmuls (rounded to f16
-before f16 ones), ggml's RMS norm, queries and attention probabilities rounded to float16
-(flash attention off). Each op then matches llama.cpp to float32 summation order, but that
-is not enough to reproduce its logits: a last-bit difference flips a few 8-bit roundings,
-and over 30 blocks those grow to the same ~0.13 logit spread that separates the float32
-forward from llama.cpp (measured on SmolLM2; a one-ulp nudge of the embeddings moves the
-emulated logits as much). So it is off by default; only a bit-exact emulation of ggml's
-summation order (and its exp) would track llama.cpp's near-tied greedy choices.
+inside a stage the compute dtype is float32 by default, and the model is computed as written
+(it agrees with a float64 forward to ~1e-4). This is the engine on Apple silicon; on Linux it
+runs on MLX's CPU device (ggml_stage.GgmlStage is the Linux engine).
 """
 
 from __future__ import annotations
@@ -25,25 +16,14 @@ from collections.abc import Iterator, Mapping, Sequence
 import mlx.core as mx
 import numpy as np
 
-from . import blas, host_step
-from .blas import HostWeight
-from .blocks import MLP, Attention, Block, Loader, rms_norm_ggml
-from .kv_cache import HOST_DTYPES, ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
-from .linear import DENSE_PREFILL_MIN, HostStack, Linear, dense_prefill_wins
-from .qmatvec import KERNEL_MAX_ROWS, PackedWeight
+from .blocks import MLP, Attention, Block, Loader
+from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
+from .linear import Linear
 from .quant import QuantizedWeight, TensorData, Weight
 from .spec import ModelSpec
-from .stage_base import SequenceStage, check_seq_id, leaving, result_or_error
+from .stage_base import SequenceStage, check_seq_id, result_or_error
 
-__all__ = [
-    "DENSE_PREFILL_MIN",
-    "ContextOverflowError",
-    "Linear",
-    "SequenceLimitError",
-    "Stage",
-    "TensorData",
-    "dense_prefill_wins",
-]
+__all__ = ["ContextOverflowError", "Linear", "SequenceLimitError", "Stage", "TensorData"]
 
 # Long prompts are run through the blocks in chunks so attention scores stay bounded
 # (T x T per head); the result is the same as one pass, the caller still makes one call.
@@ -70,7 +50,6 @@ class Stage(SequenceStage):
         max_context: int | None = None,
         dtype: mx.Dtype = mx.float32,
         kv_dtype: mx.Dtype = mx.float16,
-        ggml_numerics: bool = False,
         hidden_dtype: type = np.float16,
     ) -> None:
         if not 0 <= start < end <= spec.n_blocks:
@@ -91,12 +70,7 @@ class Stage(SequenceStage):
         self.dtype = dtype
         self.max_context = max_context or spec.context_length
         d = spec.d_model
-        self.ggml_numerics = ggml_numerics
-        # A stage boundary rounds the hidden state to float16. In ggml mode a perturbation
-        # that small already changes later 8-bit roundings and so the tokens, so the state is
-        # rounded after every block instead: then any split computes bit for bit the same.
-        self.round_residual = ggml_numerics
-        w = Loader(tensors, dtype, ggml_numerics)
+        w = Loader(tensors, dtype)
 
         rope_freqs = None
         if spec.rope_freq_factors:
@@ -114,23 +88,12 @@ class Stage(SequenceStage):
         if self.is_last:
             self.output_norm = w.dense("output_norm.weight", (d,))
             if tied:
-                head = Linear(self.embedding, act=w.act_type("token_embd.weight"))
-                self.output = w.with_source(head, "token_embd.weight")
+                self.output = Linear(self.embedding)
             else:
                 self.output = w.linear("output.weight", (d, spec.vocab_size))
         if not self.is_first:
             self.embedding = None  # only the tied head holds on to it
-        mx.eval([a for a in self._parameters() if isinstance(a, mx.array)])
-        self.host_step = False
-        self.host_blas = blas.wanted(sum(lin.host_nbytes() for lin in self._linears()))
-        for linear in self._linears():
-            if self.host_blas:
-                linear.to_host()
-            linear.source = None
-        if self.host_blas:
-            ready = [block.enable_host() for block in self.blocks]
-            # one position at a time in NumPy: float32 compute, no ggml roundings to emulate
-            self.host_step = all(ready) and dtype == mx.float32 and not ggml_numerics
+        mx.eval(self._parameters())
         self._caches = SequenceCaches(
             max_sequences,
             n_layers=end - start,
@@ -138,7 +101,6 @@ class Stage(SequenceStage):
             head_dim=spec.head_dim,
             max_len=self.max_context,
             dtype=kv_dtype,
-            host=self.host_blas and kv_dtype in HOST_DTYPES,
         )
         self._lock = threading.Lock()
 
@@ -148,30 +110,19 @@ class Stage(SequenceStage):
             if isinstance(obj, list | tuple):
                 for o in obj:
                     yield from walk(o)
-            elif isinstance(obj, HostStack):
-                yield from walk(obj.parts)
             elif isinstance(obj, Linear | Attention | MLP | Block):
                 for v in vars(obj).values():
                     yield from walk(v)
 
         return walk([self.embedding, self.blocks, self.output_norm, self.output])
 
-    def _linears(self) -> list[Linear]:
-        return [o for o in self._walk() if isinstance(o, Linear)]
-
-    def _parameters(self) -> list[mx.array | np.ndarray]:
-        out: list[mx.array | np.ndarray] = []
+    def _parameters(self) -> list[mx.array]:
+        out: list[mx.array] = []
         for obj in self._walk():
             if isinstance(obj, mx.array):
                 out.append(obj)
             elif isinstance(obj, QuantizedWeight):
                 out.extend([obj.weight, obj.scales, obj.biases])
-            elif isinstance(obj, HostWeight):
-                out.append(obj.wt)
-                if obj.biases is not None:
-                    out.append(obj.biases)
-            elif isinstance(obj, PackedWeight):
-                out.extend([obj.qt, obj.scales, obj.offsets])
         return out
 
     @property
@@ -189,83 +140,36 @@ class Stage(SequenceStage):
             h = h * self.spec.embed_scale
         return h
 
-    def _step_host(self, x: np.ndarray, caches: Sequence[KVCache]) -> np.ndarray:
-        """``_run`` in NumPy (host_step.py), for one sequence's positions or for one position
-        of each of several sequences (then the last stage gives logits for every row)."""
-        h = np.asarray(self._embed(mx.array(x))) if self.is_first else x
-        for i, block in enumerate(self.blocks):
-            h = block.step_host(h, caches, i)
-        if not self.is_last:
-            return leaving(h, self.hidden_dtype, self.spec.boundary_scale)
-        if len(caches) == 1:
-            h = h[-1:]
-        h = host_step.rms_norm(h, np.array(self.output_norm), self.spec.rms_eps)
-        assert self.output is not None
-        logits = self.output.host_apply(h)
-        if self.spec.final_softcap is None:
-            return logits
-        return np.stack([np.array(self._softcap(mx.array(row))) for row in logits])
-
     def _softcap(self, logits: mx.array) -> mx.array:
         c = self.spec.final_softcap
         return logits if c is None else mx.tanh(logits / c) * c
 
     def _run(self, x: np.ndarray, cache: KVCache) -> mx.array:
         T = x.shape[0]
-        if self.host_step and cache.host and (T == 1 or host_step.PREFILL):
-            out = self._step_host(x, [cache])
-            return mx.array(out[0] if self.is_last else out)
         s = self.spec.boundary_scale  # a power of two: scaling is exact
         h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
         h = h[None]
         mask = "causal" if T > 1 else None
         for i, block in enumerate(self.blocks):
             h = block(h, cache, i, mask)
-            if self.round_residual:
-                h = (h * s).astype(mx.float16).astype(self.dtype) * (1 / s)
         if not self.is_last:
             if self.hidden_dtype == np.float32:
                 return h[0].astype(mx.float32)
             return (h[0] * s).astype(mx.float16)
-        norm = rms_norm_ggml if self.ggml_numerics else mx.fast.rms_norm
-        h = norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
+        h = mx.fast.rms_norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
         return self._softcap(self.output(h)[0].astype(mx.float32))
 
     @property
     def batches(self) -> bool:
-        """Whether ``forward_batch`` computes its steps together (else one by one)."""
-        return self.host_step
+        """Whether ``forward_batch`` computes its steps together: no, one by one."""
+        return False
 
     def forward_batch(
         self, steps: Sequence[tuple[str, np.ndarray]]
     ) -> list[np.ndarray | Exception]:
         """One position each of several sequences: ``forward``'s result for each, or the
-        exception ``forward`` would have raised for it (the others still run).
-
-        On the host the steps go through every projection together (each weight is read once
-        for all of them) and each attends over its own cache; a row's numbers are the same as
-        alone (the packed matvec and NumPy's row-wise ops do not mix rows).
-        """
-        if not self.batches:
-            return [result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
-        out: list[np.ndarray | Exception | None] = [None] * len(steps)
-        with self._lock:
-            taken, rows, caches = self._admit_steps(steps, out)
-            if taken:
-                # at most KERNEL_MAX_ROWS at a time: more rows would take the prompt path
-                # (dequantize + sgemm), whose rounding differs from a step alone
-                n = KERNEL_MAX_ROWS
-                y = np.concatenate(
-                    [
-                        self._step_host(np.concatenate(rows[a : a + n]), caches[a : a + n])
-                        for a in range(0, len(rows), n)
-                    ]  # fmt: skip
-                )
-                for cache in caches:
-                    cache.commit(1)
-        for k, i in enumerate(taken):
-            out[i] = y[k].copy() if self.is_last else y[k : k + 1].copy()
-        return out  # type: ignore[return-value]  # every None was replaced
+        exception ``forward`` would have raised for it (the others still run)."""
+        return [result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
 
     def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
         check_seq_id(seq_id)
@@ -277,7 +181,7 @@ class Stage(SequenceStage):
             for s in range(0, T, PREFILL_CHUNK):
                 chunk = x[s : s + PREFILL_CHUNK]
                 out = self._run(chunk, cache)
-                mx.eval(out, cache.pending())
+                mx.eval(out, cache.state())
                 cache.commit(chunk.shape[0])
                 outs.append(out)
         if self.is_last:

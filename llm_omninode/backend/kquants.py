@@ -11,8 +11,7 @@ little-endian bit stream):
 - Q5_K  the same with 5-bit q   -> 5 bits
 
 Q6_K, Q3_K and Q2_K give each 16 weights their own scale and MLX's smallest group is 32, so
-for MLX they are dequantized (in float32, in ggml's order of operations) and kept as float16;
-on a host that packs weights (qmatvec.py) they keep their integers in groups of 16.
+for MLX they are dequantized (in float32, in ggml's order of operations) and kept as float16.
 
 Block layouts follow ggml's ``block_q*`` structs (ggml-common.h). Everything is vectorised
 NumPy over all blocks of a tensor; sizes are checked by ``quant._blocks`` before we get here.
@@ -139,7 +138,7 @@ def affine_groups(
 # ---- 16-weight sub-block types: (u (n, 256) uint8, scale (n, 16), zero, minimum (n, 16)) ------
 # w = scale * (u - zero) - minimum for each sub-block of 16 consecutive weights, as ggml
 # computes it (d * sc first, then * q). MLX's groups are >= 32 weights, so these load as
-# float16 for MLX; the host packs u with scale and -(zero * scale + minimum) (qmatvec.py).
+# float16 for MLX.
 def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     # ql (128: low 4 bits), qh (64: high 2 bits), scales (16 int8), d (f16)
     ql, qh = blocks[:, 0:128], blocks[:, 128:192]
@@ -189,16 +188,6 @@ def _q2_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray |
     dl = d[:, None] * (sc & 0x0F).astype(np.float32)
     ml = dmin[:, None] * (sc >> 4).astype(np.float32)
     return u.reshape(-1, 256), dl, 0, ml
-
-
-def small_groups(
-    ggml_type: GGMLType, blocks: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(u (n_blocks * 16, 16) uint8, scale, offset (n_blocks * 16,) float32) of a 16-weight
-    sub-block type: ``w = scale * u + offset`` (up to the rounding of one addition)."""
-    u, scale, zero, minimum = _FLOAT_DECODERS[ggml_type](blocks)
-    offset = -zero * scale - (0 if minimum is None else minimum)
-    return u.reshape(-1, 16), scale.reshape(-1), offset.astype(np.float32).reshape(-1)
 
 
 def _small_group_values(ggml_type: GGMLType, blocks: np.ndarray) -> np.ndarray:

@@ -6,10 +6,6 @@ import time
 from collections import OrderedDict
 
 import mlx.core as mx
-import numpy as np
-
-# KV dtypes a host cache can hold (NumPy has no bfloat16)
-HOST_DTYPES = (mx.float16, mx.float32)
 
 
 class ContextOverflowError(ValueError):
@@ -36,10 +32,6 @@ class KVCache:
 
     Storage grows in steps (not per token) up to ``max_len`` positions, so a decode step
     writes into preallocated space instead of concatenating the whole history.
-    ``host=True`` keeps it in NumPy arrays (n_kv, positions, head_dim) written in place, for
-    stages whose decode attention runs in NumPy (host_attention.py). Those are float32 even for
-    a float16 cache (values rounded to float16 first, so the same numbers): NumPy has no fast
-    float16 matmul, and converting the cache every step cost more than the attention itself.
     """
 
     step = 256
@@ -51,16 +43,14 @@ class KVCache:
         head_dim: int,
         max_len: int,
         dtype: mx.Dtype,
-        host: bool = False,
     ) -> None:
         self.n_layers = n_layers
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
         self.max_len = max_len
         self.dtype = dtype
-        self.host = host
-        self.keys: list = []  # mx.array (1, n_kv, cap, hd), or np.ndarray (n_kv, cap, hd)
-        self.values: list = []
+        self.keys: list[mx.array] = []  # per layer (1, n_kv, capacity, head_dim)
+        self.values: list[mx.array] = []
         self.offset = 0  # positions already cached
         self.capacity = 0
         self.last_used = time.monotonic()
@@ -71,15 +61,6 @@ class KVCache:
         if need <= self.capacity:
             return
         new_cap = min(self.max_len, -(-need // self.step) * self.step)
-        if self.host:
-            host_shape = (self.n_kv_heads, new_cap - self.capacity, self.head_dim)
-            grow = [np.zeros(host_shape, np.float32) for _ in range(2 * self.n_layers)]
-            if self.keys:
-                pairs = zip(self.state(), grow, strict=True)
-                grow = [np.concatenate([a, b], axis=1) for a, b in pairs]
-            self.keys, self.values = grow[: self.n_layers], grow[self.n_layers :]
-            self.capacity = new_cap
-            return
         shape = (1, self.n_kv_heads, new_cap - self.capacity, self.head_dim)
         if not self.keys:
             self.keys = [mx.zeros(shape, self.dtype) for _ in range(self.n_layers)]
@@ -96,36 +77,17 @@ class KVCache:
     def update(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store k, v (1, n_kv, T, hd) at the current offset; return all cached so far."""
         end = self.offset + k.shape[2]
-        if self.host:  # MLX reads a copy: the buffers are written in place later
-            k32, v32 = k[0].astype(mx.float32), v[0].astype(mx.float32)
-            self.update_host(layer, np.asarray(k32), np.asarray(v32))
-            keys, values = self.keys[layer][None, :, :end], self.values[layer][None, :, :end]
-            return mx.array(keys).astype(self.dtype), mx.array(values).astype(self.dtype)
         self.keys[layer][..., self.offset : end, :] = k.astype(self.dtype)
         self.values[layer][..., self.offset : end, :] = v.astype(self.dtype)
         return self.keys[layer][..., :end, :], self.values[layer][..., :end, :]
-
-    def update_host(
-        self, layer: int, k: np.ndarray, v: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Host cache: store k, v (n_kv, T, hd) at the offset; views of all (n_kv, S, hd)."""
-        if self.dtype == mx.float16:
-            k, v = k.astype(np.float16), v.astype(np.float16)
-        end = self.offset + k.shape[1]
-        self.keys[layer][:, self.offset : end] = k
-        self.values[layer][:, self.offset : end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
 
     def commit(self, n: int) -> None:
         self.offset += n
         self.last_used = time.monotonic()
 
-    def state(self) -> list:
+    def state(self) -> list[mx.array]:
+        """What Stage.forward evaluates before committing a step."""
         return self.keys + self.values
-
-    def pending(self) -> list[mx.array]:
-        """What Stage.forward must evaluate before committing (nothing for a host cache)."""
-        return [] if self.host else self.state()
 
     @property
     def nbytes(self) -> int:
@@ -148,12 +110,11 @@ class SequenceCaches:
         head_dim: int,
         max_len: int,
         dtype: mx.Dtype,
-        host: bool = False,
     ) -> None:
         if max_sequences < 1:
             raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
         self.max_sequences = max_sequences
-        self._kv = (n_layers, n_kv_heads, head_dim, max_len, dtype, host)
+        self._kv = (n_layers, n_kv_heads, head_dim, max_len, dtype)
         self._caches: OrderedDict[str, KVCache] = OrderedDict()
 
     def get(self, seq_id: str) -> KVCache:

@@ -17,7 +17,6 @@ All work is vectorised NumPy over whole tensors: no Python loop runs per block.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -25,7 +24,6 @@ import numpy as np
 
 from . import kquants
 from .ggml_types import BLOCK_LAYOUT, GGMLType, tensor_nbytes
-from .qmatvec import PackedWeight
 from .spec import UnsupportedModelError
 
 GROUP_SIZE = 32
@@ -33,88 +31,6 @@ QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 # every type load_tensor accepts; anything else is refused by name (also at `add` time)
 SUPPORTED_TYPES = QUANTIZED_TYPES + kquants.SUPPORTED + DENSE_TYPES
-
-# What ggml's CPU matmul converts the float32 activations to before the dot products with a
-# weight of each type (``vec_dot_type`` in ggml-cpu): 8-bit blocks for the quantized types.
-VEC_DOT_TYPE = {
-    GGMLType.Q4_0: GGMLType.Q8_0,
-    GGMLType.Q4_1: GGMLType.Q8_1,
-    GGMLType.Q8_0: GGMLType.Q8_0,
-    GGMLType.Q5_0: GGMLType.Q8_0,
-    GGMLType.Q5_1: GGMLType.Q8_1,
-    GGMLType.Q2_K: GGMLType.Q8_K,
-    GGMLType.Q3_K: GGMLType.Q8_K,
-    GGMLType.Q4_K: GGMLType.Q8_K,
-    GGMLType.Q5_K: GGMLType.Q8_K,
-    GGMLType.Q6_K: GGMLType.Q8_K,
-    GGMLType.F16: GGMLType.F16,
-    GGMLType.BF16: GGMLType.BF16,
-    GGMLType.F32: GGMLType.F32,
-}
-
-
-def round_activations(x: mx.array, vec_dot_type: GGMLType | None) -> mx.array:
-    """``x`` as ggml's CPU matmul sees it after converting it to ``vec_dot_type``.
-
-    llama.cpp does not multiply a quantized weight by float32 activations: it first quantizes
-    each row of them to Q8_0/Q8_1 (blocks of 32, ``d = amax/127``, ``q = round(x*127/amax)``
-    rounding half to even as ggml's AVX2 code does, ``d`` stored as float16), or rounds them to
-    float16/bfloat16 for a weight of that type. Doing the same rounding here, then a float32
-    matmul, reproduces each of its matmuls to within float32 summation order (for Q8_1 see
-    also ``q8_1_activations``); without it a Q4_1 projection differs by ~3e-2. K-quant
-    weights take Q8_K activations (blocks of 256, see ``_q8_k``).
-    """
-    if vec_dot_type in (GGMLType.Q8_0, GGMLType.Q8_1):
-        return _q8(_as_blocks(x))[0].reshape(x.shape)
-    if vec_dot_type == GGMLType.Q8_K:
-        return _q8_k(x.reshape(*x.shape[:-1], x.shape[-1] // 256, 256)).reshape(x.shape)
-    if vec_dot_type == GGMLType.F16 and x.dtype != mx.float16:
-        return x.astype(mx.float16).astype(x.dtype)
-    if vec_dot_type == GGMLType.BF16 and x.dtype != mx.bfloat16:
-        return x.astype(mx.bfloat16).astype(x.dtype)
-    return x
-
-
-def q8_1_activations(x: mx.array) -> tuple[mx.array, mx.array]:
-    """Q8_1-rounded ``x`` (as ``round_activations``), and a per-block offset correction.
-
-    A Q8_1 block also stores ``s = fp16(d*sum(q))``, and ggml's Q4_1 dot product is
-    ``d_w*d_x*sum(q_w*q_x) + m_w*s``. Multiplying the rounded ``x`` by the dequantized weight
-    gives ``m_w*fp16(d)*sum(q)`` for the second term instead; the two differ by ~2^-11 of a
-    large term (3e-3 on SmolLM2's projections, 1e-6 with it), so the correction
-    ``s - fp16(d)*sum(q)`` (shape (..., n/32)) is returned to be multiplied by the weight's
-    per-block offsets ``m`` and added.
-    """
-    xq, corr = _q8(_as_blocks(x))
-    return xq.reshape(x.shape), corr
-
-
-def _as_blocks(x: mx.array) -> mx.array:
-    return x.reshape(*x.shape[:-1], x.shape[-1] // GROUP_SIZE, GROUP_SIZE)
-
-
-@functools.partial(mx.compile, shapeless=True)  # one fused pass instead of ~10 small ops
-def _q8(b: mx.array) -> tuple[mx.array, mx.array]:
-    amax = mx.max(mx.abs(b), axis=-1, keepdims=True)
-    scale = mx.where(amax > 0, 127.0 / amax, 0.0)  # ggml: id = 127/amax, or 0 for a zero block
-    d = amax / 127.0
-    dh = d.astype(mx.float16).astype(b.dtype)
-    q = mx.round(b * scale)
-    qsum = q.sum(axis=-1)
-    d = d[..., 0]
-    corr = (d * qsum).astype(mx.float16).astype(b.dtype) - dh[..., 0] * qsum
-    return q * dh, corr
-
-
-@functools.partial(mx.compile, shapeless=True)
-def _q8_k(b: mx.array) -> mx.array:
-    """ggml's quantize_row_q8_K, dequantized: blocks of 256, scale from the signed value of
-    largest magnitude (``iscale = -127/max``, ``d = 1/iscale`` kept in float32), q <= 127."""
-    at = mx.argmax(mx.abs(b), axis=-1, keepdims=True)  # the first of equal magnitudes
-    peak = mx.take_along_axis(b, at, axis=-1)
-    iscale = mx.where(peak != 0, -127.0 / peak, 0.0)
-    d = mx.where(peak != 0, 1.0 / iscale, 0.0)
-    return mx.minimum(mx.round(b * iscale), 127.0) * d
 
 
 @dataclass(frozen=True)
@@ -297,16 +213,6 @@ def load_tensor(t: TensorData, *, dtype: mx.Dtype = mx.float32) -> Weight:
     if t.ggml_type in DENSE_TYPES:
         return mx.array(_dense_numpy(t)).astype(dtype)
     raise UnsupportedModelError(unsupported_type_message(t.name, t.ggml_type))
-
-
-def small_group_weight(t: TensorData) -> PackedWeight:
-    """A Q6_K/Q3_K/Q2_K tensor as host bytes in groups of 16 (see kquants.small_groups)."""
-    u, scale, offset = kquants.small_groups(GGMLType(t.ggml_type), _blocks(t))
-    rows, cols = _matrix_shape(t)
-    shape = (rows, cols // 16)
-    return PackedWeight.from_groups(
-        u.reshape(rows, cols), scale.reshape(shape), offset.reshape(shape)
-    )
 
 
 def unsupported_type_message(name: str, ggml_type: GGMLType) -> str:
