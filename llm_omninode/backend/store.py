@@ -19,13 +19,14 @@ written is removed: the message says what was being stored, where, and how much 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import json
 import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +35,7 @@ import blake3
 import numpy as np
 
 from .cid import cid_from_digest, cid_of_chunks, digest_of_cid
-from .shards import Manifest, ShardEntry, shard_chunks
+from .shards import Manifest, ShardEntry, TensorEntry, shard_chunks
 
 if TYPE_CHECKING:
     from .gguf import GGUFFile
@@ -185,7 +186,11 @@ class ShardStore:
         return None if backed is None else backed[1].size
 
     def read(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
-        """A byte range of a shard (what a peer's ranged read gets); only that range is read."""
+        """A byte range of a shard (what a peer's ranged read gets); only that range is read.
+
+        Read with ``pread``, from the shard file or the model's GGUF, never through a mapping:
+        serving peers leaves no pages of the model in this process (its resident memory), only
+        in the page cache. ``open`` maps, for a stage's own weights."""
         path = self._shard_path(cid)
         if path.is_file():
             with open(path, "rb") as f:
@@ -197,8 +202,8 @@ class ShardStore:
             raise StoreError(f"shard {cid} is not in the store")
         source, shard = backed
         start, end = _range(cid, shard.size, offset, length)
-        gguf = self._gguf(source)
-        return b"".join(_shard_range(shard, gguf.tensor_data, start, end))
+        with self._file_reader(source, shard) as read_at:
+            return b"".join(_shard_range(shard, read_at, start, end))
 
     def open(self, cid: str) -> memoryview:
         """The whole shard, zero-copy (a mapping of the shard file or of the source GGUF)."""
@@ -213,7 +218,8 @@ class ShardStore:
         return memoryview(b"".join(shard_chunks(shard, self._gguf(source).tensor_data)))
 
     def verify(self, cid: str) -> bool:
-        """Re-hash a stored shard; a mismatch means the disk changed under us."""
+        """Re-hash a stored shard, read as ``read`` reads it; a mismatch means the disk changed
+        under us."""
         path = self._shard_path(cid)
         if path.is_file():
             with open(path, "rb") as f:
@@ -222,7 +228,12 @@ class ShardStore:
         if backed is None:
             return False
         source, shard = backed
-        return cid_of_chunks(shard_chunks(shard, self._gguf(source).tensor_data)) == cid
+        with self._file_reader(source, shard) as read_at:
+            chunks = (
+                b"".join(_shard_range(shard, read_at, lo, min(lo + _CHUNK, shard.size)))
+                for lo in range(0, shard.size, _CHUNK)
+            )
+            return cid_of_chunks(chunks) == cid
 
     def shards(self) -> Iterator[str]:
         for path in sorted(self.shard_dir.iterdir()):
@@ -395,6 +406,34 @@ class ShardStore:
             self._open_files[source.path] = gguf
         return gguf
 
+    @contextlib.contextmanager
+    def _file_reader(
+        self, source: FileSource, shard: ShardEntry
+    ) -> Iterator[Callable[[TensorEntry, int, int], bytes]]:
+        """``read_at(tensor, lo, hi)``: bytes [lo, hi) of one of ``shard``'s tensors, read from
+        the GGUF with ``pread`` (its parsed header says where each tensor lies)."""
+        gguf = self._gguf(source)
+        where = {}
+        for entry in shard.tensors:
+            info = gguf.tensors.get(entry.name)
+            if info is None or info.nbytes != entry.nbytes:
+                got = "no such tensor" if info is None else f"{info.nbytes} bytes"
+                raise StoreError(f"tensor {entry.name}: {got} in {source.path}, not {entry.nbytes}")
+            where[entry.name] = gguf.data_offset + info.offset
+        try:
+            fd = os.open(source.path, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreError(f"model file {source.path} is unreadable: {exc}") from exc
+        try:
+            st = os.fstat(fd)  # the file opened is the one checked (and parsed) by _gguf
+            if st.st_size != source.size or st.st_mtime_ns != source.mtime_ns:
+                raise StoreError(
+                    f"model file {source.path} changed since it was added; add it again"
+                )
+            yield lambda entry, lo, hi: _pread_exactly(fd, where[entry.name] + lo, hi - lo)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         for gguf in self._open_files.values():
             gguf.close()
@@ -432,10 +471,10 @@ def _pread_exactly(fd: int, offset: int, length: int) -> bytes:
 
 
 def _shard_range(
-    shard: ShardEntry, tensor_bytes, start: int, end: int
-) -> Iterator[bytes | memoryview]:
-    """The bytes [start, end) of a file-backed shard: slices of only the tensors (and zero
-    padding) that overlap the range, instead of the whole shard joined."""
+    shard: ShardEntry, read_at: Callable[[TensorEntry, int, int], bytes], start: int, end: int
+) -> Iterator[bytes]:
+    """The bytes [start, end) of a file-backed shard: ``read_at(tensor, lo, hi)`` of only the
+    tensors (and zero padding) that overlap the range, instead of the whole shard joined."""
     tensors = shard.tensors
     # first tensor that ends after start (tensors are in offset order)
     first = bisect.bisect_right([t.offset + t.nbytes for t in tensors], start)
@@ -448,12 +487,9 @@ def _shard_range(
             yield bytes(pad_hi - pad_lo)
         if entry.offset >= end:
             return
-        data = memoryview(tensor_bytes(entry.name)).cast("B")
-        if len(data) != entry.nbytes:
-            raise StoreError(f"tensor {entry.name} has {len(data)} bytes, expected {entry.nbytes}")
         lo = max(start, entry.offset) - entry.offset
         hi = min(end, entry.offset + entry.nbytes) - entry.offset
-        yield data[lo:hi]  # joined once by the caller
+        yield read_at(entry, lo, hi)  # joined once by the caller
         position = entry.offset + entry.nbytes
     if position < end:  # a shard's size ends at its last tensor; nothing is past it
         raise StoreError(f"shard {shard.cid}: range ends past its tensors")
