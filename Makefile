@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Name three uses for a paperclip.
 
-.PHONY: setup model models demo test unit lint bench clean
+.PHONY: setup model models demo test unit lint bench llama-ref clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,18 @@ test: models lint
 # tests that start no process and read no model file (markers in pyproject.toml)
 unit: setup
 	$(BIN)/python -m pytest -q -m "not cluster and not model and not large_model and not faults"
+
+# llama.cpp for side-by-side benches: llama-cpp-python built from its PyPI sdist in its own venv
+# (never a project dependency; about 27 min on 2 cores). bench/report.py uses it when present.
+LLAMA_VENV ?= .llama-venv
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LLAMA_VENV)/bin/python -m pip install --quiet --no-cache-dir --no-binary llama-cpp-python \
+		llama-cpp-python==0.3.36
+	touch $@
+
+llama-ref: $(LLAMA_VENV)/.installed
 
 # every benchmark once; report in bench/results/report.md and report.json
 bench: model

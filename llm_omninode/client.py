@@ -18,7 +18,6 @@ import json
 import os
 import queue
 import re
-import shlex
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .home import SHIM_STATE_FILE, data_dir_locked, omni_home
 from .request import GenerationRequest
 
@@ -62,7 +62,7 @@ def _alive(pid: int) -> bool:
 
 def open_trust() -> bool:
     """Whether ``OMNI_OPEN`` asks the client to accept shims outside its cluster."""
-    return os.environ.get(OPEN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.open_trust()
 
 
 def local_shim(home: Path | None = None) -> tuple[str, int, int] | None:
@@ -91,7 +91,7 @@ def start_local_shim(home: Path | None = None, timeout: float = START_TIMEOUT) -
     home = home or omni_home()
     home.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(home)]
-    argv += shlex.split(os.environ.get("OMNI_SHIM_ARGS", ""))
+    argv += settings.shim_args()
     try:
         return _start(argv, home, timeout)
     except ShimError as exc:
@@ -137,7 +137,7 @@ def _start(argv: list[str], home: Path, timeout: float) -> tuple[str, int]:
 
 
 def shim_address(start: bool = True) -> tuple[str, int]:
-    env = os.environ.get("OMNI_SHIM")
+    env = settings.shim()
     if env:
         host, sep, port = env.rpartition(":")
         if not sep or not port.isdigit():

@@ -9,12 +9,14 @@ import json
 import os
 from pathlib import Path
 
+from . import settings
+
 
 def omni_home() -> Path:
     """``$OMNI_HOME``, else ``llm.user_dir()/omni``."""
-    env = os.environ.get("OMNI_HOME")
-    if env:
-        return Path(env).expanduser()
+    env = settings.home()
+    if env is not None:
+        return env
     import llm
 
     return Path(llm.user_dir()) / "omni"

@@ -78,7 +78,8 @@ def register(omni: click.Group) -> None:
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
-        table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "MEMORY", "RSS", "LAYERS", "RTT"]]
+        # MEMORY: planned (runtime + stages) / --max-memory; RSS: resident now; PEAK: the most
+        table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "MEMORY", "RSS", "PEAK", "LAYERS", "RTT"]]
         notes = []  # why a node is not in: "refused by ...: bad cluster proof", ...
         for r in rows:
             rtt = r.get("rtt_ms")
@@ -93,8 +94,9 @@ def register(omni: click.Group) -> None:
                 node_id[:20] + "…" if node_id else "?",
                 str(r.get("address", "")),
                 str(r.get("device", "")) or "?",
-                _human_bytes(r.get("memory_budget") or 0),
+                _memory(r),
                 _human_bytes(r["rss"]) if isinstance(r.get("rss"), int) else "-",
+                _human_bytes(r["peak"]) if isinstance(r.get("peak"), int) else "-",
                 _layers(r.get("stages", [])),
                 "-" if rtt is None else f"{rtt:.2f} ms",
             ])  # fmt: skip
@@ -123,3 +125,12 @@ def register(omni: click.Group) -> None:
                     f"  blocks [{s['start']:>3}, {s['end']:>3})  on {s.get('name') or '?':<12} "
                     f"{s['node_id'][:20]}…  {_human_bytes(s.get('weight_bytes', 0))}"
                 )
+
+
+def _memory(row: dict) -> str:
+    """ "planned / budget": the runtime measured at start plus the stages' planned memory."""
+    budget = row.get("memory_budget") or 0
+    runtime, planned = row.get("runtime"), row.get("planned")
+    if not isinstance(runtime, int) or not isinstance(planned, int):
+        return _human_bytes(budget)
+    return f"{_human_bytes(runtime + planned)} / {_human_bytes(budget)}"

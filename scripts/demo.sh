@@ -18,7 +18,9 @@ if [ ! -f "$HOME_A/cluster_secret" ]; then
     $BIN/llm omni init
 fi
 SECRET=$(cat "$HOME_A/cluster_secret")
-COMMON=(--host 127.0.0.1 --no-mdns --max-memory 1GiB)
+# two nodes on one machine: each its share of the cores
+THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+COMMON=(--host 127.0.0.1 --no-mdns --max-memory 1GiB --threads "$THREADS")
 
 $BIN/omni-shim "${COMMON[@]}" --port "$PORT_A" --name node-a --no-api >"$DEMO/node-a.log" 2>&1 &
 PID_A=$!

@@ -91,8 +91,8 @@ def parse_size(text: str) -> int:
     type=click.IntRange(0, 1024),
     default=0,
     show_default=True,
-    help="CPU threads for a prompt's matmuls (0: all cores). Give each of several nodes on "
-    "one machine its share.",
+    help="CPU threads of a stage's compute (0: OMNI_GGML_THREADS, else all cores). Give each "
+    "of several nodes on one machine its share: threads that wait for a core stall the others.",
 )
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
@@ -140,6 +140,7 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
         api=None if no_api else ApiConfig(api_host, api_port, api_token or None),
         parallel=parallel,
         prefix_reuse=not no_prefix_cache,
+        threads=threads or None,
     )
     try:
         asyncio.run(_run(Node, config))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from llm_omninode.backend.chat_template import ChatTemplate
 from llm_omninode.backend.generate import Chunk, Generation
+from llm_omninode.backend.memory import compute_bytes, context_for, kv_bytes_per_position
 from llm_omninode.backend.registry import ModelNotFound
 from llm_omninode.backend.runtime import prompt_ids
 from llm_omninode.backend.shards import Manifest, ManifestError
@@ -52,7 +53,6 @@ from .pipeline import (
 )
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
 from .prefixes import PrefixTable
-from .stage_host import KV_ALLOWANCE
 
 if TYPE_CHECKING:
     from .node import Node
@@ -187,20 +187,27 @@ class Coordinator:
         )
 
     # ---- planning -----------------------------------------------------------------------
-    def capacities(self) -> list[NodeCapacity]:
-        """This node and every live peer, with what each can give to weights: the stage host
-        keeps KV_ALLOWANCE on top of the weights, so the planner must not count on it."""
+    def capacities(self, spec: ModelSpec) -> tuple[list[NodeCapacity], int]:
+        """This node and every live peer, each with the bytes it can give to a stage's weights
+        and KV cache (its --max-memory less its runtime and a stage's compute buffers), and
+        the KV bytes a block of this model is planned for (see backend/memory.py)."""
+        host = self.node.host
+        context = context_for(spec, host.max_context)
+        compute = compute_bytes(spec, context, last=True)
+        kv_per_block = kv_bytes_per_position(spec) * context * host.sequences
 
-        def weights(budget: int) -> int:
-            return max(1, int(budget / (1 + KV_ALLOWANCE)))
+        def room(budget: int, runtime: int) -> int:
+            return max(1, budget - runtime - compute)
 
-        me = NodeCapacity(self.node.node_id, weights(self.node.memory_budget), 1.0, self.node.name)
+        me = NodeCapacity(
+            self.node.node_id, room(self.node.memory_budget, host.runtime), 1.0, self.node.name
+        )
         others = [
-            NodeCapacity(p.node_id, weights(p.memory_budget), 1.0, p.name)
+            NodeCapacity(p.node_id, room(p.memory_budget, p.runtime), 1.0, p.name)
             for p in self.node.peers.live()
             if p.memory_budget > 0
         ]
-        return [me, *others]
+        return [me, *others], kv_per_block
 
     def unsourced(self, manifest: Manifest) -> list[str]:
         """Names of the model's shards that neither this node nor any live peer holds: no
@@ -212,7 +219,7 @@ class Coordinator:
         return [s.name for s in manifest.shards if s.cid not in held]
 
     async def plan_for(self, model: ModelText) -> PlanState:
-        nodes = self.capacities()
+        nodes, kv_per_block = self.capacities(model.spec)
         node_ids = tuple(sorted(n.node_id for n in nodes))
         state = self._plans.get(model.manifest.model_id)
         if state is not None and state.nodes == node_ids:
@@ -225,7 +232,7 @@ class Coordinator:
                 "the nodes that had them are gone"
             )
         try:
-            plan = plan_stages(model.manifest, nodes)
+            plan = plan_stages(model.manifest, nodes, kv_bytes_per_block=kv_per_block)
         except PlanError as exc:
             raise CoordinatorError(str(exc)) from exc
         state = PlanState(plan, node_ids)
@@ -375,7 +382,7 @@ class Coordinator:
             ids = prompt_ids(model.tokenizer, model.template, request)
         except ValueError as exc:  # a template that fails safely, text it cannot encode
             raise RequestError(f"prompt: {exc}") from exc
-        context = self.node.max_context or model.spec.context_length
+        context = context_for(model.spec, self.node.max_context)
         if request.num_ctx is not None:
             context = min(context, request.num_ctx)
 

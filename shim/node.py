@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import socket
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from typing import Any
 from llm_omninode import __version__
 from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
 from llm_omninode.backend.shards import Manifest, ManifestError
+from llm_omninode.backend.stage_engine import engine_name
+from llm_omninode.backend.stage_engine import preload as preload_engine
 from llm_omninode.home import SHIM_STATE_FILE
 from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission, create_cluster_secret, save_cluster_secret
@@ -49,6 +50,7 @@ from .errors import CoordinatorError
 from .http_server import ApiConfig
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
+from .process import device_name, peak_bytes, physical_memory, resident_bytes
 from .stage_host import StageError, StageHost
 
 log = logging.getLogger("omninode_shim")
@@ -59,32 +61,6 @@ REFRESH_S = 5.0  # how often peers are greeted (liveness, INFO, round trip)
 # fetching node reads 4 shards at a time per stage load (net/transfer.py); each read holds at
 # most QuicSettings.send_high_water + one chunk until the peer reads it.
 PEER_LIMITS = {"shard_read": 8, "stage.load": 4}
-
-
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
-def resident_bytes() -> int:
-    """This process's resident memory (Linux: now; elsewhere: its peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if platform.system() == "Darwin" else peak * 1024
-
-
-def device_name() -> str:
-    import mlx.core as mx
-
-    where = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
-    return f"mlx {mx.default_device()} ({where})"
 
 
 @dataclass
@@ -104,6 +80,7 @@ class NodeConfig:
     api: ApiConfig | None = field(default_factory=ApiConfig)  # None: no HTTP API
     parallel: int = DEFAULT_PARALLEL  # sequences of one model coordinated here at once
     prefix_reuse: bool = True  # keep finished sequences' caches for a next turn
+    threads: int | None = None  # of a stage's compute (None: OMNI_GGML_THREADS, else all CPUs)
 
 
 class Node:
@@ -126,11 +103,17 @@ class Node:
         )
         for text in config.peers:
             self.peers.add_static(*parse_host_port(text))
-        self.host = StageHost(self.store, self.memory_budget, max_context=config.max_context)
+        self.host = StageHost(
+            self.store,
+            self.memory_budget,
+            max_context=config.max_context,
+            sequences=config.parallel,
+            threads=config.threads,
+        )
         self.coordinator = Coordinator(self, config.parallel)
         self.coordinator.prefixes.enabled = config.prefix_reuse
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
-        self.device = device_name()
+        self.device = device_name(engine_name())
         self.server: Server | None = None
         self.discovery = None  # net.discovery.Discovery when mDNS is on
         self.api = None  # http_server.ApiServer when the HTTP API is on
@@ -193,8 +176,18 @@ class Node:
             port=self.port,
             stages=[h.row() for h in self.host.stages()],
             memory_used=self.host.used_bytes(),
-            rss=resident_bytes(),
+            **self.memory_fields(),
         )
+
+    def memory_fields(self) -> dict[str, int]:
+        """What ``llm omni peers`` shows of this node's memory, and what planners use: the
+        runtime is what the process held at start, before any stage."""
+        return {
+            "runtime": self.host.runtime,
+            "planned": self.host.planned_bytes(),
+            "rss": resident_bytes(),
+            "peak": peak_bytes(),
+        }
 
     def self_row(self) -> dict[str, Any]:
         return {
@@ -204,7 +197,7 @@ class Node:
             "device": self.device,
             "memory_budget": self.memory_budget,
             "stages": [h.row() for h in self.host.stages()],
-            "rss": resident_bytes(),
+            **self.memory_fields(),
             "rtt_ms": 0.0,
             "source": "self",
         }
@@ -359,13 +352,20 @@ class Node:
             "hosted": [h.row() for h in self.host.stages()],
             "memory_budget": self.memory_budget,
             "memory_used": self.host.used_bytes(),
-            "rss": resident_bytes(),
+            **self.memory_fields(),
             "generations": self.coordinator.running(),  # running or queued here
             "pipelines": self.pipelines,  # sequences passing through stages hosted here
         }
 
     # ---- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        preload_engine()
+        self.host.runtime = resident_bytes()
+        if self.host.runtime >= self.memory_budget:  # it can still coordinate and serve
+            log.warning(
+                "--max-memory %.0f MiB leaves no room for stages: the process holds %.0f MiB "
+                "before any", self.memory_budget / 2**20, self.host.runtime / 2**20,
+            )  # fmt: skip
         if self.config.api is not None:  # first: a taken port should fail before anything runs
             from .http_server import ApiServer
 
@@ -387,9 +387,10 @@ class Node:
         self._write_state()
         self._tasks.append(asyncio.create_task(self._maintain()))
         log.info(
-            "node %s (%s) on %s:%d, %s, budget %.0f MiB, mDNS %s",
+            "node %s (%s) on %s:%d, %s, budget %.0f MiB (runtime %.0f MiB), mDNS %s",
             self.name, self.node_id, self.config.host, self.port, self.device,
-            self.memory_budget / 2**20, "on" if self.discovery else "off",
+            self.memory_budget / 2**20, self.host.runtime / 2**20,
+            "on" if self.discovery else "off",
         )  # fmt: skip
 
     async def _maintain(self) -> None:

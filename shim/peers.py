@@ -63,6 +63,12 @@ class Peer:
         return value if type(value) is int and 0 < value <= 2**62 else 0
 
     @property
+    def runtime(self) -> int:
+        """What the peer's process held before any stage (0 if it does not say)."""
+        value = self.info.get("runtime")
+        return value if type(value) is int and 0 <= value <= 2**62 else 0
+
+    @property
     def shards(self) -> frozenset[str]:
         value = self.info.get("shards")
         return frozenset(value) if isinstance(value, list) else frozenset()
@@ -76,7 +82,7 @@ class Peer:
             "device": self.info.get("device", ""),
             "memory_budget": self.memory_budget,
             "stages": self.info.get("stages", []),
-            "rss": self.info.get("rss") if type(self.info.get("rss")) is int else None,
+            **{k: _count(self.info.get(k)) for k in ("runtime", "planned", "rss", "peak")},
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "source": self.source,
             "error": self.error,
@@ -374,3 +380,8 @@ class PeerTable:
                 and silent > 3 * self.stale_after
             ):
                 self.forget(p.node_id)
+
+
+def _count(value: object) -> int | None:
+    """A byte count from a peer's INFO, None unless a sane int."""
+    return value if type(value) is int and 0 <= value <= 2**62 else None

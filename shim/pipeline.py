@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llm_omninode import settings
 from llm_omninode.backend.cid import is_cid
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.kv_cache import SequenceLimitError
@@ -59,8 +59,7 @@ STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slo
 PROBE_TIMEOUT = 3.0
 LOST_AFTER = 8.0
 # Tokens of a prompt per pipelined piece (see above): big enough for an efficient matmul,
-# small enough that later stages start early. OMNI_PREFILL_PIECE=0: the whole prompt at once.
-PREFILL_PIECE = int(os.environ.get("OMNI_PREFILL_PIECE", "256"))
+# small enough that later stages start early (settings.prefill_piece; 0: the whole prompt at once).
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -256,7 +255,7 @@ async def prefill(
     entry: Link | Downstream, seq: str, ids: Sequence[int], fields: dict[str, Any]
 ) -> int:
     """Send a prompt (pieces of PREFILL_PIECE, see above) into the chain; the first token."""
-    piece = PREFILL_PIECE if PREFILL_PIECE > 0 else len(ids)
+    piece = settings.prefill_piece() or len(ids)
     for start in range(0, len(ids) - piece, piece):  # all but the last piece, unanswered
         await entry.step(F.token_frame(seq, ids[start : start + piece], more=True))
     last_start = (len(ids) - 1) // piece * piece

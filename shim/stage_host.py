@@ -3,9 +3,12 @@
 A stage loads only its own shards (embedding on the first, head on the last). Missing shards
 are fetched from the peers that hold them (BLAKE3-verified before the store shows them), and a
 manifest received from a peer is accepted only if it hashes to the model id it was asked for.
-Weights plus a KV allowance must fit ``memory_budget``; stages not used for a while are unloaded
-to make room, one in use never is. All MLX work runs on one worker thread, so the event loop
-keeps serving QUIC while a stage computes.
+What the process holds without stages (``runtime``, measured at start) plus each stage's
+planned memory (backend/memory.py: weights at their kept size, the KV cache of its context and
+sequences, its compute buffers) stays within ``memory_budget`` (--max-memory); stages not used
+for a while are unloaded to make room, one in use never is, and a stage that cannot fit is
+refused with a clear error before anything is read. All compute runs on one worker thread, so
+the event loop keeps serving QUIC while a stage computes.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from llm_omninode.backend.engine import SequenceLimitError, Stage
+from llm_omninode import settings
 from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.kv_cache import SequenceLimitError
+from llm_omninode.backend.memory import StageMemory, context_for, stage_memory
 from llm_omninode.backend.runtime import stage_tensors
 from llm_omninode.backend.shards import Manifest
 from llm_omninode.backend.spec import ModelSpec
-from llm_omninode.backend.stage_engine import new_stage
+from llm_omninode.backend.stage_engine import engine_name, new_stage
 from llm_omninode.backend.store import (
     ShardStore,
     StorageFull,
@@ -41,24 +45,17 @@ from .planner import stage_bytes
 
 log = logging.getLogger("omninode_shim.stage")
 
-KV_ALLOWANCE = 0.25  # of the weights: room kept for KV caches when checking the budget
 # sequences one stage holds at once: two coordinators' worth of parallel requests, with
 # slack for the caches of finished ones being freed on the worker thread
 MAX_SEQUENCES = 16
 MAX_PARKED = 4  # of those, finished ones kept for prefix reuse (the oldest go first)
 
 
-# how hidden states leave this node's stages: float32 (default: unrounded, so any split gives
-# bit for bit the logits of one stage), or float16 (half the bytes) with OMNI_WIRE_DTYPE=float16;
-# a stage takes either form as input
-def _wire_dtype() -> type:
-    name = os.environ.get("OMNI_WIRE_DTYPE", "float32").strip().lower()
-    if name not in ("float32", "float16"):
-        raise ValueError(f"OMNI_WIRE_DTYPE={name!r}: expected float32 or float16")
-    return np.float32 if name == "float32" else np.float16
-
-
-WIRE_DTYPE = _wire_dtype()
+def wire_dtype() -> type:
+    """How hidden states leave this node's stages: float32 (default: unrounded, so any split
+    gives bit for bit the logits of one stage) or float16 (half the bytes); a stage takes
+    either form as input."""
+    return np.float32 if settings.wire_dtype() == "float32" else np.float16
 
 
 class StageError(RuntimeError):
@@ -85,8 +82,8 @@ class HostedStage:
     start: int
     end: int
     spec: ModelSpec
-    stage: Stage
-    weight_bytes: int
+    stage: Any  # stage_engine.new_stage's
+    memory: StageMemory  # what was planned for it (weights: their kept size)
     loaded_s: float
     fetched: dict[str, str] = field(default_factory=dict)  # cid -> node it came from
     pickers: dict[str, TokenPicker] = field(default_factory=dict)  # last stage: per sequence
@@ -105,6 +102,10 @@ class HostedStage:
     def key(self) -> tuple[str, int, int]:
         return (self.model_id, self.start, self.end)
 
+    @property
+    def weight_bytes(self) -> int:
+        return self.memory.weights
+
     def row(self) -> dict[str, object]:
         return {
             "model": self.model_id,
@@ -113,6 +114,8 @@ class HostedStage:
             "first": self.stage.is_first,
             "last": self.stage.is_last,
             "weight_bytes": self.weight_bytes,
+            "planned": self.memory.total,
+            "kv_bytes": self.stage.kv_nbytes,  # KV caches held now (planned: memory.kv)
             "sequences": len(self.stage.sequences()),  # KV caches held
             "pickers": len(self.pickers),  # last stage: samplers of live sequences
             "parked": len(self.parked),  # finished, kept for prefix reuse
@@ -127,10 +130,15 @@ class StageHost:
         *,
         max_context: int | None = None,
         idle_timeout: float = 300.0,
+        sequences: int = 4,
+        threads: int | None = None,
     ) -> None:
         self.store = store
         self.memory_budget = memory_budget
+        self.runtime = 0  # bytes held without stages: set by the node once it has started
         self.max_context = max_context
+        self.sequences = sequences  # each stage's KV cache is planned for this many at once
+        self.threads = threads  # of a ggml stage (None: every CPU)
         self.idle_timeout = idle_timeout  # KV caches of sequences idle this long are freed
         self._stages: dict[tuple[str, int, int], HostedStage] = {}
         self._loading: dict[tuple[str, int, int], asyncio.Future[HostedStage]] = {}
@@ -145,7 +153,18 @@ class StageHost:
         return self._stages.get((model_id, start, end))
 
     def used_bytes(self) -> int:
+        """Weight bytes of the stages held."""
         return sum(h.weight_bytes for h in self._stages.values())
+
+    def planned_bytes(self) -> int:
+        """Planned bytes of the stages held (weights, KV budgets, compute buffers)."""
+        return sum(h.memory.total for h in self._stages.values())
+
+    def plan(self, spec: ModelSpec, weights: int, start: int, end: int) -> StageMemory:
+        """The memory a stage of blocks [start, end) holding ``weights`` bytes is planned for."""
+        context = context_for(spec, self.max_context)
+        last = end == spec.n_blocks
+        return stage_memory(spec, weights, end - start, last, context, self.sequences)
 
     async def run(self, fn: Callable, *args: object):
         """Run ``fn`` on the MLX worker thread."""
@@ -171,24 +190,27 @@ class StageHost:
             pending.add_done_callback(_retrieved)  # its askers may all have gone meanwhile
         return await asyncio.shield(pending)
 
-    def _make_room(self, need: int) -> None:
-        """Unload idle stages, least recently used first, until ``need`` more bytes fit."""
-        allowed = self.memory_budget
+    def _make_room(self, need: StageMemory) -> None:
+        """Unload idle stages, least recently used first, until ``need`` fits the budget
+        beside the runtime and the stages kept; StageError (nothing unloaded) if it cannot."""
+        allowed = self.memory_budget - self.runtime
+        idle = sum(h.memory.total for h in self._stages.values() if h.active == 0)
+        if self.planned_bytes() - idle + need.total > allowed:
+            raise StageError(
+                f"stage needs {_mib(need.total)} (weights {_mib(need.weights)}, KV cache "
+                f"{_mib(need.kv)}, compute {_mib(need.compute)}); this node's --max-memory is "
+                f"{_mib(self.memory_budget)}, the runtime holds {_mib(self.runtime)} and stages "
+                f"in use {_mib(self.planned_bytes() - idle)} (raise --max-memory, lower "
+                "--max-context, or add nodes)"
+            )
         for hosted in sorted(self._stages.values(), key=lambda h: h.last_used):
-            if self.used_bytes() * (1 + KV_ALLOWANCE) + need <= allowed:
+            if self.planned_bytes() + need.total <= allowed:
                 break
             if hosted.active == 0:
                 log.info(
                     "unloading %s [%d, %d) to make room", hosted.model_id[:16], *hosted.key[1:]
                 )
-                self._stages.pop(hosted.key)
-        used = self.used_bytes() * (1 + KV_ALLOWANCE)
-        if used + need > allowed:
-            raise StageError(
-                f"stage needs {need / 2**20:.1f} MiB with its KV allowance; this node's budget "
-                f"is {allowed / 2**20:.1f} MiB with {used / 2**20:.1f} MiB in use "
-                "(raise --max-memory or add nodes)"
-            )
+                self._stages.pop(hosted.key)  # its weights and KV caches go with it
 
     async def _load(
         self,
@@ -229,7 +251,8 @@ class StageHost:
         if not 0 <= start < end <= spec.n_blocks:
             raise StageError(f"bad block range [{start}, {end}) for {spec.n_blocks} blocks")
         weight_bytes = stage_bytes(manifest, start, end)
-        self._make_room(int(weight_bytes * (1 + KV_ALLOWANCE)))
+        memory = self.plan(spec, weight_bytes, start, end)
+        self._make_room(memory)
         if not self.store.has_manifest(manifest.model_id):
             self.store.put_manifest(manifest)
         await self._drop_corrupt(manifest, start, end)
@@ -247,36 +270,31 @@ class StageHost:
             )  # fmt: skip
             fetched = await fetch_shards(missing, sources_for, self.store)
         tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)
+        context = context_for(spec, self.max_context)
         stage = await self.run(
             lambda: new_stage(
                 spec,
                 tensors,
                 start,
                 end,
-                max_context=self.max_context,
+                max_context=context,
                 max_sequences=MAX_SEQUENCES,
-                hidden_dtype=WIRE_DTYPE,
+                hidden_dtype=wire_dtype(),
+                kv_bytes=memory.kv,
+                threads=self.threads,
             )  # fmt: skip
         )
-        # what it really holds: on a Linux CPU the projections are dense float32 copies
-        # (backend/blas.py), several times the GGUF bytes; later loads are budgeted on this
-        held = max(weight_bytes, stage.nbytes)
+        if stage.nbytes > memory.weights:  # an engine that keeps more than the GGUF bytes
+            memory = self.plan(spec, stage.nbytes, start, end)
         hosted = HostedStage(
-            manifest.model_id,
-            start,
-            end,
-            spec,
-            stage,
-            held,
-            time.perf_counter() - t0,
-            fetched,
+            manifest.model_id, start, end, spec, stage, memory, time.perf_counter() - t0, fetched
         )
         self._stages[hosted.key] = hosted
         log.info(
-            "loaded %s blocks [%d, %d)%s%s: %.1f MiB in %.2f s",
+            "loaded %s blocks [%d, %d)%s%s on %s: weights %s, planned %s, in %.2f s",
             manifest.model_id[:16], start, end,
             " +embedding" if stage.is_first else "", " +head" if stage.is_last else "",
-            weight_bytes / 2**20, hosted.loaded_s,
+            engine_name(), _mib(memory.weights), _mib(memory.total), hosted.loaded_s,
         )  # fmt: skip
         return hosted
 
@@ -448,3 +466,7 @@ def _then_or_error(then: Callable | None, out: np.ndarray) -> Any:
         return out if then is None else then(out)
     except Exception as exc:  # noqa: BLE001 - goes to that step's waiter
         return exc
+
+
+def _mib(n: int | float) -> str:
+    return f"{n / 2**20:.1f} MiB"

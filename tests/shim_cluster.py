@@ -83,6 +83,8 @@ class ShimCluster:
         argv = [*SHIM, "--data-dir", str(self.dirs[i]), "--name", f"node{i}",
                 "--max-memory", self.max_memory, "--log-level", "info",
                 "--api-port", "0", *self.extra_args]  # fmt: skip
+        if "--threads" not in self.extra_args:  # shims sharing cores must not wait on each other
+            argv += ["--threads", str(max(1, (os.cpu_count() or 1) // self.n))]
         if i:
             argv += ["--join", self.secret]
         if self.topology is not None:  # mDNS across the namespaces' bridge, fixed port

@@ -186,7 +186,9 @@ def test_weights_are_the_files_bytes(tiny) -> None:
 def test_engine_switch(tiny, monkeypatch) -> None:
     model = tiny["llama", "q"]
     monkeypatch.delenv("OMNI_ENGINE", raising=False)
-    assert engine_name() == "default"
+    assert engine_name() == "ggml"  # Linux: ggml unless told otherwise
+    assert isinstance(new_stage(model.spec, model.tensors, 0, 4, max_sequences=2), GgmlStage)
+    monkeypatch.setenv("OMNI_ENGINE", "mlx")
     assert isinstance(new_stage(model.spec, model.tensors, 0, 4, max_sequences=2), Stage)
     monkeypatch.setenv("OMNI_ENGINE", "ggml")
     assert isinstance(new_stage(model.spec, model.tensors, 0, 4, max_sequences=2), GgmlStage)

@@ -1,9 +1,12 @@
 """The KV caches of a ggml stage (ggml_stage.py): one float16 NumPy buffer pair per sequence,
-which the stage's graphs point at (nothing copied into ggml)."""
+which the stage's graphs point at (nothing copied into ggml). Together they stay within the
+stage's KV budget (memory.py plans it): a sequence that would grow past it is refused with
+SequenceLimitError, nothing changed, as a full stage refuses a new sequence."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -23,8 +26,16 @@ class GgmlKV:
     or with ``v_trans`` (layers, n_kv_heads * head_dim, positions) as llama.cpp caches them
     for attention without flash attention."""
 
-    def __init__(self, n_layers: int, width: int, max_len: int, v_trans: bool) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        width: int,
+        max_len: int,
+        v_trans: bool,
+        grant: Callable[[GgmlKV, int], None] | None = None,
+    ) -> None:
         self.n_layers, self.width, self.max_len, self.v_trans = n_layers, width, max_len, v_trans
+        self._grant = grant  # raises SequenceLimitError if this cache may not grow to N bytes
         self.keys = np.zeros((n_layers, 0, width), np.float16)
         self.values = np.zeros(
             (n_layers, width, 0) if v_trans else (n_layers, 0, width), np.float16
@@ -41,6 +52,8 @@ class GgmlKV:
         need = check_room(self.offset, n, self.max_len)
         if need > self.capacity:
             old, cap = self.capacity, attended(need, self.max_len)
+            if self._grant is not None:
+                self._grant(self, 2 * self.n_layers * cap * self.width * 2)
             keys = np.zeros((self.n_layers, cap, self.width), np.float16)
             keys[:, :old] = self.keys
             if self.v_trans:
@@ -74,7 +87,13 @@ class GgmlSequences(SequenceCaches):
     """SequenceCaches (count bound, prefix adoption, idle eviction) holding GgmlKV caches."""
 
     def __init__(
-        self, max_sequences: int, n_layers: int, width: int, max_len: int, v_trans: bool
+        self,
+        max_sequences: int,
+        n_layers: int,
+        width: int,
+        max_len: int,
+        v_trans: bool,
+        max_bytes: int | None = None,
     ) -> None:
         super().__init__(
             max_sequences,
@@ -85,6 +104,7 @@ class GgmlSequences(SequenceCaches):
             dtype=None,  # type: ignore[arg-type]  # no MLX caches: GgmlKV holds its own buffers
         )
         self._shape = (n_layers, width, max_len, v_trans)
+        self.max_bytes = max_bytes  # KV budget of all sequences together (None: unbounded)
 
     def get(self, seq_id: str) -> GgmlKV:  # type: ignore[override]
         cache = self._caches.get(seq_id)
@@ -96,7 +116,18 @@ class GgmlSequences(SequenceCaches):
                 f"stage holds {len(self._caches)} sequences (max_sequences="
                 f"{self.max_sequences}); free one before starting {seq_id!r}"
             )
-        return GgmlKV(*self._shape)
+        return GgmlKV(*self._shape, grant=self._grant)
+
+    def _grant(self, cache: GgmlKV, nbytes: int) -> None:
+        """Let ``cache`` grow to ``nbytes`` if all caches then stay within ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        others = sum(c.nbytes for c in self._caches.values() if c is not cache)
+        if others + nbytes > self.max_bytes:
+            raise SequenceLimitError(
+                f"the stage's KV cache budget ({self.max_bytes / 2**20:.1f} MiB) is taken by "
+                f"{len(self._caches)} sequence(s); retry when one ends"
+            )
 
     @property
     def nbytes(self) -> int:

@@ -21,17 +21,16 @@ from collections.abc import Mapping, Sequence
 import ggml
 import numpy as np
 
+from .. import settings
 from .ggml_graph import F16, F32, I32, I64, Graph, GraphBuilder, Weights
 from .ggml_kv import GgmlKV, GgmlSequences, attended
+from .memory import KEPT_GRAPHS, MAX_BATCH, PREFILL_CHUNK
 from .quant import TensorData, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
 from .stage_base import SequenceStage, check_seq_id, leaving
 
 __all__ = ["GgmlStage", "default_threads"]
 
-PREFILL_CHUNK = 512  # positions per graph run of a long prompt (bounds the compute buffer)
-KEPT_GRAPHS = 8  # decode graphs kept (per batch size and attended lengths in use)
-MAX_BATCH = 8  # sequences whose steps one graph computes together
 # llama.cpp's graphs of these scale the queries before attention rather than the scores (the
 # same up to float16 rounding of tiny query values, which the K.Q product rounds to)
 PRESCALED_QUERIES = frozenset({"gemma3"})
@@ -41,15 +40,15 @@ Slot = tuple[GgmlKV, int, int]
 
 def default_threads() -> int:
     """OMNI_GGML_THREADS, else every CPU this process may run on."""
-    env = os.environ.get("OMNI_GGML_THREADS")
+    env = settings.ggml_threads()
     if env:
-        return max(1, int(env))
+        return env
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_repack() -> bool:
     """OMNI_GGML_REPACK=1: repack weights for ggml's interleaved kernels, as llama.cpp does."""
-    return os.environ.get("OMNI_GGML_REPACK", "0") == "1"
+    return settings.ggml_repack()
 
 
 class GgmlStage(SequenceStage):
@@ -65,6 +64,7 @@ class GgmlStage(SequenceStage):
     ``repack``: weights of the types the CPU backend interleaves are repacked (a copy of the
     same size; their file pages are given back); rows of a batch then take other kernels than
     a row alone, so a step's numbers depend on its batch.
+    ``kv_bytes``: the KV caches of all sequences together stay within it (SequenceLimitError).
     """
 
     def __init__(
@@ -80,6 +80,7 @@ class GgmlStage(SequenceStage):
         flash_attn: bool = False,
         hidden_dtype: type = np.float16,
         repack: bool | None = None,
+        kv_bytes: int | None = None,
     ) -> None:
         if not 0 <= start < end <= spec.n_blocks:
             raise ValueError(f"bad block range [{start}, {end}) for {spec.n_blocks} blocks")
@@ -105,7 +106,7 @@ class GgmlStage(SequenceStage):
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
         width = spec.n_kv_heads * spec.head_dim
         self._caches = GgmlSequences(
-            max_sequences, end - start, width, self.max_context, v_trans=not flash_attn
+            max_sequences, end - start, width, self.max_context, not flash_attn, kv_bytes
         )
         self._lock = threading.Lock()
 

@@ -6,10 +6,9 @@ model pulled either way lands in the same place and is forgotten the same way.
 
 from __future__ import annotations
 
-import os
-import shlex
 from pathlib import Path
 
+from .. import settings
 from .registry import ModelRecord, ModelRegistry
 from .sources import ModelSource, Progress, pull
 from .store import is_disk_full, storage_full
@@ -18,7 +17,7 @@ from .store import is_disk_full, storage_full
 def pip_args_from_env() -> list[str]:
     """Extra pip arguments from ``OMNI_PIP_ARGS`` (an offline mirror: ``--no-index
     --find-links DIR``)."""
-    return shlex.split(os.environ.get("OMNI_PIP_ARGS", ""))
+    return settings.pip_args()
 
 
 def pulled_dir(registry: ModelRegistry, source: ModelSource) -> Path:

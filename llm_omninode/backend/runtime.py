@@ -9,17 +9,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..request import GenerationRequest
 from .chat_template import ChatTemplate
-from .engine import Stage, TensorData
 from .generate import Chunk, TokenPicker, generate
+from .quant import TensorData
 from .registry import ModelRecord, ModelRegistry
 from .sampling import SamplingOptions
 from .shards import Manifest
 from .spec import ModelSpec
+from .stage_engine import new_stage
 from .store import ShardStore
 from .tokenizer import Tokenizer
 
@@ -67,7 +69,7 @@ class LocalModel:
     spec: ModelSpec
     tokenizer: Tokenizer
     template: ChatTemplate
-    stages: list[Stage]
+    stages: list[Any]  # stage_engine.new_stage's (ggml on Linux, else MLX)
     pickers: dict[str, TokenPicker] = field(default_factory=dict)
 
     @classmethod
@@ -87,8 +89,7 @@ class LocalModel:
         stages = []
         for start, end in splits or [(0, spec.n_blocks)]:
             tensors = stage_tensors(registry.store, manifest, start, end, record.model_id)
-            stages.append(Stage(spec, tensors, start, end, max_context=max_context))
-            del tensors  # the stage keeps its own MLX copies, not the mapped views
+            stages.append(new_stage(spec, tensors, start, end, max_context=max_context))
         return cls(record, spec, tokenizer, template, stages)
 
     @property

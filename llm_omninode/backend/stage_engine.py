@@ -1,30 +1,38 @@
-"""Which engine computes a stage: engine.Stage (MLX; NumPy host steps on a Linux CPU) by
-default, or, with ``OMNI_ENGINE=ggml`` on Linux, ggml's own kernels on the GGUF bytes as they
-are (ggml_stage.GgmlStage). Both take the same arguments and serve the same interface."""
+"""Which engine computes a stage. On Linux (any CPU): ggml's own kernels on the GGUF bytes as
+they are (ggml_stage.GgmlStage). Elsewhere (Apple silicon): MLX (engine.Stage).
+``OMNI_ENGINE=mlx`` asks for MLX on Linux too (its CPU device: how the Apple path is tested
+here). Both take the same arguments and serve the same interface."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
+from .. import settings
 from .quant import TensorData
 from .spec import ModelSpec
 
 log = logging.getLogger("llm_omninode.engine")
-ENGINES = ("default", "ggml")
+ENGINES = ("ggml", "mlx")
+
+
+def platform_engine() -> str:
+    """The engine this platform computes with unless told otherwise."""
+    return "ggml" if sys.platform.startswith("linux") else "mlx"
 
 
 def engine_name() -> str:
-    """The engine OMNI_ENGINE asks for, if this platform has it (else "default")."""
-    name = os.environ.get("OMNI_ENGINE", "").strip().lower() or "default"
+    """The engine OMNI_ENGINE asks for if this platform has it, else the platform's."""
+    name = settings.engine()
+    if name in ("", "default"):
+        return platform_engine()
     if name not in ENGINES:
         raise ValueError(f"OMNI_ENGINE={name!r}: expected one of {', '.join(ENGINES)}")
     if name == "ggml" and not sys.platform.startswith("linux"):
-        log.warning("OMNI_ENGINE=ggml is for Linux CPUs; using the default engine here")
-        return "default"
+        log.warning("OMNI_ENGINE=ggml is for Linux CPUs; using MLX here")
+        return "mlx"
     return name
 
 
@@ -38,4 +46,14 @@ def new_stage(
         return GgmlStage(spec, tensors, start, end, **kw)
     from .engine import Stage
 
+    kw.pop("threads", None)  # MLX schedules its own
+    kw.pop("kv_bytes", None)  # MLX caches are bounded by sequences and context only
     return Stage(spec, tensors, start, end, **kw)
+
+
+def preload() -> None:
+    """Import the engine now, so the runtime a node measures at start includes it."""
+    if engine_name() == "ggml":
+        from . import ggml_stage  # noqa: F401
+    else:
+        from . import engine  # noqa: F401

@@ -21,11 +21,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .. import settings
 from .frames import (
     FLAG_LAST,
     MAX_ID,
@@ -64,8 +64,7 @@ TEST_STALL_ENV = "OMNI_TEST_FETCH_STALL_AFTER"
 
 
 def _test_limit(name: str) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return settings.test_limit(name)
 
 
 class ShardReader(Protocol):
