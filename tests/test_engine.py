@@ -144,6 +144,34 @@ def test_matches_numpy_reference(tmp_path: Path, kw: dict[str, object]) -> None:
     model.file.close()
 
 
+@pytest.mark.parametrize(
+    ("weight_type", "limit"),
+    [
+        (GGMLType.Q4_0, 1.112),
+        (GGMLType.Q4_1, 1.0),
+        (GGMLType.Q8_0, 1.06),
+        (GGMLType.F16, 1.0),
+        (GGMLType.F32, 1.0),
+    ],
+    ids=lambda v: getattr(v, "name", None),
+)
+def test_weights_held_at_their_gguf_size(
+    tmp_path: Path, weight_type: GGMLType, limit: float
+) -> None:
+    """Quantized weights stay MLX affine groups with float16 constants (exact for these
+    types), float ones stay as stored; the tied head is the embedding table itself."""
+    path = tmp_path / "m.gguf"
+    model = Model(
+        write_tiny_llama(path, n_blocks=2, weight_type=weight_type, embed_type=weight_type)
+    )
+    (stage,) = model.stages([0, 2])
+    gguf_bytes = sum(t.data.nbytes for t in model.tensors.values())
+    ratio = stage.nbytes / gguf_bytes
+    print(f"{weight_type.name}: {stage.nbytes} bytes held for {gguf_bytes} GGUF ({ratio:.3f}x)")
+    assert ratio <= limit
+    model.file.close()
+
+
 def test_float16_kv_cache_is_close(tiny: Model) -> None:
     # default kv_dtype float16, as llama.cpp's default cache
     (stage,) = tiny.stages([0, 4])

@@ -1,4 +1,5 @@
-"""Repacking GGUF Q4_0/Q4_1/Q8_0 into MLX affine quantization, checked against gguf's oracle."""
+"""Repacking GGUF Q4_0/Q4_1/Q8_0 into MLX affine quantization, checked against gguf's oracle;
+float tensors kept as stored; the bytes held against the GGUF bytes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from llm_omninode.backend.ggml_types import GGMLType, tensor_nbytes
-from llm_omninode.backend.quant import QuantizedWeight, TensorData, load_tensor
+from llm_omninode.backend.quant import DenseWeight, QuantizedWeight, TensorData, load_tensor
 from llm_omninode.backend.spec import UnsupportedModelError
 
 gguf = pytest.importorskip("gguf")
@@ -57,7 +58,7 @@ def test_quantized_matmul_matches_dense(ggml_type: GGMLType) -> None:
     w = load_tensor(t)
     x = rng.standard_normal((5, 128)).astype(np.float32)
     dense = x @ reference(t).T
-    np.testing.assert_allclose(np.array(w.matmul_t(mx.array(x))), dense, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(w.matmul(mx.array(x))), dense, rtol=1e-4, atol=1e-4)
     ids = mx.array([3, 0, 95, 3])
     np.testing.assert_array_equal(np.array(w.take_rows(ids)), reference(t)[[3, 0, 95, 3]])
 
@@ -89,17 +90,28 @@ def test_q4_1_by_hand() -> None:
     np.testing.assert_array_equal(got, 2.0 * q - 3.0)
 
 
-@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_0, GGMLType.Q8_0])
-def test_float16_scales(ggml_type: GGMLType) -> None:
-    values = np.random.default_rng(2).standard_normal((4, 64))
+@pytest.mark.parametrize("ggml_type", QTYPES)
+def test_float16_constants_are_exact(ggml_type: GGMLType) -> None:
+    """What a stage holds: d, m, -8d and -128d are float16 numbers, so the values are the same
+    as with float32 constants, at about the GGUF size (a 16-bit scale and bias per 32)."""
+    values = np.random.default_rng(2).standard_normal((64, 256))
     t = quantized(values, ggml_type)
-    w = load_tensor(t, dtype=mx.float16)
-    assert w.scales.dtype == mx.float16
-    # the scales themselves are exact (-8d and -128d too); only the products round to f16
-    d = np.array(w.scales.astype(mx.float32))
-    np.testing.assert_array_equal(np.array(w.biases.astype(mx.float32)), -(2**w.bits / 2) * d)
-    ours = np.array(w.dequantize().astype(mx.float32))
-    np.testing.assert_allclose(ours, reference(t), rtol=0, atol=d.max() * 256 * 2**-10)
+    w = load_tensor(t, scale_dtype=mx.float16)
+    assert isinstance(w, QuantizedWeight) and w.scales.dtype == mx.float16
+    np.testing.assert_array_equal(np.array(w.dequantize()), np.array(load_tensor(t).dequantize()))
+    held = sum(a.nbytes for a in w.arrays())
+    ratio = held / t.data.nbytes
+    print(f"{ggml_type.name}: {held} bytes held for {t.data.nbytes} GGUF bytes ({ratio:.3f}x)")
+    assert ratio <= {GGMLType.Q4_0: 1.112, GGMLType.Q4_1: 1.0, GGMLType.Q8_0: 1.06}[ggml_type]
+
+
+def test_float16_constants_that_would_overflow_stay_float32() -> None:
+    d = np.float16(1000.0).tobytes()  # -128d is past float16's range
+    qs = np.array([-128, 127] * 16, np.int8).tobytes()
+    t = TensorData("w", GGMLType.Q8_0, (32, 1), np.frombuffer(d + qs, np.uint8))
+    w = load_tensor(t, scale_dtype=mx.float16)
+    assert w.scales.dtype == mx.float32  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(np.array(w.dequantize())[0], 1000.0 * np.array([-128, 127] * 16))
 
 
 def test_three_dimensional_tensor_folds_into_rows() -> None:
@@ -110,15 +122,21 @@ def test_three_dimensional_tensor_folds_into_rows() -> None:
 
 
 def test_dense_types() -> None:
+    """Float tensors are kept as stored: float16 and bfloat16 are not widened."""
     values = np.arange(-6, 6, dtype=np.float32).reshape(3, 4) / 4
     f32 = TensorData("a", GGMLType.F32, (4, 3), values.view(np.uint8).reshape(-1))
-    np.testing.assert_array_equal(np.array(load_tensor(f32)), values)
+    np.testing.assert_array_equal(np.array(load_tensor(f32).dequantize()), values)
     f16 = TensorData("a", GGMLType.F16, (4, 3), values.astype(np.float16).view(np.uint8).ravel())
-    np.testing.assert_array_equal(np.array(load_tensor(f16)), values)
     bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact: few mantissa bits
-    t = TensorData("a", GGMLType.BF16, (4, 3), bf16.view(np.uint8).reshape(-1))
-    np.testing.assert_array_equal(np.array(load_tensor(t)), values)
-    assert load_tensor(f16, dtype=mx.float16).dtype == mx.float16
+    b16 = TensorData("a", GGMLType.BF16, (4, 3), bf16.view(np.uint8).reshape(-1))
+    for t, dtype in ((f32, mx.float32), (f16, mx.float16), (b16, mx.bfloat16)):
+        w = load_tensor(t)
+        assert isinstance(w, DenseWeight) and w.w.dtype == dtype and w.shape == (3, 4)
+        assert w.w.nbytes == t.data.nbytes
+        np.testing.assert_array_equal(np.array(w.dequantize()), values)
+        np.testing.assert_array_equal(np.array(w.take_rows(mx.array([2, 0]))), values[[2, 0]])
+        x = np.ones((1, 4), np.float32)
+        np.testing.assert_array_equal(np.array(w.matmul(mx.array(x))), x @ values.T)
     vec = TensorData("n", GGMLType.F32, (4,), values[0].view(np.uint8))
     assert load_tensor(vec).shape == (4,)
 

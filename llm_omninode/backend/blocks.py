@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from .kv_cache import KVCache
 from .linear import Linear
-from .quant import QuantizedWeight, TensorData, Weight, load_tensor
+from .quant import TensorData, Weight, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
 
 
@@ -148,9 +148,12 @@ class Block:
 class Loader:
     """Loads named tensors after checking they exist with the shape the spec implies."""
 
-    def __init__(self, tensors: Mapping[str, TensorData], dtype: mx.Dtype) -> None:
+    def __init__(
+        self, tensors: Mapping[str, TensorData], dtype: mx.Dtype, scale_dtype: mx.Dtype
+    ) -> None:
         self.tensors = tensors
         self.dtype = dtype
+        self.scale_dtype = scale_dtype
 
     def _get(self, name: str, shape: tuple[int, ...]) -> TensorData:
         t = self.tensors.get(name)
@@ -163,13 +166,10 @@ class Loader:
         return t
 
     def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
-        return load_tensor(self._get(name, shape), dtype=self.dtype)
+        return load_tensor(self._get(name, shape), scale_dtype=self.scale_dtype)
 
     def linear(self, name: str, shape: tuple[int, ...], bias: mx.array | None = None) -> Linear:
         return Linear(self.weight(name, shape), bias)
 
     def dense(self, name: str, shape: tuple[int, ...]) -> mx.array:
-        w = self.weight(name, shape)
-        if isinstance(w, QuantizedWeight):
-            w = w.dequantize()  # a quantized norm or bias vector is odd but harmless
-        return w
+        return self.weight(name, shape).dequantize().astype(self.dtype)

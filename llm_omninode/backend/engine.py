@@ -19,7 +19,7 @@ import numpy as np
 from .blocks import MLP, Attention, Block, Loader
 from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
 from .linear import Linear
-from .quant import QuantizedWeight, TensorData, Weight
+from .quant import DenseWeight, QuantizedWeight, SubBlockWeight, TensorData, Weight
 from .spec import ModelSpec
 from .stage_base import SequenceStage, check_seq_id, result_or_error
 
@@ -51,6 +51,7 @@ class Stage(SequenceStage):
         dtype: mx.Dtype = mx.float32,
         kv_dtype: mx.Dtype = mx.float16,
         hidden_dtype: type = np.float16,
+        scale_dtype: mx.Dtype = mx.float16,
     ) -> None:
         if not 0 <= start < end <= spec.n_blocks:
             raise ValueError(f"bad block range [{start}, {end}) for {spec.n_blocks} blocks")
@@ -70,7 +71,9 @@ class Stage(SequenceStage):
         self.dtype = dtype
         self.max_context = max_context or spec.context_length
         d = spec.d_model
-        w = Loader(tensors, dtype)
+        # quantization constants: float16 keeps weights at about their GGUF size, float32 gives
+        # ggml's values exactly (they differ only for K-quants, see quant.py)
+        w = Loader(tensors, dtype, scale_dtype)
 
         rope_freqs = None
         if spec.rope_freq_factors:
@@ -121,8 +124,8 @@ class Stage(SequenceStage):
         for obj in self._walk():
             if isinstance(obj, mx.array):
                 out.append(obj)
-            elif isinstance(obj, QuantizedWeight):
-                out.extend([obj.weight, obj.scales, obj.biases])
+            elif isinstance(obj, QuantizedWeight | SubBlockWeight | DenseWeight):
+                out.extend(obj.arrays())
         return out
 
     @property
@@ -133,9 +136,8 @@ class Stage(SequenceStage):
     # ---- sequences ------------------------------------------------------------------------
     # ---- compute --------------------------------------------------------------------------
     def _embed(self, ids: mx.array) -> mx.array:
-        e = self.embedding
-        h = e.take_rows(ids) if isinstance(e, QuantizedWeight) else e[ids]
-        h = h.astype(self.dtype)
+        assert self.embedding is not None
+        h = self.embedding.take_rows(ids).astype(self.dtype)
         if self.spec.embed_scale is not None:
             h = h * self.spec.embed_scale
         return h

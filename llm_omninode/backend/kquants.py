@@ -10,8 +10,13 @@ little-endian bit stream):
 - Q4_K  w = d*sc*q - dmin*mn    -> 4 bits, scale d*sc,   bias -dmin*mn  (8 groups of 32)
 - Q5_K  the same with 5-bit q   -> 5 bits
 
-Q6_K, Q3_K and Q2_K give each 16 weights their own scale and MLX's smallest group is 32, so
-for MLX they are dequantized (in float32, in ggml's order of operations) and kept as float16.
+Q6_K, Q3_K and Q2_K give each 16 weights their own scale, and MLX's smallest group is 32. Their
+integers are packed the same way (groups of 32, each holding two sub-blocks); the constants stay
+per sub-block and quant.SubBlockWeight multiplies each half of a group with its own (see there):
+
+- Q6_K  w = d*sc*(q - 32)       -> 6 bits, scale d*sc per 16 (sc int8)
+- Q3_K  w = d*(sc - 32)*(q - 4) -> 3 bits, scale d*(sc - 32) per 16
+- Q2_K  w = d*sc*q - dmin*m     -> 2 bits, scale d*sc, bias -dmin*m per 16
 
 Block layouts follow ggml's ``block_q*`` structs (ggml-common.h). Everything is vectorised
 NumPy over all blocks of a tensor; sizes are checked by ``quant._blocks`` before we get here.
@@ -25,8 +30,8 @@ from .ggml_types import GGMLType
 
 # Bits per weight of the types that become MLX affine groups of 32.
 AFFINE_BITS = {GGMLType.Q5_0: 5, GGMLType.Q5_1: 5, GGMLType.Q4_K: 4, GGMLType.Q5_K: 5}
-# Types dequantized to float16 at load.
-FLOAT16_TYPES = (GGMLType.Q6_K, GGMLType.Q3_K, GGMLType.Q2_K)
+# Bits per weight of the types with a scale per 16 weights (quant.SubBlockWeight).
+SUB_BLOCK_BITS = {GGMLType.Q6_K: 6, GGMLType.Q3_K: 3, GGMLType.Q2_K: 2}
 
 
 def f16_field(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -137,8 +142,7 @@ def affine_groups(
 
 # ---- 16-weight sub-block types: (u (n, 256) uint8, scale (n, 16), zero, minimum (n, 16)) ------
 # w = scale * (u - zero) - minimum for each sub-block of 16 consecutive weights, as ggml
-# computes it (d * sc first, then * q). MLX's groups are >= 32 weights, so these load as
-# float16 for MLX.
+# computes it (d * sc first, then * q).
 def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     # ql (128: low 4 bits), qh (64: high 2 bits), scales (16 int8), d (f16)
     ql, qh = blocks[:, 0:128], blocks[:, 128:192]
@@ -190,8 +194,20 @@ def _q2_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray |
     return u.reshape(-1, 256), dl, 0, ml
 
 
-def _small_group_values(ggml_type: GGMLType, blocks: np.ndarray) -> np.ndarray:
-    u, scale, zero, minimum = _FLOAT_DECODERS[ggml_type](blocks)
+def sub_blocks(
+    ggml_type: GGMLType, blocks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None, int]:
+    """(packed uint32 (n_groups, bits) of the unsigned integers in MLX groups of 32, scale
+    (n_sub_blocks,) float32, zero, minimum (n_sub_blocks,) or None, bits) of a sub-block type:
+    ``w = scale * (u - zero) - minimum`` for each 16 weights."""
+    u, scale, zero, minimum = _SUB_BLOCK_DECODERS[ggml_type](blocks)
+    bits = SUB_BLOCK_BITS[ggml_type]
+    m = None if minimum is None else minimum.reshape(-1).astype(np.float32)
+    return pack_bits(u.reshape(-1, 32), bits), scale.reshape(-1).astype(np.float32), zero, m, bits
+
+
+def _sub_block_values(ggml_type: GGMLType, blocks: np.ndarray) -> np.ndarray:
+    u, scale, zero, minimum = _SUB_BLOCK_DECODERS[ggml_type](blocks)
     q = u.reshape(-1, 16, 16).astype(np.float32) - zero
     w = scale[..., None] * q
     if minimum is not None:
@@ -199,15 +215,15 @@ def _small_group_values(ggml_type: GGMLType, blocks: np.ndarray) -> np.ndarray:
     return w.reshape(-1, 256)
 
 
-_FLOAT_DECODERS = {GGMLType.Q6_K: _q6_k, GGMLType.Q3_K: _q3_k, GGMLType.Q2_K: _q2_k}
+_SUB_BLOCK_DECODERS = {GGMLType.Q6_K: _q6_k, GGMLType.Q3_K: _q3_k, GGMLType.Q2_K: _q2_k}
 
 
 def dequantize_blocks(ggml_type: GGMLType, blocks: np.ndarray) -> np.ndarray:
     """float32 values (n_blocks * block_elems,) of any type this module decodes."""
-    if ggml_type in _FLOAT_DECODERS:
-        return _small_group_values(ggml_type, blocks).reshape(-1)
+    if ggml_type in _SUB_BLOCK_DECODERS:
+        return _sub_block_values(ggml_type, blocks).reshape(-1)
     q, scale, bias = _AFFINE_DECODERS[ggml_type](blocks)
     return (scale[:, None] * q.astype(np.float32) + bias[:, None]).reshape(-1)
 
 
-SUPPORTED = tuple(AFFINE_BITS) + FLOAT16_TYPES
+SUPPORTED = tuple(AFFINE_BITS) + tuple(SUB_BLOCK_BITS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .quant import QuantizedWeight, Weight
+from .quant import DenseWeight, QuantizedWeight, Weight
 
 
 class Linear:
@@ -15,8 +15,9 @@ class Linear:
         self.bias = bias
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = self.weight
-        y = w.matmul_t(x) if isinstance(w, QuantizedWeight) else x @ w.T
+        y = self.weight.matmul(x)
+        if y.dtype != x.dtype:
+            y = y.astype(x.dtype)
         return y if self.bias is None else y + self.bias
 
     @classmethod
@@ -24,7 +25,7 @@ class Linear:
         """One Linear computing ``parts`` side by side (fewer matmuls per token), if possible."""
         ws = [p.weight for p in parts]
         quantized = [w for w in ws if isinstance(w, QuantizedWeight)]
-        dense = [w for w in ws if isinstance(w, mx.array)]
+        dense = [w for w in ws if isinstance(w, DenseWeight)]
         if len(quantized) == len(ws):
             if len({(w.bits, w.group_size, w.scales.dtype) for w in quantized}) != 1:
                 return None
@@ -34,12 +35,11 @@ class Linear:
                 mx.concatenate([w.biases for w in quantized]),
                 quantized[0].bits,
                 quantized[0].group_size,
-                quantized[0].ggml_type if len({w.ggml_type for w in quantized}) == 1 else None,
             )
         elif len(dense) == len(ws):
-            if len({w.dtype for w in dense}) != 1:
+            if len({w.w.dtype for w in dense}) != 1:
                 return None
-            weight = mx.concatenate(dense)
+            weight = DenseWeight(mx.concatenate([w.w for w in dense]))
         else:
             return None
         biases = [p.bias for p in parts if p.bias is not None]

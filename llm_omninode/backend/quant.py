@@ -1,23 +1,36 @@
-"""GGUF tensor bytes -> MLX arrays, keeping Q4_0/Q4_1/Q8_0 quantized.
+"""GGUF tensor bytes -> MLX weights at about their GGUF size, behind one small protocol.
 
-(K-quants and Q5_x are decoded in kquants.py; ``load_tensor`` here dispatches to it.)
+A stage multiplies by a weight or gathers rows of it (embeddings) only through ``Weight``:
+``matmul(x)`` is ``x @ W.T``, ``take_rows(ids)`` dequantizes just those rows, ``arrays()``
+is what it holds. Kinds (``load_tensor`` picks one; K-quants and Q5_x are decoded in
+kquants.py):
 
-GGUF's 32-element blocks map one-to-one onto MLX affine quantization groups of 32
-(``w = scale * q + bias`` with unsigned q), so the packed integers are only reordered and the
-per-block constants rewritten; no weight is ever dequantized:
+- DenseWeight: F32, F16, BF16 as stored (float16 is not widened).
+- QuantizedWeight: MLX affine groups of 32, ``w = scale * q + bias`` with unsigned q. GGUF's
+  32-weight blocks map onto them one to one, so the packed integers are only reordered and the
+  per-block constants rewritten:
+    Q4_1  w = d*q + m        (q in 0..15)  -> scale d, bias m
+    Q4_0  w = d*(q - 8)      (q in 0..15)  -> scale d, bias -8d
+    Q8_0  w = d*q            (q in -128..127, int8) -> unsigned q+128, scale d, bias -128d
+  and Q5_0, Q5_1, Q4_K, Q5_K likewise (kquants.py).
+- SubBlockWeight: Q6_K, Q3_K, Q2_K, whose 16-weight sub-blocks each have their own scale
+  (MLX's groups are >= 32): the integers in groups of 32, each half of a group with its own
+  constants (see the class).
 
-- Q4_1  w = d*q + m        (q in 0..15)  -> scale d, bias m
-- Q4_0  w = d*(q - 8)      (q in 0..15)  -> scale d, bias -8d
-- Q8_0  w = d*q            (q in -128..127, int8) -> unsigned q+128, scale d, bias -128d
-
-The products are exact in float32 (an f16 mantissa times a small integer), so MLX's dequantized
-values equal ggml's bit for bit, up to the rounding of the final addition for Q4_1.
-All work is vectorised NumPy over whole tensors: no Python loop runs per block.
+Scales and biases are float16 in a stage (``scale_dtype``; float32 where a value would
+overflow float16), which keeps a tensor at about its GGUF size. That is exact for Q4_0, Q4_1,
+Q8_0, Q5_0 and Q5_1 (their constants are GGUF float16 numbers times powers of two); the
+K-quants' products d*sc and dmin*m are rounded once to float16 (relative error <= 2^-11 of a
+group's step, far below the quantization step). With float32 scales every type's values are
+ggml's, bit for bit (up to the rounding of Q4_1's final addition). All decoding is vectorised
+NumPy over whole tensors: no Python loop runs per block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +44,7 @@ QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 # every type load_tensor accepts; anything else is refused by name (also at `add` time)
 SUPPORTED_TYPES = QUANTIZED_TYPES + kquants.SUPPORTED + DENSE_TYPES
+FLOAT16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -43,38 +57,73 @@ class TensorData:
     data: np.ndarray  # uint8, exactly tensor_nbytes(ggml_type, shape) bytes
 
 
+class Weight(Protocol):
+    """A (rows, cols) matrix as a stage holds it; rows are GGUF's ne[1] (output features)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def matmul(self, x: mx.array) -> mx.array:
+        """``x @ W.T``: what a GGUF linear layer computes."""
+        ...
+
+    def take_rows(self, ids: mx.array) -> mx.array:
+        """Rows ``ids`` as float32 (an embedding lookup), without dequantizing the others."""
+        ...
+
+    def dequantize(self) -> mx.array:
+        """The whole matrix as float32 (for checks and 1-D tensors; a stage never does this)."""
+        ...
+
+    def arrays(self) -> list[mx.array]:
+        """The arrays it holds (a stage evaluates them at load and counts their bytes)."""
+        ...
+
+
+def nbytes(weights: Sequence[Weight | mx.array]) -> int:
+    """Bytes held by ``weights``, an array shared by several counted once."""
+    held = [a for w in weights for a in ([w] if isinstance(w, mx.array) else w.arrays())]
+    return sum({id(a): a.nbytes for a in held}.values())
+
+
+@dataclass(frozen=True)
+class DenseWeight:
+    """A float matrix as stored (float32, float16 or bfloat16), in MLX order."""
+
+    w: mx.array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    def matmul(self, x: mx.array) -> mx.array:
+        return x @ self.w.T  # MLX promotes a float16 weight to float32 activations' type
+
+    def take_rows(self, ids: mx.array) -> mx.array:
+        return self.w[ids].astype(mx.float32)
+
+    def dequantize(self) -> mx.array:
+        return self.w.astype(mx.float32)
+
+    def arrays(self) -> list[mx.array]:
+        return [self.w]
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A (rows, cols) matrix in MLX affine quantization; rows are GGUF's ne[1]."""
+    """A (rows, cols) matrix in MLX affine quantization, groups of ``group_size``."""
 
     weight: mx.array  # uint32 (rows, cols * bits / 32)
     scales: mx.array  # (rows, cols / group_size)
     biases: mx.array  # (rows, cols / group_size)
     bits: int
     group_size: int = GROUP_SIZE
-    ggml_type: GGMLType | None = None  # the GGUF type it came from (decides vec_dot_type)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.weight.shape[0], self.weight.shape[1] * 32 // self.bits)
 
-    def dequantize(self) -> mx.array:
-        return mx.dequantize(
-            self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits
-        )
-
-    def take_rows(self, ids: mx.array) -> mx.array:
-        """Dequantize only the rows ``ids`` (an embedding lookup)."""
-        return mx.dequantize(
-            self.weight[ids],
-            self.scales[ids],
-            self.biases[ids],
-            group_size=self.group_size,
-            bits=self.bits,
-        )
-
-    def matmul_t(self, x: mx.array) -> mx.array:
-        """``x @ W.T``: what a GGUF linear layer computes."""
+    def matmul(self, x: mx.array) -> mx.array:
         return mx.quantized_matmul(
             x,
             self.weight,
@@ -85,8 +134,82 @@ class QuantizedWeight:
             bits=self.bits,
         )
 
+    def take_rows(self, ids: mx.array) -> mx.array:
+        # the constants widened first: MLX dequantizes in their type
+        return mx.dequantize(
+            self.weight[ids],
+            self.scales[ids].astype(mx.float32),
+            self.biases[ids].astype(mx.float32),
+            group_size=self.group_size,
+            bits=self.bits,
+        )
 
-Weight = mx.array | QuantizedWeight
+    def dequantize(self) -> mx.array:
+        return self.take_rows(mx.arange(self.shape[0]))
+
+    def arrays(self) -> list[mx.array]:
+        return [self.weight, self.scales, self.biases]
+
+
+@dataclass(frozen=True)
+class SubBlockWeight:
+    """Q6_K/Q3_K/Q2_K: a scale (and for Q2_K a bias) per 16 weights, on MLX groups of 32.
+
+    The unsigned integers u are packed in MLX groups of 32, so each group holds two
+    sub-blocks. ``scales[0]``/``biases[0]`` are the first halves' constants, ``[1]`` the
+    second halves'. ``x @ W.T`` is then two quantized matmuls, each over the activations with
+    the other halves zeroed: the integers are stored once, the constants at one per 16.
+    Without biases (``w = scale * (u - zero)``: Q6_K, Q3_K) the scales also serve as biases,
+    so MLX computes ``scale * (u + 1)``, and ``(zero + 1) * scale * sum(x)`` per sub-block is
+    taken off after (a small matmul with the scales): no bias array is held.
+    """
+
+    weight: mx.array  # uint32 (rows, cols * bits / 32)
+    scales: tuple[mx.array, mx.array]  # (rows, cols / 32) each
+    biases: tuple[mx.array, mx.array] | None
+    zero: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.weight.shape[0], self.weight.shape[1] * 32 // self.bits)
+
+    def matmul(self, x: mx.array) -> mx.array:
+        halves = x.reshape(*x.shape[:-1], -1, 2, 16)
+        first = (halves * mx.array([[1.0], [0.0]], dtype=x.dtype)).reshape(x.shape)
+        parts = (first, x - first)
+        biases = self.biases or self.scales
+        y = sum(
+            mx.quantized_matmul(
+                p, self.weight, s, b, transpose=True, group_size=GROUP_SIZE, bits=self.bits
+            )
+            for p, s, b in zip(parts, self.scales, biases, strict=True)
+        )
+        if self.biases is None:
+            sums = halves.sum(axis=-1)  # (..., cols / 32, 2)
+            s0, s1 = self.scales
+            y = y - (self.zero + 1) * (sums[..., 0] @ s0.T + sums[..., 1] @ s1.T)
+        return y  # type: ignore[return-value]
+
+    def take_rows(self, ids: mx.array) -> mx.array:
+        q = self.weight[ids]
+        scales = [s[ids].astype(mx.float32) for s in self.scales]
+        if self.biases is None:
+            biases = [-self.zero * s for s in scales]  # exact: zero is a power of two or 0
+        else:
+            biases = [b[ids].astype(mx.float32) for b in self.biases]
+        first, second = (
+            mx.dequantize(q, s, b, group_size=GROUP_SIZE, bits=self.bits)
+            for s, b in zip(scales, biases, strict=True)
+        )
+        in_first = mx.arange(self.shape[1]) % GROUP_SIZE < GROUP_SIZE // 2
+        return mx.where(in_first, first, second)
+
+    def dequantize(self) -> mx.array:
+        return self.take_rows(mx.arange(self.shape[0]))
+
+    def arrays(self) -> list[mx.array]:
+        return [self.weight, *self.scales, *(self.biases or ())]
 
 
 def _blocks(t: TensorData) -> np.ndarray:
@@ -162,56 +285,61 @@ def repack_numpy(t: TensorData) -> tuple[np.ndarray, np.ndarray, np.ndarray, int
     )
 
 
-def _dense_numpy(t: TensorData) -> np.ndarray:
-    blocks = _blocks(t)
-    flat = blocks.reshape(-1)
+def _dense(t: TensorData) -> mx.array:
+    """A float tensor as stored, in MLX order (reversed GGUF shape)."""
+    flat = _blocks(t).reshape(-1)
     if t.ggml_type == GGMLType.F32:
-        arr = flat.view("<f4")
+        arr = mx.array(flat.view("<f4"))
     elif t.ggml_type == GGMLType.F16:
-        arr = flat.view("<f2")
-    else:  # BF16 is the top half of a float32
-        arr = (flat.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        arr = mx.array(flat.view("<f2"))
+    else:  # BF16: MLX has the type; NumPy does not
+        arr = mx.array(flat.view("<u2")).view(mx.bfloat16)
     return arr.reshape(tuple(reversed(t.shape)))
 
 
-def load_tensor(t: TensorData, *, dtype: mx.Dtype = mx.float32) -> Weight:
-    """A GGUF tensor as MLX: a QuantizedWeight for Q4_0/Q4_1/Q8_0, else a dense array.
+def _constants(dtype: mx.Dtype, *values: np.ndarray) -> list[mx.array]:
+    """Per-group constants as ``dtype``; float32 if float16 would overflow on any of them."""
+    big = any(v.size and float(np.abs(v).max()) > FLOAT16_MAX for v in values)
+    dt = mx.float32 if dtype == mx.float16 and big else dtype
+    return [mx.array(v).astype(dt) for v in values]
 
-    Dense arrays come back in MLX order (reversed GGUF shape) cast to ``dtype``; quantized
-    scales and biases use ``dtype`` too. Both float32 and float16 hold d, m, -8d and -128d
-    exactly; with float16 only the dequantized products round.
+
+def load_tensor(t: TensorData, *, scale_dtype: mx.Dtype = mx.float32) -> Weight:
+    """A GGUF tensor as the Weight kind that keeps it at about its size (see the module doc).
+
+    ``scale_dtype`` is the type of quantization constants: float32 (the default here) gives
+    ggml's values exactly, float16 (what a stage holds) about the GGUF size.
     """
     try:
         ggml_type = GGMLType(t.ggml_type)
     except ValueError:
         raise UnsupportedModelError(f"{t.name}: unknown tensor type {t.ggml_type}") from None
     t = TensorData(t.name, ggml_type, tuple(int(d) for d in t.shape), t.data)
+    rows, cols = _matrix_shape(t) if t.ggml_type not in DENSE_TYPES else (0, 0)
     if t.ggml_type in QUANTIZED_TYPES:
         q, scales, biases, bits = repack_numpy(t)
-        return QuantizedWeight(
-            mx.array(q),
-            mx.array(scales).astype(dtype),
-            mx.array(biases).astype(dtype),
-            bits,
-            ggml_type=t.ggml_type,
-        )
+        s, b = _constants(scale_dtype, scales, biases)
+        return QuantizedWeight(mx.array(q), s, b, bits)
     if t.ggml_type in kquants.AFFINE_BITS:
-        rows, cols = _matrix_shape(t)
         q, scales, biases, bits = kquants.affine_groups(t.ggml_type, _blocks(t))
-        groups = cols // GROUP_SIZE
-        return QuantizedWeight(
-            mx.array(q.reshape(rows, groups * bits)),
-            mx.array(scales.reshape(rows, groups)).astype(dtype),
-            mx.array(biases.reshape(rows, groups)).astype(dtype),
+        groups = (rows, cols // GROUP_SIZE)
+        s, b = _constants(scale_dtype, scales.reshape(groups), biases.reshape(groups))
+        return QuantizedWeight(mx.array(q.reshape(rows, -1)), s, b, bits)
+    if t.ggml_type in kquants.SUB_BLOCK_BITS:
+        q, scale, zero, minimum, bits = kquants.sub_blocks(t.ggml_type, _blocks(t))
+        per_half = [scale.reshape(rows, -1, 2)[..., h] for h in (0, 1)]
+        if minimum is not None:  # w = scale * u - minimum
+            per_half += [-minimum.reshape(rows, -1, 2)[..., h] for h in (0, 1)]
+        consts = _constants(scale_dtype, *per_half)
+        return SubBlockWeight(
+            mx.array(q.reshape(rows, -1)),
+            (consts[0], consts[1]),
+            None if minimum is None else (consts[2], consts[3]),
+            zero,
             bits,
-            ggml_type=t.ggml_type,
         )
-    if t.ggml_type in kquants.FLOAT16_TYPES:
-        # 16-weight sub-blocks do not fit MLX's groups of >= 32: float16, as the issue asks
-        values = kquants.dequantize_blocks(t.ggml_type, _blocks(t))
-        return mx.array(values.astype(np.float16).reshape(tuple(reversed(t.shape))))
     if t.ggml_type in DENSE_TYPES:
-        return mx.array(_dense_numpy(t)).astype(dtype)
+        return DenseWeight(_dense(t))
     raise UnsupportedModelError(unsupported_type_message(t.name, t.ggml_type))
 
 
