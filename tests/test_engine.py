@@ -198,6 +198,27 @@ def test_chunked_prefill(tiny: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     assert hidden.shape == (len(PROMPT), tiny.spec.d_model) and hidden.dtype == np.float16
 
 
+def test_all_logits(tiny: Model) -> None:
+    """``all_logits``: every position's logits, the last of them what ``forward`` gives, each
+    what a prompt ending there gives; also across prefill chunks."""
+    (stage,) = tiny.stages([0, 4], kv_dtype=mx.float32)
+    rows = stage.forward("a", np.array(PROMPT, np.int32), all_logits=True)
+    assert rows.shape == (len(PROMPT), tiny.spec.vocab_size) and rows.dtype == np.float32
+    for n in (1, 5, len(PROMPT)):
+        alone = stage.forward(f"p{n}", np.array(PROMPT[:n], np.int32))
+        np.testing.assert_allclose(rows[n - 1], alone, atol=1e-4)
+    assert stage.kv_nbytes > 0
+    stage.free("a")
+
+
+def test_all_logits_in_chunks(tiny: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    (stage,) = tiny.stages([0, 4], kv_dtype=mx.float32)
+    whole = stage.forward("a", np.array(PROMPT, np.int32), all_logits=True)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 4)
+    chunked = stage.forward("b", np.array(PROMPT, np.int32), all_logits=True)
+    np.testing.assert_allclose(chunked, whole, atol=1e-4)
+
+
 def test_split_invariance_tiny(tiny: Model) -> None:
     one, _ = greedy(tiny.stages([0, 4]), PROMPT, 12)
     for bounds in ([0, 2, 4], [0, 1, 3, 4], [0, 1, 2, 3, 4]):

@@ -148,3 +148,29 @@ def test_unsupported_types_are_named_at_add_time(ggml_type: GGMLType) -> None:
     check_tensor_types({t.name: int(t) for t in AFFINE + SUB_BLOCKS})
     with pytest.raises(UnsupportedModelError, match="unknown tensor type 77"):
         check_tensor_types({"w": 77})
+
+
+def test_join_concatenates_alike_weights_and_stacks_the_rest() -> None:
+    """q/k/v or gate/up become one weight: concatenated where kind and layout agree (one
+    matmul), else side by side; the product and row lookups are the parts'."""
+    from llm_omninode.backend.quant import StackedWeight, join
+
+    parts = [
+        load_tensor(random_tensor(GGMLType.Q4_K, (256, 3), seed=10)),
+        load_tensor(random_tensor(GGMLType.Q4_K, (256, 5), seed=11)),
+        load_tensor(random_tensor(GGMLType.Q6_K, (256, 2), seed=12)),
+        load_tensor(random_tensor(GGMLType.Q6_K, (256, 4), seed=13)),
+    ]
+    assert isinstance(join(parts[:2]), QuantizedWeight)
+    assert isinstance(join(parts[2:]), SubBlockWeight)
+    mixed = join(parts)
+    assert isinstance(mixed, StackedWeight) and mixed.shape == (14, 256)
+    whole = np.concatenate([np.array(p.dequantize()) for p in parts])
+    np.testing.assert_array_equal(np.array(join(parts[:2]).dequantize()), whole[:8])
+    np.testing.assert_array_equal(np.array(join(parts[2:]).dequantize()), whole[8:])
+    ids = mx.array([13, 0, 7, 8, 3])
+    np.testing.assert_array_equal(np.array(mixed.take_rows(ids)), whole[[13, 0, 7, 8, 3]])
+    x = np.random.default_rng(1).standard_normal((2, 256)).astype(np.float32)
+    want = x.astype(np.float64) @ whole.T.astype(np.float64)
+    np.testing.assert_allclose(np.array(mixed.matmul(mx.array(x))), want, rtol=1e-5, atol=1e-4)
+    assert join(parts[:1]) is parts[0]

@@ -1,16 +1,19 @@
-"""The layers of a transformer block (attention, gated MLP, norms) in MLX, and the loader
-that checks their tensors."""
+"""A transformer block in MLX, written once for every architecture: attention (optional q/k/v
+biases, per-head q/k norms, sliding windows), a gated MLP, RMS norms (optionally after attention
+and MLP too), all chosen by ModelSpec flags; and the Loader that checks a stage's tensors and
+keeps account of what it holds. Weights are quant.Weight of any kind: nothing here knows how a
+tensor is quantized. A new architecture is a spec (spec.py) and, if it needs one, a flag here."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .kv_cache import KVCache
 from .linear import Linear
-from .quant import TensorData, Weight, load_tensor
+from .quant import TensorData, Weight, join, load_tensor, nbytes
 from .spec import ModelSpec, UnsupportedModelError
 
 
@@ -41,13 +44,9 @@ class Attention:
         self.rope_base, self.rope_scale = spec.layer_rope(layer)
         self.window = spec.sliding_window if spec.is_sliding(layer) else 0
         nh, nkv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
-        parts = []
-        for name, n_out in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
-            bias = w.dense(f"{prefix}attn_{name}.bias", (n_out,)) if spec.attn_bias else None
-            parts.append(w.linear(f"{prefix}attn_{name}.weight", (d, n_out), bias))
-        self.qkv = Linear.fused(parts)
-        self.q_proj, self.k_proj, self.v_proj = parts if self.qkv is None else (None,) * 3
-        self.o_proj = w.linear(f"{prefix}attn_output.weight", (nh * hd, d))
+        qkv = [f"{prefix}attn_{x}" for x in "qkv"]
+        self.qkv = w.linear(qkv, d, [nh * hd, nkv * hd, nkv * hd], bias=spec.attn_bias)
+        self.o_proj = w.linear([f"{prefix}attn_output"], nh * hd, [d])
         self.q_norm = self.k_norm = None
         if spec.qk_norm:
             self.q_norm = w.dense(f"{prefix}attn_q_norm.weight", (hd,))
@@ -67,13 +66,10 @@ class Attention:
             freqs=self.rope_freqs,
         )
 
-    def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
         s = self.spec
         _, T, _ = x.shape
-        if self.qkv is not None:
-            q, k, v = mx.split(self.qkv(x), self.splits, axis=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = mx.split(self.qkv(x), self.splits, axis=-1)
         q = q.reshape(1, T, s.n_heads, s.head_dim).transpose(0, 2, 1, 3)
         k = k.reshape(1, T, s.n_kv_heads, s.head_dim).transpose(0, 2, 1, 3)
         v = v.reshape(1, T, s.n_kv_heads, s.head_dim).transpose(0, 2, 1, 3)
@@ -85,6 +81,7 @@ class Attention:
         keys, values = cache.update(layer, k, v)
         if keys.dtype != q.dtype:
             keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        mask = None
         if self.window and T == 1 and keys.shape[2] > self.window:
             keys, values = keys[..., -self.window :, :], values[..., -self.window :, :]
         else:
@@ -98,11 +95,8 @@ class MLP:
 
     def __init__(self, spec: ModelSpec, w: Loader, prefix: str) -> None:
         d, f = spec.d_model, spec.d_ff
-        gate = w.linear(f"{prefix}ffn_gate.weight", (d, f))
-        up = w.linear(f"{prefix}ffn_up.weight", (d, f))
-        self.gate_up = Linear.fused([gate, up])
-        self.gate, self.up = (gate, up) if self.gate_up is None else (None, None)
-        self.down = w.linear(f"{prefix}ffn_down.weight", (f, d))
+        self.gate_up = w.linear([f"{prefix}ffn_gate", f"{prefix}ffn_up"], d, [f, f])
+        self.down = w.linear([f"{prefix}ffn_down"], f, [d])
         self.d_ff = f
         if spec.activation == "silu":
             self.act = nn.silu
@@ -112,10 +106,7 @@ class MLP:
             raise UnsupportedModelError(f"activation {spec.activation!r} is not supported")
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.gate_up is not None:
-            g, u = mx.split(self.gate_up(x), [self.d_ff], axis=-1)
-        else:
-            g, u = self.gate(x), self.up(x)
+        g, u = mx.split(self.gate_up(x), [self.d_ff], axis=-1)
         return self.down(self.act(g) * u)
 
 
@@ -134,8 +125,8 @@ class Block:
             self.post_attn_norm = w.dense(f"{p}post_attention_norm.weight", (d,))
             self.post_ffn_norm = w.dense(f"{p}post_ffw_norm.weight", (d,))
 
-    def __call__(self, x: mx.array, cache: KVCache, layer: int, mask: str | None) -> mx.array:
-        a = self.attn(self.norm(x, self.attn_norm, self.eps), cache, layer, mask)
+    def __call__(self, x: mx.array, cache: KVCache, layer: int) -> mx.array:
+        a = self.attn(self.norm(x, self.attn_norm, self.eps), cache, layer)
         if self.post_attn_norm is not None:
             a = self.norm(a, self.post_attn_norm, self.eps)
         h = x + a
@@ -146,14 +137,17 @@ class Block:
 
 
 class Loader:
-    """Loads named tensors after checking they exist with the shape the spec implies."""
+    """Loads a stage's tensors after checking they exist with the shape the spec implies, and
+    keeps account of what the stage will hold (``held``, ``nbytes``)."""
 
     def __init__(
         self, tensors: Mapping[str, TensorData], dtype: mx.Dtype, scale_dtype: mx.Dtype
     ) -> None:
         self.tensors = tensors
-        self.dtype = dtype
-        self.scale_dtype = scale_dtype
+        self.dtype = dtype  # of norms and biases: the compute dtype
+        self.scale_dtype = scale_dtype  # of quantization constants (see quant.py)
+        self.held: list[Weight | mx.array] = []
+        self._weights: dict[str, Weight] = {}
 
     def _get(self, name: str, shape: tuple[int, ...]) -> TensorData:
         t = self.tensors.get(name)
@@ -165,11 +159,40 @@ class Loader:
             )
         return t
 
-    def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
+    def _load(self, name: str, shape: tuple[int, ...]) -> Weight:
         return load_tensor(self._get(name, shape), scale_dtype=self.scale_dtype)
 
-    def linear(self, name: str, shape: tuple[int, ...], bias: mx.array | None = None) -> Linear:
-        return Linear(self.weight(name, shape), bias)
+    def _vector(self, name: str, n: int) -> mx.array:
+        return self._load(name, (n,)).dequantize().astype(self.dtype)
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> Weight:
+        """A matrix by name, loaded once however often it is asked for (a tied head)."""
+        if name not in self._weights:
+            self._weights[name] = self._load(name, shape)
+            self.held.append(self._weights[name])
+        return self._weights[name]
+
+    def linear(
+        self, names: Sequence[str], d_in: int, d_out: Sequence[int], bias: bool = False
+    ) -> Linear:
+        """The projections ``{name}.weight`` (``{name}.bias`` with ``bias``) side by side:
+        one matmul where their weights can be joined (see quant.join)."""
+        pairs = list(zip(names, d_out, strict=True))
+        weight = join([self._load(f"{n}.weight", (d_in, o)) for n, o in pairs])
+        b = mx.concatenate([self._vector(f"{n}.bias", o) for n, o in pairs]) if bias else None
+        self.held += [weight] if b is None else [weight, b]
+        return Linear(weight, b)
 
     def dense(self, name: str, shape: tuple[int, ...]) -> mx.array:
-        return self.weight(name, shape).dequantize().astype(self.dtype)
+        """A norm or other vector, in the compute dtype."""
+        (n,) = shape
+        a = self._vector(name, n)
+        self.held.append(a)
+        return a
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.held)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for w in self.held for a in ([w] if isinstance(w, mx.array) else w.arrays())]

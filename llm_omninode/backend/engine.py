@@ -4,22 +4,23 @@ The first stage also embeds token ids; the last also applies the final norm and 
 projection. Between stages hidden states travel as ``hidden_dtype`` (T, d_model): float32
 (what a shim uses: any split then computes bit for bit what one stage does) or float16;
 inside a stage the compute dtype is float32 by default, and the model is computed as written
-(it agrees with a float64 forward to ~1e-4). This is the engine on Apple silicon; on Linux it
-runs on MLX's CPU device (ggml_stage.GgmlStage is the Linux engine).
+(it agrees with a float64 forward to ~1e-4). Weights are held at about their GGUF size
+(quant.py) and the blocks are blocks.Block, one for every architecture. This is the engine on
+Apple silicon; on Linux it runs on MLX's CPU device (ggml_stage.GgmlStage is the Linux engine).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from .blocks import MLP, Attention, Block, Loader
+from .blocks import Block, Loader
 from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
 from .linear import Linear
-from .quant import DenseWeight, QuantizedWeight, SubBlockWeight, TensorData, Weight
+from .quant import TensorData, Weight
 from .spec import ModelSpec
 from .stage_base import SequenceStage, check_seq_id, result_or_error
 
@@ -36,7 +37,8 @@ class Stage(SequenceStage):
     ``forward(seq_id, x)`` takes int32 token ids (T,) on the first stage, hidden states
     (T, d_model) otherwise: float32, or float16 times ``spec.boundary_scale`` (so that gemma's
     large residual stream fits float16). It returns hidden states as ``hidden_dtype`` (the
-    same two forms), or on the last stage float32 logits (vocab,) of the last position.
+    same two forms), or on the last stage float32 logits (vocab,) of the last position (of
+    every position with ``all_logits=True``: (T, vocab)).
     """
 
     def __init__(
@@ -87,16 +89,18 @@ class Stage(SequenceStage):
         if self.is_first or (self.is_last and tied):
             self.embedding = w.weight("token_embd.weight", (d, spec.vocab_size))
         self.blocks = [Block(spec, w, i, rope_freqs) for i in range(start, end)]
-        self.output_norm = self.output = None
+        self.output_norm: mx.array | None = None
+        self.output: Linear | None = None
         if self.is_last:
             self.output_norm = w.dense("output_norm.weight", (d,))
-            if tied:
-                self.output = Linear(self.embedding)
+            if tied:  # the head multiplies by the embedding table itself (loaded once)
+                self.output = Linear(w.weight("token_embd.weight", (d, spec.vocab_size)))
             else:
-                self.output = w.linear("output.weight", (d, spec.vocab_size))
+                self.output = w.linear(["output"], d, [spec.vocab_size])
         if not self.is_first:
             self.embedding = None  # only the tied head holds on to it
-        mx.eval(self._parameters())
+        mx.eval(w.arrays())
+        self.nbytes = w.nbytes  # bytes of weights held, shared arrays counted once
         self._caches = SequenceCaches(
             max_sequences,
             n_layers=end - start,
@@ -107,33 +111,12 @@ class Stage(SequenceStage):
         )
         self._lock = threading.Lock()
 
-    def _walk(self) -> Iterator[object]:
-        def walk(obj: object) -> Iterator[object]:
-            yield obj
-            if isinstance(obj, list | tuple):
-                for o in obj:
-                    yield from walk(o)
-            elif isinstance(obj, Linear | Attention | MLP | Block):
-                for v in vars(obj).values():
-                    yield from walk(v)
-
-        return walk([self.embedding, self.blocks, self.output_norm, self.output])
-
-    def _parameters(self) -> list[mx.array]:
-        out: list[mx.array] = []
-        for obj in self._walk():
-            if isinstance(obj, mx.array):
-                out.append(obj)
-            elif isinstance(obj, QuantizedWeight | SubBlockWeight | DenseWeight):
-                out.extend(obj.arrays())
-        return out
-
     @property
-    def nbytes(self) -> int:
-        """Bytes of weights this stage holds (shared arrays counted once)."""
-        return sum({id(a): a.nbytes for a in self._parameters()}.values())
+    def kv_nbytes(self) -> int:
+        """Bytes of the KV caches held now."""
+        with self._lock:
+            return self._caches.nbytes
 
-    # ---- sequences ------------------------------------------------------------------------
     # ---- compute --------------------------------------------------------------------------
     def _embed(self, ids: mx.array) -> mx.array:
         assert self.embedding is not None
@@ -146,20 +129,19 @@ class Stage(SequenceStage):
         c = self.spec.final_softcap
         return logits if c is None else mx.tanh(logits / c) * c
 
-    def _run(self, x: np.ndarray, cache: KVCache) -> mx.array:
-        T = x.shape[0]
+    def _run(self, x: np.ndarray, cache: KVCache, all_logits: bool) -> mx.array:
         s = self.spec.boundary_scale  # a power of two: scaling is exact
         h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
         h = h[None]
-        mask = "causal" if T > 1 else None
         for i, block in enumerate(self.blocks):
-            h = block(h, cache, i, mask)
+            h = block(h, cache, i)
         if not self.is_last:
             if self.hidden_dtype == np.float32:
                 return h[0].astype(mx.float32)
             return (h[0] * s).astype(mx.float16)
-        h = mx.fast.rms_norm(h[:, -1, :], self.output_norm, self.spec.rms_eps)
-        return self._softcap(self.output(h)[0].astype(mx.float32))
+        assert self.output is not None
+        h = mx.fast.rms_norm(h[0] if all_logits else h[0, -1], self.output_norm, self.spec.rms_eps)
+        return self._softcap(self.output(h).astype(mx.float32))
 
     @property
     def batches(self) -> bool:
@@ -173,7 +155,7 @@ class Stage(SequenceStage):
         exception ``forward`` would have raised for it (the others still run)."""
         return [result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
 
-    def forward(self, seq_id: str, x: np.ndarray) -> np.ndarray:
+    def forward(self, seq_id: str, x: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
         check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
@@ -182,10 +164,10 @@ class Stage(SequenceStage):
             outs = []
             for s in range(0, T, PREFILL_CHUNK):
                 chunk = x[s : s + PREFILL_CHUNK]
-                out = self._run(chunk, cache)
+                out = self._run(chunk, cache, all_logits)
                 mx.eval(out, cache.state())
                 cache.commit(chunk.shape[0])
                 outs.append(out)
-        if self.is_last:
+        if self.is_last and not all_logits:
             return np.array(outs[-1])
         return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))

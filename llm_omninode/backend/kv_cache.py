@@ -156,6 +156,11 @@ class SequenceCaches:
     def ids(self) -> list[str]:
         return list(self._caches)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the caches held now."""
+        return sum(c.nbytes for c in self._caches.values())
+
     def evict_idle(self, max_idle_s: float) -> list[str]:
         now = time.monotonic()
         gone = [s for s, c in self._caches.items() if now - c.last_used > max_idle_s]

@@ -16,6 +16,8 @@ kquants.py):
 - SubBlockWeight: Q6_K, Q3_K, Q2_K, whose 16-weight sub-blocks each have their own scale
   (MLX's groups are >= 32): the integers in groups of 32, each half of a group with its own
   constants (see the class).
+- StackedWeight: weights that cannot be concatenated side by side (q/k/v of a Q4_K_M mix);
+  ``join`` concatenates those that can, so q/k/v and gate/up are one matmul where possible.
 
 Scales and biases are float16 in a stage (``scale_dtype``; float32 where a value would
 overflow float16), which keeps a tensor at about its GGUF size. That is exact for Q4_0, Q4_1,
@@ -28,7 +30,7 @@ NumPy over whole tensors: no Python loop runs per block.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,6 +110,12 @@ class DenseWeight:
     def arrays(self) -> list[mx.array]:
         return [self.w]
 
+    @classmethod
+    def concat(cls, ws: Sequence[DenseWeight]) -> DenseWeight | None:
+        if len({w.w.dtype for w in ws}) != 1:
+            return None
+        return cls(mx.concatenate([w.w for w in ws]))
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -149,6 +157,14 @@ class QuantizedWeight:
 
     def arrays(self) -> list[mx.array]:
         return [self.weight, self.scales, self.biases]
+
+    @classmethod
+    def concat(cls, ws: Sequence[QuantizedWeight]) -> QuantizedWeight | None:
+        if len({(w.bits, w.group_size, w.scales.dtype) for w in ws}) != 1:
+            return None
+        arrays = zip(*(w.arrays() for w in ws), strict=True)
+        q, s, b = (mx.concatenate(list(a)) for a in arrays)
+        return cls(q, s, b, ws[0].bits, ws[0].group_size)
 
 
 @dataclass(frozen=True)
@@ -210,6 +226,66 @@ class SubBlockWeight:
 
     def arrays(self) -> list[mx.array]:
         return [self.weight, *self.scales, *(self.biases or ())]
+
+    @classmethod
+    def concat(cls, ws: Sequence[SubBlockWeight]) -> SubBlockWeight | None:
+        layouts = {(w.bits, w.zero, w.biases is None, w.scales[0].dtype) for w in ws}
+        if len(layouts) != 1:
+            return None
+
+        def rows(pick: Callable[[SubBlockWeight], mx.array]) -> mx.array:
+            return mx.concatenate([pick(w) for w in ws])
+
+        scales = (rows(lambda w: w.scales[0]), rows(lambda w: w.scales[1]))
+        biases = None
+        if ws[0].biases is not None:
+            biases = (rows(lambda w: w.biases[0]), rows(lambda w: w.biases[1]))  # type: ignore[index]
+        return cls(rows(lambda w: w.weight), scales, biases, ws[0].zero, ws[0].bits)
+
+
+@dataclass(frozen=True)
+class StackedWeight:
+    """Weights of different kinds computing their rows in turn (one after the other)."""
+
+    parts: tuple[Weight, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
+    def matmul(self, x: mx.array) -> mx.array:
+        return mx.concatenate([p.matmul(x) for p in self.parts], axis=-1)
+
+    def take_rows(self, ids: mx.array) -> mx.array:
+        out, start = None, 0
+        for p in self.parts:
+            n = p.shape[0]
+            rows = p.take_rows(mx.clip(ids - start, 0, n - 1))
+            mine = ((ids >= start) & (ids < start + n))[..., None]
+            out = rows if out is None else mx.where(mine, rows, out)
+            start += n
+        assert out is not None
+        return out
+
+    def dequantize(self) -> mx.array:
+        return mx.concatenate([p.dequantize() for p in self.parts])
+
+    def arrays(self) -> list[mx.array]:
+        return [a for p in self.parts for a in p.arrays()]
+
+
+def join(weights: Sequence[Weight]) -> Weight:
+    """One weight computing ``weights``' rows in turn: their arrays concatenated where they
+    are of one kind and layout (one matmul instead of several), else a StackedWeight."""
+    first = weights[0]
+    if len(weights) == 1:
+        return first
+    concat = getattr(type(first), "concat", None)
+    if concat is not None and all(type(w) is type(first) for w in weights):
+        joined = concat(weights)
+        if joined is not None:
+            return joined
+    return StackedWeight(tuple(weights))
 
 
 def _blocks(t: TensorData) -> np.ndarray:
