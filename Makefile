@@ -50,7 +50,7 @@ unit: setup
 	$(BIN)/python -m pytest -q -m "not cluster and not model and not large_model and not faults"
 
 # llama.cpp for side-by-side benches: llama-cpp-python built from its PyPI sdist in its own venv
-# (never a project dependency; about 27 min on 2 cores). bench/report.py uses it when present.
+# (never a project dependency; 15-27 min on 2 cores). bench/engine.py uses it when present.
 LLAMA_VENV ?= .llama-venv
 $(LLAMA_VENV)/.installed:
 	$(PYTHON) -m venv $(LLAMA_VENV)
@@ -61,8 +61,8 @@ $(LLAMA_VENV)/.installed:
 
 llama-ref: $(LLAMA_VENV)/.installed
 
-# every benchmark once; report in bench/results/report.md and report.json
-bench: model
+# every benchmark once, llama.cpp beside OmniNode; report in bench/results/report.md and .json
+bench: models llama-ref
 	$(BIN)/python bench/report.py
 
 clean:

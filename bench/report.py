@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark here once and write a report, markdown and JSON.
 
 Each script prints its figures and, last, one JSON line; this collects those lines, adds a
-description of the machine (CPU, cores, memory, Python, NumPy and its BLAS, MLX) and writes
+description of the machine (CPU, cores, memory, Python, NumPy, ggml-python, MLX) and writes
 bench/results/report.md and report.json. The figures are medians inside one run of each
 script, and ratios against a baseline measured in the same run, since this kind of machine is
 shared and noisy. The last line printed is the JSON report.
@@ -64,10 +64,10 @@ def machine() -> dict:
     except ImportError:
         pass
     try:
-        config = np.show_config(mode="dicts")
-        blas = config.get("Build Dependencies", {}).get("blas", {})
-        info["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except (TypeError, AttributeError):
+        import ggml
+
+        info["ggml_python"] = getattr(ggml, "__version__", "?")
+    except ImportError:
         pass
     return info
 
@@ -98,8 +98,8 @@ def markdown(report: dict) -> str:
     out = ["# OmniNode benchmark report", "",
            f"Run {report['date']} on {m.get('cpu', '?')}, {m.get('cores')} cores, "
            f"{m.get('memory_gib', '?')} GiB; {m.get('platform')}; Python {m.get('python')}, "
-           f"NumPy {m.get('numpy')} ({m.get('numpy_blas', '?')}), MLX {m.get('mlx', '?')} "
-           f"({m.get('mlx_device', '?')}).", "",
+           f"NumPy {m.get('numpy')}, ggml-python {m.get('ggml_python', '?')}, "
+           f"MLX {m.get('mlx', '?')} ({m.get('mlx_device', '?')}).", "",
            "Medians inside one run of each script; ratios against a baseline of the same run.",
            ""]  # fmt: skip
     for bench in report["benches"]:

@@ -19,7 +19,7 @@ VARIABLES = {
     "OMNI_PIP_ARGS": "extra pip arguments of pulls (offline mirror: --no-index --find-links DIR)",
     "OMNI_ENGINE": "ggml (Linux default) or mlx (default elsewhere; on Linux: MLX's CPU device)",
     "OMNI_GGML_THREADS": "threads of a ggml stage (default: the shim's --threads, else every CPU)",
-    "OMNI_GGML_REPACK": "1: repack weights for ggml's interleaved kernels, as llama.cpp does",
+    "OMNI_GGML_REPACK": "0: weights as stored (a step's numbers then never depend on its batch)",
     "OMNI_WIRE_DTYPE": "float32 (default: splits bit-identical) or float16 hidden states",
     "OMNI_PREFILL_PIECE": "prompt tokens per pipelined piece (0: the whole prompt at once)",
 }
@@ -78,7 +78,7 @@ def ggml_threads() -> int | None:
 
 
 def ggml_repack() -> bool:
-    return _get("OMNI_GGML_REPACK") == "1"
+    return _get("OMNI_GGML_REPACK") != "0"
 
 
 def wire_dtype() -> str:

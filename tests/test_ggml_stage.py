@@ -250,8 +250,9 @@ def test_teacher_forced_smollm2_two_stages(smollm2_path) -> None:
 
 @pytest.mark.large_model
 def test_teacher_forced_qwen2(qwen2_path) -> None:
-    """One position of margin 0.15 (of 176 >= 0.1) differs: llama.cpp repacks Q4_K weights
-    for its AVX2 kernels (another summation order); these are computed as stored."""
+    """Measured (weights repacked as llama.cpp repacks them): 153/153 at margin >= 0.5,
+    175/176 at >= 0.1 (one position of margin 0.15 differs: the issue asks 99.5%, this is
+    99.4%), mean KL 1.0e-3."""
     fid = _fidelity(qwen2_path, "qwen2.5-coder-0.5b")
     agree, n = fid.agreement(0.5)
     assert agree == n
@@ -263,12 +264,15 @@ def test_teacher_forced_qwen2(qwen2_path) -> None:
 
 @pytest.mark.large_model
 def test_teacher_forced_gemma3(gemma3_path) -> None:
-    """Measured, not yet at the issue's thresholds: positions 0 and 1 of a passage are bit for
-    bit llama.cpp's, later ones part (mean KL ~7e-3; one position of margin 0.77 flips)."""
+    """Measured, not yet at the issue's thresholds: 160/160 at margin >= 0.5, 190/192 at
+    >= 0.1 (99.0%), mean KL 3.2e-3 (the issue asks 2e-3); without repacking, as llama.cpp
+    repacks, one position of margin 0.77 flipped and the KL was 7.6e-3."""
     fid = _fidelity(gemma3_path, "gemma3-270m")
     agree, n = fid.agreement(0.5)
+    assert agree == n
+    agree, n = fid.agreement(0.1)
     assert agree >= n - 2
-    assert fid.mean_kl < 2e-2
+    assert fid.mean_kl < 5e-3
 
 
 # ---- memory ---------------------------------------------------------------------------------

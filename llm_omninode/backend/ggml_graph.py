@@ -9,6 +9,7 @@ Python before ggml sees it.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,20 @@ def _fixed(name: str, restype: object, argtypes: list) -> Callable:
 
 
 cpu_buffer_type = _fixed("ggml_backend_cpu_buffer_type", ctypes.c_void_p, [])
+
+_log = logging.getLogger("llm_omninode.ggml")
+_LEVELS = {ggml.GGML_LOG_LEVEL_WARN: logging.WARNING, ggml.GGML_LOG_LEVEL_ERROR: logging.ERROR}
+
+
+@ggml.ggml_log_callback
+def _ggml_log(level: int, text: bytes, user_data: object) -> None:
+    """ggml's messages through logging: warnings and errors; its chatter (one line per
+    repacked tensor) not at all."""
+    if level in _LEVELS:
+        _log.log(_LEVELS[level], "%s", text.decode("utf-8", "replace").rstrip())
+
+
+ggml.ggml_log_set(_ggml_log, None)
 
 
 def ptr(a: np.ndarray) -> int:

@@ -4,11 +4,12 @@ slice at its GGUF size and dequantizes nothing to keep it.
 
 Same interface and block structure as engine.Stage (spec.py's flags: llama, mistral, qwen2,
 gemma3), written as the graph llama.cpp's CPU backend computes: with ggml built as llama.cpp
-builds it (GGML_LLAMAFILE) and weights not repacked (``repack``) on both sides, SmolLM2's
-logits are llama.cpp's bit for bit. A graph is built per (positions, attended length) shape
-and kept for decode steps, which only rewrite its inputs (ids or hidden states, positions, the
-cache rows written, the mask); each sequence's KV cache is a float16 NumPy buffer pair
-(ggml_kv.py) that the graph's cache tensors are re-pointed at (ggml_graph.py).
+builds it (GGML_LLAMAFILE) and weights repacked where its CPU backend repacks them
+(``repack``, as llama.cpp does by default), SmolLM2's logits are llama.cpp's bit for bit. A
+graph is built per (positions, attended length) shape and kept for decode steps, which only
+rewrite its inputs (ids or hidden states, positions, the cache rows written, the mask); each
+sequence's KV cache is a float16 NumPy buffer pair (ggml_kv.py) that the graph's cache
+tensors are re-pointed at (ggml_graph.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def default_threads() -> int:
 
 
 def default_repack() -> bool:
-    """OMNI_GGML_REPACK=1: repack weights for ggml's interleaved kernels, as llama.cpp does."""
+    """Weights are repacked for ggml's interleaved kernels, as llama.cpp does (its prompt speed
+    on K-quants), unless OMNI_GGML_REPACK=0."""
     return settings.ggml_repack()
 
 
@@ -61,9 +63,11 @@ class GgmlStage(SequenceStage):
     (vocab,) of the last position (of every position with ``all_logits=True``: (T, vocab)).
 
     ``flash_attn``: ggml's flash attention (as llama.cpp with -fa) instead of softmax(KQ)V.
-    ``repack``: weights of the types the CPU backend interleaves are repacked (a copy of the
-    same size; their file pages are given back); rows of a batch then take other kernels than
-    a row alone, so a step's numbers depend on its batch.
+    ``repack`` (default: yes, unless OMNI_GGML_REPACK=0): weights of the types the CPU backend
+    interleaves (Q4_0, Q4_K, ... on AVX2) are repacked, a copy of the same size whose file
+    pages are given back: prompts then compute about twice as fast. Groups of 4 rows take the
+    interleaved matrix kernel, the rest the vector one, so (as in llama.cpp) a decode step of
+    4 or more sequences at once, or a prompt cut into other pieces, rounds differently.
     ``kv_bytes``: the KV caches of all sequences together stay within it (SequenceLimitError).
     """
 
