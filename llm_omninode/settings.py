@@ -21,6 +21,7 @@ VARIABLES = {
     "OMNI_GGML_THREADS": "threads of a ggml stage (default: the shim's --threads, else every CPU)",
     "OMNI_GGML_REPACK": "0: weights as stored (a step's numbers then never depend on its batch)",
     "OMNI_WIRE_DTYPE": "float32 (default: splits bit-identical) or float16 hidden states",
+    "OMNI_API_TOKEN": "the shim's HTTP API token (as --api-token; read by its command line)",
     "OMNI_PREFILL_PIECE": "prompt tokens per pipelined piece (0: the whole prompt at once)",
 }
 
