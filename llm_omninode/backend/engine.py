@@ -84,21 +84,17 @@ class Stage(SequenceStage):
             exps = mx.arange(0, spec.rope_dim, 2, dtype=mx.float32) / spec.rope_dim
             rope_freqs = mx.power(spec.rope_base, exps) * factors
 
-        tied = spec.tied_embedding or "output.weight" not in tensors
-        self.embedding: Weight | None = None
-        if self.is_first or (self.is_last and tied):
-            self.embedding = w.weight("token_embd.weight", (d, spec.vocab_size))
+        embedding = "token_embd.weight", (d, spec.vocab_size)
+        self.embedding: Weight | None = w.weight(*embedding) if self.is_first else None
         self.blocks = [Block(spec, w, i, rope_freqs) for i in range(start, end)]
         self.output_norm: mx.array | None = None
         self.output: Linear | None = None
         if self.is_last:
             self.output_norm = w.dense("output_norm.weight", (d,))
-            if tied:  # the head multiplies by the embedding table itself (loaded once)
-                self.output = Linear(w.weight("token_embd.weight", (d, spec.vocab_size)))
+            if spec.tied_embedding or "output.weight" not in tensors:
+                self.output = Linear(w.weight(*embedding))  # the same table, loaded once
             else:
                 self.output = w.linear(["output"], d, [spec.vocab_size])
-        if not self.is_first:
-            self.embedding = None  # only the tied head holds on to it
         mx.eval(w.arrays())
         self.nbytes = w.nbytes  # bytes of weights held, shared arrays counted once
         self._caches = SequenceCaches(
