@@ -13,13 +13,17 @@ The rule, in full:
    cannot (say too small for the embedding-bearing first stage) is left out. An exact search
    over stage boundaries decides this, so a fitting split is found whenever one exists; among
    equally large sets (more nodes than blocks, say), earlier node ids are preferred.
-3. The model's work per token is shared out among those nodes in proportion to memory budget
-   (``_work``: a block's parameters twice, the head's output matrix once), every node at least
-   one block. This gives each stage boundary a target; balanced stages keep every node busy
-   when sequences are pipelined.
-4. From the first stage on, each boundary is put at the reachable position nearest its target
-   (ties: the earlier one), i.e. blocks move to neighbours with room only as far as budgets
-   force them.
+3. The model's work per token (``_work``: a block's parameters twice, the head's output
+   matrix once) is shared so that stages take about equal time: a stage's time is its work over
+   its node's ``speed`` (measured at start, llm_omninode/backend/speed.py). A bisection finds
+   the least time T within which every stage (at least one block each) fits both its budget
+   and T times its node's speed; budgets stay hard limits, so a fast node with little memory
+   keeps what fits and the others take the rest. Balanced stages keep every node busy when
+   sequences are pipelined.
+4. Each boundary then gets a target that shares the work in proportion to speed, and from the
+   first stage on, is put at the position nearest its target (ties: the earlier one) that
+   keeps every stage within its budget and T, i.e. blocks move to neighbours only as far as
+   budgets and the slowest stage's time force them.
 
 Blocks are never reordered and a node runs one range; a plan that cannot fit is a PlanError
 that says how much the model needs and how much the nodes offer.
@@ -30,7 +34,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +64,7 @@ def _is_int(value: object) -> bool:
 class NodeCapacity:
     node_id: str
     memory_budget: int  # bytes this node may use for weights (+ KV cache)
-    speed: float = 1.0  # relative measured speed; only breaks ties when max_stages cuts
+    speed: float = 1.0  # measured compute speed (any unit, the same on every node)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -285,24 +289,35 @@ def _work(manifest: Manifest) -> tuple[list[int], int]:
     return cum, head or embed  # no output matrix: the tied embedding is the head
 
 
-def _targets(work: tuple[list[int], int], budgets: Sequence[int]) -> list[int]:
-    """Boundary targets that share the model's work (``_work``) in proportion to budget,
-    every node at least one block.
+def _targets(work: tuple[list[int], int], speeds: Sequence[float]) -> list[int]:
+    """Boundary targets that share the model's work (``_work``) in proportion to speed, every
+    node at least one block.
 
     The head is large (SmolLM2's is the work of four blocks): splitting blocks evenly would
     leave the last stage the slowest, and every other stage waiting on it whenever several
     sequences are pipelined.
     """
     cum, head = work
-    n, m = len(cum) - 1, len(budgets)
-    total, whole, share = cum[n] + head, sum(budgets), 0
+    n, m = len(cum) - 1, len(speeds)
+    total, whole, share = cum[n] + head, math.fsum(speeds), 0.0
     bounds = [0]
-    for j, budget in enumerate(budgets[:-1]):
-        share += budget
+    for j, speed in enumerate(speeds[:-1]):
+        share += speed
         want = total * share / whole
         lo, hi = bounds[-1] + 1, n - (m - 1 - j)
         bounds.append(min(range(lo, hi + 1), key=lambda e: (abs(cum[e] - want), e)))
     return [*bounds, n]
+
+
+def _work_end(work: tuple[list[int], int], start: int, allowed: float) -> int:
+    """The furthest ``end`` whose stage from ``start`` does at most ``allowed`` work; ``start``
+    if none (the head counts on the last stage only)."""
+    cum, head = work
+    n = len(cum) - 1
+    if cum[n] - cum[start] + head <= allowed:
+        return n
+    end = min(bisect_right(cum, cum[start] + allowed) - 1, n - 1)
+    return end if end > start else start
 
 
 def _participants(costs: _Costs, budgets: Sequence[int]) -> list[int] | None:
@@ -349,9 +364,12 @@ def _participants(costs: _Costs, budgets: Sequence[int]) -> list[int] | None:
     return chosen
 
 
-def _reachable(costs: _Costs, budgets: Sequence[int]) -> list[list[bool]]:
-    """``ok[j][b]``: nodes j.. can run blocks [b, n), each at least one block, within budget."""
-    n, m = costs.n, len(budgets)
+Ends = Callable[[int, int], int]  # (node j, start) -> the furthest end node j may run to
+
+
+def _reachable(n: int, m: int, ends: Ends) -> list[list[bool]]:
+    """``ok[j][b]``: nodes j.. can run blocks [b, n), each at least one block and at most to
+    ``ends(j, start)`` (every shorter stage from ``start`` is allowed too)."""
     ok = [[False] * (n + 1) for _ in range(m + 1)]
     ok[m][n] = True
     for j in reversed(range(m)):
@@ -360,22 +378,60 @@ def _reachable(costs: _Costs, budgets: Sequence[int]) -> list[list[bool]]:
         for flag in after:
             count.append(count[-1] + flag)
         for start in range(n):
-            end = costs.max_end(start, budgets[j])
+            end = ends(j, start)
             ok[j][start] = end > start and count[end + 1] > count[start + 1]
     return ok
 
 
-def _split(costs: _Costs, budgets: Sequence[int], work: tuple[list[int], int]) -> list[int] | None:
-    """Boundaries nearest the proportional targets that fit every budget, or None."""
-    ok = _reachable(costs, budgets)
-    if not ok[0][0]:
+def _limits(costs: _Costs, budgets: Sequence[int], work: tuple[list[int], int],
+            speeds: Sequence[float], time: float) -> Ends:  # fmt: skip
+    """Stage ends within each node's budget and within ``time`` (work over speed)."""
+
+    def ends(j: int, start: int) -> int:
+        return min(costs.max_end(start, budgets[j]), _work_end(work, start, time * speeds[j]))
+
+    return ends
+
+
+def _least_time(
+    costs: _Costs, budgets: Sequence[int], work: tuple[list[int], int], speeds: Sequence[float]
+) -> float:
+    """About the least time (work over speed) within which every stage fits, by bisection:
+    to within half the smallest block's time on the fastest node, where one block more or less
+    cannot balance stages any better. Budgets alone must admit a split."""
+    cum, head = work
+    n, m = costs.n, len(budgets)
+    total = cum[n] + head
+    lo, hi = total / math.fsum(speeds), 2.0 * total / min(speeds)  # hi: time never binds
+    step = min((cum[i + 1] - cum[i] for i in range(n) if cum[i + 1] > cum[i]), default=1)
+    tolerance = step / (2.0 * max(speeds))
+    for _ in range(200):  # far more than a float's precision needs: never endless
+        if hi - lo <= tolerance:
+            break
+        mid = (lo + hi) / 2
+        if _reachable(n, m, _limits(costs, budgets, work, speeds, mid))[0][0]:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _split(
+    costs: _Costs, budgets: Sequence[int], work: tuple[list[int], int], speeds: Sequence[float]
+) -> list[int] | None:
+    """Boundaries nearest the speed-proportional targets that fit every budget and the least
+    time (``_least_time``), or None if the budgets admit no split."""
+    n, m = costs.n, len(budgets)
+    if not _reachable(n, m, _limits(costs, budgets, work, speeds, math.inf))[0][0]:
         return None
-    target = _targets(work, budgets)
+    ends = _limits(costs, budgets, work, speeds, _least_time(costs, budgets, work, speeds))
+    ok = _reachable(n, m, ends)
+    target = _targets(work, speeds)
     bounds = [0]
-    for j, budget in enumerate(budgets):
+    for j in range(m):
         start = bounds[-1]
-        ends = [e for e in range(start + 1, costs.max_end(start, budget) + 1) if ok[j + 1][e]]
-        bounds.append(min(ends, key=lambda e: (abs(e - target[j + 1]), e)))
+        fits = [e for e in range(start + 1, ends(j, start) + 1) if ok[j + 1][e]]
+        bounds.append(min(fits, key=lambda e: (abs(e - target[j + 1]), e)))
     return bounds
 
 
@@ -412,7 +468,8 @@ def plan_stages(
     picked = _participants(costs, [c.memory_budget for c in offered])
     if picked is not None:
         chosen = [offered[j] for j in picked]
-        bounds = _split(costs, [c.memory_budget for c in chosen], _work(manifest))
+        budgets, speeds = [c.memory_budget for c in chosen], [c.speed for c in chosen]
+        bounds = _split(costs, budgets, _work(manifest), speeds)
         assert bounds is not None  # _participants found a split for exactly these nodes
         stages = tuple(
             StageAssignment(

@@ -1,4 +1,5 @@
-"""Placement as a pure function: proportional, budget-respecting, deterministic, strict JSON."""
+"""Placement as a pure function: stages of about equal time, budget-respecting, deterministic,
+strict JSON."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from omninode_shim.planner import (
     PlanError,
     StageAssignment,
     _costs,
+    _work,
     describe,
     plan_stages,
     stage_bytes,
@@ -105,13 +107,60 @@ def test_one_node_gets_everything():
     assert plan.bounds() == [0, 6] and plan.model_id == m.model_id
 
 
-def test_budgets_one_to_three_get_blocks_one_to_three():
+def test_speeds_one_to_three_get_blocks_one_to_three():
     m = model([256] * 40, embed=256, head=32, tied=False)  # a head of no weight to speak of
-    small, big = NodeCapacity(IDS[0], 100 * MIB), NodeCapacity(IDS[1], 300 * MIB)
-    assert stages_of(plan_stages(m, [big, small])) == [(IDS[0], 0, 10), (IDS[1], 10, 40)]
+    slow, fast = NodeCapacity(IDS[0], MIB, 1.0), NodeCapacity(IDS[1], MIB, 3.0)
+    assert stages_of(plan_stages(m, [fast, slow])) == [(IDS[0], 0, 10), (IDS[1], 10, 40)]
     # the other way round in id order: still 1:3
-    small, big = NodeCapacity(IDS[1], 100 * MIB), NodeCapacity(IDS[0], 300 * MIB)
-    assert stages_of(plan_stages(m, [small, big])) == [(IDS[0], 0, 30), (IDS[1], 30, 40)]
+    slow, fast = NodeCapacity(IDS[1], MIB, 1.0), NodeCapacity(IDS[0], MIB, 3.0)
+    assert stages_of(plan_stages(m, [slow, fast])) == [(IDS[0], 0, 30), (IDS[1], 30, 40)]
+
+
+def test_a_node_twice_as_fast_gets_twice_the_work():
+    # SmolLM2's shape (the tied head is the work of 4 blocks): 34 blocks' work, 2:1 is 22.7 to
+    # 11.3; 23 blocks on the fast node (11.5 blocks' time) and 7 + the head on the slow one (11)
+    m = model([256] * 30, embed=8 * 256, head=32, tied=True)
+    fast, slow = NodeCapacity(IDS[0], MIB, 2.0), NodeCapacity(IDS[1], MIB, 1.0)
+    assert plan_stages(m, [fast, slow]).bounds() == [0, 23, 30]
+    # the slow node first: 30 * 1/3 = 10 blocks there, 20 + the head on the fast one
+    slow, fast = NodeCapacity(IDS[0], MIB, 1.0), NodeCapacity(IDS[1], MIB, 2.0)
+    assert plan_stages(m, [fast, slow]).bounds() == [0, 11, 30]
+
+
+def test_equal_speeds_split_evenly_whatever_the_budgets():
+    m = model([256] * 40, embed=256, head=32, tied=False)
+    budgets = [400 * 256, 25 * 256, 4 * MIB, 11 * 256]  # all room for their 10 blocks
+    nodes = [NodeCapacity(i, b) for i, b in zip(IDS[:4], budgets, strict=True)]
+    assert plan_stages(m, nodes).bounds() == [0, 10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_fast_node_with_little_memory_is_capped_and_the_rest_shared(where):
+    # a node 4x as fast could take 2/3 of the work, but its budget holds 6 blocks (the first
+    # stage's embedding besides): the other two share the remaining 54 evenly, wherever the
+    # small node stands in the order
+    m = model([1024] * 60, embed=1024, head=32, tied=False)
+    start = [0, 27, 54][where]
+    small = stage_bytes(m, start, start + 6)
+    nodes = [NodeCapacity(i, 64 * MIB) for i in IDS[:3]]
+    nodes[where] = NodeCapacity(IDS[where], small, 4.0)
+    sizes = [s.end - s.start for s in plan_stages(m, nodes).stages]
+    assert sizes == [27, 27, 27][:where] + [6] + [27, 27][where:]
+
+
+def test_a_fast_node_too_small_to_use_is_left_out():
+    m = model([1024] * 6, embed=8192, head=32, tied=False)
+    tiny = NodeCapacity(IDS[0], 4096, 100.0)  # fast, but never fits the embedding
+    others = [NodeCapacity(IDS[1], 64 * 1024, 1.0), NodeCapacity(IDS[2], 64 * 1024, 2.0)]
+    plan = plan_stages(m, [tiny, *others])
+    assert stages_of(plan) == [(IDS[1], 0, 2), (IDS[2], 2, 6)]
+
+
+def test_a_very_slow_node_still_runs_one_block():
+    # taking part is decided by memory alone: speed shares the work, at least a block each
+    m = model([256] * 10, embed=256, head=32, tied=False)
+    nodes = [NodeCapacity(IDS[0], MIB, 1000.0), NodeCapacity(IDS[1], MIB, 0.01)]
+    assert plan_stages(m, nodes).bounds() == [0, 9, 10]
 
 
 def test_the_heads_work_moves_blocks_to_the_first_stage():
@@ -276,6 +325,7 @@ cases = st.fixed_dictionaries(
         "tied": st.booleans(),
         "kv": st.sampled_from([0, 32]),
         "budgets": st.lists(st.integers(32, 1200), min_size=1, max_size=4),
+        "speeds": st.lists(st.sampled_from([0.25, 1.0, 1.0, 2.0, 7.5]), min_size=4, max_size=4),
         "order": st.randoms(use_true_random=False),
     }
 )
@@ -287,7 +337,10 @@ def test_plan_invariants_and_optimality(case):
     m = model(case["blocks"], case["embed"], case["head"], tied=case["tied"])
     kv = case["kv"]
     ids = IDS[: len(case["budgets"])]
-    nodes = [NodeCapacity(i, b) for i, b in zip(ids, case["budgets"], strict=True)]
+    nodes = [
+        NodeCapacity(i, b, sp)
+        for i, b, sp in zip(ids, case["budgets"], case["speeds"], strict=False)
+    ]
     shuffled = list(nodes)
     case["order"].shuffle(shuffled)
     most = brute_force_most(m, case["budgets"], kv)
@@ -313,21 +366,49 @@ def test_plan_invariants_and_optimality(case):
         assert s.weight_bytes + kv * (s.end - s.start) <= budget[s.node_id]
     assert plan.stages[0].weight_bytes >= m.shard("embed").size
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    # the slowest stage within half a block's time (on the fastest node) of the best split
+    # of these nodes that fits
+    cum, head = _work(m)
+    speed = {n.node_id: n.speed for n in nodes}
+    chosen = [s.node_id for s in plan.stages]
+
+    def slowest(bounds):
+        return max(
+            (cum[e] - cum[b] + (head if e == m.n_blocks else 0)) / speed[node]
+            for node, b, e in zip(chosen, bounds, bounds[1:], strict=False)
+        )
+
+    def fits(bounds):
+        return all(
+            stage_bytes(m, b, e) + kv * (e - b) <= budget[node]
+            for node, b, e in zip(chosen, bounds, bounds[1:], strict=False)
+        )
+
+    splits = [
+        [0, *c, m.n_blocks] for c in itertools.combinations(range(1, m.n_blocks), len(chosen) - 1)
+    ]
+    best = min(slowest(bounds) for bounds in splits if fits(bounds))
+    step = min(cum[i + 1] - cum[i] for i in range(m.n_blocks))
+    assert slowest(plan.bounds()) <= best + step / (2 * max(speed[n] for n in chosen)) + 1e-9
 
 
-def test_a_2000_block_model_on_10_nodes_is_shared_in_proportion_to_budget():
-    """Every budget has room for its share here, so each boundary is the proportional target:
-    the model's work in blocks (2000, plus the tied head's, one block's worth) times the
-    budgets so far over all budgets, to the nearest block."""
+def test_a_2000_block_model_on_10_nodes_is_shared_in_proportion_to_speed():
+    """Every budget has room for its share here, so each boundary is near the proportional
+    target: the model's work in blocks (2000, plus the tied head's, one block's worth) times
+    the speeds so far over all speeds; and no stage takes a block's time more than the ideal."""
     m = model([32] * 2000, embed=64, head=32)
-    budgets = [10_000 + 1000 * k for k in range(10)]
-    nodes = [NodeCapacity(i, b) for i, b in zip(IDS, budgets, strict=True)]
+    speeds = [1.0 + 0.1 * k for k in range(10)]
+    nodes = [NodeCapacity(i, 10**6, s) for i, s in zip(IDS, speeds, strict=True)]
     plan = plan_stages(m, nodes, kv_bytes_per_block=32)
     assert [s.node_id for s in plan.stages] == IDS
-    so_far = list(itertools.accumulate(budgets))
-    assert plan.bounds() == [0] + [min(2000, round(2001 * b / so_far[-1])) for b in so_far]
-    for stage, budget in zip(plan.stages, budgets, strict=True):
-        assert stage.weight_bytes == cost(m, stage) and cost(m, stage, kv=32) <= budget
+    so_far = list(itertools.accumulate(speeds))
+    want = [0] + [min(2000, round(2001 * s / so_far[-1])) for s in so_far]
+    assert all(abs(b - w) <= 1 for b, w in zip(plan.bounds(), want, strict=True))
+    ideal = 2001 / so_far[-1]  # in blocks' time
+    for stage, speed in zip(plan.stages, speeds, strict=True):
+        blocks = stage.end - stage.start + (stage.end == 2000)  # the head: one block's worth
+        assert blocks / speed <= ideal + 1 / speed
+        assert stage.weight_bytes == cost(m, stage)
     assert plan_stages(m, nodes[::-1], kv_bytes_per_block=32) == plan  # order does not matter
 
 
