@@ -73,13 +73,17 @@ def register(omni: click.Group) -> None:
     @omni.command()
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def peers(as_json: bool) -> None:
-        """The nodes the shim knows: name, id, address, device, memory, layers, round trip."""
+        """The nodes the shim knows: name, id, address, device, speed, memory, layers, round
+        trip."""
         rows = _ask("peers").get("peers", [])
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
-        # MEMORY: planned (runtime + stages) / --max-memory; RSS: resident now; PEAK: the most
-        table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "MEMORY", "RSS", "PEAK", "LAYERS", "RTT"]]
+        # SPEED: measured at start (billions of weights multiplied a second), what plans share
+        # work by; MEMORY: planned (runtime + stages) / --max-memory; RSS: resident now; PEAK:
+        # the most
+        table = [["NAME", "NODE ID", "ADDRESS", "DEVICE", "SPEED", "MEMORY", "RSS", "PEAK",
+                  "LAYERS", "RTT"]]  # fmt: skip
         notes = []  # why a node is not in: "refused by ...: bad cluster proof", ...
         for r in rows:
             rtt = r.get("rtt_ms")
@@ -94,6 +98,7 @@ def register(omni: click.Group) -> None:
                 node_id[:20] + "…" if node_id else "?",
                 str(r.get("address", "")),
                 str(r.get("device", "")) or "?",
+                _number(r.get("speed"), "{:g}"),
                 _memory(r),
                 _human_bytes(r["rss"]) if isinstance(r.get("rss"), int) else "-",
                 _human_bytes(r["peak"]) if isinstance(r.get("peak"), int) else "-",
@@ -107,7 +112,8 @@ def register(omni: click.Group) -> None:
     @omni.command()
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def status(as_json: bool) -> None:
-        """The plan: which node runs which blocks of which model."""
+        """The plan: which node runs which blocks of which model, and each stage's time per
+        token where its node has measured it."""
         doc = _ask("status")
         if as_json:
             click.echo(json.dumps(doc, indent=2))
@@ -123,8 +129,16 @@ def register(omni: click.Group) -> None:
             for s in plan.get("stages", []):
                 click.echo(
                     f"  blocks [{s['start']:>3}, {s['end']:>3})  on {s.get('name') or '?':<12} "
-                    f"{s['node_id'][:20]}…  {_human_bytes(s.get('weight_bytes', 0))}"
+                    f"{s['node_id'][:20]}…  {_human_bytes(s.get('weight_bytes', 0)):>10}  "
+                    f"{_number(s.get('ms_per_token'), '{:.2f} ms/token')}"
                 )
+
+
+def _number(value: object, form: str) -> str:
+    """``value`` in ``form`` if a number, else "-"."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    return form.format(value)
 
 
 def _memory(row: dict) -> str:

@@ -200,10 +200,13 @@ class Coordinator:
             return max(1, budget - runtime - compute)
 
         me = NodeCapacity(
-            self.node.node_id, room(self.node.memory_budget, host.runtime), 1.0, self.node.name
+            self.node.node_id,
+            room(self.node.memory_budget, host.runtime),
+            self.node.speed,
+            self.node.name,
         )
         others = [
-            NodeCapacity(p.node_id, room(p.memory_budget, p.runtime), 1.0, p.name)
+            NodeCapacity(p.node_id, room(p.memory_budget, p.runtime), p.speed, p.name)
             for p in self.node.peers.live()
             if p.memory_budget > 0
         ]

@@ -3,7 +3,8 @@
 Requests it serves (one QUIC stream each; every one from an admitted peer only):
 
 =================  ==========================================================================
-HELLO              -> INFO: node id, version, device, memory budget, shards held, stages, name
+HELLO              -> INFO: node id, version, device, memory budget, speed, shards held, stages,
+                      name
 SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transfer.py)
 ``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts
 ``peers``          -> this node and the peers it knows (``llm omni peers``)
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -33,6 +35,7 @@ from typing import Any
 from llm_omninode import __version__
 from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
 from llm_omninode.backend.shards import Manifest, ManifestError
+from llm_omninode.backend.speed import measure as measure_speed
 from llm_omninode.backend.stage_engine import engine_name
 from llm_omninode.backend.stage_engine import preload as preload_engine
 from llm_omninode.home import SHIM_STATE_FILE
@@ -114,6 +117,7 @@ class Node:
         self.coordinator.prefixes.enabled = config.prefix_reuse
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         self.device = device_name(engine_name())
+        self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
         self.server: Server | None = None
         self.discovery = None  # net.discovery.Discovery when mDNS is on
         self.api = None  # http_server.ApiServer when the HTTP API is on
@@ -176,6 +180,7 @@ class Node:
             port=self.port,
             stages=[h.row() for h in self.host.stages()],
             memory_used=self.host.used_bytes(),
+            speed=self.speed,
             **self.memory_fields(),
         )
 
@@ -196,6 +201,7 @@ class Node:
             "address": f"{self.advertised_host}:{self.port}",
             "device": self.device,
             "memory_budget": self.memory_budget,
+            "speed": self.speed,
             "stages": [h.row() for h in self.host.stages()],
             **self.memory_fields(),
             "rtt_ms": 0.0,
@@ -341,7 +347,8 @@ class Node:
                 "ready": state.ready,
                 "stages": [
                     {"node_id": s.node_id, "name": names.get(s.node_id, ""), "start": s.start,
-                     "end": s.end, "weight_bytes": s.weight_bytes}
+                     "end": s.end, "weight_bytes": s.weight_bytes,
+                     "ms_per_token": self._ms_per_token(s.node_id, plan.model_id, s.start, s.end)}
                     for s in plan.stages
                 ],
             })  # fmt: skip
@@ -357,9 +364,28 @@ class Node:
             "pipelines": self.pipelines,  # sequences passing through stages hosted here
         }
 
+    def _ms_per_token(self, node_id: str, model: str, start: int, end: int) -> float | None:
+        """A planned stage's time per decode step, as the node hosting it last said (this
+        node's own stages now, a peer's from its last INFO); None where it has not said."""
+        if node_id == self.node_id:
+            hosted = self.host.get(model, start, end)
+            rows = [hosted.row()] if hosted is not None else []
+        else:
+            peer = self.peers.get(node_id)
+            stages = peer.info.get("stages") if peer is not None else None
+            rows = stages if isinstance(stages, list) else []
+        for row in rows:
+            if isinstance(row, dict) and (row.get("model"), row.get("start"),
+                                          row.get("end")) == (model, start, end):  # fmt: skip
+                ms = row.get("ms_per_token")
+                ok = isinstance(ms, int | float) and not isinstance(ms, bool)
+                return float(ms) if ok and math.isfinite(ms) and ms >= 0 else None
+        return None
+
     # ---- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
         preload_engine()
+        self.speed = measure_speed(self.config.threads)  # before runtime: counts what it keeps
         self.host.runtime = resident_bytes()
         if self.host.runtime >= self.memory_budget:  # it can still coordinate and serve
             log.warning(
@@ -387,8 +413,8 @@ class Node:
         self._write_state()
         self._tasks.append(asyncio.create_task(self._maintain()))
         log.info(
-            "node %s (%s) on %s:%d, %s, budget %.0f MiB (runtime %.0f MiB), mDNS %s",
-            self.name, self.node_id, self.config.host, self.port, self.device,
+            "node %s (%s) on %s:%d, %s, speed %s, budget %.0f MiB (runtime %.0f MiB), mDNS %s",
+            self.name, self.node_id, self.config.host, self.port, self.device, self.speed,
             self.memory_budget / 2**20, self.host.runtime / 2**20,
             "on" if self.discovery else "off",
         )  # fmt: skip

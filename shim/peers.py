@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from llm_omninode.net.quic import (
 log = logging.getLogger("omninode_shim.peers")
 
 PROTOCOL_VERSION = "1"
+MAX_SPEED = 1e9  # a speed figure past this is garbage, not a device
 
 
 @dataclass
@@ -69,6 +71,15 @@ class Peer:
         return value if type(value) is int and 0 <= value <= 2**62 else 0
 
     @property
+    def speed(self) -> float:
+        """The peer's measured speed (llm_omninode/backend/speed.py); 1.0 unless a sane
+        positive number."""
+        value = self.info.get("speed")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return 1.0
+        return float(value) if math.isfinite(value) and 0 < value <= MAX_SPEED else 1.0
+
+    @property
     def shards(self) -> frozenset[str]:
         value = self.info.get("shards")
         return frozenset(value) if isinstance(value, list) else frozenset()
@@ -81,6 +92,7 @@ class Peer:
             "address": f"{self.host}:{self.port}",
             "device": self.info.get("device", ""),
             "memory_budget": self.memory_budget,
+            "speed": self.speed,
             "stages": self.info.get("stages", []),
             **{k: _count(self.info.get(k)) for k in ("runtime", "planned", "rss", "peak")},
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),

@@ -8,7 +8,8 @@ planned memory (backend/memory.py: weights at their kept size, the KV cache of i
 sequences, its compute buffers) stays within ``memory_budget`` (--max-memory); stages not used
 for a while are unloaded to make room, one in use never is, and a stage that cannot fit is
 refused with a clear error before anything is read. All compute runs on one worker thread, so
-the event loop keeps serving QUIC while a stage computes.
+the event loop keeps serving QUIC while a stage computes; each stage keeps a moving average of
+its decode steps' compute time there (``ms_per_token``, shown by ``llm omni status``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ log = logging.getLogger("omninode_shim.stage")
 # slack for the caches of finished ones being freed on the worker thread
 MAX_SEQUENCES = 16
 MAX_PARKED = 4  # of those, finished ones kept for prefix reuse (the oldest go first)
+STEP_WEIGHT = 0.2  # of the newest decode step in a stage's moving average of step time
 
 
 def wire_dtype() -> type:
@@ -97,6 +99,9 @@ class HostedStage:
         default_factory=list
     )
     waiting_lock: threading.Lock = field(default_factory=threading.Lock)
+    # the worker thread's time for a decode step (one position; a batch of steps is one), an
+    # exponential moving average in ms; None until the first step
+    ms_per_token: float | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -105,6 +110,12 @@ class HostedStage:
     @property
     def weight_bytes(self) -> int:
         return self.memory.weights
+
+    def note_step(self, seconds: float) -> None:
+        """Count a decode step's compute time in ``ms_per_token``."""
+        ms = seconds * 1000
+        last = self.ms_per_token
+        self.ms_per_token = ms if last is None else last + STEP_WEIGHT * (ms - last)
 
     def row(self) -> dict[str, object]:
         return {
@@ -119,6 +130,7 @@ class HostedStage:
             "sequences": len(self.stage.sequences()),  # KV caches held
             "pickers": len(self.pickers),  # last stage: samplers of live sequences
             "parked": len(self.parked),  # finished, kept for prefix reuse
+            "ms_per_token": None if self.ms_per_token is None else round(self.ms_per_token, 3),
         }
 
 
@@ -338,8 +350,10 @@ class StageHost:
         takes all of them, so each weight is read once for all (Stage.forward_batch; a
         sequence's numbers do not depend on its batch).
         """
-        if x.shape[0] != 1 or not hosted.stage.batches:
+        if x.shape[0] != 1:  # a prompt: not a decode step's time
             return await self.run(_then, then, hosted.stage.forward, seq, x)
+        if not hosted.stage.batches:
+            return await self.run(_timed, hosted, _then, then, hosted.stage.forward, seq, x)
         future = asyncio.get_running_loop().create_future()
         with hosted.waiting_lock:
             hosted.waiting.append((seq, x, future, then))
@@ -354,14 +368,17 @@ class StageHost:
         def take_and_run() -> tuple[list, list]:
             with hosted.waiting_lock:
                 batch, hosted.waiting = hosted.waiting, []
+            t0 = time.perf_counter()
             try:
                 outs = hosted.stage.forward_batch([(seq, x) for seq, x, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiter gets it
                 return batch, [exc] * len(batch)
-            return batch, [
+            results = [
                 out if isinstance(out, Exception) else _then_or_error(then, out)
                 for (_, _, _, then), out in zip(batch, outs, strict=True)
             ]
+            hosted.note_step(time.perf_counter() - t0)
+            return batch, results
 
         stopped: BaseException | None = None
         try:
@@ -454,6 +471,14 @@ def _retrieved(task: asyncio.Future) -> None:
     """Mark a task's failure as seen (no "exception was never retrieved" in the log)."""
     if not task.cancelled():
         task.exception()
+
+
+def _timed(hosted: HostedStage, fn: Callable, *args: object) -> Any:
+    """``fn(*args)``, its time counted as a decode step of ``hosted``."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    hosted.note_step(time.perf_counter() - t0)
+    return out
 
 
 def _then(then: Callable | None, fn: Callable, *args: object) -> Any:
