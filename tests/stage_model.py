@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from llm_omninode.backend.engine import Stage, TensorData
 from llm_omninode.backend.gguf import open_gguf
@@ -21,9 +22,12 @@ class Model:
             for n, t in self.file.tensors.items()
         }
 
-    def stages(self, bounds: Sequence[int], **kw: object) -> list[Stage]:
-        """Stages for blocks [bounds[0], bounds[1]), [bounds[1], bounds[2]), ..."""
-        return [
-            Stage(self.spec, self.tensors, a, b, **kw)
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
+    def stages(self, bounds: Sequence[int], engine: str = "mlx", **kw: Any) -> list[Any]:
+        """Stages for blocks [bounds[0], bounds[1]), [bounds[1], bounds[2]), ... of ``engine``
+        (mlx: engine.Stage; ggml: one thread each, as several stages share the machine)."""
+        pairs = zip(bounds[:-1], bounds[1:], strict=True)
+        if engine == "ggml":
+            from llm_omninode.backend.ggml_stage import GgmlStage
+
+            return [GgmlStage(self.spec, self.tensors, a, b, threads=1, **kw) for a, b in pairs]
+        return [Stage(self.spec, self.tensors, a, b, **kw) for a, b in pairs]
