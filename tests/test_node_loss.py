@@ -85,10 +85,11 @@ def test_killed_and_leaving_nodes_are_replaced_without_the_client_noticing(
 def test_when_the_rest_cannot_hold_the_model_the_client_hears_why(
     tmp_path: Path, smollm2_path: Path
 ):
-    # each node alone is too small for the model (its runtime, weights, KV cache for 4
-    # sequences of 256 positions and compute buffers): the plan needs both
+    # each node alone is too small for the model: its runtime (~80 MiB) + weights (92 MiB) +
+    # KV cache for 4 sequences of 2048 positions (184 MiB, shared out with the blocks) +
+    # compute buffers (~64 MiB) is ~420 MiB, half of it ~300 MiB: the plan needs both
     with ShimCluster(
-        tmp_path, 2, max_memory="190MiB", extra_args=["--max-context", "256"]
+        tmp_path, 2, max_memory="360MiB", extra_args=["--max-context", "2048"]
     ) as cluster:
         ModelRegistry(cluster.dirs[0]).add_file(smollm2_path, alias="smollm2")
         cluster.start_all()
