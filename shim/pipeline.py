@@ -34,8 +34,8 @@ import numpy as np
 from llm_omninode import settings
 from llm_omninode.backend.cid import is_cid
 from llm_omninode.backend.generate import TokenPicker
-from llm_omninode.backend.kv_cache import SequenceLimitError
 from llm_omninode.backend.sampling import SamplingOptions
+from llm_omninode.backend.sequences import SequenceLimitError
 from llm_omninode.net import frames as F
 from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import is_node_id

@@ -14,7 +14,6 @@ from tiny_model import write_tiny_llama  # noqa: E402
 
 from llm_omninode.backend.ggml_kv import GgmlKV, attended  # noqa: E402
 from llm_omninode.backend.ggml_stage import GgmlStage  # noqa: E402
-from llm_omninode.backend.kv_cache import SequenceLimitError  # noqa: E402
 from llm_omninode.backend.memory import (  # noqa: E402
     DEFAULT_CONTEXT,
     PREFILL_CHUNK,
@@ -23,6 +22,7 @@ from llm_omninode.backend.memory import (  # noqa: E402
     kv_bytes_per_position,
     stage_memory,
 )
+from llm_omninode.backend.sequences import SequenceLimitError  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "gemma3")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .kv_cache import SequenceCaches, SequenceLimitError, check_room
+from .sequences import SequenceLimitError, Sequences, check_room
 
 KV_STEP = 256  # caches grow, and graphs attend, in steps of this many positions
 
@@ -83,8 +83,9 @@ class GgmlKV:
         return self.keys.nbytes + self.values.nbytes
 
 
-class GgmlSequences(SequenceCaches):
-    """SequenceCaches (count bound, prefix adoption, idle eviction) holding GgmlKV caches."""
+class GgmlSequences(Sequences):
+    """Sequences (count bound, prefix adoption, idle eviction) holding GgmlKV caches, all of
+    them within ``max_bytes`` (None: unbounded)."""
 
     def __init__(
         self,
@@ -96,27 +97,9 @@ class GgmlSequences(SequenceCaches):
         max_bytes: int | None = None,
     ) -> None:
         super().__init__(
-            max_sequences,
-            n_layers=n_layers,
-            n_kv_heads=0,
-            head_dim=0,
-            max_len=max_len,
-            dtype=None,  # type: ignore[arg-type]  # no MLX caches: GgmlKV holds its own buffers
+            max_sequences, lambda: GgmlKV(n_layers, width, max_len, v_trans, grant=self._grant)
         )
-        self._shape = (n_layers, width, max_len, v_trans)
-        self.max_bytes = max_bytes  # KV budget of all sequences together (None: unbounded)
-
-    def get(self, seq_id: str) -> GgmlKV:  # type: ignore[override]
-        cache = self._caches.get(seq_id)
-        if cache is not None:
-            self._caches.move_to_end(seq_id)
-            return cache  # type: ignore[return-value]
-        if len(self._caches) >= self.max_sequences:
-            raise SequenceLimitError(
-                f"stage holds {len(self._caches)} sequences (max_sequences="
-                f"{self.max_sequences}); free one before starting {seq_id!r}"
-            )
-        return GgmlKV(*self._shape, grant=self._grant)
+        self.max_bytes = max_bytes
 
     def _grant(self, cache: GgmlKV, nbytes: int) -> None:
         """Let ``cache`` grow to ``nbytes`` if all caches then stay within ``max_bytes``."""
@@ -128,7 +111,3 @@ class GgmlSequences(SequenceCaches):
                 f"the stage's KV cache budget ({self.max_bytes / 2**20:.1f} MiB) is taken by "
                 f"{len(self._caches)} sequence(s); retry when one ends"
             )
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self._caches.values())

@@ -25,10 +25,11 @@ import numpy as np
 from .. import settings
 from .ggml_graph import F16, F32, I32, I64, Graph, GraphBuilder, Weights
 from .ggml_kv import GgmlKV, GgmlSequences, attended
+from .ggml_types import GGMLType
 from .memory import KEPT_GRAPHS, MAX_BATCH, PREFILL_CHUNK
-from .quant import TensorData, load_tensor
 from .spec import ModelSpec, UnsupportedModelError
 from .stage_base import SequenceStage, check_seq_id, leaving
+from .tensor_data import TensorData
 
 __all__ = ["GgmlStage", "default_threads"]
 
@@ -160,9 +161,7 @@ class GgmlStage(SequenceStage):
                 )
             data, kind = np.asarray(t.data), int(t.ggml_type)
             if len(shape) == 1 and kind != F32:  # norms, biases, rope factors: ggml adds f32
-                w = load_tensor(t)
-                data = np.array(w.dequantize() if hasattr(w, "dequantize") else w, np.float32)
-                kind = F32
+                data, kind = _as_float32(t), F32
             if name == "token_embd.weight":  # rows are gathered from it: never repacked
                 self.weights.add(name, kind, shape, data, repack=False)
             else:
@@ -436,3 +435,16 @@ def _set_inputs(
             inp[f"mask_swa{j}"][:] = -np.inf
             inp[f"mask_swa{j}"][:T] = np.where(causal & (qpos - kpos < window), 0.0, -np.inf)
         c0 += T
+
+
+def _as_float32(t: TensorData) -> np.ndarray:
+    """A small (1-D) tensor as float32: F16/BF16 directly; any other type through the MLX
+    loader (quantized norms are rare, and only then is MLX imported)."""
+    raw = np.asarray(t.data)
+    if t.ggml_type == GGMLType.F16:
+        return raw.view(np.float16).astype(np.float32)
+    if t.ggml_type == GGMLType.BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    from .quant import load_tensor
+
+    return np.array(load_tensor(t).dequantize(), np.float32)

@@ -40,6 +40,7 @@ import numpy as np
 from . import kquants
 from .ggml_types import BLOCK_LAYOUT, GGMLType, tensor_nbytes
 from .spec import UnsupportedModelError
+from .tensor_data import TensorData
 
 GROUP_SIZE = 32
 QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
@@ -47,16 +48,6 @@ DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 # every type load_tensor accepts; anything else is refused by name (also at `add` time)
 SUPPORTED_TYPES = QUANTIZED_TYPES + kquants.SUPPORTED + DENSE_TYPES
 FLOAT16_MAX = 65504.0
-
-
-@dataclass(frozen=True)
-class TensorData:
-    """One tensor as a stage receives it: raw GGUF bytes (a view into a file or shard)."""
-
-    name: str
-    ggml_type: GGMLType
-    shape: tuple[int, ...]  # GGUF order: shape[0] is the contiguous axis
-    data: np.ndarray  # uint8, exactly tensor_nbytes(ggml_type, shape) bytes
 
 
 class Weight(Protocol):

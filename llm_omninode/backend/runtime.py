@@ -16,13 +16,13 @@ import numpy as np
 from ..request import GenerationRequest
 from .chat_template import ChatTemplate
 from .generate import Chunk, TokenPicker, generate
-from .quant import TensorData
 from .registry import ModelRecord, ModelRegistry
 from .sampling import SamplingOptions
 from .shards import Manifest
 from .spec import ModelSpec
 from .stage_engine import new_stage
 from .store import ShardStore
+from .tensor_data import TensorData
 from .tokenizer import Tokenizer
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .kv_cache import SequenceLimitError
+from .sequences import SequenceLimitError
 from .spec import ModelSpec
 
 MAX_SEQ_ID_LEN = 256

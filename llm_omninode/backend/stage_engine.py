@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import settings
-from .quant import TensorData
 from .spec import ModelSpec
+from .tensor_data import TensorData
 
 log = logging.getLogger("llm_omninode.engine")
 ENGINES = ("ggml", "mlx")
