@@ -103,7 +103,7 @@ def main(data_dir, host, port, join, open_, peers, max_memory, max_context, name
     coordinates the requests that reach it."""
     from llm_omninode.home import DataDirInUse, lock_data_dir, omni_home
 
-    from .http_server import ApiConfig
+    from .http.server import ApiConfig
     from .node import DEFAULT_PORT, Node, NodeConfig
 
     logging.basicConfig(
@@ -185,7 +185,7 @@ def _dump_tasks() -> None:
 
 
 async def _run(node_cls, config) -> None:
-    from .http_server import ApiStartError
+    from .http.server import ApiStartError
 
     node = node_cls(config)
     stop = asyncio.Event()

@@ -50,7 +50,7 @@ from llm_omninode.request import GenerationRequest, RequestError
 
 from .coordinator import DEFAULT_PARALLEL, Coordinator
 from .errors import CoordinatorError
-from .http_server import ApiConfig
+from .http.server import ApiConfig
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
@@ -120,7 +120,7 @@ class Node:
         self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
         self.server: Server | None = None
         self.discovery = None  # net.discovery.Discovery when mDNS is on
-        self.api = None  # http_server.ApiServer when the HTTP API is on
+        self.api = None  # http.server.ApiServer when the HTTP API is on
         self.port = config.port
         self._tasks: list[asyncio.Task] = []
         self._gates = PeerGates(PEER_LIMITS)
@@ -393,7 +393,7 @@ class Node:
                 "before any", self.memory_budget / 2**20, self.host.runtime / 2**20,
             )  # fmt: skip
         if self.config.api is not None:  # first: a taken port should fail before anything runs
-            from .http_server import ApiServer
+            from .http.server import ApiServer
 
             self.api = ApiServer(self, self.config.api)
             await self.api.start()

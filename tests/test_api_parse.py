@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from omninode_shim.api_parse import (
+from omninode_shim.http.parse import (
     ApiError,
     parse_keep_alive,
     parse_ollama_chat,

@@ -21,8 +21,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from omninode_shim.api_run import as_api_error
 from omninode_shim.errors import CoordinatorError
+from omninode_shim.http.run import as_api_error
 from omninode_shim.stage_host import ShardsUnavailable, StageHost, StageStorageFull
 from shim_cluster import ShimCluster
 from test_transfer import Dialer, Reads, arun, node, serving

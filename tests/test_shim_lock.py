@@ -183,7 +183,7 @@ def test_a_bind_lost_in_a_race_is_named_too():
     from types import SimpleNamespace
 
     from omninode_shim.cli import UdpBindError, _run
-    from omninode_shim.http_server import ApiStartError
+    from omninode_shim.http.server import ApiStartError
 
     def node_failing_with(exc):
         class FailingNode:

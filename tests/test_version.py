@@ -4,7 +4,7 @@ import asyncio
 import json
 from importlib.metadata import version
 
-from omninode_shim import ollama_api
+from omninode_shim.http import ollama
 
 import llm_omninode
 
@@ -14,5 +14,5 @@ def test_the_distribution_reads_the_package_version():
 
 
 def test_api_version_names_it():
-    response = asyncio.run(ollama_api.version(None))
+    response = asyncio.run(ollama.version(None))
     assert json.loads(response.body)["omninode"] == llm_omninode.__version__

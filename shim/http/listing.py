@@ -18,11 +18,11 @@ from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
 
-from .errors import CoordinatorError
-from .http_server import iso
+from ..errors import CoordinatorError
+from .server import iso
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("omninode_shim.http")
 

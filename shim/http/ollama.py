@@ -18,8 +18,8 @@ from llm_omninode.backend import describe
 from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 
-from . import api_models
-from .api_parse import (
+from . import listing
+from .parse import (
     ApiCall,
     ApiError,
     get_bool,
@@ -27,8 +27,8 @@ from .api_parse import (
     parse_ollama_chat,
     parse_ollama_generate,
 )
-from .api_run import Run, as_api_error, raise_as_api_error, resolve_for_api, start_run
-from .http_server import NODE_KEY, iso, now_iso, read_json, start_stream, write_ndjson
+from .run import Run, as_api_error, raise_as_api_error, resolve_for_api, start_run
+from .server import NODE_KEY, iso, now_iso, read_json, start_stream, write_ndjson
 
 # the Ollama API level these routes follow; clients compare it against their minimums
 OLLAMA_API_VERSION = "0.12.0"
@@ -58,7 +58,7 @@ async def version(request: web.Request) -> web.Response:
 
 # ---- models ----------------------------------------------------------------------------------
 async def tags(request: web.Request) -> web.Response:
-    rows = await api_models.cluster_models(request.app[NODE_KEY])
+    rows = await listing.cluster_models(request.app[NODE_KEY])
     return web.json_response({"models": [r.tag_row() for r in rows]})
 
 
@@ -70,7 +70,7 @@ async def show(request: web.Request) -> web.Response:
     _, model = await resolve_for_api(node, name)
     manifest = model.manifest
     template = "" if model.template.is_fallback else model.template.source
-    parameters = api_models.parameters_text(model.tokenizer)
+    parameters = listing.parameters_text(model.tokenizer)
     modelfile = f"# Modelfile of {name} (OmniNode)\nFROM {manifest.model_id}\n"
     if template:
         modelfile += f'TEMPLATE """{template}"""\n'
@@ -81,9 +81,9 @@ async def show(request: web.Request) -> web.Response:
         "parameters": parameters,
         "template": template,
         "details": describe.details(manifest),
-        "model_info": api_models.model_info(manifest, verbose),
+        "model_info": listing.model_info(manifest, verbose),
         "capabilities": ["completion"],
-        "modified_at": iso(api_models.modified_time(node, manifest.model_id)),
+        "modified_at": iso(listing.modified_time(node, manifest.model_id)),
     })  # fmt: skip
 
 
@@ -92,7 +92,7 @@ async def ps(request: web.Request) -> web.Response:
     rows = []
     for model, state, expires in node.coordinator.loaded():
         alias = node.coordinator.alias_of(model.manifest.model_id)
-        name = api_models.display_name(alias) if alias else model.manifest.model_id
+        name = listing.display_name(alias) if alias else model.manifest.model_id
         rows.append({
             "name": name,
             "model": name,

@@ -16,10 +16,10 @@ from aiohttp import web
 
 from llm_omninode.backend.generate import Chunk
 
-from . import api_models
-from .api_parse import ApiCall, parse_openai_chat, parse_openai_completion
-from .api_run import Run, start_run
-from .http_server import NODE_KEY, read_json, start_stream, write_sse
+from . import listing
+from .parse import ApiCall, parse_openai_chat, parse_openai_completion
+from .run import Run, start_run
+from .server import NODE_KEY, read_json, start_stream, write_sse
 
 # Ollama reports "length" and "stop"; OpenAI's names are the same
 _FINISH = {"length": "length", "stop": "stop"}
@@ -32,7 +32,7 @@ def add_routes(app: web.Application) -> None:
 
 
 async def models(request: web.Request) -> web.Response:
-    rows = await api_models.cluster_models(request.app[NODE_KEY])
+    rows = await listing.cluster_models(request.app[NODE_KEY])
     data = [{"id": r.name, "object": "model", "created": int(r.modified), "owned_by": "omninode"}
             for r in rows]  # fmt: skip
     return web.json_response({"object": "list", "data": data})

@@ -21,13 +21,13 @@ from llm_omninode.backend.store import is_disk_full
 from llm_omninode.net.transfer import TransferError
 from llm_omninode.request import RequestError
 
-from .api_parse import ApiCall, ApiError
-from .coordinator import ModelText
-from .errors import Busy, CoordinatorError, ModelUnknown
-from .stage_host import ShardsUnavailable, StageError, StageStorageFull
+from ..coordinator import ModelText
+from ..errors import Busy, CoordinatorError, ModelUnknown
+from ..stage_host import ShardsUnavailable, StageError, StageStorageFull
+from .parse import ApiCall, ApiError
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("omninode_shim.http")
 

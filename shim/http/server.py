@@ -1,4 +1,4 @@
-"""The shim's HTTP endpoint: Ollama's API (shim/ollama_api.py) and OpenAI's (shim/openai_api.py).
+"""The shim's HTTP endpoint: Ollama's API (http/ollama.py) and OpenAI's (http/openai.py).
 
 aiohttp runs on the node's own event loop, beside QUIC, so a handler drives the coordinator
 directly. Here: listening, the optional bearer token, reading a JSON body as hostile input
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .api_parse import ApiError
+from .parse import ApiError
 
 if TYPE_CHECKING:
-    from .node import Node
+    from ..node import Node
 
 log = logging.getLogger("omninode_shim.http")
 
@@ -125,13 +125,13 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(node: Node, config: ApiConfig) -> web.Application:
-    from . import ollama_api, openai_api
+    from . import ollama, openai
 
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
     app[NODE_KEY] = node
     app[CONFIG_KEY] = config
-    ollama_api.add_routes(app)
-    openai_api.add_routes(app)
+    ollama.add_routes(app)
+    openai.add_routes(app)
     return app
 
 
