@@ -50,7 +50,8 @@ from llm_omninode.request import GenerationRequest, RequestError
 
 from .coordinator import DEFAULT_PARALLEL, Coordinator
 from .errors import CoordinatorError
-from .http.server import ApiConfig
+from .http.server import ApiConfig, ApiServer
+from .http.service import ApiService
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
@@ -120,7 +121,7 @@ class Node:
         self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
         self.server: Server | None = None
         self.discovery = None  # net.discovery.Discovery when mDNS is on
-        self.api = None  # http.server.ApiServer when the HTTP API is on
+        self.api: ApiServer | None = None  # when the HTTP API is on
         self.port = config.port
         self._tasks: list[asyncio.Task] = []
         self._gates = PeerGates(PEER_LIMITS)
@@ -393,9 +394,9 @@ class Node:
                 "before any", self.memory_budget / 2**20, self.host.runtime / 2**20,
             )  # fmt: skip
         if self.config.api is not None:  # first: a taken port should fail before anything runs
-            from .http.server import ApiServer
-
-            self.api = ApiServer(self, self.config.api)
+            service = ApiService(self.coordinator, self.registry, self.peers.model_aliases,
+                                 self.max_context)  # fmt: skip
+            self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(
             self.config.host, self.config.port, self.identity, self.admission, self.handle,

@@ -317,6 +317,24 @@ class PeerTable:
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    # ---- what the peers hold -------------------------------------------------------------
+    async def model_aliases(self) -> dict[str, str]:
+        """alias -> model id, as the live peers report them (first answer wins)."""
+        found: dict[str, str] = {}
+        for peer in self.live():
+            try:
+                conn = await self.connection(peer.node_id)
+                reply = await conn.request(F.request_frame(conn.next_id(), "models"), timeout=5.0)
+            except NetError as exc:
+                log.debug("no model list from %s: %s", peer.node_id[:16], exc)
+                continue
+            models = reply.header.get("models")
+            if isinstance(models, dict):
+                for alias, model_id in list(models.items())[:1000]:
+                    if isinstance(alias, str) and isinstance(model_id, str):
+                        found.setdefault(alias, model_id)
+        return found
+
     # ---- greeting -----------------------------------------------------------------------
     def _hello(self, conn: Connection) -> F.Frame:
         frame = F.hello_frame(conn.next_id(), self.identity.node_id, PROTOCOL_VERSION)

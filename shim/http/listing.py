@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llm_omninode.backend import describe
 from llm_omninode.backend.shards import Manifest
 from llm_omninode.backend.store import StoreError
 from llm_omninode.backend.tokenizer import Tokenizer
-from llm_omninode.net import frames as F
-from llm_omninode.net.quic import NetError
 
 from ..errors import CoordinatorError
-from .server import iso
-
-if TYPE_CHECKING:
-    from ..node import Node
+from .bodies import iso
+from .service import ApiService
 
 log = logging.getLogger("omninode_shim.http")
 
@@ -55,63 +51,45 @@ class ListedModel:
         }
 
 
-def modified_time(node: Node, model_id: str) -> float:
+def modified_time(service: ApiService, model_id: str) -> float:
     try:
-        return (node.store.manifest_dir / f"{model_id}.json").stat().st_mtime
+        return (service.registry.store.manifest_dir / f"{model_id}.json").stat().st_mtime
     except OSError:
         return 0.0
 
 
-async def _peer_aliases(node: Node) -> dict[str, str]:
-    """alias -> model id, as the live peers report them (first answer wins)."""
-    found: dict[str, str] = {}
-    for peer in node.peers.live():
-        try:
-            conn = await node.peers.connection(peer.node_id)
-            reply = await conn.request(F.request_frame(conn.next_id(), "models"), timeout=5.0)
-        except NetError as exc:
-            log.debug("no model list from %s: %s", peer.node_id[:16], exc)
-            continue
-        models = reply.header.get("models")
-        if isinstance(models, dict):
-            for alias, model_id in list(models.items())[:1000]:
-                if isinstance(alias, str) and isinstance(model_id, str):
-                    found.setdefault(alias, model_id)
-    return found
-
-
-async def cluster_models(node: Node) -> list[ListedModel]:
+async def cluster_models(service: ApiService) -> list[ListedModel]:
     """Every model this node or a live peer holds, one row per name."""
-    registry = node.registry
-    local_ids = set(node.store.manifests())
+    registry = service.registry
+    local_ids = set(registry.store.manifests())
     names: dict[str, str] = dict(registry.aliases())  # alias -> model id
-    for alias, model_id in (await _peer_aliases(node)).items():
+    for alias, model_id in (await service.peer_aliases()).items():
         names.setdefault(alias, model_id)
     rows: list[ListedModel] = []
     named: set[str] = set()
     for alias, model_id in sorted(names.items()):
         if model_id in local_ids:  # the manifest is here: no need to build the model's text
-            manifest = _stored_manifest(node, model_id)
+            manifest = _stored_manifest(service, model_id)
         else:  # a peer's: fetched and checked against its id (then stored here)
             try:
-                manifest = (await node.coordinator.resolve(alias)).manifest
+                manifest = (await service.runner.resolve(alias)).manifest
             except CoordinatorError as exc:  # a peer went away, or sent a bad manifest
                 log.debug("cannot list %s: %s", alias, exc)
                 continue
         if manifest is None or manifest.model_id != model_id:
             continue
         named.add(model_id)
-        rows.append(ListedModel(display_name(alias), manifest, modified_time(node, model_id)))
+        rows.append(ListedModel(display_name(alias), manifest, modified_time(service, model_id)))
     for model_id in sorted(local_ids - named):  # a manifest with no name: listed by its id
-        manifest = _stored_manifest(node, model_id)
+        manifest = _stored_manifest(service, model_id)
         if manifest is not None:
-            rows.append(ListedModel(model_id, manifest, modified_time(node, model_id)))
+            rows.append(ListedModel(model_id, manifest, modified_time(service, model_id)))
     return rows
 
 
-def _stored_manifest(node: Node, model_id: str) -> Manifest | None:
+def _stored_manifest(service: ApiService, model_id: str) -> Manifest | None:
     try:
-        return node.store.get_manifest(model_id)
+        return service.registry.store.get_manifest(model_id)
     except (OSError, ValueError, StoreError):  # removed meanwhile, or unreadable
         return None
 

@@ -19,6 +19,7 @@ from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 
 from . import listing
+from .bodies import iso, now_iso, read_json, start_stream, write_ndjson
 from .parse import (
     ApiCall,
     ApiError,
@@ -28,7 +29,7 @@ from .parse import (
     parse_ollama_generate,
 )
 from .run import Run, as_api_error, raise_as_api_error, resolve_for_api, start_run
-from .server import NODE_KEY, iso, now_iso, read_json, start_stream, write_ndjson
+from .service import SERVICE_KEY, ModelRunner
 
 # the Ollama API level these routes follow; clients compare it against their minimums
 OLLAMA_API_VERSION = "0.12.0"
@@ -58,16 +59,16 @@ async def version(request: web.Request) -> web.Response:
 
 # ---- models ----------------------------------------------------------------------------------
 async def tags(request: web.Request) -> web.Response:
-    rows = await listing.cluster_models(request.app[NODE_KEY])
+    rows = await listing.cluster_models(request.app[SERVICE_KEY])
     return web.json_response({"models": [r.tag_row() for r in rows]})
 
 
 async def show(request: web.Request) -> web.Response:
     body = await read_json(request)
-    node = request.app[NODE_KEY]
+    service = request.app[SERVICE_KEY]
     name = get_model(body, legacy_name=True)
     verbose = get_bool(body, "verbose", False)
-    _, model = await resolve_for_api(node, name)
+    _, model = await resolve_for_api(service.runner, name)
     manifest = model.manifest
     template = "" if model.template.is_fallback else model.template.source
     parameters = listing.parameters_text(model.tokenizer)
@@ -83,15 +84,15 @@ async def show(request: web.Request) -> web.Response:
         "details": describe.details(manifest),
         "model_info": listing.model_info(manifest, verbose),
         "capabilities": ["completion"],
-        "modified_at": iso(listing.modified_time(node, manifest.model_id)),
+        "modified_at": iso(listing.modified_time(service, manifest.model_id)),
     })  # fmt: skip
 
 
 async def ps(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
+    service = request.app[SERVICE_KEY]
     rows = []
-    for model, state, expires in node.coordinator.loaded():
-        alias = node.coordinator.alias_of(model.manifest.model_id)
+    for model, state, expires in service.runner.loaded():
+        alias = service.runner.alias_of(model.manifest.model_id)
         name = listing.display_name(alias) if alias else model.manifest.model_id
         rows.append({
             "name": name,
@@ -101,7 +102,7 @@ async def ps(request: web.Request) -> web.Response:
             "details": describe.details(model.manifest),
             "expires_at": FOREVER if expires is None else iso(expires),
             "size_vram": 0,  # CPU stages here; Apple GPU memory is unified, not VRAM
-            "context_length": node.max_context or model.spec.context_length,
+            "context_length": service.max_context or model.spec.context_length,
             "stages": [{"node_id": s.node_id, "start": s.start, "end": s.end}
                        for s in state.plan.stages],
         })  # fmt: skip
@@ -113,7 +114,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     from llm_omninode.backend.sources import PullError, find_source
 
     body = await read_json(request)
-    node = request.app[NODE_KEY]
+    service = request.app[SERVICE_KEY]
     name = get_model(body, legacy_name=True)
     stream = get_bool(body, "stream", True)
     try:
@@ -134,7 +135,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
             loop.call_soon_threadsafe(events.put_nowait, doc)
 
     def work():
-        return pull_model(node.registry, source, progress=progress, quiet=True)
+        return pull_model(service.registry, source, progress=progress, quiet=True)
 
     events.put_nowait({"status": "pulling manifest"})
     job = asyncio.ensure_future(asyncio.to_thread(work))
@@ -168,34 +169,34 @@ async def delete(request: web.Request) -> web.Response:
     from llm_omninode.backend.library import remove_model
 
     body = await read_json(request)
-    node = request.app[NODE_KEY]
+    service = request.app[SERVICE_KEY]
     name = get_model(body, legacy_name=True)
     for candidate in (name, name.removesuffix(":latest")):
         try:
-            model_id = node.registry.resolve(candidate)
+            model_id = service.registry.resolve(candidate)
         except ModelNotFound:
             continue
-        _, gone = remove_model(node.registry, candidate)
+        _, gone = remove_model(service.registry, candidate)
         if gone:
             with contextlib.suppress(Exception):  # unloading is best effort; the model is gone
-                await node.coordinator.unload(model_id)
-            node.coordinator.forget(model_id)
+                await service.runner.unload(model_id)
+            service.runner.forget(model_id)
         return web.Response(status=200)
     raise ApiError(404, f"model {name!r} not found on this node")
 
 
 async def copy(request: web.Request) -> web.Response:
     body = await read_json(request)
-    node = request.app[NODE_KEY]
+    service = request.app[SERVICE_KEY]
     source, destination = body.get("source"), body.get("destination")
     if not (isinstance(source, str) and source and isinstance(destination, str) and destination):
         raise ApiError(400, "source and destination must be non-empty strings")
-    _, model = await resolve_for_api(node, source)
+    _, model = await resolve_for_api(service.runner, source)
     try:
         alias = check_alias(destination.removesuffix(":latest"))
     except ValueError as exc:
         raise ApiError(400, f"destination: {exc}") from exc
-    node.registry.set_alias(alias, model.manifest.model_id)
+    service.registry.set_alias(alias, model.manifest.model_id)
     return web.Response(status=200)
 
 
@@ -229,10 +230,10 @@ def _final(run: Run, last: Chunk, text: str, chat: bool) -> dict[str, Any]:
 
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
-    node = request.app[NODE_KEY]
+    service = request.app[SERVICE_KEY]
     if call.request is None:
-        return await _load_or_unload(node, call, chat)
-    run = await start_run(node, call)
+        return await _load_or_unload(service.runner, call, chat)
+    run = await start_run(service.runner, call)
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
         if not call.stream:
             text, last = await run.collect()
@@ -254,15 +255,15 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
         return response
 
 
-async def _load_or_unload(node, call: ApiCall, chat: bool) -> web.Response:
+async def _load_or_unload(runner: ModelRunner, call: ApiCall, chat: bool) -> web.Response:
     """A body with a model and nothing to say: load it, or with keep_alive 0, unload it."""
-    name, model = await resolve_for_api(node, call.model)
+    name, model = await resolve_for_api(runner, call.model)
     try:
         if call.keep_alive == 0:
-            await node.coordinator.unload(model.manifest.model_id)
+            await runner.unload(model.manifest.model_id)
             reason = "unload"
         else:
-            await node.coordinator.load(name, call.keep_alive)
+            await runner.load(name, call.keep_alive)
             reason = "load"
     except Exception as exc:
         raise_as_api_error(exc)

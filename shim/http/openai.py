@@ -17,9 +17,10 @@ from aiohttp import web
 from llm_omninode.backend.generate import Chunk
 
 from . import listing
+from .bodies import read_json, start_stream, write_sse
 from .parse import ApiCall, parse_openai_chat, parse_openai_completion
 from .run import Run, start_run
-from .server import NODE_KEY, read_json, start_stream, write_sse
+from .service import SERVICE_KEY
 
 # Ollama reports "length" and "stop"; OpenAI's names are the same
 _FINISH = {"length": "length", "stop": "stop"}
@@ -32,7 +33,7 @@ def add_routes(app: web.Application) -> None:
 
 
 async def models(request: web.Request) -> web.Response:
-    rows = await listing.cluster_models(request.app[NODE_KEY])
+    rows = await listing.cluster_models(request.app[SERVICE_KEY])
     data = [{"id": r.name, "object": "model", "created": int(r.modified), "owned_by": "omninode"}
             for r in rows]  # fmt: skip
     return web.json_response({"object": "list", "data": data})
@@ -95,7 +96,7 @@ class _Shape:
 
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
-    run = await start_run(request.app[NODE_KEY], call)
+    run = await start_run(request.app[SERVICE_KEY].runner, call)
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
         shape = _Shape(run, chat)
         if not call.stream:

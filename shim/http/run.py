@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from llm_omninode.backend.chat_template import ChatTemplateError
 from llm_omninode.backend.generate import Chunk
@@ -21,13 +21,10 @@ from llm_omninode.backend.store import is_disk_full
 from llm_omninode.net.transfer import TransferError
 from llm_omninode.request import RequestError
 
-from ..coordinator import ModelText
 from ..errors import Busy, CoordinatorError, ModelUnknown
 from ..stage_host import ShardsUnavailable, StageError, StageStorageFull
 from .parse import ApiCall, ApiError
-
-if TYPE_CHECKING:
-    from ..node import Node
+from .service import Model, ModelRunner
 
 log = logging.getLogger("omninode_shim.http")
 
@@ -70,21 +67,21 @@ def raise_as_api_error(exc: Exception) -> NoReturn:
     raise err from exc
 
 
-async def resolve_name(node: Node, name: str) -> tuple[str, ModelText]:
+async def resolve_name(runner: ModelRunner, name: str) -> tuple[str, Model]:
     """The name that resolves (``smollm2:latest`` is the alias ``smollm2``) and its model."""
     try:
-        return name, await node.coordinator.resolve(name)
+        return name, await runner.resolve(name)
     except ModelUnknown:
         if not name.endswith(":latest"):
             raise
         base = name.removesuffix(":latest")
-        return base, await node.coordinator.resolve(base)
+        return base, await runner.resolve(base)
 
 
-async def resolve_for_api(node: Node, name: str) -> tuple[str, ModelText]:
+async def resolve_for_api(runner: ModelRunner, name: str) -> tuple[str, Model]:
     """``resolve_name`` with its failures as ApiError (404 for an unknown model)."""
     try:
-        return await resolve_name(node, name)
+        return await resolve_name(runner, name)
     except Exception as exc:
         raise_as_api_error(exc)
 
@@ -159,13 +156,13 @@ class Run:
         }
 
 
-async def start_run(node: Node, call: ApiCall) -> Run:
+async def start_run(runner: ModelRunner, call: ApiCall) -> Run:
     """Start ``call`` and wait for its first chunk; ApiError if it fails before that."""
     assert call.request is not None
     started = time.perf_counter()
-    resolved, _ = await resolve_for_api(node, call.model)
+    resolved, _ = await resolve_for_api(runner, call.model)
     timings: dict[str, float] = {}
-    gen = node.coordinator.generate(replace(call.request, model=resolved), timings,
+    gen = runner.generate(replace(call.request, model=resolved), timings,
                                     call.keep_alive)  # fmt: skip
     try:
         first = await gen.__anext__()

@@ -1,37 +1,32 @@
 """The shim's HTTP endpoint: Ollama's API (http/ollama.py) and OpenAI's (http/openai.py).
 
 aiohttp runs on the node's own event loop, beside QUIC, so a handler drives the coordinator
-directly. Here: listening, the optional bearer token, reading a JSON body as hostile input
-(size, UTF-8, nesting, an object), errors as JSON (Ollama's ``{"error": "..."}``; OpenAI's
-``{"error": {"message": ...}}`` under /v1) whatever went wrong, and streaming helpers.
+directly (through the ``ApiService`` the node hands over, http/service.py). Here: listening,
+the optional bearer token, and errors as JSON (Ollama's ``{"error": "..."}``; OpenAI's
+``{"error": {"message": ...}}`` under /v1) whatever went wrong. Bodies in and out: bodies.py.
 """
 
 from __future__ import annotations
 
 import errno
 import hmac
-import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from . import ollama, openai
+from .bodies import MAX_BODY
 from .parse import ApiError
-
-if TYPE_CHECKING:
-    from ..node import Node
+from .service import SERVICE_KEY, ApiService
 
 log = logging.getLogger("omninode_shim.http")
 
 DEFAULT_API_PORT = 11434  # Ollama's: clients find us where they look for it
-MAX_BODY = 16 * 1024 * 1024  # a request's text is capped at 8 MiB; JSON escaping may double it
 OPEN_PATHS = frozenset({"/"})  # "is it running?" needs no token
 STOP_GRACE = 1.0  # seconds a stopping node lets HTTP handlers finish
-NODE_KEY: web.AppKey[Node] = web.AppKey("node", object)  # type: ignore[arg-type]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,15 +45,6 @@ class ApiStartError(OSError):
     """The API cannot listen where it was told to."""
 
 
-def iso(ts: float) -> str:
-    """Ollama's timestamps: RFC 3339 in UTC."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def now_iso() -> str:
-    return iso(time.time())
-
-
 def is_openai(request: web.Request) -> bool:
     return request.path.startswith("/v1/")
 
@@ -71,30 +57,6 @@ def error_response(request: web.Request, status: int, message: str) -> web.Respo
     else:
         body = {"error": message}
     return web.json_response(body, status=status)
-
-
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; ApiError (413 or 400) for anything else."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes") from exc
-    if not raw.strip():
-        raise ApiError(400, "request body is empty: send a JSON object")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, f"request body is not UTF-8 (byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}"
-        raise ApiError(400, f"invalid JSON: {exc.msg} at {where}") from exc
-    except RecursionError as exc:  # "[[[[...": deeper than the parser's stack
-        raise ApiError(400, "invalid JSON: nested too deeply") from exc
-    if type(doc) is not dict:
-        raise ApiError(400, "request body must be a JSON object")
-    return doc
 
 
 @web.middleware
@@ -124,11 +86,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(request, 500, "internal error (see the shim's log)")
 
 
-def build_app(node: Node, config: ApiConfig) -> web.Application:
-    from . import ollama, openai
-
+def build_app(service: ApiService, config: ApiConfig) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
-    app[NODE_KEY] = node
+    app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config
     ollama.add_routes(app)
     openai.add_routes(app)
@@ -136,9 +96,9 @@ def build_app(node: Node, config: ApiConfig) -> web.Application:
 
 
 class ApiServer:
-    def __init__(self, node: Node, config: ApiConfig) -> None:
+    def __init__(self, service: ApiService, config: ApiConfig) -> None:
         self.config = config
-        self.app = build_app(node, config)
+        self.app = build_app(service, config)
         self.runner: web.AppRunner | None = None
         self.port = config.port
 
@@ -175,20 +135,3 @@ class ApiServer:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
-
-
-# ---- streaming -------------------------------------------------------------------------------
-async def start_stream(request: web.Request, content_type: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": content_type,
-                                           "Cache-Control": "no-cache"})  # fmt: skip
-    await response.prepare(request)
-    return response
-
-
-async def write_ndjson(response: web.StreamResponse, doc: dict[str, Any]) -> None:
-    await response.write(json.dumps(doc, ensure_ascii=False).encode("utf-8") + b"\n")
-
-
-async def write_sse(response: web.StreamResponse, doc: dict[str, Any] | str) -> None:
-    data = doc if isinstance(doc, str) else json.dumps(doc, ensure_ascii=False)
-    await response.write(f"data: {data}\n\n".encode())
