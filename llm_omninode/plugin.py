@@ -25,8 +25,8 @@ def register_models(register):
 
 @llm.hookimpl
 def register_commands(cli):
-    from . import shim_cli
-    from .cli import omni
+    from . import cluster_cli
+    from .models_cli import omni
 
-    shim_cli.register(omni)
+    cluster_cli.register(omni)
     cli.add_command(omni)

@@ -177,13 +177,13 @@ def test_a_taken_api_port_is_a_clear_one_line_error(tmp_path):
 
 def test_a_bind_lost_in_a_race_is_named_too():
     """The port was free at the early check and taken when the node bound it: the same
-    message (shim/cli.py maps the node's start failure), the API's own errors untouched."""
+    message (shim/main.py maps the node's start failure), the API's own errors untouched."""
     import asyncio
     import errno
     from types import SimpleNamespace
 
-    from omninode_shim.cli import UdpBindError, _run
     from omninode_shim.http.server import ApiStartError
+    from omninode_shim.main import UdpBindError, _run
 
     def node_failing_with(exc):
         class FailingNode:

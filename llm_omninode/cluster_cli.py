@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .cli import _human_bytes
+from .models_cli import _human_bytes
 
 
 def _ask(method: str) -> dict:
