@@ -2,19 +2,18 @@
 
 Resolve the model (here, or from a peer that has it), plan the split over this node and the
 live peers (shim/planner.py), have every node of the plan load its stage, then run the
-generation loop: the prompt's ids go to stage 0, the last stage's picked ids come back, and
-``Generation`` (backend/generate.py) turns them into streamed text.
+generation loop (shim/decode.py): the prompt's ids go to stage 0, the last stage's picked ids
+come straight back, and ``Generation`` (backend/generate.py) turns them into streamed text;
+recover from what fails on the way (re-plan, replay).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llm_omninode.backend.chat_template import ChatTemplate
@@ -29,6 +28,7 @@ from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
 from llm_omninode.request import GenerationRequest, RequestError
 
+from .decode import Job, run_pass
 from .errors import (
     Busy,
     CacheMiss,
@@ -39,18 +39,7 @@ from .errors import (
     StageBusy,
     StageMissing,
 )
-from .pipeline import (
-    LOST_AFTER,
-    PROBE_TIMEOUT,
-    Downstream,
-    Hop,
-    Link,
-    PipelineError,
-    Reuse,
-    check_token_reply,
-    prefill,
-    step_fields,
-)
+from .pipeline import LOST_AFTER, PROBE_TIMEOUT, Hop
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
 from .prefixes import PrefixTable
 
@@ -85,18 +74,6 @@ class ModelText:
         return cls(
             manifest, spec, tokenizer, ChatTemplate.from_metadata(manifest.metadata, tokenizer)
         )
-
-
-@dataclass
-class Job:
-    """One request's generation as the coordinator runs it, whatever plans it goes through."""
-
-    model: ModelText
-    request: GenerationRequest
-    ids: list[int]  # the prompt
-    gen: Generation
-    timings: dict[str, float]
-    picked: list[int] = field(default_factory=list)  # ids sent on: what a replay feeds again
 
 
 @dataclass
@@ -429,14 +406,16 @@ class Coordinator:
     async def _recovering(
         self, job: Job, state: PlanState, keep_alive: float | None
     ) -> AsyncIterator[Chunk]:
-        """``_run`` until it ends, through what can be recovered from: a prefix no longer
-        cached, a full stage, a stage unloaded meanwhile, a lost node (re-plan and replay)."""
+        """Passes round the ring (shim/decode.py ``run_pass``) until one ends, through what
+        can be recovered from: a prefix no longer cached, a full stage, a stage unloaded
+        meanwhile, a lost node (re-plan and replay)."""
         model_id = job.model.manifest.model_id
         attempt, busy = 0, 0
         reuse = self.prefixes.take(model_id, state.plan, job.ids)
         while True:
             try:
-                async for chunk in self._run(job, state, reuse):
+                route = self.route(state.plan)
+                async for chunk in run_pass(self.node, self.prefixes, job, state, route, reuse):
                     yield chunk
                 return
             except CacheMiss as exc:  # compute the whole prompt after all
@@ -498,106 +477,6 @@ class Coordinator:
         for node_id in lost:
             self.node.peers.mark_down(node_id, "did not answer after a failed step")
         return lost
-
-    async def _run(
-        self, job: Job, state: PlanState, reuse: Reuse | None = None
-    ) -> AsyncIterator[Chunk]:
-        """One pass through the plan: prefill the prompt, then decode while ``job.gen`` wants
-        tokens.
-
-        With ``reuse``, every stage starts from the cache a finished sequence left parked and
-        only ``job.ids[reuse.keep:]`` is computed (a chat's next turn). A sequence that ends well
-        is parked in turn.
-
-        After a lost node, ``job.picked`` holds the ids already sent to the client; they are
-        replayed as the decode steps they were (not as one longer prefill, whose batched
-        arithmetic rounds differently), so every stage's cache and the last stage's sampler
-        (penalty history, seeded generator) end as they would have with no failure, and the
-        text goes on as it would have.
-        """
-        model, request, ids, gen, timings, picked = (
-            job.model, job.request, job.ids, job.gen, job.timings, job.picked
-        )  # fmt: skip
-        if gen.done:
-            for chunk in gen.finish():
-                yield chunk
-            return
-        seq = uuid.uuid4().hex
-        route = self.route(state.plan)
-        first = route[0]
-        if first.node_id == self.node.node_id:
-            hosted = self.node.host.get(model.manifest.model_id, first.start, first.end)
-            if hosted is None:
-                state.ready = False
-                raise StageMissing("this node's stage was unloaded")
-            entry: Link | Downstream = Link(
-                self.node.host, hosted, self.node.peers, seq, route[1:], reuse
-            )
-        else:
-            entry = Downstream(self.node.peers, model.manifest.model_id, seq, route, reuse)
-
-        async def step(frame: F.Frame) -> int:
-            return check_token_reply(await entry.step(frame), seq)
-
-        t0 = time.perf_counter()
-        replay = list(picked)
-        skip = reuse.keep if reuse else 0
-        closed = False
-        try:
-            fields = step_fields(request.options, ids)  # the penalty looks at the whole prompt
-            token = await prefill(entry, seq, ids[skip:], fields)
-            t1 = time.perf_counter() - t0
-            timings.setdefault("prefill_s", t1)
-            log.info("seq %s: prefill of %d tokens (%d more cached) in %.3f s", seq[:12],
-                     len(ids) - skip, skip, t1)  # fmt: skip
-            for i, sent in enumerate(replay):
-                if token != sent:  # arithmetic differs on the new plan: keep what was sent
-                    log.warning("seq %s: replay picked %d at %d, %d was sent", seq[:12], token,
-                                i, sent)  # fmt: skip
-                token = await step(F.token_frame(seq, [sent]))
-            if replay:
-                log.info("seq %s: replayed %d tokens", seq[:12], len(replay))
-            while True:
-                chunks = gen.accept(token)
-                picked.append(token)
-                # the stages compute the next token while this one's text goes out
-                ahead = (
-                    None if gen.done else asyncio.ensure_future(step(F.token_frame(seq, [token])))
-                )
-                try:
-                    for chunk in chunks:
-                        yield chunk
-                except BaseException:  # the client went away: so does the step
-                    if ahead is not None:
-                        ahead.cancel()
-                        with contextlib.suppress(BaseException):
-                            await ahead
-                    raise
-                if ahead is None:
-                    break
-                token = await ahead
-            closed = True  # every stage keeps the caches: prompt and all ids fed but the last
-            await entry.close(park=True)
-            self.prefixes.park(seq, model.manifest.model_id, state.plan, [*ids, *picked[:-1]])
-        except PipelineError as exc:
-            if exc.code == F.ErrorCode.CACHE_MISS:
-                raise CacheMiss(str(exc)) from exc
-            if exc.code == F.ErrorCode.BUSY:
-                raise StageBusy(str(exc)) from exc
-            state.ready = False  # the next request re-checks every stage
-            if exc.code == F.ErrorCode.NOT_FOUND:
-                raise StageMissing(f"a stage is not loaded any more: {exc}") from exc
-            if exc.code == F.ErrorCode.LINK_LOST:
-                raise LinkLost(str(exc)) from exc
-            raise NodeLost(str(exc)) from exc
-        finally:
-            if not closed:
-                await entry.close()
-        timings["decode_s"] = time.perf_counter() - t0 - timings.get("prefill_s", 0.0)
-        log.info("seq %s: %d tokens in %.3f s (%s)", seq[:12], gen.generated,
-                 time.perf_counter() - t0, gen.reason)  # fmt: skip
-        for chunk in gen.finish():
-            yield chunk
 
 
 async def _shielded(coro) -> object:

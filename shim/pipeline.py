@@ -1,18 +1,27 @@
-"""One sequence's path through the stages: a chain of long-lived QUIC streams.
+"""One sequence's way through the stages: a ring of long-lived QUIC streams.
 
 The coordinator opens a ``pipeline`` channel to the node of stage 0 (or calls its own stage 0
-in-process); each stage opens one to the next. Per step the first stage gets token ids
-(HIDDEN, ``hidden_dim`` 1), every later stage float32 hidden states ``[T, d_model]`` straight
-from its predecessor; the last stage picks the next token and its 4-byte id travels back along
-the chain. Hidden states never pass through the coordinator. The prefill step also carries the
-sampling options and the prompt's recent ids, which only the last stage uses.
+in-process); each stage opens one to the next. Steps are STEP frames (llm_omninode/net/frames.py:
+a binary header of step number, position, shape, dtype and flags): the first stage gets token
+ids (``hidden_dim`` 1), every later stage hidden states ``[T, d_model]`` straight from its
+predecessor, and no stage waits for an answer. The last stage picks the next token and sends
+its 4-byte id straight to the coordinator on the sequence's **tail**, a stream the coordinator
+opened to the last stage's node before the first step (``REQUEST pipeline {tail: true, model,
+seq, start, end, sampling, recent}``, answered once it is ready): the sampling setup (options,
+seed, the prompt's last MAX_RECENT ids for the repeat penalty) crosses the network once, and
+the last stage keeps the penalty history from the ids it picks. When the coordinator hosts the
+last stage, the tail is a queue in its own process. A token thus crosses each stage boundary
+once and one hop back; hidden states never pass through the coordinator.
 
 A long prompt goes in pieces of PREFILL_PIECE tokens: every piece but the last is marked
-``more`` and gets no answer, so each stage passes a piece on as soon as it has computed it and
-starts on the next while the following stage works on the one before (the first token comes
-after about one stage's whole prompt plus one piece per later stage, not the sum of all
-stages' prompts). Only the last piece carries the sampling fields and is answered. An error
-on the way ends the channel, and the last piece's answer says so.
+``more`` (the last stage only fills its caches), so each stage passes a piece on as soon as it
+has computed it and starts on the next while the following stage works on the one before (the
+first token comes after about one stage's whole prompt plus one piece per later stage, not the
+sum of all stages' prompts).
+
+A stage that fails answers upstream with an ERROR frame and ends its channel; each stage's
+watcher of its next stage relays it (or the loss of that link) upstream at once, so the
+coordinator hears it while it waits on the tail.
 
 The channel opens with ``REQUEST pipeline {model, seq, route}``; ``route`` lists the hops from
 the receiving stage to the last (node id, address hint, block range), checked before use. A
@@ -25,13 +34,12 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llm_omninode import settings
 from llm_omninode.backend.cid import is_cid
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.sampling import SamplingOptions
@@ -41,7 +49,7 @@ from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import is_node_id
 from llm_omninode.net.quic import FrameStream, NetError
 
-from .stage_host import HostedStage, StageHost
+from .stage_host import MAX_SEQUENCES, HostedStage, StageHost, Tail
 
 if TYPE_CHECKING:
     from .peers import PeerTable
@@ -50,6 +58,7 @@ log = logging.getLogger("omninode_shim.pipeline")
 
 MAX_HOPS = 64
 MAX_RECENT = 4096  # prompt ids the last stage's repeat penalty may look back over
+MAX_TAILS = 2 * MAX_SEQUENCES  # open tails one last stage keeps at once
 STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slow nodes)
 # Liveness comes from the transport (net/session.py): a killed node's port answers the next
 # ping (every second) with ICMP "unreachable", a frozen one after 20 s of silence, a
@@ -58,8 +67,6 @@ STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slo
 # HELLO answered within PROBE_TIMEOUT.
 PROBE_TIMEOUT = 3.0
 LOST_AFTER = 8.0
-# Tokens of a prompt per pipelined piece (see above): big enough for an efficient matmul,
-# small enough that later stages start early (settings.prefill_piece; 0: the whole prompt at once).
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -131,11 +138,15 @@ def check_seq(seq: object) -> str:
     return seq
 
 
-def step_fields(options: SamplingOptions | None, recent: Sequence[int]) -> dict[str, Any]:
-    """Header fields of a prefill step (nothing on decode steps)."""
-    if options is None:
-        return {}
-    return {"sampling": options.to_dict(), "recent": list(recent)[-MAX_RECENT:]}
+def check_recent(doc: object, vocab_size: int) -> list[int]:
+    """The prompt ids a tail's repeat penalty starts from: at most MAX_RECENT valid ids."""
+    if (
+        not isinstance(doc, list)
+        or len(doc) > MAX_RECENT
+        or not all(type(t) is int and 0 <= t < vocab_size for t in doc)
+    ):
+        raise PipelineError(f"recent must be a list of at most {MAX_RECENT} valid token ids")
+    return doc
 
 
 @dataclass(frozen=True)
@@ -169,13 +180,44 @@ def open_frame(
     )  # fmt: skip
 
 
+def tail_frame(
+    request_id: int, model_id: str, seq: str, last: Hop, options: SamplingOptions,
+    recent: Sequence[int],
+) -> Frame:  # fmt: skip
+    """Opens a sequence's tail on the node of its last stage (see the module's docstring)."""
+    return F.request_frame(
+        request_id, "pipeline", tail=True, model=model_id, seq=seq, start=last.start,
+        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:],
+    )  # fmt: skip
+
+
 def park_frame() -> Frame:
     """The last frame of a finished sequence whose caches the stages keep for reuse."""
     return F.request_frame(1, "park")  # the id means nothing on a channel
 
 
+def failure_of(frame: Frame | None, node_id: str) -> PipelineError:
+    """What an unsolicited frame from the next stage (or a tail) means: an ERROR says why;
+    the end of the stream, or anything else, that the sequence is over there."""
+    if frame is None:
+        return PipelineError(f"stage on {node_id[:16]} ended the sequence")
+    if frame.type == FrameType.ERROR:
+        code = frame.header.get("code")
+        return PipelineError(f"{code}: {frame.header.get('message')}",
+                             code if isinstance(code, str) else None)  # fmt: skip
+    return PipelineError(f"stage on {node_id[:16]} sent a {frame.type.name} frame unasked")
+
+
+Failed = Callable[[PipelineError], None]
+
+
 class Downstream:
-    """The channel to the next stage (or, for a coordinator, to stage 0 on another node)."""
+    """The channel to the next stage (or, for a coordinator, to stage 0 on another node).
+
+    Steps go down it unanswered. The next stage speaks only to say it failed (an ERROR frame,
+    then the end of the stream); a watcher reads that, or the loss of the link, and hands it to
+    ``on_failure`` at once, so a failure travels back even while nobody sends.
+    """
 
     def __init__(
         self,
@@ -184,13 +226,17 @@ class Downstream:
         seq: str,
         route: Sequence[Hop],
         reuse: Reuse | None = None,
+        on_failure: Failed | None = None,
     ):
         self.peers = peers
         self.model_id = model_id
         self.seq = seq
         self.route = tuple(route)
         self.reuse = reuse
+        self.on_failure = on_failure
+        self.failure: PipelineError | None = None
         self._stream: FrameStream | None = None
+        self._watcher: asyncio.Future | None = None
 
     @property
     def node_id(self) -> str:
@@ -204,73 +250,52 @@ class Downstream:
         frame = open_frame(conn.next_id(), self.model_id, self.seq, self.route, self.reuse)
         return await conn.channel(frame)
 
-    async def step(self, frame: Frame) -> Frame | None:
-        """Send one step's input; return the token frame that comes back (None for a piece
-        marked ``more``, which is not answered)."""
+    async def _watch(self, stream: FrameStream) -> None:
+        try:
+            failure = failure_of(await stream.recv(), self.node_id)
+        except (NetError, F.FrameError) as exc:
+            failure = PipelineError(f"stage on {self.node_id[:16]} failed: {exc}",
+                                    F.ErrorCode.LINK_LOST)  # fmt: skip
+        self.failure = failure
+        if self.on_failure is not None:
+            self.on_failure(failure)
+
+    async def send(self, frame: Frame) -> None:
+        """Send one step's input on (a STEP frame); PipelineError if the chain has failed."""
+        if self.failure is not None:
+            raise self.failure
         try:
             if self._stream is None:
                 self._stream = await self._open()
-            try:
-                await self._stream.send(frame)
-            except NetError:
-                # the next stage ended the channel: after an unanswered prompt piece its
-                # error frame (why) is waiting to be read
-                reply = await self._stream.recv(PROBE_TIMEOUT)
-                if reply is None or reply.type != FrameType.ERROR:
-                    raise
-            else:
-                if frame.header.get("more") is True:
-                    return None
-                reply = await self._watched_recv(self._stream)
+                self._watcher = asyncio.ensure_future(self._watch(self._stream))
+            await self._stream.send(frame)
         except (NetError, OSError) as exc:
+            # the next stage ended the channel: the watcher is reading why
+            if self._watcher is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._watcher), PROBE_TIMEOUT)
+            if self.failure is not None:
+                raise self.failure from exc
             raise PipelineError(
                 f"stage on {self.node_id[:16]} failed: {exc}", F.ErrorCode.LINK_LOST
             ) from exc
-        if reply is None:
-            raise PipelineError(f"stage on {self.node_id[:16]} ended the sequence")
-        if reply.type == FrameType.ERROR:
-            code = reply.header.get("code")
-            raise PipelineError(f"{code}: {reply.header.get('message')}",
-                                code if isinstance(code, str) else None)  # fmt: skip
-        check_token_reply(reply, self.seq)
-        return reply
-
-    async def _watched_recv(self, stream: FrameStream) -> Frame | None:
-        """The step's answer. The transport watches the next node (pings answered by its
-        event loop, ICMP for a dead process): when it is lost, the stream ends with PeerLost
-        at once, however long its step would take."""
-        return await stream.recv(STEP_TIMEOUT)
 
     async def close(self, park: bool = False) -> None:
         """End the channel; ``park``: the stages keep the sequence's caches for reuse."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._stream is not None:
             stream, self._stream = self._stream, None
             with contextlib.suppress(NetError):  # the next stage may be gone already
-                if park:
+                if park and self.failure is None:
                     await stream.send(park_frame())
                 await stream.aclose()
 
 
-async def prefill(
-    entry: Link | Downstream, seq: str, ids: Sequence[int], fields: dict[str, Any]
-) -> int:
-    """Send a prompt (pieces of PREFILL_PIECE, see above) into the chain; the first token."""
-    piece = settings.prefill_piece() or len(ids)
-    for start in range(0, len(ids) - piece, piece):  # all but the last piece, unanswered
-        await entry.step(F.token_frame(seq, ids[start : start + piece], more=True))
-    last_start = (len(ids) - 1) // piece * piece
-    if last_start:
-        log.info("seq %s: prompt sent in %d pieces", seq[:12], last_start // piece + 1)
-    reply = await entry.step(F.token_frame(seq, ids[last_start:], **fields))
-    if reply is None:
-        raise PipelineError("a prompt's last piece was not answered")
-    return check_token_reply(reply, seq)
-
-
-def check_token_reply(frame: Frame | None, seq: str) -> int:
-    """The one token id of a step's answer; PipelineError unless it is exactly that."""
-    if frame is None or frame.type != FrameType.HIDDEN or frame.header.get("seq") != seq:
-        raise PipelineError("a step was answered with something other than its token")
+def check_answer(frame: Frame, step: int) -> int:
+    """The one token id a tail answered for ``step``; PipelineError unless it is exactly that."""
+    if frame.type != FrameType.STEP or frame.header["step"] != step:
+        raise PipelineError(f"step {step} was answered with something other than its token")
     ids = F.token_ids(frame)
     if len(ids) != 1:
         raise PipelineError(f"a step must answer one token id, got {len(ids)}")
@@ -278,7 +303,8 @@ def check_token_reply(frame: Frame | None, seq: str) -> int:
 
 
 class Link:
-    """A sequence's pass through one stage hosted here, and on to the rest of the route."""
+    """A sequence's pass through one stage hosted here, and on to the rest of the route; the
+    last stage hands each picked id to the sequence's tail."""
 
     def __init__(
         self,
@@ -288,20 +314,31 @@ class Link:
         seq: str,
         rest: Sequence[Hop],
         reuse: Reuse | None = None,
+        on_failure: Failed | None = None,
     ) -> None:
         self.host = host
         self.hosted = hosted
         self.seq = seq
         self.reuse = reuse  # taken up at the first step, on the MLX worker thread
-        self.next = Downstream(peers, hosted.model_id, seq, rest, reuse) if rest else None
+        self.next = (
+            Downstream(peers, hosted.model_id, seq, rest, reuse, on_failure) if rest else None
+        )
         if (self.next is None) != hosted.stage.is_last:
             raise PipelineError("the route does not end where the model ends")
+        self.steps = 0  # STEP frames taken: the next one's number
+        self.position = reuse.keep if reuse is not None else 0  # positions cached
         hosted.active += 1
 
     def _input(self, frame: Frame) -> np.ndarray:
-        if frame.type != FrameType.HIDDEN or frame.header.get("seq") != self.seq:
-            raise PipelineError("expected a HIDDEN frame of this sequence")
-        tokens, hidden_dim, dtype = F.hidden_geometry(frame.header)
+        if frame.type != FrameType.STEP:
+            raise PipelineError("expected a STEP frame on a pipeline channel")
+        header = frame.header
+        if header["step"] != self.steps or header["pos"] != self.position:
+            raise PipelineError(
+                f"step {header['step']} at position {header['pos']} is out of order: expected "
+                f"step {self.steps} at {self.position}"
+            )
+        tokens, hidden_dim, dtype = F.hidden_geometry(header, FrameType.STEP)
         stage = self.hosted.stage
         if stage.is_first:
             if hidden_dim != 1:
@@ -315,29 +352,15 @@ class Link:
         wire = "<f4" if dtype == "float32" else "<f2"  # the frame checked it is one of them
         return np.frombuffer(frame.payload, dtype=wire).reshape(tokens, hidden_dim)
 
-    def _picker(self, frame: Frame) -> TokenPicker:
-        header = frame.header
-        if "sampling" in header:
-            recent = header.get("recent", [])
-            if (
-                not isinstance(recent, list)
-                or len(recent) > MAX_RECENT
-                or not all(type(t) is int and 0 <= t < self.hosted.spec.vocab_size for t in recent)
-            ):
-                raise PipelineError("recent must be a list of valid token ids")
-            options = SamplingOptions.from_dict(header["sampling"])
-            self.hosted.pickers[self.seq] = TokenPicker(options, recent)
-        picker = self.hosted.pickers.get(self.seq)
-        if picker is None:
-            raise PipelineError("no sampling options for this sequence (send them at prefill)")
-        return picker
+    def _tail(self) -> Tail:
+        tail = self.hosted.tails.get(self.seq)
+        if tail is None:
+            raise PipelineError("no sampling setup for this sequence (its tail is not open)")
+        return tail
 
-    async def step(self, frame: Frame) -> Frame | None:
-        """Compute one step here and pass it on; the token frame that comes back, or None
-        for a prompt piece marked ``more`` (the last stage then only fills its caches)."""
-        more = frame.header.get("more", False)
-        if not isinstance(more, bool):
-            raise PipelineError("more must be true or false")
+    async def send(self, frame: Frame) -> None:
+        """Compute one step here and pass it on; the last stage picks the next id (unless
+        the step is a prompt piece marked ``more``: it only fills the caches) and delivers it."""
         if self.reuse is not None:
             reuse, self.reuse = self.reuse, None
             kept = await self.host.adopt(self.hosted, reuse.seq, self.seq, reuse.keep)
@@ -345,20 +368,24 @@ class Link:
                 raise PipelineError(f"prefix of {reuse.seq[:12]} is not cached here any more",
                                     F.ErrorCode.CACHE_MISS)  # fmt: skip
         x = self._input(frame)
-        picker = self._picker(frame) if self.next is None and not more else None
-        pick = None if picker is None else picker.pick
+        step, pos, more = frame.header["step"], frame.header["pos"], frame.header["more"]
+        tail = self._tail() if self.next is None and not more else None
         try:
-            out = await self.host.forward(self.hosted, self.seq, x, pick)
+            out = await self.host.forward(
+                self.hosted, self.seq, x, None if tail is None else tail.picker.pick
+            )
         except SequenceLimitError as exc:  # full of other sequences: worth a retry later
             raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
         except ValueError as exc:  # the stage's own checks and limits
             raise PipelineError(str(exc)) from exc
-        if self.next is None:
-            return None if more else F.token_frame(self.seq, [out])
-        extra = {k: frame.header[k] for k in ("sampling", "recent", "more") if k in frame.header}
-        return await self.next.step(
-            F.hidden_frame(self.seq, out.tobytes(), out.shape, out.dtype.name, **extra)
-        )
+        self.steps += 1
+        self.position += len(x)
+        if self.next is not None:
+            await self.next.send(
+                F.step_frame(step, pos, out.tobytes(), out.shape, out.dtype.name, more)
+            )
+        elif tail is not None:
+            await tail.deliver(F.token_step(step, self.position, [out]))
 
     async def close(self, park: bool = False) -> None:
         """End the sequence here and downstream; ``park``: keep its caches for reuse."""
@@ -374,7 +401,15 @@ class Link:
 async def serve_pipeline(
     host: StageHost, peers: PeerTable, node_id: str, first: Frame, stream: FrameStream
 ) -> Frame | None:
-    """Handler of a ``pipeline`` channel: steps until the upstream ends the stream."""
+    """Handler of a ``pipeline`` channel: steps until the upstream ends the stream (or, with
+    ``tail``, a sequence's tail: see ``serve_tail``)."""
+    if first.header.get("tail") is True:
+        return await serve_tail(host, first, stream)
+
+    def report(exc: Exception) -> None:
+        """Tell the upstream why the sequence failed here or further down, and end."""
+        stream.end(F.error_frame(_reply_code(exc), str(exc), first.id))
+
     try:
         model = first.header.get("model")
         if not is_cid(model):
@@ -389,7 +424,8 @@ async def serve_pipeline(
                 f"stage [{route[0].start}, {route[0].end}) of {model[:16]} is not loaded here",
                 F.ErrorCode.NOT_FOUND,
             )
-        link = Link(host, hosted, peers, seq, route[1:], Reuse.from_json(first.header.get("reuse")))
+        reuse = Reuse.from_json(first.header.get("reuse"))
+        link = Link(host, hosted, peers, seq, route[1:], reuse, report)
     except PipelineError as exc:
         return F.error_frame(_reply_code(exc), str(exc), first.id)
     park = False
@@ -399,14 +435,50 @@ async def serve_pipeline(
                 park = True  # the sequence is over; keep its caches for the next turn
                 break
             try:
-                reply = await link.step(frame)
+                await link.send(frame)
             except (PipelineError, F.FrameError) as exc:
                 log.warning("sequence %s: %s", seq[:12], exc)
-                return F.error_frame(_reply_code(exc), str(exc), first.id)
-            if reply is not None:
-                await stream.send(reply)
+                report(exc)
+                return None
     except (NetError, asyncio.CancelledError):
         pass  # upstream went away: the sequence is over
     finally:
         await link.close(park)
+    return None
+
+
+async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Frame | None:
+    """A sequence's tail on the node of its last stage: ``REQUEST pipeline {tail: true, model,
+    seq, start, end, sampling, recent}`` sets up its sampler (answered with a RESPONSE once
+    it is ready); every id the stage picks for the sequence then goes back on this stream as
+    a STEP frame, until the coordinator ends it."""
+    header = first.header
+    try:
+        model, start, end = header.get("model"), header.get("start"), header.get("end")
+        if not is_cid(model) or type(start) is not int or type(end) is not int:
+            raise PipelineError("a tail needs model, start and end")
+        seq = check_seq(header.get("seq"))
+        hosted = host.get(model, start, end)
+        if hosted is None:
+            raise PipelineError(f"stage [{start}, {end}) of {model[:16]} is not loaded here",
+                                F.ErrorCode.NOT_FOUND)  # fmt: skip
+        if not hosted.stage.is_last:
+            raise PipelineError("a tail is opened on the last stage")
+        if seq in hosted.tails or len(hosted.tails) >= MAX_TAILS:
+            raise PipelineError("this stage has no room for another tail", F.ErrorCode.BUSY)
+        recent = check_recent(header.get("recent"), hosted.spec.vocab_size)
+        options = SamplingOptions.from_dict(header.get("sampling"))
+    except (PipelineError, ValueError) as exc:  # SamplingError is a ValueError
+        return F.error_frame(_reply_code(exc), str(exc), first.id)
+    tail = Tail(TokenPicker(options, recent), stream.send)
+    hosted.tails[seq] = tail
+    try:
+        await stream.send(F.response_frame(first.id or 0))
+        async for frame in stream:  # the coordinator sends nothing more
+            return F.error_frame(F.ErrorCode.BAD_REQUEST, f"{frame.type.name} on a tail")
+    except (NetError, asyncio.CancelledError):
+        pass  # the coordinator went away: the sequence is over
+    finally:
+        if hosted.tails.get(seq) is tail:
+            del hosted.tails[seq]
     return None

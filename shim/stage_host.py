@@ -19,7 +19,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from llm_omninode.backend.store import (
     free_bytes,
     human_bytes,
 )
+from llm_omninode.net.frames import Frame
 from llm_omninode.net.transfer import ShardSource, TransferError, fetch_shards
 
 from .planner import stage_bytes
@@ -79,6 +80,17 @@ class ShardsUnavailable(StageError):
 
 
 @dataclass
+class Tail:
+    """A sequence's end on its last stage: the sampler (options, seed and penalty history, set
+    once when the sequence opened, the history kept from the ids it picks) and where each
+    picked id goes: straight to the coordinator (shim/pipeline.py ``serve_tail``), or to its
+    queue when the coordinator is this node."""
+
+    picker: TokenPicker
+    deliver: Callable[[Frame], Awaitable[None]]  # the STEP frame of one picked id
+
+
+@dataclass
 class HostedStage:
     model_id: str
     start: int
@@ -88,7 +100,7 @@ class HostedStage:
     memory: StageMemory  # what was planned for it (weights: their kept size)
     loaded_s: float
     fetched: dict[str, str] = field(default_factory=dict)  # cid -> node it came from
-    pickers: dict[str, TokenPicker] = field(default_factory=dict)  # last stage: per sequence
+    tails: dict[str, Tail] = field(default_factory=dict)  # last stage: per sequence
     active: int = 0  # pipeline links using it now
     # finished sequences whose KV caches are kept for a next turn to reuse, oldest first
     parked: dict[str, float] = field(default_factory=dict)
@@ -128,7 +140,7 @@ class HostedStage:
             "planned": self.memory.total,
             "kv_bytes": self.stage.kv_nbytes,  # KV caches held now (planned: memory.kv)
             "sequences": len(self.stage.sequences()),  # KV caches held
-            "pickers": len(self.pickers),  # last stage: samplers of live sequences
+            "pickers": len(self.tails),  # last stage: samplers of live sequences
             "parked": len(self.parked),  # finished, kept for prefix reuse
             "ms_per_token": None if self.ms_per_token is None else round(self.ms_per_token, 3),
         }
@@ -399,13 +411,13 @@ class StageHost:
             raise stopped  # cancelled
 
     def free(self, hosted: HostedStage, seq: str) -> None:
-        hosted.pickers.pop(seq, None)
+        hosted.tails.pop(seq, None)
         hosted.parked.pop(seq, None)
         self._pool.submit(hosted.stage.free, seq)
 
     def park(self, hosted: HostedStage, seq: str) -> None:
         """Keep a finished sequence's KV cache for a next turn (``adopt``); its sampler goes."""
-        hosted.pickers.pop(seq, None)
+        hosted.tails.pop(seq, None)
         hosted.parked[seq] = time.monotonic()
         while len(hosted.parked) > MAX_PARKED:
             self.free(hosted, next(iter(hosted.parked)))
@@ -430,7 +442,7 @@ class StageHost:
         """Free KV caches of sequences nobody has touched for ``idle_timeout`` seconds."""
         for hosted in list(self._stages.values()):
             for seq in hosted.stage.evict_idle(self.idle_timeout):
-                hosted.pickers.pop(seq, None)
+                hosted.tails.pop(seq, None)
                 hosted.parked.pop(seq, None)
                 log.info("freed idle sequence %s on %s", seq[:12], hosted.model_id[:16])
 

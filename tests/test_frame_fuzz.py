@@ -30,6 +30,8 @@ def _valid_frames() -> list[bytes]:
             F.response_frame(2, b"x" * 40, note="n"),
             F.hidden_frame(3, b"\0" * 32, [2, 8]),
             F.token_frame(4, [1, 2, 3]),
+            F.step_frame(0, 9, b"\0" * 32, [2, 8], "float16", more=True),
+            F.token_step(1, 10, [7]),
             F.shard_read_frame(5, CID, 0, 1024),
             F.shard_data_frame(6, CID, 0, b"abc"),
             F.error_frame("bad_request", "m", 7),

@@ -48,6 +48,9 @@ def sample_frames() -> list[Frame]:
         F.hidden_frame("seq-1", activations.tobytes(), activations.shape, pos=7),
         F.token_frame(9, [1, 2, 3, 2**31 - 1, -5]),
         F.token_frame(9, [0, 2**32 - 1], dtype="uint32"),
+        F.step_frame(0, 0, activations.tobytes(), activations.shape, "float16"),
+        F.step_frame(2**32 - 1, 2**32 - 1, b"\0" * 32, [1, 8], "float32", more=True),
+        F.token_step(5, 12, [1, 2**31 - 1, -5], more=True),
         F.shard_read_frame(5, CID, 2**40, MAX_SHARD_WINDOW),
         F.shard_data_frame(5, CID, 0, b"\xff" * 1000, size=1000),
         F.error_frame(F.ErrorCode.NOT_FOUND, "no such shard", 5),
@@ -274,3 +277,42 @@ def test_fixed_header_layout():
     assert (magic, version, ftype, flags, plen) == (b"OMNI", 1, FrameType.RESPONSE, 0, 2)
     assert data[16 : 16 + hlen] == b'{"id":7}'
     assert data[16 + hlen :] == b"xy"
+
+
+def test_step_header_is_a_fixed_struct():
+    """A STEP frame's header is 20 bytes of binary fields, not JSON; every field is checked
+    before the payload is taken, and the payload must match its shape exactly."""
+    frame = F.token_step(3, 17, [42])
+    data = F.encode(frame)
+    assert len(data) == F.FIXED_SIZE + F.STEP_HEADER.size + 4
+    assert F.STEP_HEADER.unpack(data[16:36]) == (3, 17, 1, 1, 2, 0, 0)
+    assert F.decode(data).header == {"step": 3, "pos": 17, "shape": [1, 1], "dtype": "int32",
+                                     "more": False}  # fmt: skip
+    assert F.token_ids(F.decode(data)) == [42]
+
+    def step(*fields, payload=b"\0" * 4):
+        return raw(FrameType.STEP, F.STEP_HEADER.pack(*fields), payload)
+
+    bad = [
+        step(0, 0, 1, 1, 4, 0, 0),  # dtype code
+        step(0, 0, 1, 1, 2, 2, 0),  # unknown flag
+        step(0, 0, 1, 1, 2, 0, 1),  # reserved bits
+        step(0, 0, 0, 1, 2, 0, 0),  # zero rows
+        step(0, 0, 1, 0, 2, 0, 0),  # zero width
+        step(0, 0, 2, 1, 2, 0, 0),  # payload short of the shape
+        step(0, 0, 1, 1, 2, 0, 0, payload=b"\0" * 5),  # payload past it
+        step(0, 0, 1, 8, 2, 0, 0, payload=b"\0" * 32),  # token ids are one wide only
+        step(0, 0, 2**20, 2**20, 0, 0, 0, payload=b""),  # a shape past any payload
+        raw(FrameType.STEP, b'{"step":0,"pos":0}', b""),  # JSON is no STEP header
+        raw(FrameType.STEP, b"\0" * 19, b""),
+        raw(FrameType.STEP, b"", b""),
+    ]
+    for data in bad:
+        with pytest.raises(FrameError):
+            F.decode(data)
+    # nor does one leave with a header that is not exactly its fields
+    good = {"step": 0, "pos": 0, "shape": [1, 1], "dtype": "int32", "more": False}
+    wrong = [{"step": -1}, {"pos": 2**32}, {"more": 1}, {"extra": 0}, {"dtype": "float64"}]
+    for header in [{k: v for k, v in good.items() if k != "more"}] + [good | w for w in wrong]:
+        with pytest.raises(FrameError):
+            F.encode(Frame(FrameType.STEP, header, b"\0" * 4))

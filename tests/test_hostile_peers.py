@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 
@@ -239,36 +238,53 @@ async def _channel_answer(conn, shim, seq, frames: list[bytes], start=0, end=N_B
     return answers
 
 
-def _hidden(seq, payload: bytes, shape, dtype: str, prefill: bool = False) -> bytes:
-    """A HIDDEN frame written by hand; ``prefill`` adds the sampling options a last stage
-    needs before it computes anything."""
-    header = {"seq": seq, "shape": shape, "dtype": dtype}
-    if prefill:
-        header |= {"sampling": SamplingOptions().to_dict(), "recent": []}
-    data = json.dumps(header).encode()
-    return fixed(FrameType.HIDDEN, data, len(payload)) + payload
+def _step(payload: bytes, shape, dtype: int | str, *, step=0, pos=0, flags=0, reserved=0):
+    """A STEP frame written by hand (its binary header packed here, any field as given)."""
+    code = F.STEP_DTYPES.index(dtype) if isinstance(dtype, str) else dtype
+    header = F.STEP_HEADER.pack(step, pos, *shape, code, flags, reserved)
+    return fixed(FrameType.STEP, header, len(payload)) + payload
+
+
+async def _open_tail(conn, shim, seq: str, start: int, end=N_BLOCKS):
+    """A sequence's tail on the stage [start, end), as a coordinator opens it: the stream
+    its picked ids come back on (a refusal is raised as RemoteError)."""
+    frame = F.request_frame(conn.next_id(), "pipeline", tail=True, model=shim.model_id, seq=seq,
+                            start=start, end=end, sampling=SamplingOptions().to_dict(),
+                            recent=[])  # fmt: skip
+    stream = await conn.channel(frame)
+    ready = await stream.recv(timeout=30)
+    assert ready is not None
+    if ready.type != FrameType.RESPONSE:
+        conn._protocol.forget_stream(stream.stream_id)
+        raise RemoteError(ready)
+    return stream
 
 
 def test_hidden_states_of_the_wrong_shape_dtype_or_size(shim, before):
     """Each case is the first step of a fresh sequence; the answer is one ERROR frame whose
     code and message say what was wrong (bad_frame: the frame itself; bad_request: the
-    frame is well-formed but not what this stage takes)."""
+    frame is well-formed but not what this stage takes). A good step's token goes to the
+    sequence's tail, not back up the channel."""
     half = N_BLOCKS // 2
     act = np.zeros((1, D_MODEL), dtype="<f2").tobytes()
     bad_frame, bad_request = ErrorCode.BAD_FRAME, ErrorCode.BAD_REQUEST
-    h = functools.partial(_hidden, "s", prefill=True)
+    h = _step
     cases_second = [  # the second stage [half, N) takes float32 or float16 [T, D_MODEL] only
         ("width", h(b"\0" * 2 * (D_MODEL + 1), [1, D_MODEL + 1], "float16"), bad_request,
          "not this model's width"),
         ("token ids", h(b"\0" * 4, [1, 1], "int32"), bad_request, "not this model's width"),
-        ("float64", h(b"\0" * 8 * D_MODEL, [1, D_MODEL], "float64"), bad_frame, "float32"),
+        ("dtype code", h(b"\0" * 8 * D_MODEL, [1, D_MODEL], 4), bad_frame, "dtype"),
         ("bytes short", h(act[:-1], [1, D_MODEL], "float16"), bad_frame, "needs exactly"),
         ("bytes long", h(act + b"\0\0", [1, D_MODEL], "float16"), bad_frame, "needs exactly"),
-        ("flat shape", h(act, [D_MODEL], "float16"), bad_frame, "shape"),
-        ("3-d shape", h(act, [1, 1, D_MODEL], "float16"), bad_frame, "shape"),
         ("zero tokens", h(b"", [0, D_MODEL], "float16"), bad_frame, "shape"),
-        ("float shape", h(act, [1.0, D_MODEL], "float16"), bad_frame, "shape"),
-        ("no sampling", _hidden("s", act, [1, D_MODEL], "float16"), bad_request, "sampling"),
+        ("zero width", h(b"", [1, 0], "float16"), bad_frame, "shape"),
+        ("flags", h(act, [1, D_MODEL], "float16", flags=0x80), bad_frame, "flags"),
+        ("reserved", h(act, [1, D_MODEL], "float16", reserved=1), bad_frame, "reserved"),
+        ("short header", fixed(FrameType.STEP, b"\0" * 12, 0), bad_frame, "bytes"),
+        ("json header", fixed(FrameType.STEP, b'{"step":0}', 0), bad_frame, "bytes"),
+        ("step 1 first", h(act, [1, D_MODEL], "float16", step=1), bad_request, "out of order"),
+        ("position", h(act, [1, D_MODEL], "float16", pos=7), bad_request, "out of order"),
+        ("no tail", h(act, [1, D_MODEL], "float16"), bad_request, "sampling"),
     ]  # fmt: skip
     ids = lambda *v, dt="<i4": np.array(v, dtype=dt).tobytes()  # noqa: E731
     cases_first = [  # a stage [0, N) takes token ids only, inside the vocabulary and context
@@ -277,6 +293,7 @@ def test_hidden_states_of_the_wrong_shape_dtype_or_size(shim, before):
         ("id past vocab", h(ids(10**6), [1, 1], "int32"), bad_request, "out of range"),
         ("uint32 max", h(ids(2**32 - 1, dt="<u4"), [1, 1], "uint32"), bad_request, ""),
         ("past context", h(ids(*[5] * 300), [300, 1], "int32"), bad_request, ""),
+        ("json hidden", _hidden_json(ids(5), [1, 1], "int32"), bad_request, "STEP"),
     ]  # fmt: skip
 
     async def main():
@@ -285,16 +302,70 @@ def test_hidden_states_of_the_wrong_shape_dtype_or_size(shim, before):
             await _load(conn, half, N_BLOCKS, shim)
             await _load(conn, 0, N_BLOCKS, shim)
             for start, cases in ((half, cases_second), (0, cases_first)):
-                for name, frame, code, words in cases:
-                    answers = await _channel_answer(conn, shim, "s", [frame], start, N_BLOCKS)
+                for i, (name, frame, code, words) in enumerate(cases):
+                    seq = f"s{start}-{i}"
+                    # the first stage's own checks run as it computes, after its tail is found
+                    tail = await _open_tail(conn, shim, seq, 0) if start == 0 else None
+                    answers = await _channel_answer(conn, shim, seq, [frame], start, N_BLOCKS)
                     assert isinstance(answers, list) and len(answers) == 1, (name, answers)
                     header = answers[0].header
                     assert answers[0].type == FrameType.ERROR, (name, answers[0])
                     assert header["code"] == code and words in header["message"], (name, header)
-            # the same stage still computes a well-formed step
+                    if tail is not None:
+                        await tail.aclose()
+            # the same stage still computes a well-formed step; its token comes on the tail
+            tail = await _open_tail(conn, shim, "s", 0)
             good = h(ids(5, 6), [2, 1], "int32")
-            (reply,) = await _channel_answer(conn, shim, "s", [good], 0, N_BLOCKS)
-            assert reply.type == FrameType.HIDDEN and len(F.token_ids(reply)) == 1
+            assert await _channel_answer(conn, shim, "s", [good], 0, N_BLOCKS) == []
+            reply = await tail.recv(timeout=30)
+            assert reply.type == FrameType.STEP and len(F.token_ids(reply)) == 1
+            assert reply.header["step"] == 0 and reply.header["pos"] == 2
+            await tail.aclose()
+        finally:
+            await conn.close()
+
+    arun(main())
+
+
+def _hidden_json(payload: bytes, shape, dtype: str) -> bytes:
+    """A HIDDEN frame (JSON header): no step of a pipeline channel."""
+    data = json.dumps({"seq": "s", "shape": shape, "dtype": dtype}).encode()
+    return fixed(FrameType.HIDDEN, data, len(payload)) + payload
+
+
+def test_tails_refused(shim, before):
+    """A tail is opened on a last stage that is loaded here, once per sequence, with valid
+    sampling options and prompt ids; anything else is refused with a reason."""
+    opts = SamplingOptions().to_dict()
+    good = {"tail": True, "seq": "t", "start": 0, "end": N_BLOCKS, "sampling": opts,
+            "recent": [1, 2]}  # fmt: skip
+    cases = [
+        {**good, "start": 0, "end": N_BLOCKS // 2},  # not loaded, and not the last stage
+        {**good, "start": "0"},
+        {**good, "seq": "../x"},
+        {**good, "sampling": {"temperature": "hot"}},
+        {**good, "sampling": {"nope": 1}},
+        {**good, "recent": [-1]},
+        {**good, "recent": [10**6]},
+        {**good, "recent": list(range(5000))},
+        {**good, "recent": "12"},
+    ]
+
+    async def main():
+        conn = await shim.connect()
+        try:
+            await _load(conn, 0, N_BLOCKS, shim)
+            for fields in cases:
+                frame = F.request_frame(conn.next_id(), "pipeline", model=shim.model_id,
+                                        **fields)  # fmt: skip
+                with pytest.raises(RemoteError) as refused:
+                    await conn.request(frame)
+                assert refused.value.code in (ErrorCode.BAD_REQUEST, ErrorCode.NOT_FOUND)
+            tail = await _open_tail(conn, shim, "t", 0)
+            with pytest.raises(RemoteError) as refused:  # the same sequence twice
+                await _open_tail(conn, shim, "t", 0)
+            assert refused.value.code == ErrorCode.BUSY
+            await tail.aclose()
         finally:
             await conn.close()
 
@@ -302,14 +373,15 @@ def test_hidden_states_of_the_wrong_shape_dtype_or_size(shim, before):
 
 
 def test_unknown_sequences_and_stages(shim, before):
-    tok = _hidden("other-seq", np.array([5], dtype="<i4").tobytes(), [1, 1], "int32")
+    tok = _step(np.array([5], dtype="<i4").tobytes(), [1, 1], "int32")
 
     async def main():
         conn = await shim.connect()
         try:
             await _load(conn, 0, N_BLOCKS, shim)
-            # a frame of another sequence on this sequence's channel
-            answers = await _channel_answer(conn, shim, "seq-a", [tok])
+            # a step out of its order on this sequence's channel
+            later = _step(np.array([5], dtype="<i4").tobytes(), [1, 1], "int32", step=3)
+            answers = await _channel_answer(conn, shim, "seq-a", [later])
             assert error_code(answers) == ErrorCode.BAD_REQUEST
             # sequence ids that are no ids
             for seq in ("../x", "a" * 129, "", 7, None):

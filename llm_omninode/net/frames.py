@@ -21,6 +21,22 @@ token ids, 4 bytes each, ``dtype`` ``int32`` or ``uint32`` (little-endian); a wi
 ``hidden_dim`` means activations, ``dtype`` ``float32`` (unrounded, the default) or
 ``float16`` (little-endian); the stage checks that it equals the model width. Payload
 bytes == T * hidden_dim * element size, exactly.
+
+Pipeline steps (STEP) carry the same tensors, but their header is a fixed binary struct
+(STEP_HEADER, big-endian), not JSON, since one crosses every stage boundary for every token;
+the sequence is the channel's, named once when it opened::
+
+    offset size  field
+    0      4     step: the step's number on its channel (0, 1, ...)
+    4      4     position: the sequence position of the step's first row
+    8      4     rows T
+    12     4     width hidden_dim (1: token ids)
+    16     1     dtype (STEP_DTYPES: 0 float32, 1 float16, 2 int32, 3 uint32)
+    17     1     flags (STEP_MORE: a prompt piece nobody answers; every other bit zero)
+    18     2     reserved, zero
+
+Decoded, the header is ``{"step", "pos", "shape": [T, hidden_dim], "dtype", "more"}`` and is
+checked like a HIDDEN one (payload bytes exact) before the payload is allocated.
 """
 
 from __future__ import annotations
@@ -51,6 +67,11 @@ DTYPE_SIZES = {"float32": 4, "float16": 2, "int32": 4, "uint32": 4}
 ACTIVATION_DTYPES = ("float32", "float16")
 TOKEN_DTYPES = ("int32", "uint32")
 
+STEP_HEADER = struct.Struct(">IIIIBBH")  # step, position, rows, width, dtype, flags, reserved
+STEP_DTYPES = ("float32", "float16", "int32", "uint32")  # a STEP header's dtype codes
+STEP_MORE = 0x01
+MAX_STEP = 2**32 - 1
+
 
 class FrameType(IntEnum):
     JOIN = 1  # client -> server after TLS: node_id, proof (admission.py)
@@ -65,6 +86,7 @@ class FrameType(IntEnum):
     SHARD_READ = 10  # id, cid, offset, length (<= MAX_SHARD_WINDOW)
     SHARD_DATA = 11  # id, cid, offset; payload = the bytes read (may be short at EOF)
     ERROR = 12  # code, message, optional id
+    STEP = 13  # a pipeline step: binary header (STEP_HEADER), payload tensor bytes
 
 
 class ErrorCode:
@@ -144,9 +166,8 @@ def _no_payload(ftype: FrameType, payload_len: int) -> None:
         raise _fail(ftype, "takes no payload")
 
 
-def hidden_geometry(header: dict) -> tuple[int, int, str]:
-    """(T, hidden_dim, dtype) of a HIDDEN header; FrameError unless consistent."""
-    ftype = FrameType.HIDDEN
+def hidden_geometry(header: dict, ftype: FrameType = FrameType.HIDDEN) -> tuple[int, int, str]:
+    """(T, hidden_dim, dtype) of a HIDDEN or STEP header; FrameError unless consistent."""
     shape = header.get("shape")
     if (
         not isinstance(shape, list)
@@ -176,6 +197,44 @@ def _check_hidden(h: dict, payload_len: int) -> None:
             f"payload is {payload_len} bytes; shape {[tokens, hidden_dim]} of {dtype} "
             f"needs exactly {expected}",
         )
+
+
+def _check_step(h: dict, payload_len: int) -> None:
+    ftype = FrameType.STEP
+    if set(h) != {"step", "pos", "shape", "dtype", "more"}:
+        raise _fail(ftype, "header is exactly {step, pos, shape, dtype, more}")
+    _int(ftype, h, "step", hi=MAX_STEP)
+    _int(ftype, h, "pos", hi=MAX_STEP)
+    if not isinstance(h["more"], bool):
+        raise _fail(ftype, "'more' must be true or false")
+    tokens, hidden_dim, dtype = hidden_geometry(h, ftype)
+    if tokens > MAX_STEP or hidden_dim > MAX_STEP:
+        raise _fail(ftype, "'shape' out of range")
+    expected = tokens * hidden_dim * DTYPE_SIZES[dtype]
+    if expected != payload_len:
+        raise _fail(ftype, f"payload is {payload_len} bytes; shape {[tokens, hidden_dim]} of "
+                    f"{dtype} needs exactly {expected}")  # fmt: skip
+
+
+def _step_bytes(h: dict) -> bytes:
+    """The binary header of a checked STEP header dict."""
+    tokens, hidden_dim = h["shape"]
+    flags = STEP_MORE if h["more"] else 0
+    code = STEP_DTYPES.index(h["dtype"])
+    return STEP_HEADER.pack(h["step"], h["pos"], tokens, hidden_dim, code, flags, 0)
+
+
+def _step_header(data: bytes | bytearray) -> dict[str, Any]:
+    """A STEP header dict from its binary form; FrameError unless every field is valid."""
+    if len(data) != STEP_HEADER.size:
+        raise _fail(FrameType.STEP, f"header must be {STEP_HEADER.size} bytes")
+    step, pos, tokens, hidden_dim, code, flags, reserved = STEP_HEADER.unpack(bytes(data))
+    if code >= len(STEP_DTYPES):
+        raise _fail(FrameType.STEP, f"unknown dtype code {code}")
+    if flags & ~STEP_MORE or reserved:
+        raise _fail(FrameType.STEP, f"unknown flags {flags:#x} or reserved bits set")
+    return {"step": step, "pos": pos, "shape": [tokens, hidden_dim],
+            "dtype": STEP_DTYPES[code], "more": bool(flags & STEP_MORE)}  # fmt: skip
 
 
 def _seq_id(ftype: FrameType, h: dict) -> None:
@@ -224,6 +283,8 @@ def _check_header(ftype: FrameType, h: dict, payload_len: int) -> None:
         _no_payload(ftype, payload_len)
     elif ftype == FrameType.HIDDEN:
         _check_hidden(h, payload_len)
+    elif ftype == FrameType.STEP:
+        _check_step(h, payload_len)
     elif ftype == FrameType.SHARD_READ:
         _int(ftype, h, "id")
         _str(ftype, h, "cid", pattern=_CID_RE)
@@ -266,8 +327,12 @@ def encode_parts(frame: Frame) -> tuple[bytes, bytes]:
         raise FrameError("header must be a dict")
     if frame.flags & ~KNOWN_FLAGS or not 0 <= frame.flags <= 0xFFFF:
         raise FrameError(f"unknown flags {frame.flags:#x}")
-    header = _header_bytes(frame.header)
     payload = frame.payload
+    if ftype == FrameType.STEP:  # checked before it is packed
+        _check_header(ftype, frame.header, len(payload))
+        header = _step_bytes(frame.header)
+    else:
+        header = _header_bytes(frame.header)
     if len(header) > MAX_HEADER:
         raise FrameError(f"header of {len(header)} bytes over the {MAX_HEADER}-byte limit")
     if len(payload) > MAX_PAYLOAD:
@@ -321,9 +386,12 @@ def parse_fixed(
 
 
 def parse_header(ftype: FrameType, data: bytes | bytearray, payload_len: int) -> dict[str, Any]:
-    """The JSON header of a frame, checked for its type (payload length already known)."""
-    if not data:
-        header: Any = {}
+    """The JSON header of a frame (a STEP's binary one), checked for its type (payload length
+    already known)."""
+    if ftype == FrameType.STEP:
+        header: Any = _step_header(data)
+    elif not data:
+        header = {}
     else:
         try:
             header = json.loads(
@@ -528,11 +596,26 @@ def pack_token_ids(token_ids: Sequence[int], dtype: str = "int32") -> bytes:
         raise FrameError(f"token id out of range for {dtype}: {exc}") from exc
 
 
+def step_frame(
+    step: int, pos: int, payload: bytes, shape: Sequence[int], dtype: str, more: bool = False
+) -> Frame:
+    """A pipeline step: activations ``[T, hidden_dim]``, or token ids if hidden_dim is 1."""
+    header = {"step": step, "pos": pos, "shape": [int(n) for n in shape], "dtype": dtype,
+              "more": more}  # fmt: skip
+    return Frame(FrameType.STEP, header, payload)
+
+
+def token_step(step: int, pos: int, token_ids: Sequence[int], more: bool = False) -> Frame:
+    """Token ids as a STEP frame: shape [T, 1], int32 little-endian."""
+    payload = pack_token_ids(token_ids)
+    return step_frame(step, pos, payload, [len(token_ids), 1], "int32", more)
+
+
 def token_ids(frame: Frame) -> list[int]:
-    """The token ids of a HIDDEN frame with hidden_dim 1; FrameError for activations."""
-    if frame.type != FrameType.HIDDEN:
+    """The token ids of a HIDDEN or STEP frame with hidden_dim 1; FrameError for activations."""
+    if frame.type not in (FrameType.HIDDEN, FrameType.STEP):
         raise FrameError(f"{frame.type.name} frame holds no token ids")
-    tokens, hidden_dim, dtype = hidden_geometry(frame.header)
+    tokens, hidden_dim, dtype = hidden_geometry(frame.header, frame.type)
     if hidden_dim != 1:
         raise FrameError(f"hidden_dim {hidden_dim}: activations, not token ids")
     code = "i" if dtype == "int32" else "I"
