@@ -1,4 +1,5 @@
-"""``llm omni serve | stop | peers | status``: the running shims, seen from the plugin."""
+"""``llm omni init | join | trust | untrust | id``: this node's cluster membership, and
+``llm omni serve | stop | peers | status``: the running shims, seen from the plugin."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 
-from .models_cli import _human_bytes
+from .home import omni_home
+from .models_cli import _fail, _human_bytes
 
 
 def _ask(method: str) -> dict:
@@ -38,6 +41,9 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def register(omni: click.Group) -> None:
+    for command in (init, join, trust, untrust, id_):
+        omni.add_command(command)
+
     @omni.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     @click.pass_context
     def serve(ctx: click.Context) -> None:
@@ -148,3 +154,206 @@ def _memory(row: dict) -> str:
     if not isinstance(runtime, int) or not isinstance(planned, int):
         return _human_bytes(budget)
     return f"{_human_bytes(runtime + planned)} / {_human_bytes(budget)}"
+
+
+# ---- cluster membership ----------------------------------------------------------------------
+# net/ (cryptography) is imported inside each command: plugin start-up must stay cheap.
+
+
+def _identity():
+    from .net.identity import IdentityError, load_or_create_identity
+
+    try:
+        return load_or_create_identity(omni_home())
+    except (IdentityError, OSError) as exc:
+        _fail(exc)
+
+
+def _cluster_secret() -> bytes | None:
+    from .net.admission import AdmissionError, load_cluster_secret
+
+    try:
+        return load_cluster_secret(omni_home())
+    except AdmissionError as exc:
+        _fail(exc)
+    return None
+
+
+@click.command()
+@click.option("--force", is_flag=True, help="Replace this node's existing cluster secret")
+def init(force):
+    """Start a cluster: create this node's identity and a new cluster secret.
+
+    The secret is printed once; give it to every other node.
+    """
+    from .net.admission import SECRET_FILE, AdmissionError, cluster_fingerprint, parse_secret
+    from .net.admission import create_cluster_secret as create
+    from .net.admission import load_cluster_secret as load
+
+    identity = _identity()
+    path = omni_home() / SECRET_FILE
+    replaced = False
+    if path.exists():
+        if not force:
+            try:
+                fp = f" (cluster {cluster_fingerprint(load(omni_home()) or b'')})"
+            except AdmissionError:  # unreadable: still refuse, --force is the way out
+                fp = ""
+            raise click.ClickException(
+                f"this node already has a cluster secret{fp}; `llm omni init --force` makes a "
+                "new one, and every other node must then join again with it"
+            )
+        path.unlink()
+        replaced = True
+    try:
+        text = create(omni_home())
+    except (AdmissionError, OSError) as exc:
+        _fail(exc)
+    click.echo(f"node id  {identity.node_id}")
+    click.echo(f"cluster  {cluster_fingerprint(parse_secret(text))}")
+    click.echo("")
+    click.echo("cluster secret (shown only this once; anyone who has it can join):")
+    click.echo(f"  {text}")
+    click.echo("")
+    click.echo(
+        "Give it to each other node: `llm omni join SECRET` there, "
+        "or start its daemon with `omni-shim --join SECRET`."
+    )
+    if replaced:
+        click.echo("The old secret is gone: nodes that joined with it must join again.")
+
+
+@click.command()
+@click.argument("secret", required=False)
+@click.option("--force", is_flag=True, help="Replace a different secret this node already has")
+def join(secret, force):
+    """Join a cluster with the secret `llm omni init` printed on its first node.
+
+    Without SECRET, it is asked for (not echoed, and kept out of shell history).
+    """
+    from .net.admission import SECRET_FILE, AdmissionError, cluster_fingerprint, parse_secret
+    from .net.admission import load_cluster_secret as load
+    from .net.admission import save_cluster_secret as save
+
+    if secret is None:
+        secret = click.prompt("cluster secret", hide_input=True)
+    try:
+        parsed = parse_secret(secret)  # validate before touching a stored secret
+        path = omni_home() / SECRET_FILE
+        try:
+            current = load(omni_home())
+            which = f"cluster {cluster_fingerprint(current)}" if current else ""
+        except AdmissionError:  # unreadable: as good as another cluster's, --force replaces it
+            current, which = b"", "an unreadable secret"
+        if current is not None and current != parsed:
+            if not force:
+                raise click.ClickException(
+                    f"this node is already in another cluster ({which}); "
+                    "`llm omni join --force SECRET` leaves it"
+                )
+            path.unlink()
+        save(omni_home(), secret)
+    except (AdmissionError, OSError) as exc:
+        _fail(exc)
+    click.echo(f"joined cluster {cluster_fingerprint(parsed)}")
+
+
+def _trusted_path() -> Path:
+    from .net.admission import TRUSTED_FILE
+
+    return omni_home() / TRUSTED_FILE
+
+
+def _check_node_id(node_id: str) -> str:
+    from .net.identity import IdentityError, public_key_of_node_id
+
+    node_id = node_id.strip()
+    try:
+        public_key_of_node_id(node_id)
+    except IdentityError as exc:
+        _fail(exc)
+    return node_id
+
+
+def _trusted_lines() -> list[str]:
+    """The trust file's lines, after checking it parses (never rewrite a broken file)."""
+    from .net.admission import AdmissionError, parse_trusted
+
+    path = _trusted_path()
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        parse_trusted(text)
+    except (AdmissionError, OSError, UnicodeDecodeError) as exc:
+        _fail(exc)
+    return text.splitlines()
+
+
+def _line_id(line: str) -> str:
+    return line.split("#", 1)[0].strip()
+
+
+def _write_trusted(lines: list[str]) -> None:
+    """Replace the trust file atomically: a crash leaves the old list or the new one."""
+    import os
+    import secrets
+
+    path = _trusted_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _fail(exc)
+
+
+@click.command()
+@click.argument("node_id", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the trusted node ids")
+def trust(node_id, list_):
+    """Admit NODE_ID without the cluster secret (its id is its public key)."""
+    if list_ == (node_id is not None):
+        raise click.UsageError("give either NODE_ID or --list")
+    lines = _trusted_lines()
+    if list_:
+        ids = [i for i in (_line_id(line) for line in lines) if i]
+        for i in ids:
+            click.echo(i)
+        if not ids:
+            click.echo("no trusted node ids (add one: llm omni trust NODE_ID)", err=True)
+        return
+    node_id = _check_node_id(node_id)
+    if node_id in {_line_id(line) for line in lines}:
+        click.echo(f"already trusted: {node_id}")
+        return
+    _write_trusted([*lines, node_id])
+    click.echo(f"trusted {node_id}")
+
+
+@click.command()
+@click.argument("node_id")
+def untrust(node_id):
+    """Stop admitting NODE_ID on trust alone (it may still join with the cluster secret)."""
+    node_id = _check_node_id(node_id)
+    lines = _trusted_lines()
+    kept = [line for line in lines if _line_id(line) != node_id]
+    if len(kept) == len(lines):
+        click.echo(f"was not trusted: {node_id}")
+        return
+    _write_trusted(kept)
+    click.echo(f"untrusted {node_id}")
+
+
+@click.command(name="id")
+def id_():
+    """Print this node's id (creating its key on first use) and its cluster, if any."""
+    from .net.admission import cluster_fingerprint
+
+    identity = _identity()
+    click.echo(identity.node_id)
+    secret = _cluster_secret()
+    if secret is None:
+        click.echo("no cluster yet: llm omni init, or llm omni join SECRET", err=True)
+    else:
+        click.echo(f"cluster {cluster_fingerprint(secret)}", err=True)
