@@ -380,11 +380,13 @@ class Link:
             raise PipelineError(str(exc)) from exc
         self.steps += 1
         self.position += len(x)
+        self.hosted.steps += 1
         if self.next is not None:
             await self.next.send(
                 F.step_frame(step, pos, out.tobytes(), out.shape, out.dtype.name, more)
             )
         elif tail is not None:
+            self.hosted.tokens_out += 1
             await tail.deliver(F.token_step(step, self.position, [out]))
 
     async def close(self, park: bool = False) -> None:

@@ -102,6 +102,8 @@ class HostedStage:
     fetched: dict[str, str] = field(default_factory=dict)  # cid -> node it came from
     tails: dict[str, Tail] = field(default_factory=dict)  # last stage: per sequence
     active: int = 0  # pipeline links using it now
+    steps: int = 0  # pipeline steps computed
+    tokens_out: int = 0  # last stage: picked ids sent straight to a coordinator's tail
     # finished sequences whose KV caches are kept for a next turn to reuse, oldest first
     parked: dict[str, float] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
@@ -142,6 +144,8 @@ class HostedStage:
             "sequences": len(self.stage.sequences()),  # KV caches held
             "pickers": len(self.tails),  # last stage: samplers of live sequences
             "parked": len(self.parked),  # finished, kept for prefix reuse
+            "steps": self.steps,
+            "tokens_out": self.tokens_out,
             "ms_per_token": None if self.ms_per_token is None else round(self.ms_per_token, 3),
         }
 
