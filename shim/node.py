@@ -52,6 +52,7 @@ from .coordinator import DEFAULT_PARALLEL, Coordinator
 from .errors import CoordinatorError
 from .http.server import ApiConfig, ApiServer
 from .http.service import ApiService
+from .metrics import Metrics, NodeGauges
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
@@ -119,6 +120,14 @@ class Node:
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         self.device = device_name(engine_name())
         self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
+        self.metrics = Metrics()  # /metrics; memory, peers and generations read when scraped
+        self.metrics.watch(
+            NodeGauges(
+                memory=lambda: {"budget": self.memory_budget, **self.memory_fields()},
+                live_peers=lambda: len(self.peers.live()),
+                running=self.coordinator.running,
+            )
+        )
         self.server: Server | None = None
         self.discovery = None  # net.discovery.Discovery when mDNS is on
         self.api: ApiServer | None = None  # when the HTTP API is on
@@ -395,7 +404,7 @@ class Node:
             )  # fmt: skip
         if self.config.api is not None:  # first: a taken port should fail before anything runs
             service = ApiService(self.coordinator, self.registry, self.peers.model_aliases,
-                                 self.max_context)  # fmt: skip
+                                 self.max_context, self.metrics.render)  # fmt: skip
             self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import ollama, openai
+from . import observe, ollama, openai
 from .bodies import MAX_BODY
 from .parse import ApiError
 from .service import SERVICE_KEY, ApiService
@@ -92,6 +92,7 @@ def build_app(service: ApiService, config: ApiConfig) -> web.Application:
     app[CONFIG_KEY] = config
     ollama.add_routes(app)
     openai.add_routes(app)
+    observe.add_routes(app)
     return app
 
 

@@ -78,6 +78,7 @@ class ApiService:
     registry: ModelRegistry  # this node's models: aliases, pull, remove, copy; their manifests
     peer_aliases: Callable[[], Awaitable[dict[str, str]]]  # alias -> model id, as peers say
     max_context: int | None = None  # the node's cap on a sequence (--max-context)
+    metrics: Callable[[], tuple[bytes, str]] | None = None  # /metrics: text, content type
 
 
 SERVICE_KEY: web.AppKey[ApiService] = web.AppKey("service", ApiService)  # handlers find it here
