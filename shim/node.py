@@ -56,6 +56,8 @@ from .metrics import Metrics, NodeGauges
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
+from .request_log import RequestLog
+from .snapshot import snapshot
 from .stage_host import StageError, StageHost
 
 log = logging.getLogger("omninode_shim")
@@ -118,6 +120,7 @@ class Node:
         self.coordinator = Coordinator(self, config.parallel)
         self.coordinator.prefixes.enabled = config.prefix_reuse
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
+        self.requests = RequestLog()  # generations coordinated here (the cluster page's)
         self.device = device_name(engine_name())
         self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
         self.metrics = Metrics()  # /metrics; memory, peers and generations read when scraped
@@ -290,7 +293,9 @@ class Node:
         request = GenerationRequest.from_wire(frame.header.get("request"))
         seq = 0
         timings: dict[str, float] = {}
-        chunks = self.coordinator.generate(request, timings)
+        chunks = self.requests.watch(
+            request.model, "llm", self.coordinator.generate(request, timings), timings
+        )
         async with contextlib.aclosing(chunks):  # a client gone mid-stream ends it here and now
             async for chunk in chunks:
                 if chunk.done:
@@ -404,7 +409,8 @@ class Node:
             )  # fmt: skip
         if self.config.api is not None:  # first: a taken port should fail before anything runs
             service = ApiService(self.coordinator, self.registry, self.peers.model_aliases,
-                                 self.max_context, self.metrics.render)  # fmt: skip
+                                 self.max_context, self.metrics.render,
+                                 lambda: snapshot(self), self.requests)  # fmt: skip
             self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(

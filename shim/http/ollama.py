@@ -233,7 +233,7 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
     service = request.app[SERVICE_KEY]
     if call.request is None:
         return await _load_or_unload(service.runner, call, chat)
-    run = await start_run(service.runner, call)
+    run = await start_run(service.runner, call, service.requests)
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
         if not call.stream:
             text, last = await run.collect()

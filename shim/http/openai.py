@@ -96,7 +96,8 @@ class _Shape:
 
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
-    run = await start_run(request.app[SERVICE_KEY].runner, call)
+    service = request.app[SERVICE_KEY]
+    run = await start_run(service.runner, call, service.requests)
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
         shape = _Shape(run, chat)
         if not call.stream:

@@ -22,6 +22,7 @@ from llm_omninode.net.transfer import TransferError
 from llm_omninode.request import RequestError
 
 from ..errors import Busy, CoordinatorError, ModelUnknown
+from ..request_log import RequestLog
 from ..stage_host import ShardsUnavailable, StageError, StageStorageFull
 from .parse import ApiCall, ApiError
 from .service import Model, ModelRunner
@@ -156,14 +157,17 @@ class Run:
         }
 
 
-async def start_run(runner: ModelRunner, call: ApiCall) -> Run:
-    """Start ``call`` and wait for its first chunk; ApiError if it fails before that."""
+async def start_run(runner: ModelRunner, call: ApiCall, requests: RequestLog | None = None) -> Run:
+    """Start ``call`` and wait for its first chunk; ApiError if it fails before that. The
+    generation is counted in ``requests`` (the cluster page's list) when given."""
     assert call.request is not None
     started = time.perf_counter()
     resolved, _ = await resolve_for_api(runner, call.model)
     timings: dict[str, float] = {}
     gen = runner.generate(replace(call.request, model=resolved), timings,
                                     call.keep_alive)  # fmt: skip
+    if requests is not None:
+        gen = requests.watch(resolved, "http", gen, timings)
     try:
         first = await gen.__anext__()
     except Exception as exc:

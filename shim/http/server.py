@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import observe, ollama, openai
+from . import dashboard, observe, ollama, openai
 from .bodies import MAX_BODY
 from .parse import ApiError
 from .service import SERVICE_KEY, ApiService
@@ -25,7 +25,8 @@ from .service import SERVICE_KEY, ApiService
 log = logging.getLogger("omninode_shim.http")
 
 DEFAULT_API_PORT = 11434  # Ollama's: clients find us where they look for it
-OPEN_PATHS = frozenset({"/"})  # "is it running?" needs no token
+# "is it running?" needs no token, nor the cluster page's script and style (they hold no data)
+OPEN_PATHS = frozenset({"/", *dashboard.ASSETS})
 STOP_GRACE = 1.0  # seconds a stopping node lets HTTP handlers finish
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,14 +60,23 @@ def error_response(request: web.Request, status: int, message: str) -> web.Respo
     return web.json_response(body, status=status)
 
 
+def _token_ok(request: web.Request, token: str) -> bool:
+    """The bearer token, compared in constant time; the cluster page and its events also take
+    it as ``?token=`` (a browser's EventSource cannot send a header)."""
+    want = token.encode()
+    given = request.headers.get("Authorization", "")
+    if hmac.compare_digest(given.encode(), b"Bearer " + want):
+        return True
+    query = request.query.get("token") if request.path in dashboard.TOKEN_PATHS else None
+    return query is not None and hmac.compare_digest(query.encode(), want)
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Token check, then every failure as a JSON error; the server itself never goes down."""
     token = request.app[CONFIG_KEY].token
-    if token and request.path not in OPEN_PATHS:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return error_response(request, 401, "unauthorized: send Authorization: Bearer TOKEN")
+    if token and request.path not in OPEN_PATHS and not _token_ok(request, token):
+        return error_response(request, 401, "unauthorized: send Authorization: Bearer TOKEN")
     try:
         return await handler(request)
     except ApiError as exc:  # a refusal we expected: one line, no traceback
@@ -93,6 +103,7 @@ def build_app(service: ApiService, config: ApiConfig) -> web.Application:
     ollama.add_routes(app)
     openai.add_routes(app)
     observe.add_routes(app)
+    dashboard.add_routes(app)
     return app
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -22,6 +22,7 @@ from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.request import GenerationRequest
 
 from ..planner import Plan
+from ..request_log import RequestLog
 
 
 class Model(Protocol):
@@ -79,6 +80,8 @@ class ApiService:
     peer_aliases: Callable[[], Awaitable[dict[str, str]]]  # alias -> model id, as peers say
     max_context: int | None = None  # the node's cap on a sequence (--max-context)
     metrics: Callable[[], tuple[bytes, str]] | None = None  # /metrics: text, content type
+    snapshot: Callable[[], dict[str, Any]] | None = None  # /ui/events: the cluster page's data
+    requests: RequestLog | None = None  # generations seen here (their tokens/s, outcomes)
 
 
 SERVICE_KEY: web.AppKey[ApiService] = web.AppKey("service", ApiService)  # handlers find it here
