@@ -57,7 +57,7 @@ from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
 from .request_log import RequestLog
-from .snapshot import snapshot
+from .snapshot import ClusterView
 from .stage_host import StageError, StageHost
 
 log = logging.getLogger("omninode_shim")
@@ -410,7 +410,7 @@ class Node:
         if self.config.api is not None:  # first: a taken port should fail before anything runs
             service = ApiService(self.coordinator, self.registry, self.peers.model_aliases,
                                  self.max_context, self.metrics.render,
-                                 lambda: snapshot(self), self.requests)  # fmt: skip
+                                 ClusterView(self).snapshot, self.requests)  # fmt: skip
             self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(

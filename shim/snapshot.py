@@ -18,9 +18,49 @@ if TYPE_CHECKING:
     from .node import Node
 
 ARRIVING_SUFFIX = ".part"
+FORGOTTEN_SHOWN_S = 600.0  # a node the peer table forgot stays on the page, lost, this long
+
+
+class ClusterView:
+    """The page's data for one node. It remembers the nodes it has shown: the peer table
+    forgets a killed node soon after (unless it was named with --peer), the page keeps it as
+    lost for FORGOTTEN_SHOWN_S."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._seen: dict[str, dict[str, Any]] = {}  # node id -> its last row
+        self._lost_since: dict[str, float] = {}  # node id -> time.time() first seen lost
+
+    def snapshot(self) -> dict[str, Any]:
+        doc = snapshot(self.node)
+        now = time.time()
+        shown = set()
+        for row in doc["nodes"]:
+            node_id = row["node_id"]
+            if not node_id:  # a --peer address that refused us: its row says why
+                continue
+            shown.add(node_id)
+            self._seen[node_id] = row
+            if row["live"]:
+                self._lost_since.pop(node_id, None)
+            else:
+                self._lost_since.setdefault(node_id, now)
+        for node_id, row in list(self._seen.items()):
+            if node_id in shown:
+                continue
+            since = self._lost_since.setdefault(node_id, now)
+            if now - since > FORGOTTEN_SHOWN_S:
+                del self._seen[node_id], self._lost_since[node_id]
+                continue
+            error = row.get("error") or "no longer answers"
+            doc["nodes"].append(row | {"live": False, "rtt_ms": None, "error": error})
+        for row in doc["nodes"]:
+            row["lost_since"] = self._lost_since.get(row["node_id"])
+        return doc
 
 
 def snapshot(node: Node) -> dict[str, Any]:
+    """What the page shows now, from the node's own tables alone."""
     status = node.status()
     nodes = _nodes(node)
     live = {n["node_id"] for n in nodes if n["live"]}

@@ -55,6 +55,8 @@ function renderNodes(snap) {
       el("td", {}, name + (n.node_id === snap.node_id ? " (this)" : ""),
          el("div", { class: "note" }, n.address || "")),
       el("td", {}, el("span", { class: "state " + state }, state),
+         n.lost_since ? el("div", { class: "note" },
+           `for ${Math.max(0, snap.at - n.lost_since).toFixed(0)} s`) : null,
          n.error ? el("div", { class: "error" }, n.error) : null),
       el("td", {}, n.device || "?"),
       num(fixed(n.speed, 2)),
