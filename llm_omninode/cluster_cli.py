@@ -1,5 +1,5 @@
 """``llm omni init | join | trust | untrust | id``: this node's cluster membership, and
-``llm omni serve | stop | peers | status``: the running shims, seen from the plugin."""
+``llm omni serve | stop | peers | status | ui``: the running shims, seen from the plugin."""
 
 from __future__ import annotations
 
@@ -77,6 +77,20 @@ def register(omni: click.Group) -> None:
         click.echo(f"stopped the shim (pid {pid})")
 
     @omni.command()
+    @click.option("--url", metavar="URL", help="A shim's HTTP API (default: the one running here).")
+    @click.option("--token", envvar="OMNI_API_TOKEN", metavar="TOKEN",
+                  help="The API token, if the shim requires one (env OMNI_API_TOKEN).")  # fmt: skip
+    @click.option("--no-browser", is_flag=True, help="Print the address only.")
+    def ui(url: str | None, token: str | None, no_browser: bool) -> None:
+        """Open the cluster's live page (nodes, split, speed, requests) in a browser."""
+        import webbrowser
+
+        address = ui_address(omni_home(), url, token)
+        click.echo(f"cluster page: {address}")
+        if not no_browser and not webbrowser.open(address):
+            click.echo("(no browser found here: open the address above in one)")
+
+    @omni.command()
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def peers(as_json: bool) -> None:
         """The nodes the shim knows: name, id, address, device, speed, memory, layers, round
@@ -138,6 +152,26 @@ def register(omni: click.Group) -> None:
                     f"{s['node_id'][:20]}…  {_human_bytes(s.get('weight_bytes', 0)):>10}  "
                     f"{_number(s.get('ms_per_token'), '{:.2f} ms/token')}"
                 )
+
+
+def ui_address(home: Path, url: str | None, token: str | None) -> str:
+    """The cluster page of the shim at ``url`` (its HTTP API), or of the one running on
+    ``home``; ClickException if there is none or it has no HTTP API."""
+    from urllib.parse import quote
+
+    from .client import local_shim
+    from .home import SHIM_STATE_FILE
+
+    if url is None:
+        if local_shim(home) is None:
+            raise click.ClickException("no shim is running here (llm omni serve starts one)")
+        try:
+            url = json.loads((home / SHIM_STATE_FILE).read_text())["api"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise click.ClickException("the shim running here has no HTTP API") from exc
+    # a shim listening on every address is reached on this machine at loopback
+    url = str(url).rstrip("/").replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+    return f"{url}/ui" + (f"?token={quote(token, safe='')}" if token else "")
 
 
 def _number(value: object, form: str) -> str:

@@ -197,3 +197,17 @@ def test_an_unreadable_stored_secret_blocks_until_forced(cli, omni_home):
     assert refused.exit_code == 1 and "unreadable" in refused.output
     cli("join", "--force", text)
     assert load_cluster_secret(omni_home) == bytes(range(32))
+
+
+def test_ui_prints_the_page_address_and_opens_it(cli, omni_home, monkeypatch):
+    opened = []
+    monkeypatch.setattr("webbrowser.open", lambda url: opened.append(url) or True)
+    out = cli("ui", "--url", "http://0.0.0.0:47434/", "--token", "a b/c").output
+    want = "http://127.0.0.1:47434/ui?token=a%20b%2Fc"
+    assert out.strip() == f"cluster page: {want}" and opened == [want]
+    assert cli("ui", "--url", "http://10.0.0.2:11434", "--no-browser").output.strip() == (
+        "cluster page: http://10.0.0.2:11434/ui"
+    )
+    assert len(opened) == 1
+    result = cli("ui", ok=False)  # nothing running on this data directory
+    assert result.exit_code == 1 and "no shim is running here" in result.output
