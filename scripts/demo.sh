@@ -34,7 +34,7 @@ export OMNI_SHIM="127.0.0.1:$PORT_A"
 echo "== waiting for node-a and node-b to see each other"
 live_nodes() {  # nodes that answered a greeting (a budget to plan on)
     $BIN/llm omni peers --json 2>/dev/null |
-        $BIN/python -c 'import json,sys; print(sum(1 for r in json.load(sys.stdin) if r["memory_budget"] and r.get("live", True)))' ||
+        $BIN/python -c 'import json,sys; print(sum(1 for r in json.load(sys.stdin) if r["memory_budget"] and r.get("live", True)))' 2>/dev/null ||
         echo 0
 }
 for _ in $(seq 60); do
@@ -42,6 +42,8 @@ for _ in $(seq 60); do
     sleep 1
 done
 $BIN/llm omni peers
+echo
+echo "== the cluster's live page (node-b serves it): http://127.0.0.1:$API_PORT/ui"
 echo
 echo "== llm -m omni/smollm2 \"$PROMPT\""
 $BIN/llm -m omni/smollm2 "$PROMPT"
@@ -65,3 +67,21 @@ PY
 echo
 echo "== node-b fetched its shards from node-a:"
 grep -E "fetching|loaded" "$DEMO/node-b.log" | sed 's/^[^ ]* [^ ]* //' || true
+echo
+echo "== the split on node-b's page (/ui/events): http://127.0.0.1:$API_PORT/ui"
+$BIN/python - "$API_PORT" <<'PY'
+import json, sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ui/events", timeout=30) as events:
+    for line in events:
+        if line.startswith(b"data: "):
+            snap = json.loads(line[6:])
+            break
+for node in snap["nodes"]:
+    print(f'{node["name"]:<8} {"live" if node["live"] else "lost"}')
+for model in snap["models"]:
+    print(", ".join(model["aliases"]) or model["model"][:16], " | ".join(
+        f'{s["name"]} [{s["start"]}, {s["end"]})' for s in model["stages"]))
+PY
+if [ -t 0 ] && [ -t 1 ]; then  # someone is watching: leave the page up until they are done
+    read -r -p "The page stays live until you press Enter (the shims stop then). " _ || true
+fi

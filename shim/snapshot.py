@@ -67,8 +67,15 @@ def snapshot(node: Node) -> dict[str, Any]:
     models = []
     for plan in status["plans"]:
         stages = [s | {"live": s["node_id"] in live} for s in plan["stages"]]
-        models.append(plan | {"stages": stages, "blocks": max((s["end"] for s in stages),
-                                                              default=0)})  # fmt: skip
+        models.append(plan | {"stages": stages, "coordinated_here": True,
+                              "blocks": max((s["end"] for s in stages), default=0)})  # fmt: skip
+    aliases = node.registry.aliases()
+    for model_id, stages in _hosted(nodes, {m["model"] for m in models}).items():
+        models.append({
+            "model": model_id, "aliases": [a for a, m in aliases.items() if m == model_id],
+            "ready": True, "coordinated_here": False, "stages": stages,
+            "blocks": max(s["end"] for s in stages),
+        })  # fmt: skip
     requests = node.requests.snapshot()
     return {
         "at": round(time.time(), 3),
@@ -95,6 +102,26 @@ def _nodes(node: Node) -> list[dict[str, Any]]:
                             "shards": len(peer.shards)}  # fmt: skip
         rows.append(row)
     return rows
+
+
+def _hosted(nodes: list[dict[str, Any]], planned: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The stages live nodes say they host, by model, for models not planned here (another
+    node coordinates them): the split as the cluster holds it. Peers' rows are checked."""
+    models: dict[str, list[dict[str, Any]]] = {}
+    for n in nodes:
+        rows = n.get("stages") if n["live"] else None
+        for s in rows if isinstance(rows, list) else []:
+            if not isinstance(s, dict) or s.get("model") in planned:
+                continue
+            model, start, end = s.get("model"), s.get("start"), s.get("end")
+            if isinstance(model, str) and type(start) is int and type(end) is int and \
+                    0 <= start < end <= 1 << 20:  # fmt: skip
+                models.setdefault(model, []).append({
+                    "node_id": n["node_id"], "name": n["name"], "start": start, "end": end,
+                    "weight_bytes": s.get("weight_bytes"), "ms_per_token": s.get("ms_per_token"),
+                    "live": True,
+                })  # fmt: skip
+    return {m: sorted(stages, key=lambda s: (s["start"], s["end"])) for m, stages in models.items()}
 
 
 def _transfers(node: Node) -> dict[str, Any]:

@@ -95,7 +95,8 @@ function renderModels(snap) {
                       s.live ? "live" : "lost"))));
     return el("div", { class: "model" },
       el("strong", {}, (m.aliases || []).join(", ") || m.model.slice(0, 16)),
-      ` ${m.model.slice(0, 20)}… · ${m.blocks} blocks · ${m.ready ? "ready" : "loading"}`,
+      ` ${m.model.slice(0, 20)}… · ${m.blocks} blocks · ${m.ready ? "ready" : "loading"}` +
+      (m.coordinated_here ? " · planned here" : " · as the nodes host it (planned elsewhere)"),
       bar,
       el("table", { class: "stages" },
         el("thead", {}, el("tr", {}, ...["node", "blocks", "weights", "ms a token", "state"]
