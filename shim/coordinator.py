@@ -441,6 +441,7 @@ class Coordinator:
             if attempt == MAX_RECOVERIES:
                 raise CoordinatorError(f"generation failed after {attempt} recoveries: {why}")
             attempt += 1
+            self.node.metrics.failovers.inc()
             log.warning("%s: planning again and replaying the prompt and %d tokens", why,
                         len(job.picked))  # fmt: skip
             state.ready = False

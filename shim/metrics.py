@@ -1,7 +1,7 @@
 """A node's metrics in Prometheus's text format (``GET /metrics``), with prometheus_client.
 
 One registry per node (tests run several nodes in one process). The node's parts record into
-it as things happen (requests, tokens, stage steps, hops, transfers, refusals, failovers);
+it as things happen (requests, tokens, stage steps, shard bytes, refusals, failovers);
 memory and live peers are read when scraped, from callables the node hands over.
 """
 
@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+
+from .request_log import Entry
 
 # seconds: a decode step or hop (sub-millisecond to a slow CPU's 100 ms); a request or first
 # token (tens of milliseconds to minutes)
@@ -71,10 +73,6 @@ class Metrics:
             "omni_stage_step_seconds", "Compute time of one decode step of a stage hosted here",
             ["model", "blocks"], buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
-        self.hop_seconds = Histogram(
-            "omni_hop_seconds", "A decode step's time outside compute (network and queues)",
-            ["model"], buckets=STEP_BUCKETS, registry=r,
-        )  # fmt: skip
         self.transfer_bytes = Counter(
             "omni_shard_bytes", "Shard bytes moved between nodes", ["direction"], registry=r
         )
@@ -84,6 +82,17 @@ class Metrics:
         self.failovers = Counter(
             "omni_failovers", "Generations re-planned and replayed after a lost node", registry=r
         )
+
+    def finished(self, entry: Entry) -> None:
+        """A generation coordinated here ended (request_log.RequestLog's ``on_finish``)."""
+        outcome = "error" if entry.outcome.startswith("error") else entry.outcome or "stop"
+        self.requests.labels(entry.model, outcome).inc()
+        self.tokens.labels(entry.model, "prompt").inc(entry.prompt_tokens)
+        self.tokens.labels(entry.model, "completion").inc(entry.tokens)
+        if entry.finished is not None:
+            self.request_seconds.labels(entry.model).observe(entry.finished - entry.started)
+        if entry.first_token is not None:
+            self.first_token_seconds.labels(entry.model).observe(entry.first_token - entry.started)
 
     def watch(self, gauges: NodeGauges) -> None:
         """Read ``gauges`` at every scrape."""

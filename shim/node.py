@@ -110,20 +110,22 @@ class Node:
         )
         for text in config.peers:
             self.peers.add_static(*parse_host_port(text))
+        self.metrics = Metrics()  # /metrics; memory, peers and generations read when scraped
         self.host = StageHost(
             self.store,
             self.memory_budget,
             max_context=config.max_context,
             sequences=config.parallel,
             threads=config.threads,
+            metrics=self.metrics,
         )
         self.coordinator = Coordinator(self, config.parallel)
         self.coordinator.prefixes.enabled = config.prefix_reuse
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
-        self.requests = RequestLog()  # generations coordinated here (the cluster page's)
+        # generations coordinated here (the cluster page's; each one's figures to /metrics)
+        self.requests = RequestLog(on_finish=self.metrics.finished)
         self.device = device_name(engine_name())
         self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
-        self.metrics = Metrics()  # /metrics; memory, peers and generations read when scraped
         self.metrics.watch(
             NodeGauges(
                 memory=lambda: {"budget": self.memory_budget, **self.memory_fields()},

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +82,10 @@ class Entry:
 
 
 class RequestLog:
-    def __init__(self, keep: int = RECENT) -> None:
+    def __init__(
+        self, keep: int = RECENT, on_finish: Callable[[Entry], None] | None = None
+    ) -> None:
+        self.on_finish = on_finish  # told of each generation as it ends (the node's metrics)
         self.running: dict[int, Entry] = {}
         self.recent: deque[Entry] = deque(maxlen=keep)
         self._ids = itertools.count(1)
@@ -113,6 +116,8 @@ class RequestLog:
             entry.timings = dict(timings or {})
             self.running.pop(entry.id, None)
             self.recent.appendleft(entry)
+            if self.on_finish is not None:
+                self.on_finish(entry)
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         """Running requests (oldest first) and finished ones (newest first)."""

@@ -43,6 +43,7 @@ from llm_omninode.backend.store import (
 from llm_omninode.net.frames import Frame
 from llm_omninode.net.transfer import ShardSource, TransferError, fetch_shards
 
+from .metrics import Metrics
 from .planner import stage_bytes
 
 log = logging.getLogger("omninode_shim.stage")
@@ -160,8 +161,10 @@ class StageHost:
         idle_timeout: float = 300.0,
         sequences: int = 4,
         threads: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics  # steps, shard bytes fetched, refused loads (None: not kept)
         self.memory_budget = memory_budget
         self.runtime = 0  # bytes held without stages: set by the node once it has started
         self.max_context = max_context
@@ -263,9 +266,15 @@ class StageHost:
             error, cause = StageError(str(exc)), exc
         except StageError as exc:
             log.warning("cannot load %s: %s", where, exc)
+            self._refused(exc)
             raise
         log.warning("cannot load %s: %s", where, error)
+        self._refused(error)
         raise error from cause
+
+    def _refused(self, error: StageError) -> None:
+        if self.metrics is not None:
+            self.metrics.refusals.labels(f"stage load: {type(error).__name__}").inc()
 
     async def _load_stage(
         self,
@@ -297,6 +306,8 @@ class StageHost:
                 len(missing), total / 2**20, manifest.model_id[:16], start, end,
             )  # fmt: skip
             fetched = await fetch_shards(missing, sources_for, self.store)
+            if self.metrics is not None:
+                self.metrics.transfer_bytes.labels("in").inc(total)
         tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)
         context = context_for(spec, self.max_context)
         stage = await self.run(
@@ -393,7 +404,11 @@ class StageHost:
                 out if isinstance(out, Exception) else _then_or_error(then, out)
                 for (_, _, _, then), out in zip(batch, outs, strict=True)
             ]
-            hosted.note_step(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            hosted.note_step(seconds)
+            if self.metrics is not None:
+                where = f"{hosted.start}-{hosted.end}"
+                self.metrics.step_seconds.labels(hosted.model_id[:16], where).observe(seconds)
             return batch, results
 
         stopped: BaseException | None = None

@@ -3,6 +3,10 @@ prometheus_client's own parser."""
 
 from __future__ import annotations
 
+import urllib.request
+from pathlib import Path
+
+import pytest
 from omninode_shim.metrics import Metrics, NodeGauges
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,3 +52,42 @@ def test_each_node_has_its_own_registry() -> None:
     a, b = Metrics(), Metrics()
     a.failovers.inc()
     assert _value(_families(b)["omni_failovers"]) == 0
+
+
+@pytest.mark.cluster
+def test_a_shim_serves_its_metrics(tmp_path: Path, smollm2_path: Path) -> None:
+    """Two shims: after a generation coordinated by node0 over its HTTP API, node0's /metrics
+    counts the request and its tokens, its first-token and request times, the steps of the
+    stage it hosts, the shard bytes node1 fetched show on node1, and memory is reported."""
+    import ollama
+    from shim_cluster import ShimCluster
+
+    from llm_omninode.backend.registry import ModelRegistry
+
+    with ShimCluster(tmp_path, 2) as cluster:
+        ModelRegistry(cluster.dirs[0]).add_file(smollm2_path, alias="smollm2")
+        cluster.start_all()
+        cluster.wait_for_peers(2)
+        client = ollama.Client(host=cluster.api_url(0))
+        out = client.generate(model="smollm2", prompt="Hi", options={"num_predict": 8,
+                                                                    "temperature": 0})  # fmt: skip
+        scraped = []
+        for i in range(2):
+            with urllib.request.urlopen(cluster.api_url(i) + "/metrics", timeout=10) as r:
+                assert r.headers["Content-Type"].startswith("text/plain")
+                scraped.append(
+                    {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+                )
+    m0, m1 = scraped
+    assert _value(m0["omni_requests"], model="smollm2", outcome=out.done_reason) == 1
+    assert _value(m0["omni_tokens"], kind="completion") == out.eval_count
+    assert _value(m0["omni_tokens"], kind="prompt") == out.prompt_eval_count
+    for name in ("omni_request_seconds", "omni_first_token_seconds"):
+        assert [s.value for s in m0[name].samples if s.name.endswith("_count")] == [1]
+    steps = [s.value for m in (m0, m1) for s in m["omni_stage_step_seconds"].samples
+             if s.name.endswith("_count")]  # fmt: skip
+    assert steps and min(steps) >= 1
+    assert _value(m1["omni_shard_bytes"], direction="in") > 0  # node1 fetched its slice
+    for m in (m0, m1):
+        assert _value(m["omni_memory_bytes"], kind="rss") > 0
+        assert _value(m["omni_live_peers"]) == 1
