@@ -6,8 +6,10 @@ holds the model, the others fetch their slices; each gets its share of the cores
 times ``--runs`` greedy requests (the shims keep no caches between requests: every run computes
 its whole prompt). Prefill and decode times are the coordinator's own
 (STREAM_END's prefill_s / decode_s), so client start-up is not counted. The cost of a hop
-is the extra decode time per token over the single-stage run, divided by the number of extra
-stage boundaries each token crosses (there and back). The last line is JSON.
+is the extra decode time per token over the single-stage run, divided by the network hops a
+token makes around the ring (N stages, the coordinator holding the first: N-1 forward, one
+back from the last). Each stage has fewer cores than the single stage here, so this is an
+upper bound. The last line is JSON.
 
     .venv/bin/python bench/pipeline.py [--stages 1,2,3] [--runs 3] [--decode-tokens 32]
 """
@@ -177,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             r["decode_vs_1"] = round(r["decode_tok_s"] / base["decode_tok_s"], 3)
             r["prefill_vs_1"] = round(r["prefill_tok_s"] / base["prefill_tok_s"], 3)
-            if r["stages"] > 1:  # extra boundaries each token crosses, there and back
+            if r["stages"] > 1:  # hops around the ring: N - 1 forward, one back
                 extra = 1 / r["decode_tok_s"] - 1 / base["decode_tok_s"]
-                r["hop_ms_per_token"] = round(1000 * extra / (r["stages"] - 1), 3)
+                r["hop_ms_per_token"] = round(1000 * extra / r["stages"], 3)
         print("decode vs 1 stage:", {r["stages"]: r["decode_vs_1"] for r in results})
     print(json.dumps(summary))
     return 0
