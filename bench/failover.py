@@ -1,7 +1,7 @@
 """Failover stall: 3 real shims on loopback split SmolLM2; a client streams a greedy answer
 through node 0's Ollama API; a node holding another stage is killed (SIGKILL) or frozen
 (SIGSTOP) mid-decode. The stall is the longest gap between streamed tokens after the signal
-(tests/failover.py). Every run's text is checked against the no-failure text. Medians of
+(tests/support/failover.py). Every run's text is checked against the no-failure text. Medians of
 ``--runs``; the last line is JSON.
 
     .venv/bin/python bench/failover.py [--runs 5]
@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from failover import PROMPT, restore, stream_with_fault  # noqa: E402
-from shim_cluster import ShimCluster  # noqa: E402
+from support.failover import PROMPT, restore, stream_with_fault  # noqa: E402
+from support.shim_cluster import ShimCluster  # noqa: E402
 
 from llm_omninode.backend.registry import ModelRegistry  # noqa: E402
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import stage_model
-from tiny_model import write_tiny_llama
+import support.stage_model as stage_model
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.engine import Stage
 from llm_omninode.backend.ggml_types import GGMLType

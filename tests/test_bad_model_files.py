@@ -14,8 +14,8 @@ import struct
 
 import pytest
 from click.testing import CliRunner
-from tiny_model import write_tiny_llama
-from wheels import make_wheel
+from support.tiny_model import write_tiny_llama
+from support.wheels import make_wheel
 
 from llm_omninode.backend.library import pull_model
 from llm_omninode.backend.registry import ModelRegistry

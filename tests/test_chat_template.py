@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_model import CHATML, tiny_vocab
+from support.tiny_model import CHATML, tiny_vocab
 
 from llm_omninode.backend.chat_template import (
     MAX_OUTPUT,

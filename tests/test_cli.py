@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from netns import Topology, netns_available
+from support.netns import Topology, netns_available
 
 from llm_omninode.net.admission import cluster_fingerprint
 from llm_omninode.net.discovery import (
@@ -32,7 +32,7 @@ from llm_omninode.net.discovery import (
 )
 from llm_omninode.net.identity import NodeIdentity
 
-NODE_SCRIPT = Path(__file__).with_name("discovery_node.py")
+NODE_SCRIPT = Path(__file__).parent / "support" / "discovery_node.py"
 NODE_ID = NodeIdentity.generate().node_id
 FP = cluster_fingerprint(b"\x01" * 32)
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import ollama
 import pytest
-from shim_cluster import LLM, ShimCluster
+from support.shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 

@@ -22,8 +22,8 @@ from llm_omninode.backend.spec import UnsupportedModelError
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
-from stage_model import Model  # noqa: E402
-from tiny_model import write_tiny_llama  # noqa: E402
+from support.stage_model import Model  # noqa: E402
+from support.tiny_model import write_tiny_llama  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import ollama
 import pytest
-from failover import PROMPT, stream_with_fault
-from shim_cluster import LLM, ShimCluster
+from support.failover import PROMPT, stream_with_fault
+from support.shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 

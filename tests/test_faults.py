@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import ollama
 import pytest
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 

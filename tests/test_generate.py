@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.generate import Generation, StopMatcher, TokenPicker, generate
 from llm_omninode.backend.gguf import open_gguf

@@ -16,9 +16,9 @@ import pytest
 ggml = pytest.importorskip("ggml")
 pytest.importorskip("gguf")  # tiny_model's quantizers
 
-from stage_model import Model  # noqa: E402
-from teacher import golden, teacher_forced  # noqa: E402
-from tiny_model import write_tiny_llama  # noqa: E402
+from support.stage_model import Model  # noqa: E402
+from support.teacher import golden, teacher_forced  # noqa: E402
+from support.tiny_model import write_tiny_llama  # noqa: E402
 
 from llm_omninode.backend.engine import ContextOverflowError, SequenceLimitError, Stage  # noqa: E402
 from llm_omninode.backend.ggml_stage import GgmlStage  # noqa: E402
@@ -280,7 +280,7 @@ _RSS_SCRIPT = r"""
 import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
-from stage_model import Model
+from support.stage_model import Model
 from llm_omninode.backend.ggml_stage import GgmlStage
 
 def status():
@@ -354,7 +354,7 @@ def test_two_shims_compute_with_ggml(tmp_path, smollm2_path, smollm2_golden) -> 
     once it has answered), and the greedy answer is that of ggml stages at the same split
     in-process (hidden states crossing as the shim sends them: float32, or float16 before
     OMNI_WIRE_DTYPE)."""
-    from shim_cluster import ShimCluster
+    from support.shim_cluster import ShimCluster
 
     from llm_omninode.backend.chat_template import ChatTemplate
     from llm_omninode.backend.registry import ModelRegistry

@@ -17,9 +17,9 @@ import os
 
 import numpy as np
 import pytest
-from live_peer import LiveShim, arun, error_code, exchange_raw, rss_kib
-from shim_cluster import ShimCluster
-from tiny_model import write_tiny_llama
+from support.live_peer import LiveShim, arun, error_code, exchange_raw, rss_kib
+from support.shim_cluster import ShimCluster
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.cid import cid_of
 from llm_omninode.backend.registry import ModelRegistry

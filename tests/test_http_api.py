@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import ollama
 import openai
 import pytest
-from shim_cluster import LLM, ShimCluster
-from wheels import make_wheel
+from support.shim_cluster import LLM, ShimCluster
+from support.wheels import make_wheel
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.backend.runtime import LocalModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_model import random_blocks
+from support.tiny_model import random_blocks
 
 from llm_omninode.backend import kquants
 from llm_omninode.backend.ggml_types import BLOCK_LAYOUT, GGMLType, tensor_nbytes

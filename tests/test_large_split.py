@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
 from test_real_models_e2e import single_stage_answer
 
 from llm_omninode.backend.registry import ModelRegistry

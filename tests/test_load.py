@@ -15,7 +15,7 @@ from pathlib import Path
 import llm
 import ollama
 import pytest
-from shim_cluster import ShimCluster, leftovers
+from support.shim_cluster import ShimCluster, leftovers
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.client import ShimClient

@@ -9,8 +9,8 @@ import pytest
 ggml = pytest.importorskip("ggml")
 pytest.importorskip("gguf")  # tiny_model's quantizers
 
-from stage_model import Model  # noqa: E402
-from tiny_model import write_tiny_llama  # noqa: E402
+from support.stage_model import Model  # noqa: E402
+from support.tiny_model import write_tiny_llama  # noqa: E402
 
 from llm_omninode.backend.ggml_kv import GgmlKV, attended  # noqa: E402
 from llm_omninode.backend.ggml_stage import GgmlStage  # noqa: E402

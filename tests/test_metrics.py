@@ -60,7 +60,7 @@ def test_a_shim_serves_its_metrics(tmp_path: Path, smollm2_path: Path) -> None:
     counts the request and its tokens, its first-token and request times, the steps of the
     stage it hosts, the shard bytes node1 fetched show on node1, and memory is reported."""
     import ollama
-    from shim_cluster import ShimCluster
+    from support.shim_cluster import ShimCluster
 
     from llm_omninode.backend.registry import ModelRegistry
 

@@ -1,5 +1,5 @@
 """engine.Stage (MLX; on Linux MLX's CPU device) on the real files: teacher-forced fidelity
-against llama.cpp (tests/teacher.py, the same golden data as the ggml stage's tests), and the
+against llama.cpp (tests/support/teacher.py, the same golden data as the ggml stage's tests), and the
 weights held against the GGUF bytes of each stage's slice.
 
 MLX computes in float32 where llama.cpp rounds activations to 8 bits before each quantized
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stage_model import Model
-from teacher import Fidelity, golden, teacher_forced
+from support.stage_model import Model
+from support.teacher import Fidelity, golden, teacher_forced
 
 KL_BOUND = 1e-2
 _RUNS: dict[tuple[str, tuple[float, ...]], Fidelity] = {}  # one run per file and split

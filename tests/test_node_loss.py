@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ollama
 import pytest
-from shim_cluster import LLM, ShimCluster
+from support.shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 

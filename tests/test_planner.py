@@ -20,7 +20,7 @@ from omninode_shim.planner import (
     plan_stages,
     stage_bytes,
 )
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.ggml_types import GGMLType, GGUFValueType
 from llm_omninode.backend.gguf import open_gguf

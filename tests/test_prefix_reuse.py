@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ollama
 import pytest
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 

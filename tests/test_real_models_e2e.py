@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.backend.runtime import LocalModel

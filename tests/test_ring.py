@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
 from test_shim_e2e import N_TOKENS, ask, reference  # noqa: F401 - the fixture
 
 from llm_omninode.backend.registry import ModelRegistry

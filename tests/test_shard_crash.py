@@ -15,9 +15,9 @@ import signal
 import time
 
 import pytest
-from live_peer import LiveShim, arun
-from shim_cluster import ShimCluster
-from tiny_model import write_tiny_llama
+from support.live_peer import LiveShim, arun
+from support.shim_cluster import ShimCluster
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.backend.store import ShardStore

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.cid import cid_of
 from llm_omninode.backend.ggml_types import GGMLType

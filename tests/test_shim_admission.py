@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from live_peer import LiveShim, RawClient, arun, raw_session
-from shim_cluster import LLM, ShimCluster
+from support.live_peer import LiveShim, RawClient, arun, raw_session
+from support.shim_cluster import LLM, ShimCluster
 
 from llm_omninode.net import frames as F
 from llm_omninode.net import tls

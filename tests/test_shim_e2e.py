@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-from netns import Topology, netns_available
-from shim_cluster import LLM, ShimCluster
+from support.netns import Topology, netns_available
+from support.shim_cluster import LLM, ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 from llm_omninode.backend.runtime import LocalModel

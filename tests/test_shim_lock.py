@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from shim_cluster import LLM, SHIM
+from support.shim_cluster import LLM, SHIM
 
 from llm_omninode.client import local_shim, start_local_shim
 from llm_omninode.home import SHIM_LOCK_FILE, SHIM_STATE_FILE, data_dir_locked, data_dir_owner

@@ -170,7 +170,7 @@ def test_missing_tensors_named() -> None:
 
 
 def test_tiny_gguf_file(tmp_path: Path) -> None:
-    from tiny_model import write_tiny_llama
+    from support.tiny_model import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "tiny.gguf", n_blocks=3, tied=False)
     with open_gguf(path) as f:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from omninode_shim.planner import _work
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stage_model import Model
+from support.stage_model import Model
 
 PROMPT = [1, 504, 3458, 282, 253, 2372, 30, 198, 504, 2]  # small ids: inside every vocabulary
 DECODE = [17, 42, 7]

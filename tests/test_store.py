@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 import pytest
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.cid import cid_of
 from llm_omninode.backend.gguf import open_gguf

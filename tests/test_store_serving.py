@@ -8,7 +8,7 @@ weights) does keep them, which the last part checks to show the measure sees the
 import sys
 
 import pytest
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.registry import ModelRegistry
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from shim_cluster import ShimCluster
-from tiny_model import write_tiny_llama
+from support.shim_cluster import ShimCluster
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.registry import ModelRegistry
 

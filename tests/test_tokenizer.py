@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_model import tiny_vocab
+from support.tiny_model import tiny_vocab
 
 from llm_omninode.backend.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 

@@ -9,7 +9,7 @@ import logging
 import os
 
 import pytest
-from tiny_model import write_tiny_llama
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.cid import cid_of
 from llm_omninode.backend.registry import ModelRegistry

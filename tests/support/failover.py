@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from shim_cluster import ShimCluster
+from support.shim_cluster import ShimCluster
 
 PROMPT = "Tell me a long story about a lighthouse keeper."
 

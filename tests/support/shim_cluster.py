@@ -53,7 +53,7 @@ class ShimCluster:
         self.extra_args = list(extra_args)
         self.extra_env = dict(extra_env or {})
         self.n = n
-        self.topology = topology  # tests/netns.Topology, or None for loopback
+        self.topology = topology  # tests/support/netns.Topology, or None for loopback
         self.max_memory = max_memory
         self.dirs = [root / f"node{i}" for i in range(n)]
         self.procs: list[subprocess.Popen | None] = [None] * n

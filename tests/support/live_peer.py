@@ -1,6 +1,6 @@
 """In-process peers of a real shim process: a member, a stranger, a raw QUIC client.
 
-The shim is a real ``omni-shim`` (tests/shim_cluster.py); the peers here speak real QUIC to
+The shim is a real ``omni-shim`` (tests/support/shim_cluster.py); the peers here speak real QUIC to
 it from the test process, so a test can send what no honest node would. ``LiveShim`` also
 checks what every hostile-peer test ends with: the node still answers, and its store is
 exactly what it was.
@@ -19,7 +19,6 @@ from aioquic.asyncio.client import connect as raw_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from shim_cluster import ShimCluster
 
 from llm_omninode.backend.store import ShardStore
 from llm_omninode.home import SHIM_STATE_FILE
@@ -28,6 +27,7 @@ from llm_omninode.net.admission import Admission, parse_secret
 from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import NodeIdentity
 from llm_omninode.net.quic import Connection, ConnectionClosed, QuicSettings, connect
+from support.shim_cluster import ShimCluster
 
 HOST = "127.0.0.1"
 SETTINGS = QuicSettings(connect_timeout=10.0, join_timeout=5.0, request_timeout=30.0)
