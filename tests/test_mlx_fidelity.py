@@ -1,6 +1,6 @@
 """engine.Stage (MLX; on Linux MLX's CPU device) on the real files: teacher-forced fidelity
-against llama.cpp (tests/support/teacher.py, the same golden data as the ggml stage's tests), and the
-weights held against the GGUF bytes of each stage's slice.
+against llama.cpp (tests/support/teacher.py, the same golden data as the ggml stage's tests),
+and the weights held against the GGUF bytes of each stage's slice.
 
 MLX computes in float32 where llama.cpp rounds activations to 8 bits before each quantized
 matmul, so it is not llama.cpp's arithmetic; the bounds are those of issue 14: the same top
