@@ -154,14 +154,22 @@ class Ring:
         return await self.answer(await self.send(ids))
 
     async def close(self, park: bool = False) -> None:
-        """End the sequence on every stage (``park``: they keep its caches) and the tail."""
-        if self.entry is not None:
-            await self.entry.close(park)
+        """End the sequence on every stage (``park``: they keep its caches) and the tail,
+        whatever happens on the way (the tail is ended even if ending the entry fails or this
+        task is cancelled meanwhile: a tail left open would hold its stage's sampler)."""
+        try:
+            if self.entry is not None:
+                await self.entry.close(park)
+        finally:
+            self._close_tail()
+
+    def _close_tail(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
         if self._tail is not None:
+            tail, self._tail = self._tail, None
             with contextlib.suppress(NetError):
-                await self._tail.aclose()
+                tail.close_now()
         if self._local is not None:
             last = self.route[-1]
             hosted = self.node.host.get(self.model_id, last.start, last.end)

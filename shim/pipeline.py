@@ -286,10 +286,13 @@ class Downstream:
             self._watcher.cancel()
         if self._stream is not None:
             stream, self._stream = self._stream, None
-            with contextlib.suppress(NetError):  # the next stage may be gone already
-                if park and self.failure is None:
-                    await stream.send(park_frame())
-                await stream.aclose()
+            try:
+                with contextlib.suppress(NetError):  # the next stage may be gone already
+                    if park and self.failure is None:
+                        await stream.send(park_frame())
+            finally:  # ended even if cancelled while the park frame waited for room
+                with contextlib.suppress(NetError):
+                    stream.close_now()
 
 
 def check_answer(frame: Frame, step: int) -> int:

@@ -3,9 +3,9 @@ straight to the coordinator, never back through the middle stage, and the greedy
 single-stage engine's.
 
 Observable in every node's ``status``: each hosted stage counts the steps it computed and, on
-the last stage, the picked ids it sent to a coordinator's tail (``tokens_out``). The
-coordinator (node 0, first stage) gets one id per step from node 2; the middle stage computes
-the same steps and sends no id anywhere.
+the last stage, the picked ids it sent to a coordinator's tail (``tokens_out``). The coordinator
+(node 0, whichever stage the plan gives it) gets one id per step from the last stage; the
+other stages compute the same steps and send no id anywhere.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_token_ids_go_straight_from_the_last_stage_to_the_coordinator(
         assert ask(cluster, content) == want  # greedy: the single-stage engine's text
         (plan,) = json.loads(cluster.llm("omni", "status", "--json"))["plans"]
         nodes = [s["node_id"] for s in plan["stages"]]
-        assert len(set(nodes)) == 3 and nodes[0] == cluster.node_ids[0], plan
+        assert len(set(nodes)) == 3, plan  # node0 coordinates, wherever its stage is
         first, middle, last = (_rows(cluster, cluster.node_ids.index(n)) for n in nodes)
         (first,), (middle,), (last,) = first, middle, last
         assert first["first"] and last["last"] and not (middle["first"] or middle["last"])

@@ -258,7 +258,13 @@ class Connection:
         The server's handler receives ``first`` (required by the server to dispatch)."""
         stream = self._protocol.open_stream()
         if first is not None:
-            await stream.send(first)
+            try:
+                await stream.send(first)
+            except BaseException:
+                # cancelled (or failed) while the frame waited for room: the peer may have
+                # the stream already, and nobody here would ever end it
+                stream.close_now()
+                raise
         return stream
 
     async def close(self) -> None:

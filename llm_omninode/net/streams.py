@@ -169,5 +169,9 @@ class FrameStream:
 
     async def aclose(self) -> None:
         """End our side and stop reading theirs."""
+        self.close_now()
+
+    def close_now(self) -> None:
+        """``aclose`` without awaiting: for cleanup that must not be cancelled half-way."""
         self.end()
         self._protocol.forget_stream(self.stream_id)
