@@ -17,7 +17,7 @@ ggml = pytest.importorskip("ggml")
 pytest.importorskip("gguf")  # tiny_model's quantizers
 
 from support.stage_model import Model  # noqa: E402
-from support.teacher import golden, teacher_forced  # noqa: E402
+from support.teacher import golden, through_stages  # noqa: E402
 from support.tiny_model import write_tiny_llama  # noqa: E402
 
 from llm_omninode.backend.engine import ContextOverflowError, SequenceLimitError, Stage  # noqa: E402
@@ -202,18 +202,7 @@ def _fidelity(path: Path, name: str, bounds_at: Sequence[float] = (0, 1), **kw):
     model = Model(path)
     n = model.spec.n_blocks
     stages = ggml_stages(model, [round(b * n) for b in bounds_at], threads=2, **kw)
-
-    def forward(seq: str, ids: np.ndarray, **kw) -> np.ndarray:
-        x = ids
-        for stage in stages[:-1]:
-            x = stage.forward(seq, x)
-        return stages[-1].forward(seq, x, **kw)
-
-    def free(seq: str) -> None:
-        for stage in stages:
-            stage.free(seq)
-
-    fid = teacher_forced(golden(name), forward, lambda s, x: forward(s, x, all_logits=True), free)
+    fid = through_stages(golden(name), stages)
     print(f"\n{name} (ggml, {len(stages)} stage(s) {kw or ''}, llamafile "
           f"{bool(ggml.ggml_cpu_has_llamafile())}): {fid.summary()}")  # fmt: skip
     return fid

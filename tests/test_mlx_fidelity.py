@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from support.stage_model import Model
-from support.teacher import Fidelity, golden, teacher_forced
+from support.teacher import Fidelity, golden, through_stages
 
 KL_BOUND = 1e-2
 _RUNS: dict[tuple[str, tuple[float, ...]], Fidelity] = {}  # one run per file and split
@@ -35,18 +35,7 @@ def fidelity(model: Model, name: str, bounds_at: Sequence[float] = (0, 1)) -> Fi
 def _run(model: Model, name: str, bounds_at: Sequence[float]) -> Fidelity:
     n = model.spec.n_blocks
     stages = model.stages([round(b * n) for b in bounds_at], hidden_dtype=np.float32)
-
-    def forward(seq: str, ids: np.ndarray, **kw: bool) -> np.ndarray:
-        x = ids
-        for stage in stages[:-1]:
-            x = stage.forward(seq, x)
-        return stages[-1].forward(seq, x, **kw)
-
-    def free(seq: str) -> None:
-        for stage in stages:
-            stage.free(seq)
-
-    fid = teacher_forced(golden(name), forward, lambda s, x: forward(s, x, all_logits=True), free)
+    fid = through_stages(golden(name), stages)
     print(f"\n{name} (MLX, {len(stages)} stage(s)): {fid.summary()}")
     return fid
 

@@ -11,9 +11,10 @@ the KL divergence over its top 20 says how close the distributions are.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,3 +81,19 @@ def teacher_forced(
             fid.add(row, ref)
         free(seq)
     return fid
+
+
+def through_stages(gold: dict, stages: Sequence[Any]) -> Fidelity:
+    """``teacher_forced`` through a chain of stages (either engine), each sequence freed after."""
+
+    def forward(seq: str, ids: np.ndarray, **kw: bool) -> np.ndarray:
+        x = ids
+        for stage in stages[:-1]:
+            x = stage.forward(seq, x)
+        return stages[-1].forward(seq, x, **kw)
+
+    def free(seq: str) -> None:
+        for stage in stages:
+            stage.free(seq)
+
+    return teacher_forced(gold, forward, lambda s, x: forward(s, x, all_logits=True), free)
