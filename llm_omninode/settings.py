@@ -22,6 +22,7 @@ VARIABLES = {
     "OMNI_GGML_REPACK": "0: weights as stored (a step's numbers then never depend on its batch)",
     "OMNI_WIRE_DTYPE": "float32 (default: splits bit-identical) or float16 hidden states",
     "OMNI_API_TOKEN": "the shim's HTTP API token (as --api-token; read by its command line)",
+    "OMNI_ORIGINS": "more browser origins the shim's API allows (comma-separated, * wildcards)",
     "OMNI_PREFILL_PIECE": "prompt tokens per pipelined piece (0: the whole prompt at once)",
 }
 
@@ -91,6 +92,10 @@ def wire_dtype() -> str:
 
 def prefill_piece() -> int:
     return _positive_int("OMNI_PREFILL_PIECE", 256, minimum=0)
+
+
+def origins() -> list[str]:
+    return [o.strip() for o in _get("OMNI_ORIGINS").split(",") if o.strip()]
 
 
 def test_limit(name: str) -> int | None:

@@ -203,6 +203,9 @@ def test_openai_client(shim: Shim, reference):
     client = openai.OpenAI(base_url=shim.url + "/v1", api_key="unused")
     ids = [m.id for m in client.models.list().data]
     assert ids == ["smollm2:latest"]
+    assert client.models.retrieve("smollm2").id == "smollm2:latest"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
     messages = [{"role": "user", "content": QUESTION}]
     whole = client.chat.completions.create(model="smollm2", messages=messages, temperature=0,
                                            max_tokens=N)  # fmt: skip
@@ -332,3 +335,48 @@ def test_token_and_a_taken_port(tmp_path):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120,
                                 env=cluster.env(0, OMNI_HOME=str(tmp_path / "second")))  # fmt: skip
         assert result.returncode != 0 and "already in use" in result.stderr, result.stderr
+
+
+def test_browser_origins(shim: Shim):
+    """CORS as Ollama allows it: a page on localhost (any port) gets its preflight answered
+    and the allow header on the call; another origin is refused with 403."""
+    preflight = {"Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}  # fmt: skip
+    parts = urlsplit(shim.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("OPTIONS", "/api/chat", headers=preflight)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 204
+        assert r.getheader("Access-Control-Allow-Origin") == "http://localhost:5173"
+        assert "POST" in r.getheader("Access-Control-Allow-Methods")
+        assert "Content-Type" in r.getheader("Access-Control-Allow-Headers")
+        conn.request("GET", "/api/version", headers={"Origin": "vscode-webview://abc"})
+        r = conn.getresponse()
+        r.read()
+        assert (
+            r.status == 200 and r.getheader("Access-Control-Allow-Origin") == "vscode-webview://abc"
+        )
+    finally:
+        conn.close()
+    status, body = shim.raw("GET", "/api/tags", headers={"Origin": "https://evil.example"})
+    assert status == 403 and "not allowed" in body["error"]
+    status, _ = shim.raw("GET", "/api/tags")  # no Origin: not a browser's cross-origin call
+    assert status == 200
+
+
+def test_origins_allowed_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from omninode_shim.http.cors import allowed
+
+    own = "http://192.168.1.5:11434"
+    assert allowed(own, own)  # the API's own page
+    assert allowed("http://127.0.0.1:3000", own) and allowed("file://x", own)
+    assert not allowed("https://app.example.com", own)
+    monkeypatch.setenv("OMNI_ORIGINS", "https://*.example.com, http://10.0.0.2:8080")
+    from llm_omninode import settings
+
+    extra = settings.origins()
+    assert allowed("https://app.example.com", own, extra)
+    assert allowed("http://10.0.0.2:8080", own, extra)
+    assert not allowed("http://10.0.0.2:8081", own, extra)

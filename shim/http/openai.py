@@ -18,7 +18,7 @@ from llm_omninode.backend.generate import Chunk
 
 from . import listing
 from .bodies import read_json, start_stream, write_sse
-from .parse import ApiCall, parse_openai_chat, parse_openai_completion
+from .parse import ApiCall, ApiError, parse_openai_chat, parse_openai_completion
 from .run import Run, start_run
 from .service import SERVICE_KEY
 
@@ -30,6 +30,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -37,6 +38,22 @@ async def models(request: web.Request) -> web.Response:
     data = [{"id": r.name, "object": "model", "created": int(r.modified), "owned_by": "omninode"}
             for r in rows]  # fmt: skip
     return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    rows = await listing.cluster_models(request.app[SERVICE_KEY])
+    for r in rows:
+        if name in (r.name, r.name.removesuffix(":latest")):
+            return web.json_response(
+                {
+                    "id": r.name,
+                    "object": "model",
+                    "created": int(r.modified),
+                    "owned_by": "omninode",
+                }
+            )
+    raise ApiError(404, f"model {name!r} not found")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import dashboard, observe, ollama, openai
 from .bodies import MAX_BODY
+from .cors import cors
 from .parse import ApiError
 from .service import SERVICE_KEY, ApiService
 
@@ -97,7 +98,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(service: ApiService, config: ApiConfig) -> web.Application:
-    app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[cors, _guard], client_max_size=MAX_BODY)
     app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config
     ollama.add_routes(app)
