@@ -37,272 +37,49 @@ the sequence is the channel's, named once when it opened::
 
 Decoded, the header is ``{"step", "pos", "shape": [T, hidden_dim], "dtype", "more"}`` and is
 checked like a HIDDEN one (payload bytes exact) before the payload is allocated.
+
+Here: encoding, decoding (one frame, or incrementally from a stream) and the constructors;
+the constants and types are in frame_types.py, each type's header checks in frame_checks.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
-from .identity import is_node_id
-
-MAGIC = b"OMNI"
-VERSION = 1
-FIXED = struct.Struct(">4sBBHII")
-FIXED_SIZE = FIXED.size  # 16
-MAX_HEADER = 64 * 1024
-MAX_SHARD_WINDOW = 64 * 1024 * 1024
-MAX_PAYLOAD = MAX_SHARD_WINDOW + 64 * 1024
-MAX_ID = 2**53  # ids and offsets stay exact in every JSON implementation
-
-FLAG_LAST = 0x0001  # the last frame of a streamed response
-KNOWN_FLAGS = FLAG_LAST
-
-DTYPE_SIZES = {"float32": 4, "float16": 2, "int32": 4, "uint32": 4}
-ACTIVATION_DTYPES = ("float32", "float16")
-TOKEN_DTYPES = ("int32", "uint32")
-
-STEP_HEADER = struct.Struct(">IIIIBBH")  # step, position, rows, width, dtype, flags, reserved
-STEP_DTYPES = ("float32", "float16", "int32", "uint32")  # a STEP header's dtype codes
-STEP_MORE = 0x01
-MAX_STEP = 2**32 - 1
-
-
-class FrameType(IntEnum):
-    JOIN = 1  # client -> server after TLS: node_id, proof (admission.py)
-    JOIN_OK = 2  # server -> client: node_id, proof
-    HELLO = 3  # request: who are you?
-    INFO = 4  # response: node_id, version, device, memory_budget, shards
-    REQUEST = 5  # id, method, free-form fields, optional payload
-    RESPONSE = 6  # id, free-form fields, optional payload
-    STREAM_DATA = 7  # id, seq: one item of a streamed response
-    STREAM_END = 8  # id: a streamed response is complete
-    HIDDEN = 9  # seq (sequence id), shape [T, hidden_dim], dtype; payload tensor bytes
-    SHARD_READ = 10  # id, cid, offset, length (<= MAX_SHARD_WINDOW)
-    SHARD_DATA = 11  # id, cid, offset; payload = the bytes read (may be short at EOF)
-    ERROR = 12  # code, message, optional id
-    STEP = 13  # a pipeline step: binary header (STEP_HEADER), payload tensor bytes
-
-
-class ErrorCode:
-    """Codes of ERROR frames (strings on the wire)."""
-
-    BAD_FRAME = "bad_frame"  # undecodable or invalid frame
-    BAD_REQUEST = "bad_request"  # a valid frame the handler cannot act on
-    UNSUPPORTED = "unsupported"  # frame type or method not served here
-    NOT_FOUND = "not_found"
-    TOO_LARGE = "too_large"
-    BUSY = "busy"
-    TIMEOUT = "timeout"
-    INTERNAL = "internal"
-    CACHE_MISS = "cache_miss"  # a prefix to reuse is no longer cached: compute it again
-    LINK_LOST = "link_lost"  # a pipeline link to a further node broke: plan again and replay
-
-
-class FrameError(ValueError):
-    """A malformed frame: bad magic/version/type/flags, a length over its limit, bad header."""
-
-
-@dataclass(frozen=True)
-class Frame:
-    type: FrameType
-    header: dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
-    flags: int = 0
-
-    @property
-    def id(self) -> int | None:
-        value = self.header.get("id")
-        return value if isinstance(value, int) else None
-
-
-# ---- header field checks ------------------------------------------------------------------
-
-_METHOD_RE = re.compile(r"^[a-z][a-z0-9_./-]{0,63}$")
-_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_CID_RE = re.compile(r"^b[a-z2-7]{1,127}$")
-_HEX_PROOF_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def is_wire_cid(value: object) -> bool:
-    """A CID's shape on the wire (the store checks the digest itself)."""
-    return isinstance(value, str) and _CID_RE.match(value) is not None
-
-
-def _fail(ftype: FrameType, message: str) -> FrameError:
-    return FrameError(f"{ftype.name}: {message}")
-
-
-def _int(ftype: FrameType, h: dict, key: str, lo: int = 0, hi: int = MAX_ID, opt=False) -> None:
-    value = h.get(key)
-    if value is None and opt and key not in h:
-        return
-    if type(value) is not int or not lo <= value <= hi:
-        raise _fail(ftype, f"{key!r} must be an integer in [{lo}, {hi}]")
-
-
-def _str(ftype: FrameType, h: dict, key: str, limit: int = 256, pattern=None, opt=False) -> None:
-    value = h.get(key)
-    if value is None and opt and key not in h:
-        return
-    if not isinstance(value, str) or len(value) > limit:
-        raise _fail(ftype, f"{key!r} must be a string of at most {limit} characters")
-    if pattern is not None and not pattern.match(value):
-        raise _fail(ftype, f"{key!r} is malformed")
-
-
-def _node_id(ftype: FrameType, h: dict) -> None:
-    if not is_node_id(h.get("node_id")):
-        raise _fail(ftype, "'node_id' is not a node id")
-
-
-def _no_payload(ftype: FrameType, payload_len: int) -> None:
-    if payload_len:
-        raise _fail(ftype, "takes no payload")
-
-
-def hidden_geometry(header: dict, ftype: FrameType = FrameType.HIDDEN) -> tuple[int, int, str]:
-    """(T, hidden_dim, dtype) of a HIDDEN or STEP header; FrameError unless consistent."""
-    shape = header.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 2
-        or any(type(n) is not int or n < 1 or n > MAX_PAYLOAD for n in shape)
-    ):
-        raise _fail(ftype, "'shape' must be [T, hidden_dim] with positive integers")
-    tokens, hidden_dim = shape
-    dtype = header.get("dtype")
-    if hidden_dim == 1:
-        if dtype not in TOKEN_DTYPES:
-            raise _fail(ftype, f"hidden_dim 1 means token ids: dtype must be one of {TOKEN_DTYPES}")
-    elif dtype not in ACTIVATION_DTYPES:
-        raise _fail(
-            ftype, f"hidden_dim > 1 means activations: dtype must be one of {ACTIVATION_DTYPES}"
-        )
-    return tokens, hidden_dim, dtype
-
-
-def _check_hidden(h: dict, payload_len: int) -> None:
-    _seq_id(FrameType.HIDDEN, h)
-    tokens, hidden_dim, dtype = hidden_geometry(h)
-    expected = tokens * hidden_dim * DTYPE_SIZES[dtype]
-    if expected != payload_len:
-        raise _fail(
-            FrameType.HIDDEN,
-            f"payload is {payload_len} bytes; shape {[tokens, hidden_dim]} of {dtype} "
-            f"needs exactly {expected}",
-        )
-
-
-def _check_step(h: dict, payload_len: int) -> None:
-    ftype = FrameType.STEP
-    if set(h) != {"step", "pos", "shape", "dtype", "more"}:
-        raise _fail(ftype, "header is exactly {step, pos, shape, dtype, more}")
-    _int(ftype, h, "step", hi=MAX_STEP)
-    _int(ftype, h, "pos", hi=MAX_STEP)
-    if not isinstance(h["more"], bool):
-        raise _fail(ftype, "'more' must be true or false")
-    tokens, hidden_dim, dtype = hidden_geometry(h, ftype)
-    if tokens > MAX_STEP or hidden_dim > MAX_STEP:
-        raise _fail(ftype, "'shape' out of range")
-    expected = tokens * hidden_dim * DTYPE_SIZES[dtype]
-    if expected != payload_len:
-        raise _fail(ftype, f"payload is {payload_len} bytes; shape {[tokens, hidden_dim]} of "
-                    f"{dtype} needs exactly {expected}")  # fmt: skip
-
-
-def _step_bytes(h: dict) -> bytes:
-    """The binary header of a checked STEP header dict."""
-    tokens, hidden_dim = h["shape"]
-    flags = STEP_MORE if h["more"] else 0
-    code = STEP_DTYPES.index(h["dtype"])
-    return STEP_HEADER.pack(h["step"], h["pos"], tokens, hidden_dim, code, flags, 0)
-
-
-def _step_header(data: bytes | bytearray) -> dict[str, Any]:
-    """A STEP header dict from its binary form; FrameError unless every field is valid."""
-    if len(data) != STEP_HEADER.size:
-        raise _fail(FrameType.STEP, f"header must be {STEP_HEADER.size} bytes")
-    step, pos, tokens, hidden_dim, code, flags, reserved = STEP_HEADER.unpack(bytes(data))
-    if code >= len(STEP_DTYPES):
-        raise _fail(FrameType.STEP, f"unknown dtype code {code}")
-    if flags & ~STEP_MORE or reserved:
-        raise _fail(FrameType.STEP, f"unknown flags {flags:#x} or reserved bits set")
-    return {"step": step, "pos": pos, "shape": [tokens, hidden_dim],
-            "dtype": STEP_DTYPES[code], "more": bool(flags & STEP_MORE)}  # fmt: skip
-
-
-def _seq_id(ftype: FrameType, h: dict) -> None:
-    seq = h.get("seq")
-    if type(seq) is int:
-        _int(ftype, h, "seq")
-    else:
-        _str(ftype, h, "seq", limit=128)
-
-
-def _check_header(ftype: FrameType, h: dict, payload_len: int) -> None:
-    """Type-specific header checks, run before the payload is allocated."""
-    if ftype in (FrameType.JOIN, FrameType.JOIN_OK):
-        _node_id(ftype, h)
-        proof = h.get("proof")
-        if proof is not None and not (isinstance(proof, str) and _HEX_PROOF_RE.match(proof)):
-            raise _fail(ftype, "'proof' must be null or 64 hex digits")
-        _no_payload(ftype, payload_len)
-    elif ftype == FrameType.HELLO:
-        _int(ftype, h, "id")
-        _node_id(ftype, h)
-        _str(ftype, h, "version", limit=64)
-        _no_payload(ftype, payload_len)
-    elif ftype == FrameType.INFO:
-        _int(ftype, h, "id")
-        _node_id(ftype, h)
-        _str(ftype, h, "version", limit=64)
-        _str(ftype, h, "device", limit=256)
-        _int(ftype, h, "memory_budget")
-        shards = h.get("shards")
-        if not isinstance(shards, list) or not all(
-            isinstance(c, str) and _CID_RE.match(c) for c in shards
-        ):
-            raise _fail(ftype, "'shards' must be a list of CIDs")
-        _no_payload(ftype, payload_len)
-    elif ftype == FrameType.REQUEST:
-        _int(ftype, h, "id")
-        _str(ftype, h, "method", pattern=_METHOD_RE)
-    elif ftype == FrameType.RESPONSE:
-        _int(ftype, h, "id")
-    elif ftype == FrameType.STREAM_DATA:
-        _int(ftype, h, "id")
-        _int(ftype, h, "seq")
-    elif ftype == FrameType.STREAM_END:
-        _int(ftype, h, "id")
-        _no_payload(ftype, payload_len)
-    elif ftype == FrameType.HIDDEN:
-        _check_hidden(h, payload_len)
-    elif ftype == FrameType.STEP:
-        _check_step(h, payload_len)
-    elif ftype == FrameType.SHARD_READ:
-        _int(ftype, h, "id")
-        _str(ftype, h, "cid", pattern=_CID_RE)
-        _int(ftype, h, "offset")
-        _int(ftype, h, "length", lo=1, hi=MAX_SHARD_WINDOW)
-        _no_payload(ftype, payload_len)
-    elif ftype == FrameType.SHARD_DATA:
-        _int(ftype, h, "id")
-        _str(ftype, h, "cid", pattern=_CID_RE)
-        _int(ftype, h, "offset")
-        if payload_len > MAX_SHARD_WINDOW:
-            raise _fail(ftype, f"payload over the {MAX_SHARD_WINDOW}-byte window")
-    elif ftype == FrameType.ERROR:
-        _int(ftype, h, "id", opt=True)
-        _str(ftype, h, "code", limit=64, pattern=_CODE_RE)
-        _str(ftype, h, "message", limit=4096)
-        _no_payload(ftype, payload_len)
-
+# the wire's names are defined in frame_types.py and frame_checks.py; callers use them from here
+from .frame_checks import (  # noqa: F401
+    check_header,
+    hidden_geometry,
+    is_wire_cid,
+    parse_step_header,
+    step_bytes,
+)
+from .frame_types import (  # noqa: F401
+    ACTIVATION_DTYPES,
+    DTYPE_SIZES,
+    FIXED,
+    FIXED_SIZE,
+    FLAG_LAST,
+    KNOWN_FLAGS,
+    MAGIC,
+    MAX_HEADER,
+    MAX_ID,
+    MAX_PAYLOAD,
+    MAX_SHARD_WINDOW,
+    MAX_STEP,
+    STEP_DTYPES,
+    STEP_HEADER,
+    STEP_MORE,
+    TOKEN_DTYPES,
+    VERSION,
+    ErrorCode,
+    Frame,
+    FrameError,
+    FrameType,
+)
 
 # ---- encoding -----------------------------------------------------------------------------
 
@@ -329,15 +106,15 @@ def encode_parts(frame: Frame) -> tuple[bytes, bytes]:
         raise FrameError(f"unknown flags {frame.flags:#x}")
     payload = frame.payload
     if ftype == FrameType.STEP:  # checked before it is packed
-        _check_header(ftype, frame.header, len(payload))
-        header = _step_bytes(frame.header)
+        check_header(ftype, frame.header, len(payload))
+        header = step_bytes(frame.header)
     else:
         header = _header_bytes(frame.header)
     if len(header) > MAX_HEADER:
         raise FrameError(f"header of {len(header)} bytes over the {MAX_HEADER}-byte limit")
     if len(payload) > MAX_PAYLOAD:
         raise FrameError(f"payload of {len(payload)} bytes over the {MAX_PAYLOAD}-byte limit")
-    _check_header(ftype, frame.header, len(payload))
+    check_header(ftype, frame.header, len(payload))
     prefix = FIXED.pack(MAGIC, VERSION, ftype, frame.flags, len(header), len(payload)) + header
     return prefix, payload
 
@@ -389,7 +166,7 @@ def parse_header(ftype: FrameType, data: bytes | bytearray, payload_len: int) ->
     """The JSON header of a frame (a STEP's binary one), checked for its type (payload length
     already known)."""
     if ftype == FrameType.STEP:
-        header: Any = _step_header(data)
+        header: Any = parse_step_header(data)
     elif not data:
         header = {}
     else:
@@ -405,7 +182,7 @@ def parse_header(ftype: FrameType, data: bytes | bytearray, payload_len: int) ->
             raise FrameError(f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise FrameError("header must be a JSON object")
-    _check_header(ftype, header, payload_len)
+    check_header(ftype, header, payload_len)
     return header
 
 
