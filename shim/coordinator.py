@@ -13,22 +13,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llm_omninode.backend.chat_template import ChatTemplate
 from llm_omninode.backend.generate import Chunk, Generation
 from llm_omninode.backend.memory import compute_bytes, context_for, kv_bytes_per_position
 from llm_omninode.backend.registry import ModelNotFound
 from llm_omninode.backend.runtime import prompt_ids
 from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.spec import ModelSpec
-from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
 from llm_omninode.request import GenerationRequest, RequestError
 
-from .decode import Job, run_pass
+from .decode import Here, Job, run_pass
 from .errors import (
     Busy,
     CacheMiss,
@@ -39,12 +36,13 @@ from .errors import (
     StageBusy,
     StageMissing,
 )
+from .model_state import ModelText, PlanState
 from .pipeline import LOST_AFTER, PROBE_TIMEOUT, Hop
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
 from .prefixes import PrefixTable
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .node_parts import NodeParts
 
 log = logging.getLogger("omninode_shim.coordinator")
 
@@ -58,34 +56,10 @@ MAX_QUEUE = 256
 BUSY_RETRIES = 40  # a stage full of other coordinators' sequences: retry, 0.25..2 s apart
 
 
-@dataclass
-class ModelText:
-    """What the coordinator needs of a model besides its stages."""
-
-    manifest: Manifest
-    spec: ModelSpec
-    tokenizer: Tokenizer
-    template: ChatTemplate
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> ModelText:
-        spec = ModelSpec.from_metadata(manifest.metadata, manifest.tensor_home().keys())
-        tokenizer = Tokenizer.from_metadata(manifest.metadata)
-        return cls(
-            manifest, spec, tokenizer, ChatTemplate.from_metadata(manifest.metadata, tokenizer)
-        )
-
-
-@dataclass
-class PlanState:
-    plan: Plan
-    nodes: tuple[str, ...]  # the node set it was made for
-    ready: bool = False  # every stage confirmed loaded
-
-
 class Coordinator:
-    def __init__(self, node: Node, parallel: int = DEFAULT_PARALLEL) -> None:
+    def __init__(self, node: NodeParts, parallel: int = DEFAULT_PARALLEL) -> None:
         self.node = node
+        self.here = Here(node.node_id, node.host, node.peers)  # what a decode pass uses
         self.parallel = parallel
         self.prefixes = PrefixTable()  # finished sequences whose caches the stages keep
         self._slots: dict[str, asyncio.Semaphore] = {}  # model id -> running sequences
@@ -415,7 +389,7 @@ class Coordinator:
         while True:
             try:
                 route = self.route(state.plan)
-                async for chunk in run_pass(self.node, self.prefixes, job, state, route, reuse):
+                async for chunk in run_pass(self.here, self.prefixes, job, state, route, reuse):
                     yield chunk
                 return
             except CacheMiss as exc:  # compute the whole prompt after all

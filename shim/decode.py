@@ -42,11 +42,21 @@ from .pipeline import (
 from .stage_host import Tail
 
 if TYPE_CHECKING:
-    from .coordinator import ModelText, PlanState
-    from .node import Node
+    from .model_state import ModelText, PlanState
+    from .peers import PeerTable
     from .prefixes import PrefixTable
+    from .stage_host import StageHost
 
 log = logging.getLogger("omninode_shim.coordinator")
+
+
+@dataclass(frozen=True)
+class Here:
+    """What a decode pass uses of the node it runs on: its id, its stages, its peers."""
+
+    node_id: str
+    host: StageHost
+    peers: PeerTable
 
 
 @dataclass
@@ -64,8 +74,8 @@ class Job:
 class Ring:
     """A sequence's entry and tail (see above); ``step`` sends a step in and waits for its id."""
 
-    def __init__(self, node: Node, model_id: str, seq: str, route: Sequence[Hop]) -> None:
-        self.node = node
+    def __init__(self, here: Here, model_id: str, seq: str, route: Sequence[Hop]) -> None:
+        self.here = here
         self.model_id = model_id
         self.seq = seq
         self.route = tuple(route)
@@ -83,9 +93,9 @@ class Ring:
     async def open(self, options: SamplingOptions, recent: Sequence[int], reuse: Reuse | None):
         """Open the tail (it must be ready before the first step reaches the last stage),
         then the entry."""
-        last, here = self.route[-1], self.node.node_id
+        last, here = self.route[-1], self.here.node_id
         if last.node_id == here:
-            hosted = self.node.host.get(self.model_id, last.start, last.end)
+            hosted = self.here.host.get(self.model_id, last.start, last.end)
             if hosted is None:
                 raise PipelineError("this node's last stage was unloaded", F.ErrorCode.NOT_FOUND)
 
@@ -99,18 +109,18 @@ class Ring:
         first = self.route[0]
         self.position = reuse.keep if reuse is not None else 0
         if first.node_id == here:
-            hosted = self.node.host.get(self.model_id, first.start, first.end)
+            hosted = self.here.host.get(self.model_id, first.start, first.end)
             if hosted is None:
                 raise PipelineError("this node's stage was unloaded", F.ErrorCode.NOT_FOUND)
-            self.entry = Link(self.node.host, hosted, self.node.peers, self.seq, self.route[1:],
+            self.entry = Link(self.here.host, hosted, self.here.peers, self.seq, self.route[1:],
                               reuse, self._failed)  # fmt: skip
         else:
-            self.entry = Downstream(self.node.peers, self.model_id, self.seq, self.route, reuse,
+            self.entry = Downstream(self.here.peers, self.model_id, self.seq, self.route, reuse,
                                     self._failed)  # fmt: skip
 
     async def _open_tail(self, last: Hop, options: SamplingOptions, recent: Sequence[int]):
         try:
-            conn = await self.node.peers.connection(last.node_id)
+            conn = await self.here.peers.connection(last.node_id)
             frame = tail_frame(conn.next_id(), self.model_id, self.seq, last, options, recent)
             self._tail = await conn.channel(frame)
             ready = await self._tail.recv(STEP_TIMEOUT)
@@ -172,7 +182,7 @@ class Ring:
                 tail.close_now()
         if self._local is not None:
             last = self.route[-1]
-            hosted = self.node.host.get(self.model_id, last.start, last.end)
+            hosted = self.here.host.get(self.model_id, last.start, last.end)
             if hosted is not None and hosted.tails.get(self.seq) is self._local:
                 del hosted.tails[self.seq]
 
@@ -190,7 +200,7 @@ async def prefill(ring: Ring, ids: Sequence[int]) -> int:
 
 
 async def run_pass(
-    node: Node,
+    here: Here,
     prefixes: PrefixTable,
     job: Job,
     state: PlanState,
@@ -218,7 +228,7 @@ async def run_pass(
             yield chunk
         return
     seq = uuid.uuid4().hex
-    ring = Ring(node, model.manifest.model_id, seq, route)
+    ring = Ring(here, model.manifest.model_id, seq, route)
     t0 = time.perf_counter()
     replay = list(picked)
     skip = reuse.keep if reuse else 0

@@ -12,10 +12,41 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .node import Node
+    from llm_omninode.backend.registry import ModelRegistry
+    from llm_omninode.backend.store import ShardStore
+
+    from .peers import PeerTable
+    from .request_log import RequestLog
+    from .stage_host import StageHost
+
+
+class _Slots(Protocol):
+    parallel: int  # sequences of one model a coordinator runs at once
+
+
+class NodeTables(Protocol):
+    """What the page reads of a node (shim/node.py's Node is one): its public tables."""
+
+    node_id: str
+    name: str
+    registry: ModelRegistry
+    store: ShardStore
+    peers: PeerTable
+    host: StageHost
+    requests: RequestLog
+
+    @property
+    def coordinator(self) -> _Slots: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def self_row(self) -> dict[str, Any]: ...
+
+    def held_shards(self) -> list[str]: ...
+
 
 ARRIVING_SUFFIX = ".part"
 FORGOTTEN_SHOWN_S = 600.0  # a node the peer table forgot stays on the page, lost, this long
@@ -26,7 +57,7 @@ class ClusterView:
     forgets a killed node soon after (unless it was named with --peer), the page keeps it as
     lost for FORGOTTEN_SHOWN_S."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeTables) -> None:
         self.node = node
         self._seen: dict[str, dict[str, Any]] = {}  # node id -> its last row
         self._lost_since: dict[str, float] = {}  # node id -> time.time() first seen lost
@@ -59,7 +90,7 @@ class ClusterView:
         return doc
 
 
-def snapshot(node: Node) -> dict[str, Any]:
+def snapshot(node: NodeTables) -> dict[str, Any]:
     """What the page shows now, from the node's own tables alone."""
     status = node.status()
     nodes = _nodes(node)
@@ -94,7 +125,7 @@ def snapshot(node: Node) -> dict[str, Any]:
     }
 
 
-def _nodes(node: Node) -> list[dict[str, Any]]:
+def _nodes(node: NodeTables) -> list[dict[str, Any]]:
     live = {p.node_id for p in node.peers.live()}
     rows = [node.self_row() | {"live": True, "error": None, "shards": len(node.held_shards())}]
     for peer in node.peers.all():
@@ -124,7 +155,7 @@ def _hosted(nodes: list[dict[str, Any]], planned: set[str]) -> dict[str, list[di
     return {m: sorted(stages, key=lambda s: (s["start"], s["end"])) for m, stages in models.items()}
 
 
-def _transfers(node: Node) -> dict[str, Any]:
+def _transfers(node: NodeTables) -> dict[str, Any]:
     sizes: dict[str, int] = {}
     for model_id in node.store.manifests():
         with contextlib.suppress(Exception):  # a manifest that cannot be read has no sizes
