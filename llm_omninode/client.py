@@ -25,11 +25,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import settings
 from .home import SHIM_STATE_FILE, data_dir_locked, omni_home
 from .request import GenerationRequest
+
+if TYPE_CHECKING:
+    from .backend.tool_calls import ToolCall
 
 START_TIMEOUT = 60.0
 OPEN_ENV = "OMNI_OPEN"  # "1": talk to any shim, of our cluster or not (one run with --open)
@@ -48,6 +51,17 @@ class StreamChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict[str, float] | None = None  # on the last chunk: prefill_s, decode_s
+    tool_calls: tuple[ToolCall, ...] = ()  # calls the reply made (text empty)
+
+
+def _tool_calls(payload: bytes) -> tuple[ToolCall, ...]:
+    """The calls a shim found in the reply (checked like anything from the network)."""
+    from .backend.tool_calls import ToolSpecError, calls_from_json
+
+    try:
+        return calls_from_json(json.loads(payload))
+    except (ValueError, RecursionError, ToolSpecError) as exc:
+        raise ShimError(f"the shim sent tool calls that cannot be read: {exc}") from exc
 
 
 def _alive(pid: int) -> bool:
@@ -239,7 +253,9 @@ class ShimClient:
             try:
                 async for reply in self._conn.stream(frame, timeout=REQUEST_TIMEOUT):  # type: ignore[union-attr]
                     h = reply.header
-                    if reply.type == FrameType.STREAM_DATA:
+                    if reply.type == FrameType.STREAM_DATA and h.get("kind") == "tool_calls":
+                        items.put(StreamChunk("", tool_calls=_tool_calls(reply.payload)))
+                    elif reply.type == FrameType.STREAM_DATA:
                         items.put(StreamChunk(reply.payload.decode("utf-8", "replace")))
                     elif reply.type == FrameType.STREAM_END:
                         timings = {k: h[k] for k in ("prefill_s", "decode_s") if k in h}

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 class OmniModel(llm.Model):
     can_stream = True
+    supports_tools = True  # a model whose template takes none says so when asked (llm_tools.py)
 
     class Options(llm.Options):
         temperature: float | None = Field(None, description="Sampling temperature; 0 is greedy")
@@ -40,17 +41,12 @@ class OmniModel(llm.Model):
 
     def build_request(self, prompt, conversation):
         from .backend.sampling import SamplingOptions
-        from .request import DEFAULT_MAX_TOKENS, GenerationRequest, Message
+        from .llm_tools import request_messages, request_tools
+        from .request import DEFAULT_MAX_TOKENS, GenerationRequest
 
         o = prompt.options
-        messages: list[Message] = []
-        system = prompt.system or None
-        for previous in conversation.responses if conversation else []:
-            if previous.prompt.system and system is None:
-                system = previous.prompt.system
-            messages.append(Message("user", previous.prompt.prompt or ""))
-            messages.append(Message("assistant", previous.text_or_raise()))
-        messages.append(Message("user", prompt.prompt or ""))
+        # prompt.messages is the whole chain (llm 0.36): earlier turns, tool calls and results
+        system, messages = request_messages(prompt)
         options = SamplingOptions().updated(
             temperature=o.temperature,
             top_k=o.top_k,
@@ -62,7 +58,8 @@ class OmniModel(llm.Model):
         )
         return GenerationRequest(
             model=self.alias,
-            messages=tuple(messages),
+            messages=messages,
+            tools=request_tools(prompt),
             system=system,
             options=options,
             max_tokens=o.max_tokens if o.max_tokens is not None else DEFAULT_MAX_TOKENS,
@@ -81,6 +78,8 @@ class OmniModel(llm.Model):
         with client:
             try:
                 for chunk in client.generate(request):
+                    for call in chunk.tool_calls:
+                        response.add_tool_call(llm.ToolCall(call.name, call.arguments))
                     if chunk.text:
                         yield chunk.text
                     prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens

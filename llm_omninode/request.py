@@ -8,14 +8,24 @@ type, ``RequestError``, whose message names the field.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from .backend.sampling import SamplingError, SamplingOptions
+from .backend.tool_calls import (
+    ToolCall,
+    ToolSpecError,
+    calls_from_json,
+    calls_json,
+    check_choice,
+    check_tools,
+    tool_messages_view,
+)
 
 DEFAULT_MAX_TOKENS = 512
 
-ROLES = frozenset({"system", "user", "assistant"})
+ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_MESSAGES = 4096
 MAX_TEXT_BYTES = 1024 * 1024  # one message's content, the prompt or the system prompt (UTF-8)
 MAX_TOTAL_TEXT_BYTES = 8 * 1024 * 1024  # all of a request's text together
@@ -24,9 +34,12 @@ MAX_STOP_CHARS = 256
 MAX_MODEL_CHARS = 256
 MAX_MAX_TOKENS = 2**31 - 1  # far past any context; bounds what a peer can make us count to
 MAX_NUM_CTX = 2**24  # a per-request context cap; the model's own is the real bound
+MAX_TOOL_REF_CHARS = 256  # a tool message's tool_name or tool_call_id
 _WIRE_KEYS = (
     "model", "messages", "prompt", "system", "raw", "options", "max_tokens", "stop", "num_ctx",
+    "tools", "tool_choice", "forced_tool",
 )  # fmt: skip
+_MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_name", "tool_call_id"})
 
 
 class RequestError(ValueError):
@@ -35,8 +48,33 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls
+    tool_name: str | None = None  # a tool result: the function it answers (Ollama's field)
+    tool_call_id: str | None = None  # a tool result: the call it answers (OpenAI's field)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form; the tool fields only when set (older shims take the rest)."""
+        doc: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            doc["tool_calls"] = calls_json(self.tool_calls)
+        if self.tool_name is not None:
+            doc["tool_name"] = self.tool_name
+        if self.tool_call_id is not None:
+            doc["tool_call_id"] = self.tool_call_id
+        return doc
+
+    def template_view(self) -> dict[str, Any]:
+        """The message as chat templates read it (Hugging Face's shape)."""
+        doc: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            doc["tool_calls"] = tool_messages_view(self.tool_calls)
+        if self.tool_name is not None:
+            doc["name"] = self.tool_name
+        if self.tool_call_id is not None:
+            doc["tool_call_id"] = self.tool_call_id
+        return doc
 
 
 @dataclass(frozen=True)
@@ -52,6 +90,10 @@ class GenerationRequest:
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: until end of generation or context
     stop: tuple[str, ...] = ()
     num_ctx: int | None = None  # a smaller context for this request (Ollama's num_ctx)
+    # functions the model may call (OpenAI's tool specs, checked by tool_calls.check_tools)
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str = "auto"  # "auto" | "none" | "required"
+    forced_tool: str | None = None  # the function that must be called (tool_choice "required")
 
     def __post_init__(self) -> None:
         if not self.messages and self.prompt is None:
@@ -62,25 +104,26 @@ class GenerationRequest:
             raise ValueError("stop strings must not be empty")
         if self.num_ctx is not None and not 1 <= self.num_ctx <= MAX_NUM_CTX:
             raise ValueError(f"num_ctx must be in [1, {MAX_NUM_CTX}]")
+        check_choice(self.tool_choice, self.forced_tool, self.tools)
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         """Messages for the chat template, the system prompt first."""
         out = []
         if self.system:
             out.append({"role": "system", "content": self.system})
         if self.messages:
-            out.extend({"role": m.role, "content": m.content} for m in self.messages)
+            out.extend(m.template_view() for m in self.messages)
         else:
             out.append({"role": "user", "content": self.prompt or ""})
         return out
 
     # ---- wire ------------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
-        """A JSON-able object with every field (``num_ctx`` only when set, so shims that
-        predate it still take the request); ``from_wire`` reads it back."""
+        """A JSON-able object with every field (``num_ctx`` and the tool fields only when set,
+        so shims that predate them still take the request); ``from_wire`` reads it back."""
         doc: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "messages": [m.to_dict() for m in self.messages],
             "prompt": self.prompt,
             "system": self.system,
             "raw": self.raw,
@@ -90,6 +133,12 @@ class GenerationRequest:
         }
         if self.num_ctx is not None:
             doc["num_ctx"] = self.num_ctx
+        if self.tools:
+            doc["tools"] = list(self.tools)
+        if self.tool_choice != "auto":
+            doc["tool_choice"] = self.tool_choice
+        if self.forced_tool is not None:
+            doc["forced_tool"] = self.forced_tool
         return doc
 
     @classmethod
@@ -113,14 +162,7 @@ class GenerationRequest:
         raw_messages = doc.get("messages", [])
         if type(raw_messages) is not list or len(raw_messages) > MAX_MESSAGES:
             raise RequestError(f"messages must be a list of at most {MAX_MESSAGES}")
-        messages = []
-        for i, m in enumerate(raw_messages):
-            if type(m) is not dict or set(m) != {"role", "content"}:
-                raise RequestError(f"messages[{i}] must be an object with role and content only")
-            role = m["role"]
-            if type(role) is not str or role not in ROLES:
-                raise RequestError(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}")
-            messages.append(Message(role, text.take(f"messages[{i}].content", m["content"])))
+        messages = [_message_from_wire(i, m, text) for i, m in enumerate(raw_messages)]
 
         prompt, system = (doc.get(k) for k in ("prompt", "system"))
         prompt = None if prompt is None else text.take("prompt", prompt)
@@ -148,13 +190,40 @@ class GenerationRequest:
         num_ctx = doc.get("num_ctx")
         if num_ctx is not None and not (type(num_ctx) is int and 1 <= num_ctx <= MAX_NUM_CTX):
             raise RequestError(f"num_ctx must be null or an integer in [1, {MAX_NUM_CTX}]")
+        tool_choice, forced_tool = doc.get("tool_choice", "auto"), doc.get("forced_tool")
         try:
+            tools = check_tools(doc.get("tools"))
+            if type(tool_choice) is not str or type(forced_tool) not in (str, type(None)):
+                raise RequestError("tool_choice and forced_tool must be strings")
             return cls(
                 model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop),
-                num_ctx,
+                num_ctx, tools, tool_choice, forced_tool,
             )  # fmt: skip
         except ValueError as exc:  # the dataclass's own rules (messages or a prompt, ...)
             raise RequestError(str(exc)) from exc
+
+
+def _message_from_wire(i: int, m: object, text: _TextBudget) -> Message:
+    if type(m) is not dict or not {"role", "content"} <= set(m) <= _MESSAGE_KEYS:
+        raise RequestError(f"messages[{i}] must be an object with role, content and tool fields")
+    role = m["role"]
+    if type(role) is not str or role not in ROLES:
+        raise RequestError(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}")
+    content = text.take(f"messages[{i}].content", m["content"])
+    refs = {}
+    for key in ("tool_name", "tool_call_id"):
+        value = m.get(key)
+        if value is not None and not (type(value) is str and len(value) <= MAX_TOOL_REF_CHARS):
+            raise RequestError(f"messages[{i}].{key}: at most {MAX_TOOL_REF_CHARS} characters")
+        refs[key] = None if value is None else text.take(f"messages[{i}].{key}", value)
+    try:
+        calls = calls_from_json(m.get("tool_calls", []))
+        if calls:  # arguments count against the request's text like any other text
+            args = json.dumps(calls_json(calls), ensure_ascii=False)
+            text.take(f"messages[{i}].tool_calls", args)
+    except ToolSpecError as exc:
+        raise RequestError(f"messages[{i}].{exc}") from exc
+    return Message(role, content, calls, refs["tool_name"], refs["tool_call_id"])
 
 
 class _TextBudget:

@@ -21,6 +21,7 @@ from llm_omninode.backend.registry import ModelNotFound
 from llm_omninode.backend.runtime import prompt_ids
 from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.spec import ModelSpec
+from llm_omninode.backend.tool_calls import ToolCall, reply_stream, split_chunk
 from llm_omninode.net import frames as F
 from llm_omninode.net.quic import NetError
 from llm_omninode.request import GenerationRequest, RequestError
@@ -365,8 +366,11 @@ class Coordinator:
                 ):  # changed while queued
                     await self.load(request.model, keep_alive)
                     state = self._plans[model_id]
+                calls = reply_stream(model.template, request)
+                found: list[ToolCall] = []
                 async for chunk in self._recovering(job, state, keep_alive):
-                    yield chunk
+                    for out in split_chunk(calls, chunk, found) if calls else (chunk,):
+                        yield out
             finally:
                 slot.release()
         finally:

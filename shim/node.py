@@ -38,6 +38,7 @@ from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.speed import measure as measure_speed
 from llm_omninode.backend.stage_engine import engine_name
 from llm_omninode.backend.stage_engine import preload as preload_engine
+from llm_omninode.backend.tool_calls import calls_json
 from llm_omninode.home import SHIM_STATE_FILE
 from llm_omninode.net import frames as F
 from llm_omninode.net.admission import Admission, create_cluster_secret, save_cluster_secret
@@ -308,6 +309,12 @@ class Node:
                         completion_tokens=chunk.completion_tokens,
                         **{k: round(v, 6) for k, v in timings.items()},
                     )
+                if chunk.tool_calls:  # a call the reply made: its JSON, marked as such
+                    payload = json.dumps(calls_json(chunk.tool_calls)).encode("utf-8")
+                    data = F.stream_data_frame(frame.id, seq, payload, kind="tool_calls")
+                    await stream.send(data)
+                    seq += 1
+                    continue
                 await stream.send(
                     F.stream_data_frame(
                         frame.id, seq, chunk.text.encode("utf-8"), tokens=list(chunk.token_ids)

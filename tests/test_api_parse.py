@@ -113,7 +113,12 @@ def test_chat_messages_and_their_checks():
         Message("user", "U2"),
     )  # fmt: skip
     refused(parse_ollama_chat, {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "role")
-    refused(parse_ollama_chat, {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "tool")
+    calls = [{"function": {"name": "f", "arguments": {}}}]
+    refused(
+        parse_ollama_chat,
+        {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": calls}]},
+        "tool_calls",
+    )
     refused(parse_ollama_chat, {**CHAT, "messages": [{"role": "user", "content": 5}]}, "content")
     refused(parse_ollama_chat, {**CHAT, "messages": [{"role": "user", "content": "x",
                                                       "images": ["aGk="]}]}, "images")  # fmt: skip

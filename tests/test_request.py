@@ -129,7 +129,7 @@ HOSTILE = [
     ("message not an object", doc(messages=["hi"]), "messages[0]"),
     ("message extra key", msg(role="user", content="hi", name="x"), "messages[0]"),
     ("message missing content", msg(role="user"), "messages[0]"),
-    ("bad role", msg(role="tool", content="hi"), "messages[0].role"),
+    ("bad role", msg(role="robot", content="hi"), "messages[0].role"),
     ("role not a string", msg(role=["user"], content="hi"), "messages[0].role"),
     ("content not a string", msg(role="user", content=5), "messages[0].content"),
     ("content null", msg(role="user", content=None), "messages[0].content"),

@@ -18,11 +18,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .sampling import Sampler, SamplingOptions
 from .tokenizer import IncrementalDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from .tool_calls import ToolCall
 
 NextToken = Callable[[str, np.ndarray, "SamplingOptions | None"], int]
 
@@ -35,6 +39,8 @@ class Chunk:
     done_reason: str | None = None  # "stop" (end token or stop string) | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # calls the reply made (tool_calls.split_chunk): each as it is found, all on the last chunk
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class TokenPicker:

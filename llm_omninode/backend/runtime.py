@@ -24,6 +24,7 @@ from .stage_engine import new_stage
 from .store import ShardStore
 from .tensor_data import TensorData
 from .tokenizer import Tokenizer
+from .tool_calls import reply_prefix, tool_variables
 
 
 def stage_tensors(
@@ -55,7 +56,9 @@ def prompt_ids(
     if request.raw:
         text = request.prompt or ""
     else:
-        text = template.render(request.chat_messages(), add_generation_prompt=True)
+        text = template.render(request.chat_messages(), add_generation_prompt=True,
+                               **tool_variables(template, request))  # fmt: skip
+        text += reply_prefix(template, request)
     bos = tokenizer.bos_id
     # a template that writes the BOS text itself must not get a second one
     bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""

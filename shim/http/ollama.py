@@ -17,6 +17,7 @@ from llm_omninode import __version__
 from llm_omninode.backend import describe
 from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound, check_alias
+from llm_omninode.backend.tool_calls import template_format
 
 from . import listing
 from .bodies import iso, now_iso, read_json, start_stream, write_ndjson
@@ -30,6 +31,7 @@ from .parse import (
 )
 from .run import Run, as_api_error, raise_as_api_error, resolve_for_api, start_run
 from .service import SERVICE_KEY, ModelRunner
+from .tools import ollama_calls
 
 # the Ollama API level these routes follow; clients compare it against their minimums
 OLLAMA_API_VERSION = "0.12.0"
@@ -83,7 +85,7 @@ async def show(request: web.Request) -> web.Response:
         "template": template,
         "details": describe.details(manifest),
         "model_info": listing.model_info(manifest, verbose),
-        "capabilities": ["completion"],
+        "capabilities": ["completion", *(["tools"] if template_format(model.template) else [])],
         "modified_at": iso(listing.modified_time(service, manifest.model_id)),
     })  # fmt: skip
 
@@ -218,9 +220,12 @@ def _body(name: str, text: str, chat: bool) -> dict[str, Any]:
     return doc
 
 
-def _final(run: Run, last: Chunk, text: str, chat: bool) -> dict[str, Any]:
+def _final(run: Run, last: Chunk, text: str, chat: bool, calls: bool = True) -> dict[str, Any]:
+    body = _body(run.name, text, chat)
+    if chat and calls and last.tool_calls:  # streamed: each call went out as it came
+        body["message"]["tool_calls"] = ollama_calls(last.tool_calls)
     return {
-        **_body(run.name, text, chat),
+        **body,
         "done": True,
         "done_reason": last.done_reason or "stop",
         **run.durations_ns(),
@@ -239,10 +244,16 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
             text, last = await run.collect()
             return web.json_response(_final(run, last, text, chat))
         response = await start_stream(request, "application/x-ndjson")
+        sent = [0]  # calls streamed so far (their index)
 
         async def emit(chunk: Chunk) -> None:
             if chunk.done:
-                await write_ndjson(response, _final(run, chunk, "", chat))
+                await write_ndjson(response, _final(run, chunk, "", chat, calls=False))
+            elif chunk.tool_calls:  # a whole call in one line, as Ollama streams them
+                body = _body(run.name, "", chat)
+                body["message"]["tool_calls"] = ollama_calls(chunk.tool_calls, sent[0])
+                sent[0] += len(chunk.tool_calls)
+                await write_ndjson(response, {**body, "done": False})
             elif chunk.text:
                 await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
 

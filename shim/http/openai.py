@@ -21,6 +21,7 @@ from .bodies import read_json, start_stream, write_sse
 from .parse import ApiCall, ApiError, parse_openai_chat, parse_openai_completion
 from .run import Run, start_run
 from .service import SERVICE_KEY
+from .tools import openai_calls
 
 # Ollama reports "length" and "stop"; OpenAI's names are the same
 _FINISH = {"length": "length", "stop": "stop"}
@@ -92,8 +93,13 @@ class _Shape:
     def whole(self, text: str, last: Chunk) -> dict[str, Any]:
         finish = _FINISH.get(last.done_reason or "stop", "stop")
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish}  # fmt: skip
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if last.tool_calls:
+                message["content"] = text or None
+                message["tool_calls"] = openai_calls(last.tool_calls)
+                finish = "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": finish}  # fmt: skip
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return {**self._head(False), "choices": [choice], "usage": _usage(last)}
@@ -106,6 +112,13 @@ class _Shape:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head(True), "choices": [choice]}
+
+    def calls_delta(self, chunk: Chunk, first_index: int, first: bool) -> dict[str, Any]:
+        """A stream delta with whole calls (the client accumulates them by index)."""
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        delta["tool_calls"] = openai_calls(chunk.tool_calls, first_index, indexed=True)
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
         return {**self._head(True), "choices": [choice]}
 
     def usage_only(self, last: Chunk) -> dict[str, Any]:
@@ -121,16 +134,21 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
             text, last = await run.collect()
             return web.json_response(shape.whole(text, last))
         response = await start_stream(request, "text/event-stream")
-        first = True
+        first, calls = True, 0
 
         async def emit(chunk: Chunk) -> None:
-            nonlocal first
+            nonlocal first, calls
             if chunk.done:
                 finish = _FINISH.get(chunk.done_reason or "stop", "stop")
+                finish = "tool_calls" if calls else finish
                 await write_sse(response, shape.delta(None if chat else "", finish, first))
                 if call.include_usage:
                     await write_sse(response, shape.usage_only(chunk))
                 await write_sse(response, "[DONE]")
+            elif chunk.tool_calls and chat:
+                await write_sse(response, shape.calls_delta(chunk, calls, first))
+                calls += len(chunk.tool_calls)
+                first = False
             elif chunk.text:
                 await write_sse(response, shape.delta(chunk.text, None, first))
                 first = False

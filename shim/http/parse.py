@@ -2,7 +2,7 @@
 
 Pure functions, no I/O. Each body is checked as hostile input: exact JSON types (a bool is not a
 number), every range, and one exception, ``ApiError``, carrying the HTTP status and a message
-that names the field. Fields we know but do not support yet (``format``, ``tools``, ``images``,
+that names the field. Fields we know but do not support yet (``format``, ``images``,
 ``think``, ...) are refused with 400 when they ask for something; an empty or neutral value
 asks for nothing and passes. Fields nobody has defined are ignored, as Ollama does, so newer
 clients keep working.
@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from llm_omninode.backend.sampling import SamplingError, SamplingOptions
+from llm_omninode.backend.tool_calls import ToolSpecError
 from llm_omninode.request import GenerationRequest, Message, RequestError
+
+from . import tools as tool_bodies
 
 
 class ApiError(Exception):
@@ -217,7 +220,6 @@ def _ollama_call(body: dict[str, Any], build: Callable[[OllamaOptions], Generati
     stream = get_bool(body, "stream", True)
     keep_alive = parse_keep_alive(body.get("keep_alive"))
     refuse_if_set(body, ("format",), " (structured output)")
-    refuse_if_set(body, ("tools",), " (tool calling)")
     refuse_if_set(body, ("think",), " (this model does not think)")
     refuse_if_set(body, ("logprobs", "top_logprobs"))
     request = build(parse_ollama_options(body.get("options")))
@@ -226,6 +228,7 @@ def _ollama_call(body: dict[str, Any], build: Callable[[OllamaOptions], Generati
 
 def parse_ollama_generate(body: dict[str, Any]) -> ApiCall:
     refuse_if_set(body, ("images",), " (this model reads text only)")
+    refuse_if_set(body, ("tools",), " (send tools to /api/chat)")
     refuse_if_set(body, ("suffix",), " (fill-in-the-middle)")
     refuse_if_set(body, ("template",), " (the model's own chat template is used)")
     refuse_if_set(body, ("context",), " (send the conversation to /api/chat instead)")
@@ -243,7 +246,14 @@ def parse_ollama_generate(body: dict[str, Any]) -> ApiCall:
     return _ollama_call(body, build)
 
 
-_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def _tool_fields(body: dict[str, Any], openai: bool = False) -> dict[str, Any]:
+    try:
+        return tool_bodies.tool_fields(body, openai=openai)
+    except ToolSpecError as exc:
+        raise bad(str(exc)) from exc
 
 
 def parse_messages(raw: object, *, openai: bool = False) -> tuple[Message, ...]:
@@ -255,11 +265,11 @@ def parse_messages(raw: object, *, openai: bool = False) -> tuple[Message, ...]:
         if type(m) is not dict:
             raise bad(f"messages[{i}] must be an object")
         role = m.get("role")
-        if role == "tool" or (openai and role == "function"):
-            raise bad(f"messages[{i}].role {role!r} is not supported yet (tool calling)")
+        if openai and role == "function":
+            raise bad(f"messages[{i}].role 'function' is not supported (use tools)")
         if type(role) is not str or role not in roles:
             raise bad(f"messages[{i}].role must be one of {', '.join(sorted(roles))}")
-        for field in ("images", "tool_calls", "function_call", "audio"):
+        for field in ("images", "function_call", "audio"):
             if _asks(m.get(field)):
                 raise bad(f"messages[{i}].{field} is not supported yet")
         content = m.get("content")
@@ -269,8 +279,11 @@ def parse_messages(raw: object, *, openai: bool = False) -> tuple[Message, ...]:
             content = ""
         if type(content) is not str:
             raise bad(f"messages[{i}].content must be a string")
-        out.append(Message(roles[role], content))
-    return tuple(out)
+        try:
+            out.append(tool_bodies.message(roles[role], content, m, f"messages[{i}]"))
+        except ToolSpecError as exc:
+            raise bad(str(exc)) from exc
+    return tool_bodies.name_results(tuple(out))
 
 
 def _text_parts(parts: list, where: str) -> str:
@@ -296,6 +309,7 @@ def parse_ollama_chat(body: dict[str, Any]) -> ApiCall:
         return _request(
             model=get_model(body), messages=messages, options=o.sampling,
             max_tokens=o.max_tokens, stop=o.stop, num_ctx=o.num_ctx,
+            **_tool_fields(body),
         )  # fmt: skip
 
     return _ollama_call(body, build)
@@ -303,7 +317,7 @@ def parse_ollama_chat(body: dict[str, Any]) -> ApiCall:
 
 # ---- OpenAI bodies ---------------------------------------------------------------------------
 def _openai_sampling(body: dict[str, Any]) -> tuple[SamplingOptions, int | None, tuple[str, ...]]:
-    refuse_if_set(body, ("tools", "functions", "tool_choice"), " (tool calling)")
+    refuse_if_set(body, ("functions", "function_call"), " (send tools instead)")
     refuse_if_set(body, ("logprobs", "top_logprobs", "logit_bias"))
     refuse_if_set(body, ("presence_penalty", "frequency_penalty"))
     fmt = body.get("response_format")
@@ -342,7 +356,7 @@ def parse_openai_chat(body: dict[str, Any]) -> ApiCall:
         raise bad("messages must not be empty")
     sampling, max_tokens, stop = _openai_sampling(body)
     request = _request(model=model, messages=messages, options=sampling, max_tokens=max_tokens,
-                       stop=stop)  # fmt: skip
+                       stop=stop, **_tool_fields(body, openai=True))  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
 
 
@@ -354,6 +368,7 @@ def parse_openai_completion(body: dict[str, Any]) -> ApiCall:
     if type(prompt) is not str:
         raise bad("prompt must be a string (one prompt per request)")
     refuse_if_set(body, ("suffix",), " (fill-in-the-middle)")
+    refuse_if_set(body, ("tools", "tool_choice"), " (send tools to /v1/chat/completions)")
     refuse_if_set(body, ("echo",))
     if body.get("best_of") not in (None, 1):
         raise bad("best_of must be 1")
