@@ -104,7 +104,8 @@ class GenerationRequest:
             raise ValueError("stop strings must not be empty")
         if self.num_ctx is not None and not 1 <= self.num_ctx <= MAX_NUM_CTX:
             raise ValueError(f"num_ctx must be in [1, {MAX_NUM_CTX}]")
-        check_choice(self.tool_choice, self.forced_tool, self.tools)
+        choice, _ = check_choice(self.tool_choice, self.forced_tool, self.tools)
+        object.__setattr__(self, "tool_choice", choice)  # a named function is required
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """Messages for the chat template, the system prompt first."""

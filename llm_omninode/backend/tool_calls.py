@@ -334,6 +334,7 @@ class ToolCallStream:
         self.max_chars = max_chars  # a call longer than this is given up and shown as text
         self.buf = ""
         self.inside = False  # hermes: in a <tool_call> block
+        self.after_call = False  # hermes: a block just ended
         self.whole: bool | None = None  # a reply held whole; None until its start is seen
         self.calls = 0
         self.feed(prefix)  # a call's start: nothing of it is content yet
@@ -386,6 +387,8 @@ class ToolCallStream:
 
     def _hermes(self, out: list[str | ToolCall], final: bool) -> None:
         while True:
+            if self.after_call and self.buf:  # the newline between calls is not content
+                self.buf, self.after_call = self.buf.removeprefix("\n"), False
             if not self.inside:
                 at = self.buf.find(OPEN)
                 if at < 0:
@@ -399,13 +402,14 @@ class ToolCallStream:
             if end < 0 and not final and len(self.buf) <= self.max_chars:
                 return
             body = self.buf if end < 0 else self.buf[:end]
-            calls = parse_hermes_block(body)
+            cut = _partial_tail(body, CLOSE) if end < 0 else 0  # "...}\n</tool" at the end
+            calls = parse_hermes_block(body[: len(body) - cut])
             rest = "" if end < 0 else self.buf[end + len(CLOSE) :]
             if calls is None:  # junk: shown as the model wrote it
                 out.append(OPEN + body + ("" if end < 0 else CLOSE))
             else:
                 out.extend(self._take(calls))
-                rest = rest.removeprefix("\n")
+                self.after_call = True
             self.buf, self.inside = rest, False
             if not self.buf:
                 return
