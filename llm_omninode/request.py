@@ -9,6 +9,7 @@ type, ``RequestError``, whose message names the field.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,22 +57,18 @@ class Message:
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form; the tool fields only when set (older shims take the rest)."""
-        doc: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.tool_calls:
-            doc["tool_calls"] = calls_json(self.tool_calls)
-        if self.tool_name is not None:
-            doc["tool_name"] = self.tool_name
-        if self.tool_call_id is not None:
-            doc["tool_call_id"] = self.tool_call_id
-        return doc
+        return self._doc(calls_json, "tool_name")
 
     def template_view(self) -> dict[str, Any]:
         """The message as chat templates read it (Hugging Face's shape)."""
+        return self._doc(tool_messages_view, "name")
+
+    def _doc(self, calls: Callable[[tuple[ToolCall, ...]], Any], name_key: str) -> dict[str, Any]:
         doc: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            doc["tool_calls"] = tool_messages_view(self.tool_calls)
+            doc["tool_calls"] = calls(self.tool_calls)
         if self.tool_name is not None:
-            doc["name"] = self.tool_name
+            doc[name_key] = self.tool_name
         if self.tool_call_id is not None:
             doc["tool_call_id"] = self.tool_call_id
         return doc
