@@ -264,7 +264,15 @@ def parse_hermes_block(body: str) -> list[ToolCall] | None:
     return _calls_of(_loads(body.strip()))
 
 
-_FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n?(.*?)\n?[ \t]*```", re.DOTALL)
+def _unfenced(text: str) -> str:
+    """The inside of a Markdown code fence (```json ... ```), or the text as it is."""
+    if len(text) < 6 or not (text.startswith("```") and text.endswith("```")):
+        return text
+    inner = text[3:-3]
+    first, newline, rest = inner.partition("\n")
+    if newline and (not first.strip() or first.strip().isalnum()):  # a language tag
+        inner = rest
+    return inner.strip()
 
 
 def parse_whole(fmt: ToolFormat, text: str) -> list[ToolCall] | None:
@@ -275,9 +283,7 @@ def parse_whole(fmt: ToolFormat, text: str) -> list[ToolCall] | None:
     if fmt == "mistral" and body.startswith("[TOOL_CALLS]"):
         body = body.removeprefix("[TOOL_CALLS]").strip()
     body = body.removeprefix("<|python_tag|>").strip()
-    fenced = _FENCE.fullmatch(body)
-    if fenced:
-        body = fenced.group(1).strip()
+    body = _unfenced(body)
     if not body.startswith(("{", "[")):
         return None
     whole = _calls_of(_loads(body))
