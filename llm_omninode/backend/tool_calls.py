@@ -341,6 +341,7 @@ class ToolCallStream:
         self.buf = ""
         self.inside = False  # hermes: in a <tool_call> block
         self.after_call = False  # hermes: a block just ended
+        self.scanned = 0  # hermes: how much of the block was searched for its end
         self.whole: bool | None = None  # a reply held whole; None until its start is seen
         self.calls = 0
         self.feed(prefix)  # a call's start: nothing of it is content yet
@@ -403,9 +404,10 @@ class ToolCallStream:
                     self.buf = self.buf[len(self.buf) - keep :]
                     return
                 out.append(self.buf[:at])
-                self.buf, self.inside = self.buf[at + len(OPEN) :], True
-            end = self.buf.find(CLOSE)
+                self.buf, self.inside, self.scanned = self.buf[at + len(OPEN) :], True, 0
+            end = self.buf.find(CLOSE, self.scanned)  # only where a new tag can be
             if end < 0 and not final and len(self.buf) <= self.max_chars:
+                self.scanned = max(0, len(self.buf) - len(CLOSE) + 1)
                 return
             body = self.buf if end < 0 else self.buf[:end]
             cut = _partial_tail(body, CLOSE) if end < 0 else 0  # "...}\n</tool" at the end
