@@ -180,6 +180,7 @@ def test_chunks_split_into_content_and_calls():
     assert [c.text for c in out] == ["Hi "] and out[0].token_ids == (1, 2)
     out = split_chunk(stream, Chunk("</tool_call>", (3,)), found)
     assert out[0].tool_calls == (ToolCall("f", {}),)
+    assert out[1] == Chunk("", token_ids=(3,))  # held text's ids still count
     done = Chunk("", done=True, done_reason="stop", prompt_tokens=5, completion_tokens=3)
     (last,) = split_chunk(stream, done, found)
     assert last.done and last.tool_calls == (ToolCall("f", {}),) and last.prompt_tokens == 5

@@ -443,8 +443,8 @@ def split_chunk(stream: ToolCallStream, chunk: Chunk, found: list[ToolCall]) -> 
             ids = ()
     if chunk.done:
         out.append(replace(chunk, text="", token_ids=ids, tool_calls=tuple(found)))
-    elif ids and out:
-        out[-1] = replace(out[-1], token_ids=out[-1].token_ids + ids)
+    elif ids:  # text held back: its ids still count (the request log's tokens/s)
+        out.append(Chunk("", token_ids=ids))
     return out
 
 
