@@ -156,6 +156,7 @@ def test_list_show_ps_copy_delete(shim: Shim):
     assert model.details.parameter_size == "135M" and model.size > 50_000_000
     info = c.show("smollm2")
     assert "completion" in info.capabilities and "im_start" in info.template
+    assert "tools" not in info.capabilities  # its template has none
     assert info.modelinfo["general.architecture"] == "llama"
     assert info.modelinfo["llama.block_count"] == 30
     assert info.modelinfo["tokenizer.ggml.tokens"] is None  # the vocabulary only when verbose
