@@ -59,11 +59,16 @@ QWEN = (
     "<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-# what Llama 3.1's and Mistral's templates show of their syntax
+# written like Llama 3.1's: one call an assistant turn, results as "ipython" turns
 LLAMA3 = (
-    '{%- if tools %}Respond with {"name": function name, "parameters": arguments}{% endif %}'
-    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}"
-    "{% endfor %}<|python_tag|>"
+    "{%- for m in messages %}{%- if 'tool_calls' in m %}"
+    "{%- set call = m.tool_calls[0].function %}<|start_header_id|>assistant<|end_header_id|>"
+    '{{- \'{"name": "\' + call.name + \'", "parameters": \' }}{{- call.arguments | tojson }}'
+    "{{- '}<|eot_id|>' }}{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>"
+    "{{- m.content | trim }}<|eot_id|>{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+    "{{- m.content | trim }}{% if tools and loop.last %} Functions: "
+    "{% for t in tools %}{{ t | tojson }}{% endfor %}{% endif %}<|eot_id|>{%- endif %}{%- endfor %}"
+    "<|start_header_id|>assistant<|end_header_id|>"
 )
 MISTRAL = "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}[TOOL_CALLS]{% endif %}"
 SMOLLM2 = (
@@ -75,6 +80,7 @@ SMOLLM2 = (
 def test_which_syntax_a_template_teaches():
     assert tool_format(QWEN) == "hermes"
     assert tool_format(LLAMA3) == "llama3"
+    assert tool_format("{% if tools %}<|python_tag|>{% endif %}") == "llama3"
     assert tool_format(MISTRAL) == "mistral"
     assert tool_format(SMOLLM2) is None and tool_format(None) is None  # gemma3: no template
 
@@ -100,6 +106,21 @@ def test_rendering_with_tools_calls_and_results():
     # no tools, or tool_choice none: rendered without them
     plain = GenerationRequest(model="m", messages=history, tools=TOOLS, tool_choice="none")
     assert tool_variables(template, plain) == {} and reply_stream(template, plain) is None
+
+
+def test_rendering_llama3_style():
+    history = (
+        Message("user", "Weather in Paris?"),
+        Message("assistant", "", (ToolCall("get_weather", {"city": "Paris"}),)),
+        Message("tool", " 22 C ", tool_name="get_weather"),
+        Message("user", "And?"),
+    )
+    r = GenerationRequest(model="m", messages=history, tools=TOOLS)
+    template = ChatTemplate(LLAMA3)
+    text = template.render(r.chat_messages(), **tool_variables(template, r))
+    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>' in text
+    assert "ipython<|end_header_id|>22 C<|eot_id|>" in text and '"get_weather"' in text
+    assert parse_calls("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}')[1]
 
 
 def test_a_model_without_tool_support_refuses_tools():
