@@ -349,3 +349,32 @@ def test_llm_prompt_chain_becomes_messages():
     assert spec["function"]["parameters"]["properties"]["city"]["type"] == "string"
     built = model.build_request(prompt, None)
     assert built.tools == (spec,) and built.messages == messages
+
+
+def test_the_pulled_models_templates(qwen2_path, gemma3_path, smollm2_path):
+    """Qwen2.5-Coder's template takes tools (hermes); gemma3's file has no template and
+    SmolLM2-135M's is plain ChatML: neither does."""
+    from llm_omninode.backend.gguf import open_gguf
+
+    def template(path) -> ChatTemplate:
+        with open_gguf(path) as f:
+            return ChatTemplate.from_metadata(f.metadata)
+
+    qwen = template(qwen2_path)
+    assert tool_format(qwen.source) == "hermes"
+    r = GenerationRequest(
+        model="q", tools=TOOLS, messages=(
+            Message("user", "Weather in Paris?"),
+            Message("assistant", "", (ToolCall("get_weather", {"city": "Paris"}),)),
+            Message("tool", "22 C", tool_name="get_weather"),
+        ),
+    )  # fmt: skip
+    text = qwen.render(r.chat_messages(), **tool_variables(qwen, r))
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    )
+    assert "<|im_start|>user\n<tool_response>\n22 C\n</tool_response><|im_end|>" in text
+    for other in (template(gemma3_path), template(smollm2_path)):
+        with pytest.raises(ToolSpecError, match="does not support tools"):
+            tool_variables(other, r)
