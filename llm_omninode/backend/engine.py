@@ -20,6 +20,7 @@ import numpy as np
 from .blocks import Block, Loader
 from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
 from .linear import Linear
+from .pooling import Pooler
 from .quant import TensorData, Weight
 from .spec import ModelSpec
 from .stage_base import SequenceStage, check_seq_id, result_or_error
@@ -125,7 +126,9 @@ class Stage(SequenceStage):
         c = self.spec.final_softcap
         return logits if c is None else mx.tanh(logits / c) * c
 
-    def _run(self, x: np.ndarray, cache: KVCache, all_logits: bool) -> mx.array:
+    def _run(
+        self, x: np.ndarray, cache: KVCache, all_logits: bool, pool: str | None = None
+    ) -> mx.array:
         s = self.spec.boundary_scale  # a power of two: scaling is exact
         h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
         h = h[None]
@@ -135,6 +138,9 @@ class Stage(SequenceStage):
             if self.hidden_dtype == np.float32:
                 return h[0].astype(mx.float32)
             return (h[0] * s).astype(mx.float16)
+        if pool is not None:  # the final-norm states a Pooler asked for, not logits
+            rows = h[0] if pool == "all" else h[0, :1] if pool == "first" else h[0, -1:]
+            return mx.fast.rms_norm(rows, self.output_norm, self.spec.rms_eps).astype(mx.float32)
         assert self.output is not None
         h = mx.fast.rms_norm(h[0] if all_logits else h[0, -1], self.output_norm, self.spec.rms_eps)
         return self._softcap(self.output(h).astype(mx.float32))
@@ -167,3 +173,19 @@ class Stage(SequenceStage):
         if self.is_last and not all_logits:
             return np.array(outs[-1])
         return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))
+
+    def embed(self, seq_id: str, x: np.ndarray, pooler: Pooler) -> None:
+        """Run ``x`` (the sequence's next positions, as ``forward``) on the last stage and
+        hand their final-norm states to ``pooler``, a chunk at a time."""
+        if not self.is_last:
+            raise ValueError("only the last stage pools an embedding")
+        check_seq_id(seq_id)
+        x = self._check_input(x)
+        with self._lock:
+            cache = self._reserve(seq_id, x.shape[0])
+            for s in range(0, x.shape[0], PREFILL_CHUNK):
+                chunk = x[s : s + PREFILL_CHUNK]
+                out = self._run(chunk, cache, False, pooler.rows())
+                mx.eval(out, cache.state())
+                cache.commit(chunk.shape[0])
+                pooler.add(np.array(out), chunk.shape[0])
