@@ -7,6 +7,7 @@ HELLO              -> INFO: node id, version, device, memory budget, speed, shar
                       name
 SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transfer.py)
 ``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts
+``embed``          -> the texts' embeddings (shim/embedding.py ``serve_embed``)
 ``peers``          -> this node and the peers it knows (``llm omni peers``)
 ``status``         -> plans made here and stages hosted here (``llm omni status``)
 ``models``         -> alias -> model id of the models held here
@@ -49,6 +50,7 @@ from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
 from .coordinator import DEFAULT_PARALLEL, Coordinator
+from .embedding import Embedder, serve_embed
 from .errors import CoordinatorError
 from .http.server import ApiConfig, ApiServer
 from .http.service import ApiService
@@ -120,6 +122,7 @@ class Node:
             metrics=self.metrics,
         )
         self.coordinator = Coordinator(self, config.parallel)
+        self.embedder = Embedder(self.coordinator, self.max_context)
         self.coordinator.prefixes.enabled = config.prefix_reuse
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         # generations coordinated here (the cluster page's; each one's figures to /metrics)
@@ -251,6 +254,8 @@ class Node:
         try:
             if method == "generate":
                 return await self._generate(frame, stream)
+            if method == "embed":
+                return await serve_embed(self.embedder, frame)
             if method == "pipeline":
                 self.pipelines += 1
                 try:
@@ -412,7 +417,8 @@ class Node:
         if self.config.api is not None:  # first: a taken port should fail before anything runs
             service = ApiService(self.coordinator, self.registry, self.peers.model_aliases,
                                  self.max_context, self.metrics.render,
-                                 ClusterView(self).snapshot, self.requests)  # fmt: skip
+                                 ClusterView(self).snapshot, self.requests,
+                                 self.embedder)  # fmt: skip
             self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(

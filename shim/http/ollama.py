@@ -16,6 +16,7 @@ from aiohttp import web
 from llm_omninode import __version__
 from llm_omninode.backend import describe
 from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.pooling import has_pooling
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 
 from . import listing
@@ -83,7 +84,8 @@ async def show(request: web.Request) -> web.Response:
         "template": template,
         "details": describe.details(manifest),
         "model_info": listing.model_info(manifest, verbose),
-        "capabilities": ["completion"],
+        # as Ollama: a GGUF that says how to pool is an embedding model, others complete
+        "capabilities": ["embedding"] if has_pooling(manifest.metadata) else ["completion"],
         "modified_at": iso(listing.modified_time(service, manifest.model_id)),
     })  # fmt: skip
 
