@@ -24,6 +24,18 @@ def register_models(register):
 
 
 @llm.hookimpl
+def register_embedding_models(register):
+    from .llm_embed import OmniEmbeddingModel
+
+    try:
+        aliases = read_aliases()
+    except Exception:  # a broken data dir must never break `llm` itself
+        aliases = {}
+    for alias in sorted(aliases):
+        register(OmniEmbeddingModel(alias))
+
+
+@llm.hookimpl
 def register_commands(cli):
     from . import cluster_cli
     from .models_cli import omni
