@@ -508,31 +508,21 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
             if header["pool"] not in POOLINGS:
                 raise PipelineError(f"pool must be one of {POOLINGS}")
             pool = PoolTail(Pooler(header["pool"], hosted.spec.d_model), stream.send)
-            return await _serve_pool(hosted, seq, pool, first, stream)
+            return await _hold(hosted.pools, seq, pool, first, stream)
         recent = check_recent(header.get("recent"), hosted.spec.vocab_size)
         options = SamplingOptions.from_dict(header.get("sampling"))
     except (PipelineError, ValueError) as exc:  # SamplingError is a ValueError
         return F.error_frame(_reply_code(exc), str(exc), first.id)
-    tail = Tail(TokenPicker(options, recent), stream.send)
-    hosted.tails[seq] = tail
-    try:
-        await stream.send(F.response_frame(first.id or 0))
-        async for frame in stream:  # the coordinator sends nothing more
-            return F.error_frame(F.ErrorCode.BAD_REQUEST, f"{frame.type.name} on a tail")
-    except (NetError, asyncio.CancelledError):
-        pass  # the coordinator went away: the sequence is over
-    finally:
-        if hosted.tails.get(seq) is tail:
-            del hosted.tails[seq]
-    return None
+    return await _hold(hosted.tails, seq, Tail(TokenPicker(options, recent), stream.send), first,
+                       stream)  # fmt: skip
 
 
-async def _serve_pool(
-    hosted: HostedStage, seq: str, pool: PoolTail, first: Frame, stream: FrameStream
+async def _hold(
+    table: dict[str, Any], seq: str, end: Tail | PoolTail, first: Frame, stream: FrameStream
 ) -> Frame | None:
-    """An embedding sequence's tail (``serve_tail`` with ``pool``): answered once ready, then
-    the pooled vector goes back on it when the prompt is in."""
-    hosted.pools[seq] = pool
+    """Keep a sequence's end (a sampler's Tail, or an embedding's PoolTail) in its stage's
+    ``table`` while the coordinator keeps the tail open; answered once it is ready."""
+    table[seq] = end
     try:
         await stream.send(F.response_frame(first.id or 0))
         async for frame in stream:  # the coordinator sends nothing more
@@ -540,6 +530,6 @@ async def _serve_pool(
     except (NetError, asyncio.CancelledError):
         pass  # the coordinator went away: the sequence is over
     finally:
-        if hosted.pools.get(seq) is pool:
-            del hosted.pools[seq]
+        if table.get(seq) is end:
+            del table[seq]
     return None

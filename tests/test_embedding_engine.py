@@ -80,7 +80,7 @@ def test_mean_is_the_mean_of_every_position(tiny, monkeypatch) -> None:
     (stage,) = tiny.stages([0, 4], "ggml")
     per = [embed([stage], PROMPT[: n + 1], "last") for n in range(len(PROMPT))]
     first = embed([stage], PROMPT, "cls")
-    monkeypatch.setattr("llm_omninode.backend.ggml_stage.PREFILL_CHUNK", 5)
+    monkeypatch.setattr(stage, "prefill_chunk", 5)
     np.testing.assert_allclose(embed([stage], PROMPT, "mean"), np.mean(per, axis=0), atol=1e-4)
     np.testing.assert_allclose(first, per[0], atol=1e-5)
 

@@ -20,7 +20,6 @@ import numpy as np
 from .blocks import Block, Loader
 from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
 from .linear import Linear
-from .pooling import Pooler
 from .quant import TensorData, Weight
 from .spec import ModelSpec
 from .stage_base import SequenceStage, check_seq_id, result_or_error
@@ -41,6 +40,8 @@ class Stage(SequenceStage):
     same two forms), or on the last stage float32 logits (vocab,) of the last position (of
     every position with ``all_logits=True``: (T, vocab)).
     """
+
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(
         self,
@@ -174,18 +175,8 @@ class Stage(SequenceStage):
             return np.array(outs[-1])
         return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))
 
-    def embed(self, seq_id: str, x: np.ndarray, pooler: Pooler) -> None:
-        """Run ``x`` (the sequence's next positions, as ``forward``) on the last stage and
-        hand their final-norm states to ``pooler``, a chunk at a time."""
-        if not self.is_last:
-            raise ValueError("only the last stage pools an embedding")
-        check_seq_id(seq_id)
-        x = self._check_input(x)
-        with self._lock:
-            cache = self._reserve(seq_id, x.shape[0])
-            for s in range(0, x.shape[0], PREFILL_CHUNK):
-                chunk = x[s : s + PREFILL_CHUNK]
-                out = self._run(chunk, cache, False, pooler.rows())
-                mx.eval(out, cache.state())
-                cache.commit(chunk.shape[0])
-                pooler.add(np.array(out), chunk.shape[0])
+    def _final_states(self, x: np.ndarray, cache: KVCache, rows: str) -> np.ndarray:
+        out = self._run(x, cache, False, rows)
+        mx.eval(out, cache.state())
+        cache.commit(x.shape[0])
+        return np.array(out)

@@ -27,7 +27,6 @@ from .ggml_graph import F16, F32, I32, I64, Graph, GraphBuilder, Weights
 from .ggml_kv import GgmlKV, GgmlSequences, attended
 from .ggml_types import GGMLType
 from .memory import KEPT_GRAPHS, MAX_BATCH, PREFILL_CHUNK
-from .pooling import Pooler
 from .spec import ModelSpec, UnsupportedModelError
 from .stage_base import SequenceStage, check_seq_id, leaving
 from .tensor_data import TensorData
@@ -72,6 +71,8 @@ class GgmlStage(SequenceStage):
     4 or more sequences at once, or a prompt cut into other pieces, rounds differently.
     ``kv_bytes``: the KV caches of all sequences together stay within it (SequenceLimitError).
     """
+
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(
         self,
@@ -380,21 +381,10 @@ class GgmlStage(SequenceStage):
             return np.concatenate(outs) if all_logits else outs[-1][0]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def embed(self, seq_id: str, x: np.ndarray, pooler: Pooler) -> None:
-        """Run ``x`` (the sequence's next positions, as ``forward``) on the last stage and
-        hand their final-norm states to ``pooler``, a chunk at a time: what it keeps is the
-        only state held past a chunk."""
-        if not self.is_last:
-            raise ValueError("only the last stage pools an embedding")
-        check_seq_id(seq_id)
-        x = self._check_input(x)
-        with self._lock:
-            cache = self._reserve(seq_id, x.shape[0])
-            for s in range(0, x.shape[0], PREFILL_CHUNK):
-                chunk = x[s : s + PREFILL_CHUNK]
-                out = self._run([chunk], [cache], False, pooler.rows())[0]
-                cache.commit(chunk.shape[0])
-                pooler.add(out, chunk.shape[0])
+    def _final_states(self, x: np.ndarray, cache: GgmlKV, rows: str) -> np.ndarray:
+        out = self._run([x], [cache], False, rows)[0]
+        cache.commit(x.shape[0])
+        return out
 
     @property
     def batches(self) -> bool:
