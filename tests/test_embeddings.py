@@ -19,6 +19,7 @@ import openai
 import pytest
 from support.shim_cluster import ShimCluster, leftovers
 from support.stage_model import Model
+from support.tiny_model import write_tiny_llama
 
 from llm_omninode.backend.pooling import Pooler, l2_normalized
 from llm_omninode.backend.registry import ModelRegistry
@@ -32,12 +33,13 @@ TOL = dict(rtol=2e-3, atol=2e-4)  # other threads and prompt pieces round differ
 
 
 class Reference:
-    """The in-process engine: one ggml stage of all SmolLM2's blocks, its last position's
-    final-norm state (SmolLM2's GGUF has no pooling type: a causal LM)."""
+    """The in-process engine: one ggml stage of all the model's blocks, its final-norm states
+    pooled (SmolLM2's GGUF has no pooling type, a causal LM: its last position's)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kind: str = "last") -> None:
         from llm_omninode.backend.ggml_stage import GgmlStage
 
+        self.kind = kind
         self.model = Model(path)
         self.tokenizer = Tokenizer.from_metadata(self.model.file.metadata)
         spec = self.model.spec
@@ -48,7 +50,7 @@ class Reference:
 
     def raw(self, text: str | list[int]) -> np.ndarray:
         ids = self.ids(text) if isinstance(text, str) else text
-        pooler = Pooler("last", self.model.spec.d_model)
+        pooler = Pooler(self.kind, self.model.spec.d_model)
         self.stage.embed("ref", np.asarray(ids, np.int32), pooler)
         self.stage.free("ref")
         return pooler.result()
@@ -63,10 +65,19 @@ def ref(smollm2_path: Path) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, smollm2_path: Path):
+def tiny_path(tmp_path_factory) -> Path:
+    """A tiny qwen2 GGUF that says how to pool: mean (llama.cpp's pooling_type 1)."""
+    where = tmp_path_factory.mktemp("tiny") / "tiny-mean.gguf"
+    return write_tiny_llama(where, arch="qwen2", pooling_type=1, chat_template=None)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, smollm2_path: Path, tiny_path: Path):
     root = tmp_path_factory.mktemp("embed")
     with ShimCluster(root, 2, extra_env={"OMNI_PREFILL_PIECE": "8"}) as c:
-        ModelRegistry(c.dirs[0]).add_file(smollm2_path, alias="smollm2")
+        registry = ModelRegistry(c.dirs[0])
+        registry.add_file(smollm2_path, alias="smollm2")
+        registry.add_file(tiny_path, alias="tinymean")
         c.start_all()
         c.wait_for_peers(2)
         yield c
@@ -89,12 +100,13 @@ def _status(cluster: ShimCluster, i: int) -> dict:
 
 
 def _stage_nodes(cluster: ShimCluster) -> list[str]:
-    """The nodes of the loaded plan's stages, as /api/ps lists them."""
+    """The nodes of SmolLM2's plan's stages, as /api/ps lists them."""
     parts = urlsplit(cluster.api_url(0))
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
         conn.request("GET", "/api/ps")
-        (row,) = json.loads(conn.getresponse().read())["models"]
+        rows = json.loads(conn.getresponse().read())["models"]
+        (row,) = [r for r in rows if r["name"] == "smollm2:latest"]
     finally:
         conn.close()
     return [s["node_id"] for s in row["stages"]]
@@ -160,6 +172,18 @@ def test_openai_and_langchain_clients(cluster: ShimCluster, ref: Reference):
 def test_llm_embed_cli(cluster: ShimCluster, ref: Reference):
     out = cluster.llm("embed", "-m", "omni/smollm2", "-c", TEXTS[0])
     _close(json.loads(out), ref.unit(TEXTS[0]))
+
+
+def test_a_model_that_says_how_to_pool(cluster: ShimCluster, tiny_path: Path):
+    """A GGUF with a pooling type (mean here) is an embedding model to /api/show, and its
+    vectors are the mean of every position's final state, prompt pieces included."""
+    client = ollama.Client(host=cluster.api_url(0))
+    assert client.show("tinymean").capabilities == ["embedding"]
+    ref = Reference(tiny_path, "mean")
+    long = " ".join(TEXTS * 3)  # several pieces of 8
+    out = client.embed(model="tinymean", input=[*TEXTS, long]).embeddings
+    for got, text in zip(out, [*TEXTS, long], strict=True):
+        _close(got, ref.unit(text))
 
 
 def test_bad_requests_are_400s(cluster: ShimCluster):

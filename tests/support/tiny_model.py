@@ -119,6 +119,7 @@ def write_tiny_llama(
     head_dim: int | None = None,
     sliding_window: int = 4,
     type_of: Callable[[str], GGMLType | None] | None = None,
+    pooling_type: int | None = None,
 ) -> Path:
     """Write a tiny GGUF of ``arch`` (llama, qwen2 or gemma3) to ``path`` and return it.
 
@@ -166,6 +167,8 @@ def write_tiny_llama(
         metadata["gemma3.attention.sliding_window"] = GGUFValue(sliding_window, u32)
     if chat_template is not None:
         metadata["tokenizer.chat_template"] = chat_template
+    if pooling_type is not None:  # an embedding model's (llama.cpp's codes: 1 mean, 2 cls...)
+        metadata[f"{arch}.pooling_type"] = GGUFValue(pooling_type, u32)
 
     def weight(name: str, rows: int, cols: int, ggml_type: GGMLType, scale: float = 0.08):
         ggml_type = (type_of(name) if type_of else None) or ggml_type
