@@ -1,9 +1,10 @@
 """Embeddings over a model's plan: each input is one prefill-only sequence round the ring.
 
-The coordinator's plan and loaded stages serve as they are (shim/coordinator.py ``load``,
-``plan_for``, ``route``). Stage 0 gets the input's ids, hidden states go stage to stage as
-for a prompt (in pieces of OMNI_PREFILL_PIECE), and the last stage, whose tail was opened with
-``pool`` (shim/pipeline.py ``pool_tail_frame``), pools its final-norm states
+Generation's plans and stages serve as they are (shim/lifecycle.py loads the model and keeps
+it while an embedding uses it; the route is shim/generation.py's). Stage 0 gets the input's
+ids, hidden states go stage to stage as for a prompt (in pieces of OMNI_PREFILL_PIECE), and
+the last stage, whose tail was opened with ``pool`` (shim/pipeline.py ``pool_tail_frame``),
+pools its final-norm states
 (backend/pooling.py: the GGUF's pooling type, the last position for a causal LM) and answers
 once with the vector: a STEP frame flagged pooled, float32, its length checked against the
 model width here. The sequence is then ended on every stage, its KV caches freed.
@@ -19,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,16 +50,17 @@ RECOVERIES = 3  # re-plans one input may go through (a lost node, an unloaded st
 BUSY_RETRIES = 40  # a last stage full of other sequences: retry, 0.25..2 s apart
 
 
-class Runner(Protocol):
-    """What an embedding pass uses of the coordinator."""
-
-    here: Here
+class Models(Protocol):
+    """What embeddings use of the models coordinated here (shim/lifecycle.py's
+    ModelLifecycle is one)."""
 
     async def load(self, name: str, keep_alive: float | None = None) -> ModelText: ...
 
-    async def plan_for(self, model: ModelText) -> PlanState: ...
+    def plan_of(self, model_id: str) -> PlanState | None: ...
 
-    def route(self, plan: Plan) -> list[Hop]: ...
+    def hold(self, model_id: str) -> None: ...
+
+    def release(self, model_id: str, keep_alive: float | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -165,10 +167,19 @@ def input_ids(
 
 
 class Embedder:
-    """Embeds inputs with a model over the coordinator's plan for it."""
+    """Embeds inputs with a model over its plan: ``models`` loads it and keeps it loaded while
+    in use, ``route`` gives a plan's hops (shim/generation.py's), ``here`` is this node."""
 
-    def __init__(self, runner: Runner, max_context: int | None) -> None:
-        self.runner = runner
+    def __init__(
+        self,
+        models: Models,
+        here: Here,
+        route: Callable[[Plan], list[Hop]],
+        max_context: int | None,
+    ) -> None:
+        self.models = models
+        self.here = here
+        self.route = route
         self.max_context = max_context
 
     async def embed(
@@ -186,8 +197,9 @@ class Embedder:
         if len(inputs) > MAX_INPUTS:
             raise RequestError(f"at most {MAX_INPUTS} inputs per request, got {len(inputs)}")
         t0 = time.perf_counter()
-        model = await self.runner.load(name, keep_alive)
+        model = await self.models.load(name, keep_alive)
         load_s = time.perf_counter() - t0
+        model_id = model.manifest.model_id
         try:
             pooling = pooling_of(model.manifest.metadata)
         except PoolingError as exc:
@@ -202,7 +214,11 @@ class Embedder:
             async with gate:
                 return await self._recovering(name, model, ids, pooling, keep_alive)
 
-        vectors = await asyncio.gather(*(one(ids) for ids in all_ids))
+        self.models.hold(model_id)  # its keep-alive cannot end it meanwhile
+        try:
+            vectors = await asyncio.gather(*(one(ids) for ids in all_ids))
+        finally:
+            self.models.release(model_id, keep_alive)  # counts from the end
         return Embedded(list(vectors), sum(map(len, all_ids)), load_s)
 
     async def _recovering(
@@ -210,16 +226,19 @@ class Embedder:
     ) -> np.ndarray:
         """``embed_pass`` until it succeeds: a full stage is retried, anything else is planned
         and loaded again (the coordinator leaves out nodes the transport found gone)."""
+        model_id = model.manifest.model_id
         busy = failures = 0
         while True:
-            state = await self.runner.plan_for(model)
+            state = self.models.plan_of(model_id)
+            if state is None:  # forgotten meanwhile (removed from this node)
+                raise CoordinatorError(f"model {model_id[:16]} was removed while embedding")
             if not state.ready:
-                await self.runner.load(name, keep_alive)
+                await self.models.load(name, keep_alive)
                 continue
             try:
-                route = self.runner.route(state.plan)
-                return await embed_pass(self.runner.here, model.manifest.model_id, route, ids,
-                                        pooling, model.spec.d_model)  # fmt: skip
+                route = self.route(state.plan)
+                return await embed_pass(self.here, model_id, route, ids, pooling,
+                                        model.spec.d_model)  # fmt: skip
             except PipelineError as exc:
                 if exc.code == F.ErrorCode.BUSY and busy < BUSY_RETRIES:
                     busy += 1
