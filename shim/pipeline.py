@@ -344,7 +344,7 @@ class Link:
         hosted.active += 1
 
     def _input(self, frame: Frame) -> np.ndarray:
-        if frame.type != FrameType.STEP:
+        if frame.type != FrameType.STEP or frame.header.get("pooled"):
             raise PipelineError("expected a STEP frame on a pipeline channel")
         header = frame.header
         if header["step"] != self.steps or header["pos"] != self.position:

@@ -73,3 +73,7 @@ def test_pooled_step_frame() -> None:
         header = {**frame.header, **bad}
         with pytest.raises(F.FrameError):
             F.encode(F.Frame(F.FrameType.STEP, header, vec.tobytes()))
+    wire = bytearray(F.encode(frame))
+    wire[F.FIXED_SIZE + 17] |= F.STEP_MORE  # flags: pooled and more, as no stage sends them
+    with pytest.raises(F.FrameError, match="not marked more"):
+        F.decode(bytes(wire))
