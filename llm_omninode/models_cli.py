@@ -50,6 +50,10 @@ def pull(name, alias):
             check_alias(alias)
     except (PullError, ValueError) as exc:
         _fail(exc)
+    if job.hub:  # huggingface_hub's own warnings (a download resumed) would break the bar
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     bars: list = []  # the one bar of the pull, once its size is known
     told: list[PullStart] = []
 
