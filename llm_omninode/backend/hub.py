@@ -23,6 +23,7 @@ from typing import Any, cast
 from .gguf_split import split_name
 from .registry import check_alias
 from .sources import Progress, PullBar, PullError, sha256_file
+from .store import is_disk_full
 
 HOSTS = ("hf.co", "huggingface.co")
 DEFAULT_QUANT = "Q4_K_M"
@@ -79,7 +80,10 @@ def parse_hub_name(name: str) -> HubName | None:
     if tag and not _TAG.fullmatch(tag):
         raise HubError(f"{name!r}: the quant tag may hold letters, digits, '.', '_', '-'", 400)
     hub_name = HubName(host.lower(), pieces[0], pieces[1], None if tag in ("", "latest") else tag)
-    check_alias(hub_name.typed())  # a name we could not register is refused before any download
+    try:  # a name we could not register is refused before any download
+        check_alias(hub_name.typed())
+    except ValueError as exc:
+        raise HubError(f"{name!r}: {exc}", 400) from exc
     return hub_name
 
 
@@ -187,14 +191,16 @@ def listed_files(siblings: Any) -> list[HubFile]:
 def plan_pull(name: HubName) -> HubChoice:
     """List the repository (one request) and choose what to fetch."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         info = HfApi(endpoint=_endpoint()).model_info(name.repo_id, files_metadata=True)
     except RepositoryNotFoundError as exc:
         why = f"{name.repo_id}: no such repository on the hub (or no access)"
         raise HubError(why, 404) from exc
-    except (HfHubHTTPError, OSError) as exc:
+    except Exception as exc:  # HTTP statuses, and the network's errors once retries are spent
+        if is_disk_full(exc):
+            raise
         raise HubError(f"{name.repo_id}: the hub could not be listed: {exc}", 502) from exc
     commit = info.sha
     if not (isinstance(commit, str) and _COMMIT.fullmatch(commit)):
@@ -257,7 +263,6 @@ def fetch(
     bytes do not match is removed and the pull fails; nothing else is left of it.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     base = repo_dir(home, choice.name)
     target = _inside(base, choice.filename)
@@ -282,7 +287,9 @@ def fetch(
                 choice.name.repo_id, f.path, revision=choice.commit, local_dir=base,
                 endpoint=_endpoint(), tqdm_class=cast(Any, _counting_bar(count)),
             )  # fmt: skip
-        except (HfHubHTTPError, OSError) as exc:
+        except Exception as exc:  # as in plan_pull; a full disk is its own error (507)
+            if is_disk_full(exc):
+                raise
             why = f"{choice.name.repo_id}: {f.path} could not be downloaded: {exc}"
             raise HubError(why, 502) from exc
         paths.append(Path(local))

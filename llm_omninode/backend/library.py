@@ -161,4 +161,5 @@ def remove_model(registry: ModelRegistry, name: str) -> tuple[ModelRecord, bool]
     registry.remove(name)
     if source and Path(source.path).is_relative_to(registry.home / "files"):
         Path(source.path).unlink(missing_ok=True)
+        Path(f"{source.path}.parts.json").unlink(missing_ok=True)  # a joined GGUF's record
     return record, True

