@@ -175,6 +175,20 @@ def test_pull_split_joins_and_resumes(hub_env, tmp_path, models, monkeypatch):
     assert len(hub_env.gets()) == gets + 1  # the listing only
 
 
+def test_a_failed_pull_is_taken_up_where_it_stopped(hub_env, tmp_path, models):
+    """A pull that fails on its second part keeps the first: the next pull fetches only the
+    second (and checks both)."""
+    hub_env.add(SPLIT, "Q4_K_M/big-Q4_K_M-00002-of-00002.gguf", models["part2"], fail_once=True)
+    registry = ModelRegistry(tmp_path / "home")
+    with pytest.raises(HubError, match="could not be downloaded") as info:
+        pull(registry, f"hf.co/{SPLIT}")
+    assert info.value.status == 502 and registry.records() == []
+    first = len(hub_env.gets("00001-of-00002.gguf"))
+    record, _, _ = pull(registry, f"hf.co/{SPLIT}")
+    assert record.alias == f"hf.co/{SPLIT}:Q4_K_M"
+    assert len(hub_env.gets("00001-of-00002.gguf")) == first == 1
+
+
 def test_pull_refuses_bytes_that_do_not_match(hub_env, tmp_path):
     registry = ModelRegistry(tmp_path / "home")
     with pytest.raises(HubError, match="does not match the hub's 0000"):

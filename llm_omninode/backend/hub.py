@@ -12,6 +12,7 @@ another hub (tests serve one on loopback); ``HF_TOKEN`` is used as ``huggingface
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -260,11 +261,24 @@ def fetch(
 
     Returns the GGUF's path. ``progress`` sees (bytes, all files' bytes) of one bar for the
     whole pull; ``phase`` hears "verifying sha256 digest" once the bytes are here. A file whose
-    bytes do not match is removed and the pull fails; nothing else is left of it.
+    bytes do not match is removed and the pull fails; nothing else is left of it. Pulls of one
+    repository wait for each other (a lock file in its folder), in one process or several.
     """
+    base = repo_dir(home, choice.name)
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".omni-pull.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        return _fetch(choice, base, progress, phase)
+
+
+def _fetch(
+    choice: HubChoice,
+    base: Path,
+    progress: Progress | None,
+    phase: Callable[[str], None] | None,
+) -> Path:
     from huggingface_hub import hf_hub_download
 
-    base = repo_dir(home, choice.name)
     target = _inside(base, choice.filename)
     joined = len(choice.files) > 1
     record = target.with_name(target.name + ".parts.json")  # what a joined file was made of

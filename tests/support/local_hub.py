@@ -6,8 +6,9 @@ with their LFS sha256 and size, and the commit), ``HEAD`` and ``GET
 /USER/REPO/resolve/REV/PATH`` (ETag, X-Repo-Commit, Content-Length, Accept-Ranges; a Range
 request answered 206 with Content-Range). Point ``HF_ENDPOINT`` at ``hub.url``.
 
-A file can be listed with a sha256 its bytes do not have (``listed_sha256``), and its first
-download cut halfway (``drop_once``): the connection closes after half the bytes promised.
+A file can be listed with a sha256 its bytes do not have (``listed_sha256``), its first
+download cut halfway (``drop_once``: the connection closes after half the bytes promised) or
+refused (``fail_once``: 500).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class HubFile:
     data: bytes
     sha256: str
     drop_once: bool = False
+    fail_once: bool = False
 
 
 @dataclass
@@ -42,9 +44,10 @@ class LocalHub:
         *,
         listed_sha256: str | None = None,
         drop_once: bool = False,
+        fail_once: bool = False,
     ) -> None:
         sha = listed_sha256 or hashlib.sha256(data).hexdigest()
-        self.repos.setdefault(repo, {})[path] = HubFile(data, sha, drop_once)
+        self.repos.setdefault(repo, {})[path] = HubFile(data, sha, drop_once, fail_once)
 
     def commit(self, repo: str) -> str:
         return hashlib.sha1(repo.encode()).hexdigest()
@@ -102,6 +105,9 @@ class LocalHub:
                     start = int(want[1])
                     status = 206
                     headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                if body and file.fail_once:
+                    file.fail_once = False
+                    return self.send(500, b'{"error": "try again"}', {})
                 if body and file.drop_once and not start:
                     file.drop_once = False  # promise all the bytes, send half, hang up
                     self.send_response(200)
