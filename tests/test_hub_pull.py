@@ -130,6 +130,30 @@ def test_join_of_a_split_gguf(tmp_path):
     assert not (tmp_path / "bad.gguf").exists()
 
 
+def test_the_bar_counts_a_xet_download_once():
+    """Xet-stored files (most of the hub's now) report network bytes and bytes written through
+    huggingface_hub's XetDownloadProgressReporter; the pull's bar counts the bytes written."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
+
+    from llm_omninode.backend.hub import _counting_bar
+
+    seen: list[int] = []
+    with XetDownloadProgressReporter(
+        reconstruction_desc="f: reconstructing file", total=100, log_level=30,
+        tqdm_class=_counting_bar(seen.append),
+    ) as reporter:  # fmt: skip
+        for written, received in ((10, 40), (60, 70), (100, 80)):
+            reporter.update_progress(SimpleNamespace(
+                total_bytes_completed=written, total_transfer_bytes_completed=received,
+                total_bytes=100, total_bytes_completion_rate=None,
+                total_transfer_bytes_completion_rate=None,
+            ))  # fmt: skip
+        reporter.close()
+    assert seen == [10, 50, 40]
+
+
 # ---- pulls, in process, from the loopback hub --------------------------------------------------
 def test_pull_one_file_then_from_cache(hub_env, tmp_path, models):
     registry = ModelRegistry(tmp_path / "home")

@@ -146,7 +146,7 @@ def choose_file(name: HubName, files: Sequence[HubFile]) -> tuple[str, str, tupl
             raise HubError(f"{name.repo_id}: the parts of {key} disagree on their count")
         groups.setdefault(key, {})[no] = f
     if not groups:
-        raise HubError(f"{name.repo_id} has no GGUF file", 404)
+        raise HubError(f"{name.repo_id} has no GGUF file (with a listed sha256)", 404)
     wanted = name.tag or DEFAULT_QUANT
     exact = [k for k in groups if (quant_of(k) or "").lower() == wanted.lower()]
     token = re.compile(rf"(?<![A-Za-z0-9]){re.escape(wanted)}(?![A-Za-z0-9_])", re.IGNORECASE)
@@ -222,11 +222,14 @@ def _inside(base: Path, path: str) -> Path:
 
 
 def _counting_bar(count: Callable[[int], None]) -> type:
-    """A stand-in for tqdm that huggingface_hub moves: it draws nothing and counts bytes."""
+    """A stand-in for tqdm that huggingface_hub moves: it draws nothing and counts the bytes
+    written. Having ``update_transfer`` makes it one bar for both of a Xet download's counts
+    (network bytes, bytes written); only the second is counted."""
 
     class Counting:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            pass
+        def __init__(self, *args: Any, total: int | None = None, **kwargs: Any) -> None:
+            self.n = 0
+            self.total = total
 
         def __enter__(self) -> Counting:
             return self
@@ -236,7 +239,19 @@ def _counting_bar(count: Callable[[int], None]) -> type:
 
         def update(self, n: float | None = 1) -> None:
             if n:
+                self.n += int(n)
                 count(int(n))
+
+        def update_transfer(self, n: float | None = 1) -> None:
+            pass
+
+        def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        set_transfer_postfix_str = set_postfix_str
+
+        def refresh(self) -> None:
+            pass
 
         def close(self) -> None:
             pass
