@@ -123,6 +123,21 @@ def test_join_of_a_split_gguf(tmp_path):
     with open_gguf(whole) as a, open_gguf(joined) as b:
         assert a.metadata == b.metadata and list(a.tensors) == list(b.tensors)
         assert all((a.tensor_data(n) == b.tensor_data(n)).all() for n in a.tensors)
+        n_tensors = len(a.tensors)
+    # an independent reader (the gguf package, llama.cpp's own Python) reads it as one file
+    import gguf
+
+    reader = gguf.GGUFReader(joined)
+    assert len(reader.tensors) == n_tensors
+    assert not [k for k in reader.fields if k.startswith("split.")]
+    # gguf-split --no-tensor-first-split: a first part of metadata alone
+    (tmp_path / "b").mkdir()
+    bare = split_gguf(write_tiny_llama(tmp_path / "b" / "m.gguf", seed=3), 3,
+                      no_tensor_first_split=True)  # fmt: skip
+    with open_gguf(bare[0]) as first:
+        assert first.tensors == {}
+    again = join_split(bare, tmp_path / "b" / "out.gguf")
+    assert again.read_bytes() == joined.read_bytes()
     with pytest.raises(ValueError, match="split.no"):
         join_split([parts[1], parts[0], parts[2]], tmp_path / "bad.gguf")
     with pytest.raises(ValueError, match="split.count"):
