@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -262,7 +264,7 @@ def test_cli_pull_in_process(hub_env, omni_home):
 
 # ---- through real processes: `llm omni pull`, `llm -m`, a shim's /api/pull -------------------
 @pytest.mark.cluster
-def test_pull_through_the_cli_and_the_api(hub, tmp_path):
+def test_pull_through_the_cli_and_the_api(hub, tmp_path, models):
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
     with ShimCluster(tmp_path / "c", 1, extra_env=env) as cluster:
         cluster.start_all()
@@ -289,6 +291,20 @@ def test_pull_through_the_cli_and_the_api(hub, tmp_path):
         assert progress[0]["status"] == f"pulling {progress[0]['digest'][7:19]}"
         # the ollama client, streamed and not
         client = ollama.Client(host=url)
+        # a pull runs off the shim's event loop: while its download is held, the API answers
+        hold = threading.Event()
+        hub.add("omni/slow-GGUF", "slow-Q4_K_M.gguf", models["q8"], hold=hold)
+        slow: list = []
+        puller = threading.Thread(target=lambda: slow.extend(
+            _post_lines(url, {"name": "hf.co/omni/slow-GGUF"})))  # fmt: skip
+        puller.start()
+        while not hub.gets("slow-Q4_K_M.gguf"):
+            time.sleep(0.05)
+        meanwhile = ollama.Client(host=url, timeout=10)  # a blocked loop would time it out
+        assert meanwhile.list().models and meanwhile.ps() is not None
+        hold.set()
+        puller.join(60)
+        assert slow[-1] == {"status": "success"}
         events = list(client.pull(f"hf.co/{SINGLE}:Q8_0", stream=True))
         assert events[0].status == "pulling manifest" and events[-1].status == "success"
         assert any(e.total and e.completed == e.total for e in events)

@@ -8,7 +8,7 @@ request answered 206 with Content-Range). Point ``HF_ENDPOINT`` at ``hub.url``.
 
 A file can be listed with a sha256 its bytes do not have (``listed_sha256``), its first
 download cut halfway (``drop_once``: the connection closes after half the bytes promised) or
-refused (``fail_once``: 500).
+refused (``fail_once``: 500), or held until the test lets it go (``hold``, an Event).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class HubFile:
     sha256: str
     drop_once: bool = False
     fail_once: bool = False
+    hold: threading.Event | None = None  # a download's bytes wait for it
 
 
 @dataclass
@@ -45,9 +46,10 @@ class LocalHub:
         listed_sha256: str | None = None,
         drop_once: bool = False,
         fail_once: bool = False,
+        hold: threading.Event | None = None,
     ) -> None:
         sha = listed_sha256 or hashlib.sha256(data).hexdigest()
-        self.repos.setdefault(repo, {})[path] = HubFile(data, sha, drop_once, fail_once)
+        self.repos.setdefault(repo, {})[path] = HubFile(data, sha, drop_once, fail_once, hold)
 
     def commit(self, repo: str) -> str:
         return hashlib.sha1(repo.encode()).hexdigest()
@@ -105,6 +107,8 @@ class LocalHub:
                     start = int(want[1])
                     status = 206
                     headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                if body and file.hold is not None:
+                    file.hold.wait(60)
                 if body and file.fail_once:
                     file.fail_once = False
                     return self.send(500, b'{"error": "try again"}', {})
