@@ -171,6 +171,41 @@ def test_the_bar_counts_a_xet_download_once():
     assert seen == [10, 50, 40]
 
 
+def test_the_progress_feed_is_bounded():
+    """/api/pull's feed: the pull's thread posts at most once a percent, and an unread stream
+    holds its statuses in order and the newest progress object only."""
+    import asyncio
+
+    from omninode_shim.http.pull import Feed
+
+    from llm_omninode.backend.library import PullStart
+
+    posts: list[dict] = []
+
+    async def main() -> list[list[dict]]:
+        feed = Feed(asyncio.get_running_loop())
+        post = feed.post
+        feed.post = lambda doc, **kw: (posts.append(doc), post(doc, **kw))  # type: ignore
+        watch = feed.watch()
+
+        def pull() -> None:
+            watch.phase("pulling manifest")
+            watch.started(PullStart("t", "f.gguf", "sha256:" + "ab" * 32, 10**6, 1))
+            for done in range(0, 10**6 + 1, 10):  # a hundred thousand updates
+                watch.progress(done, 10**6)
+            watch.phase("verifying sha256 digest")
+
+        await asyncio.to_thread(pull)
+        await asyncio.sleep(0)
+        return [feed.take(), feed.take()]
+
+    first, second = asyncio.run(main())
+    assert [d["status"] for d in first] == ["pulling manifest", "pulling abababababab",
+                                            "verifying sha256 digest"]  # fmt: skip
+    assert first[1]["completed"] == first[1]["total"] == 10**6 and second == []
+    assert len(posts) == 2 + 101  # two statuses, and a progress object a percent
+
+
 # ---- pulls, in process, from the loopback hub --------------------------------------------------
 def test_pull_one_file_then_from_cache(hub_env, tmp_path, models):
     registry = ModelRegistry(tmp_path / "home")
