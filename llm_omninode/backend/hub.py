@@ -276,7 +276,7 @@ def fetch(
 
     Returns the GGUF's path. ``progress`` sees (bytes, all files' bytes) of one bar for the
     whole pull; ``phase`` hears "verifying sha256 digest" once the bytes are here. A file whose
-    bytes do not match is removed and the pull fails; nothing else is left of it. Pulls of one
+    bytes do not match is removed and the pull fails (the parts that match are kept). Pulls of one
     repository wait for each other (a lock file in its folder), in one process or several.
     """
     base = repo_dir(home, choice.name)
@@ -326,12 +326,14 @@ def _fetch(
         bar.to(done)
     if phase:
         phase("verifying sha256 digest")
+    wrong = []
     for f, path in zip(choice.files, paths, strict=True):
         got = sha256_file(path)
         if got != f.sha256:
-            for g in choice.files:
-                _forget(base, g.path)
-            raise HubError(f"{f.path}: sha256 {got} does not match the hub's {f.sha256}")
+            _forget(base, f.path)  # the others are right: a later pull uses them
+            wrong.append(f"{f.path}: sha256 {got} does not match the hub's {f.sha256}")
+    if wrong:
+        raise HubError("; ".join(wrong))
     if not joined:
         return paths[0]
     from .gguf_split import join_split
