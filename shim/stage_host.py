@@ -29,11 +29,10 @@ from llm_omninode import settings
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.memory import StageMemory, context_for, stage_memory
 from llm_omninode.backend.pooling import Pooler
-from llm_omninode.backend.runtime import stage_tensors
 from llm_omninode.backend.sequences import SequenceLimitError
 from llm_omninode.backend.shards import Manifest
 from llm_omninode.backend.spec import ModelSpec
-from llm_omninode.backend.stage_engine import engine_name, new_stage
+from llm_omninode.backend.stage_engine import engine_name, new_stage, stage_tensors
 from llm_omninode.backend.store import (
     ShardStore,
     StorageFull,
