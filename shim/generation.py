@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-from llm_omninode.backend.generate import Chunk, Generation
+from llm_omninode.backend.chat_template import prompt_ids
+from llm_omninode.backend.generate import Chunk, Generation, split_chunk
 from llm_omninode.backend.memory import context_for
-from llm_omninode.backend.runtime import prompt_ids
-from llm_omninode.backend.tool_calls import ToolCall, reply_stream, split_chunk
+from llm_omninode.backend.tool_calls import ToolCall, reply_stream
 from llm_omninode.request import GenerationRequest, RequestError
 
 from .decode import Here, Job, run_pass

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from omninode_shim.http.parse import ApiError, parse_ollama_chat, parse_openai_chat
 
 from llm_omninode.backend.chat_template import ChatTemplate
-from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.generate import Chunk, split_chunk
 from llm_omninode.backend.tool_calls import (
     MAX_CALLS,
     ToolCall,
@@ -23,7 +23,6 @@ from llm_omninode.backend.tool_calls import (
     parse_calls,
     reply_prefix,
     reply_stream,
-    split_chunk,
     tool_format,
     tool_variables,
 )

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .sampling import Sampler, SamplingOptions
 from .tokenizer import IncrementalDecoder, Tokenizer
-
-if TYPE_CHECKING:
-    from .tool_calls import ToolCall
+from .tool_calls import ToolCall, ToolCallStream
 
 NextToken = Callable[[str, np.ndarray, "SamplingOptions | None"], int]
 
@@ -39,7 +36,7 @@ class Chunk:
     done_reason: str | None = None  # "stop" (end token or stop string) | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # calls the reply made (tool_calls.split_chunk): each as it is found, all on the last chunk
+    # calls the reply made (split_chunk, below): each as it is found, all on the last chunk
     tool_calls: tuple[ToolCall, ...] = ()
 
 
@@ -175,6 +172,29 @@ class Generation:
 
     def _chunk(self, text: str, ids: tuple[int, ...] = ()) -> Chunk:
         return Chunk(text, ids, prompt_tokens=self.n_prompt, completion_tokens=self.generated)
+
+
+def split_chunk(stream: ToolCallStream, chunk: Chunk, found: list[ToolCall]) -> list[Chunk]:
+    """One generated chunk as the chunks to pass on when the reply may call tools: content
+    text, a chunk per call found (``text`` empty, ``tool_calls`` set), and on the final chunk
+    every call of the reply. ``found`` collects the calls so far."""
+    events = stream.feed(chunk.text)
+    if chunk.done:
+        events += stream.finish()
+    out: list[Chunk] = []
+    ids = chunk.token_ids
+    for e in events:
+        if isinstance(e, ToolCall):
+            found.append(e)
+            out.append(Chunk("", tool_calls=(e,)))
+        else:
+            out.append(Chunk(e, token_ids=ids))
+            ids = ()
+    if chunk.done:
+        out.append(replace(chunk, text="", token_ids=ids, tool_calls=tuple(found)))
+    elif ids:  # text held back: its ids still count (the request log's tokens/s)
+        out.append(Chunk("", token_ids=ids))
+    return out
 
 
 def generate(

@@ -20,13 +20,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from ..request import GenerationRequest
-    from .chat_template import ChatTemplate
-    from .generate import Chunk
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 MAX_TOOLS = 128
 MAX_TOOLS_BYTES = 256 * 1024  # all tool specs together, as JSON
@@ -191,16 +186,45 @@ def forced_prefix(fmt: ToolFormat, name: str | None) -> str:
 
 
 # ---- a request's tools on a model ---------------------------------------------------------------
-def template_format(template: ChatTemplate) -> ToolFormat | None:
+class Template(Protocol):
+    """What is read of a chat template (backend/chat_template.py's ChatTemplate)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def is_fallback(self) -> bool: ...
+
+
+class ToolRequest(Protocol):
+    """What is read of a request (llm_omninode/request.py's GenerationRequest)."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def raw(self) -> bool: ...
+
+    @property
+    def tools(self) -> tuple[dict[str, Any], ...]: ...
+
+    @property
+    def tool_choice(self) -> str: ...
+
+    @property
+    def forced_tool(self) -> str | None: ...
+
+
+def template_format(template: Template) -> ToolFormat | None:
     """The call syntax of a model's template (None for the fallback, which takes no tools)."""
     return None if template.is_fallback else tool_format(template.source)
 
 
-def _uses_tools(request: GenerationRequest) -> bool:
+def _uses_tools(request: ToolRequest) -> bool:
     return bool(request.tools) and request.tool_choice != "none" and not request.raw
 
 
-def tool_variables(template: ChatTemplate, request: GenerationRequest) -> dict[str, Any]:
+def tool_variables(template: Template, request: ToolRequest) -> dict[str, Any]:
     """The template's ``tools`` variable; ToolSpecError if the model cannot take tools."""
     if not _uses_tools(request):
         return {}
@@ -209,7 +233,7 @@ def tool_variables(template: ChatTemplate, request: GenerationRequest) -> dict[s
     return {"tools": list(request.tools)}
 
 
-def reply_prefix(template: ChatTemplate, request: GenerationRequest) -> str:
+def reply_prefix(template: Template, request: ToolRequest) -> str:
     """The start of a forced call, written after the prompt (empty unless one is forced)."""
     fmt = template_format(template)
     if not _uses_tools(request) or request.tool_choice != "required" or fmt is None:
@@ -217,7 +241,7 @@ def reply_prefix(template: ChatTemplate, request: GenerationRequest) -> str:
     return forced_prefix(fmt, request.forced_tool)
 
 
-def reply_stream(template: ChatTemplate, request: GenerationRequest) -> ToolCallStream | None:
+def reply_stream(template: Template, request: ToolRequest) -> ToolCallStream | None:
     """The splitter of this request's reply into content and calls (None without tools)."""
     fmt = template_format(template)
     if not _uses_tools(request) or fmt is None:
@@ -421,31 +445,6 @@ class ToolCallStream:
             self.buf, self.inside = rest, False
             if not self.buf:
                 return
-
-
-def split_chunk(stream: ToolCallStream, chunk: Chunk, found: list[ToolCall]) -> list[Chunk]:
-    """One generated chunk as the chunks to pass on: content text, a chunk per call found
-    (``text`` empty, ``tool_calls`` set), and on the final chunk every call of the reply.
-    ``found`` collects the calls so far."""
-    from .generate import Chunk
-
-    events = stream.feed(chunk.text)
-    if chunk.done:
-        events += stream.finish()
-    out: list[Chunk] = []
-    ids = chunk.token_ids
-    for e in events:
-        if isinstance(e, ToolCall):
-            found.append(e)
-            out.append(Chunk("", tool_calls=(e,)))
-        else:
-            out.append(Chunk(e, token_ids=ids))
-            ids = ()
-    if chunk.done:
-        out.append(replace(chunk, text="", token_ids=ids, tool_calls=tuple(found)))
-    elif ids:  # text held back: its ids still count (the request log's tokens/s)
-        out.append(Chunk("", token_ids=ids))
-    return out
 
 
 def calls_json(calls: Iterable[ToolCall]) -> list[dict[str, Any]]:
