@@ -16,6 +16,7 @@ import numpy as np
 from ..request import GenerationRequest
 from .chat_template import ChatTemplate
 from .generate import Chunk, TokenPicker, generate
+from .logprobs import Scores, SequenceScorer
 from .registry import ModelRecord, ModelRegistry
 from .sampling import SamplingOptions
 from .shards import Manifest
@@ -51,16 +52,27 @@ def even_split(n_blocks: int, n_stages: int) -> list[tuple[int, int]]:
 def prompt_ids(
     tokenizer: Tokenizer, template: ChatTemplate, request: GenerationRequest
 ) -> list[int]:
-    """Template (unless raw) and tokenize; special tokens in the template are parsed."""
-    if request.raw:
-        text = request.prompt or ""
+    """Template (unless raw) and tokenize; special tokens in the template are parsed. A
+    prompt of token ids is taken as it is; ``context`` ids (an earlier answer's, Ollama's
+    /api/generate) go first, and the text after them gets no second BOS. ValueError for an
+    id outside the vocabulary."""
+    if request.prompt_tokens is not None:
+        ids = list(request.prompt_tokens)
     else:
-        text = template.render(request.chat_messages(), add_generation_prompt=True)
-    bos = tokenizer.bos_id
-    # a template that writes the BOS text itself must not get a second one
-    bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
-    add_special = not (bos_text and text.startswith(bos_text))
-    return tokenizer.encode(text, add_special=add_special, parse_special=True)
+        if request.raw:
+            text = request.prompt or ""
+        else:
+            text = template.render(request.chat_messages(), add_generation_prompt=True)
+        bos = tokenizer.bos_id
+        # a template that writes the BOS text itself must not get a second one
+        bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
+        add_special = not (bos_text and text.startswith(bos_text)) and not request.context
+        ids = tokenizer.encode(text, add_special=add_special, parse_special=True)
+    ids = [*request.context, *ids]
+    vocab = tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"a token id is outside the vocabulary [0, {vocab})")
+    return ids
 
 
 @dataclass
@@ -71,6 +83,8 @@ class LocalModel:
     template: ChatTemplate
     stages: list[Any]  # stage_engine.new_stage's (ggml on Linux, else MLX)
     pickers: dict[str, TokenPicker] = field(default_factory=dict)
+    scorers: dict[str, SequenceScorer] = field(default_factory=dict)  # logprobs asked for
+    scored: dict[str, tuple[Scores | None, Scores]] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -105,10 +119,22 @@ class LocalModel:
         """Run the stages and pick the next id (``options`` on the prefill call only)."""
         if options is not None:
             self.pickers[seq_id] = TokenPicker(options, ids.tolist())
-        return self.pickers[seq_id].pick(self.forward(seq_id, ids))
+        picker, scorer = self.pickers[seq_id], self.scorers.get(seq_id)
+        if scorer is None:
+            return picker.pick(self.forward(seq_id, ids))
+        last, x = self.stages[-1], ids
+        for stage in self.stages[:-1]:
+            x = stage.forward(seq_id, x)
+        rows = scorer.prompt_rows(last.position(seq_id), len(ids))
+        logits = last.forward(seq_id, x, each=rows)
+        token = picker.pick(logits)
+        self.scored[seq_id] = (rows.scores() if rows else None, scorer.picked(logits, token))
+        return token
 
     def free(self, seq_id: str) -> None:
         self.pickers.pop(seq_id, None)
+        self.scorers.pop(seq_id, None)
+        self.scored.pop(seq_id, None)
         for stage in self.stages:
             stage.free(seq_id)
 
@@ -117,6 +143,10 @@ class LocalModel:
 
     def run(self, request: GenerationRequest) -> Iterator[Chunk]:
         ids = self.prompt_ids(request)
+        seq_id = uuid.uuid4().hex
+        if request.logprobs:
+            echo = ids if request.echo else None
+            self.scorers[seq_id] = SequenceScorer(request.top_logprobs, echo)
         return generate(
             self.next_token,
             self.tokenizer,
@@ -126,5 +156,7 @@ class LocalModel:
             stop=request.stop,
             context_length=self.context_length,
             free=self.free,
-            seq_id=uuid.uuid4().hex,
+            seq_id=seq_id,
+            scored=(lambda seq: self.scored.pop(seq)) if request.logprobs else None,
+            echo=request.echo,
         )
