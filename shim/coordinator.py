@@ -385,7 +385,8 @@ class Coordinator:
         meanwhile, a lost node (re-plan and replay)."""
         model_id = job.model.manifest.model_id
         attempt, busy = 0, 0
-        reuse = self.prefixes.take(model_id, state.plan, job.ids)
+        # echo scores every prompt position: none may come from a cache
+        reuse = None if job.request.echo else self.prefixes.take(model_id, state.plan, job.ids)
         while True:
             try:
                 route = self.route(state.plan)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import is_node_id
 from llm_omninode.net.quic import FrameStream, NetError
 
+from .scoring import Scoring, score_frames, scored_pick, scoring_from
 from .stage_host import MAX_SEQUENCES, HostedStage, StageHost, Tail
 
 if TYPE_CHECKING:
@@ -182,12 +184,14 @@ def open_frame(
 
 def tail_frame(
     request_id: int, model_id: str, seq: str, last: Hop, options: SamplingOptions,
-    recent: Sequence[int],
+    recent: Sequence[int], scoring: Scoring | None = None,
 ) -> Frame:  # fmt: skip
-    """Opens a sequence's tail on the node of its last stage (see the module's docstring)."""
+    """Opens a sequence's tail on the node of its last stage (see the module's docstring;
+    ``scoring``: shim/scoring.py)."""
+    extra, payload = ({}, b"") if scoring is None else (scoring.header(), scoring.payload())
     return F.request_frame(
-        request_id, "pipeline", tail=True, model=model_id, seq=seq, start=last.start,
-        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:],
+        request_id, "pipeline", payload, tail=True, model=model_id, seq=seq, start=last.start,
+        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:], **extra,
     )  # fmt: skip
 
 
@@ -372,11 +376,18 @@ class Link:
                                     F.ErrorCode.CACHE_MISS)  # fmt: skip
         x = self._input(frame)
         step, pos, more = frame.header["step"], frame.header["pos"], frame.header["more"]
-        tail = self._tail() if self.next is None and not more else None
+        tail = None
+        if self.next is None:
+            tail = self.hosted.tails.get(self.seq) if more else self._tail()
+        scorer = None if tail is None else tail.scorer
+        rows = None if scorer is None else scorer.prompt_rows(pos, len(x))  # echo
+        then = None
+        if tail is not None and not more:
+            then = tail.picker.pick
+            if scorer is not None:
+                then = functools.partial(scored_pick, tail.picker, scorer)
         try:
-            out = await self.host.forward(
-                self.hosted, self.seq, x, None if tail is None else tail.picker.pick
-            )
+            out = await self.host.forward(self.hosted, self.seq, x, then, rows)
         except SequenceLimitError as exc:  # full of other sequences: worth a retry later
             raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
         except ValueError as exc:  # the stage's own checks and limits
@@ -388,7 +399,13 @@ class Link:
             await self.next.send(
                 F.step_frame(step, pos, out.tobytes(), out.shape, out.dtype.name, more)
             )
-        elif tail is not None:
+        elif tail is not None and scorer is not None:
+            self.hosted.tokens_out += 0 if more else 1
+            picked = None if more else out
+            prompt = None if rows is None else rows.scores()
+            for answer in score_frames(step, pos, prompt, picked):
+                await tail.deliver(answer)
+        elif tail is not None and not more:
             self.hosted.tokens_out += 1
             await tail.deliver(F.token_step(step, self.position, [out]))
 
@@ -473,9 +490,11 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
             raise PipelineError("this stage has no room for another tail", F.ErrorCode.BUSY)
         recent = check_recent(header.get("recent"), hosted.spec.vocab_size)
         options = SamplingOptions.from_dict(header.get("sampling"))
-    except (PipelineError, ValueError) as exc:  # SamplingError is a ValueError
+        scorer = scoring_from(header, first.payload, hosted.spec.vocab_size,
+                              hosted.stage.max_context)  # fmt: skip
+    except (PipelineError, ValueError) as exc:  # SamplingError, ScoringError are ValueErrors
         return F.error_frame(_reply_code(exc), str(exc), first.id)
-    tail = Tail(TokenPicker(options, recent), stream.send)
+    tail = Tail(TokenPicker(options, recent), stream.send, scorer)
     hosted.tails[seq] = tail
     try:
         await stream.send(F.response_frame(first.id or 0))

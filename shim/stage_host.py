@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ import numpy as np
 
 from llm_omninode import settings
 from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.logprobs import SequenceScorer
 from llm_omninode.backend.memory import StageMemory, context_for, stage_memory
 from llm_omninode.backend.runtime import stage_tensors
 from llm_omninode.backend.sequences import SequenceLimitError
@@ -89,6 +91,7 @@ class Tail:
 
     picker: TokenPicker
     deliver: Callable[[Frame], Awaitable[None]]  # the STEP frame of one picked id
+    scorer: SequenceScorer | None = None  # logprobs asked for: SCORES frames instead
 
 
 @dataclass
@@ -355,21 +358,32 @@ class StageHost:
 
     # ---- compute ------------------------------------------------------------------------
     async def forward(
-        self, hosted: HostedStage, seq: str, x: np.ndarray, then: Callable | None = None
+        self,
+        hosted: HostedStage,
+        seq: str,
+        x: np.ndarray,
+        then: Callable | None = None,
+        each: Callable | None = None,
     ) -> Any:
         """The stage's output for ``x``, or ``then(output)`` (the last stage's token pick, run
-        on the worker thread too, so a step costs one hand-over, not two)."""
+        on the worker thread too, so a step costs one hand-over, not two). ``each``: every
+        position's logits go through it (a prompt scored, backend/logprobs.py)."""
         hosted.last_used = time.monotonic()
         try:
-            return await self._compute(hosted, seq, x, then)
+            return await self._compute(hosted, seq, x, then, each)
         except SequenceLimitError:
             if not hosted.parked:
                 raise
             self.free(hosted, next(iter(hosted.parked)))  # a live sequence before a parked one
-            return await self._compute(hosted, seq, x, then)
+            return await self._compute(hosted, seq, x, then, each)
 
     async def _compute(
-        self, hosted: HostedStage, seq: str, x: np.ndarray, then: Callable | None
+        self,
+        hosted: HostedStage,
+        seq: str,
+        x: np.ndarray,
+        then: Callable | None,
+        each: Callable | None = None,
     ) -> Any:
         """The stage's forward, a decode step batched with the others waiting for the worker.
 
@@ -377,6 +391,9 @@ class StageHost:
         takes all of them, so each weight is read once for all (Stage.forward_batch; a
         sequence's numbers do not depend on its batch).
         """
+        if each is not None:
+            forward = functools.partial(hosted.stage.forward, each=each)
+            return await self.run(_then, then, forward, seq, x)
         if x.shape[0] != 1:  # a prompt: not a decode step's time
             return await self.run(_then, then, hosted.stage.forward, seq, x)
         if not hosted.stage.batches:

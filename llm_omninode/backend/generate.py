@@ -38,9 +38,9 @@ class Chunk:
     completion_tokens: int = 0
     # with logprobs: each token picked since the last chunk, scored (its text may be in a
     # later chunk, held back by the stop matcher); with echo, the first chunk has the
-    # prompt's (position i scored by the logits of i - 1: the first has none)
+    # prompt's (token i scored by the logits of position i - 1: the first has no logprob)
     logprobs: tuple[TokenLogprob, ...] = ()
-    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
     context: tuple[int, ...] = ()  # the done chunk: prompt and answer ids (Ollama's context)
 
 
@@ -124,9 +124,9 @@ class Generation:
         self._hit = False
         self.answer: list[int] = []  # the ids accepted, end token excluded
         self._scored: list[TokenLogprob] = []  # logprobs not yet handed out in a chunk
-        self._prompt_scored: tuple[TokenLogprob | None, ...] = ()
+        self._prompt_scored: tuple[TokenLogprob, ...] = ()
 
-    def score_prompt(self, scores: Sequence[TokenLogprob | None]) -> None:
+    def score_prompt(self, scores: Sequence[TokenLogprob]) -> None:
         """The prompt's scores (echo), handed out with the next chunk."""
         self._prompt_scored = tuple(scores)
 
@@ -192,7 +192,7 @@ class Generation:
         scored, self._scored = tuple(self._scored), []
         return scored
 
-    def _take_prompt_scored(self) -> tuple[TokenLogprob | None, ...]:
+    def _take_prompt_scored(self) -> tuple[TokenLogprob, ...]:
         scored, self._prompt_scored = self._prompt_scored, ()
         return scored
 
@@ -231,7 +231,7 @@ def generate(
             return None
         prompt, picked = scored(seq_id)
         if prompt is not None:
-            gen.score_prompt([None, *token_logprobs(prompt)])
+            gen.score_prompt([TokenLogprob(prompt_ids[0], None), *token_logprobs(prompt)])
         return token_logprobs(picked)[0] if picked is not None else None
 
     try:

@@ -60,10 +60,10 @@ class Scores:
 @dataclass(frozen=True)
 class TokenLogprob:
     """One scored token as the APIs report it: its log-probability and the top ``k``
-    alternatives ``(id, logprob)``, best first."""
+    alternatives ``(id, logprob)``, best first. A prompt's first token has none (None)."""
 
     token: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -16,9 +17,11 @@ from aiohttp import web
 from llm_omninode import __version__
 from llm_omninode.backend import describe
 from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.logprobs import TokenLogprob
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 
 from . import listing
+from . import logprobs as LP
 from .bodies import iso, now_iso, read_json, start_stream, write_ndjson
 from .parse import (
     ApiCall,
@@ -218,8 +221,8 @@ def _body(name: str, text: str, chat: bool) -> dict[str, Any]:
     return doc
 
 
-def _final(run: Run, last: Chunk, text: str, chat: bool) -> dict[str, Any]:
-    return {
+def _final(run: Run, last: Chunk, text: str, call: ApiCall, chat: bool) -> dict[str, Any]:
+    doc = {
         **_body(run.name, text, chat),
         "done": True,
         "done_reason": last.done_reason or "stop",
@@ -227,6 +230,17 @@ def _final(run: Run, last: Chunk, text: str, chat: bool) -> dict[str, Any]:
         "prompt_eval_count": last.prompt_tokens,
         "eval_count": last.completion_tokens,
     }
+    assert call.request is not None
+    if not chat and not call.request.raw:  # as Ollama: the ids to continue from, unless raw
+        doc["context"] = list(last.context)
+    return doc
+
+
+def _scored(run: Run, call: ApiCall, scored: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """Ollama's ``logprobs`` (>= 0.12) of these tokens, when they were asked for."""
+    if call.request is None or not call.request.logprobs or run.model is None:
+        return {}
+    return {"logprobs": LP.entries(run.model.tokenizer, scored)}
 
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
@@ -237,14 +251,17 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
         if not call.stream:
             text, last = await run.collect()
-            return web.json_response(_final(run, last, text, chat))
+            final = _final(run, last, text, call, chat)
+            return web.json_response({**final, **_scored(run, call, run.scored)})
         response = await start_stream(request, "application/x-ndjson")
 
         async def emit(chunk: Chunk) -> None:
+            scored = _scored(run, call, chunk.logprobs)
             if chunk.done:
-                await write_ndjson(response, _final(run, chunk, "", chat))
-            elif chunk.text:
-                await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
+                await write_ndjson(response, {**_final(run, chunk, "", call, chat), **scored})
+            elif chunk.text or scored:
+                body = _body(run.name, chunk.text, chat)
+                await write_ndjson(response, {**body, "done": False, **scored})
 
         async def fail(message: str) -> None:
             await write_ndjson(response, {"error": message})

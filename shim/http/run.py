@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from llm_omninode.backend.chat_template import ChatTemplateError
 from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.logprobs import TokenLogprob
 from llm_omninode.backend.registry import ModelNotFound
 from llm_omninode.backend.store import is_disk_full
 from llm_omninode.net.transfer import TransferError
@@ -94,12 +95,22 @@ class Run:
     rest: AsyncIterator[Chunk]
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    model: Model | None = None  # its tokenizer writes logprobs' tokens
+    # with logprobs: every generated token's so far, and the prompt's (echo)
+    scored: list[TokenLogprob] = field(default_factory=list)
+    prompt_scored: list[TokenLogprob] = field(default_factory=list)
 
     async def chunks(self) -> AsyncIterator[Chunk]:
+        self._note(self.first)
         yield self.first
         if not self.first.done:
             async for chunk in self.rest:
+                self._note(chunk)
                 yield chunk
+
+    def _note(self, chunk: Chunk) -> None:
+        self.scored += chunk.logprobs
+        self.prompt_scored += chunk.prompt_logprobs
 
     async def aclose(self) -> None:
         """Stop the generation (its slot, its sequence on every stage); again is a no-op."""
@@ -162,7 +173,7 @@ async def start_run(runner: ModelRunner, call: ApiCall, requests: RequestLog | N
     generation is counted in ``requests`` (the cluster page's list) when given."""
     assert call.request is not None
     started = time.perf_counter()
-    resolved, _ = await resolve_for_api(runner, call.model)
+    resolved, model = await resolve_for_api(runner, call.model)
     timings: dict[str, float] = {}
     gen = runner.generate(replace(call.request, model=resolved), timings,
                                     call.keep_alive)  # fmt: skip
@@ -173,4 +184,4 @@ async def start_run(runner: ModelRunner, call: ApiCall, requests: RequestLog | N
     except Exception as exc:
         await gen.aclose()
         raise_as_api_error(exc)
-    return Run(call.model, first, gen, timings, started)
+    return Run(call.model, first, gen, timings, started, model)
