@@ -9,12 +9,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from support.stage_model import Model
-from support.tiny_model import write_tiny_llama
-
-from llm_omninode.backend import logprobs as L
-from llm_omninode.backend.logprobs import Scores, SequenceScorer, score_rows
-from llm_omninode.net import frames as F
 from omninode_shim.http.parse import (
     ApiError,
     parse_ollama_chat,
@@ -29,6 +23,12 @@ from omninode_shim.scoring import (
     score_frames,
     scoring_from,
 )
+from support.stage_model import Model
+from support.tiny_model import write_tiny_llama
+
+from llm_omninode.backend import logprobs as L
+from llm_omninode.backend.logprobs import Scores, SequenceScorer, score_rows
+from llm_omninode.net import frames as F
 
 PROMPT = [1, 5, 9, 2, 7, 7, 3, 11, 4, 6]
 
