@@ -5,7 +5,8 @@ API, the last stage is wherever the plan puts it, so with 2 nodes the scores usu
 QUIC), loads the model, then alternates requests to Ollama's /api/generate, greedy with
 ``--decode-tokens`` tokens, with ``logprobs: true, top_logprobs: 20`` and without, ``--runs``
 times each. Decode speed is the shim's own ``eval_count / eval_duration`` (prefill left out).
-Medians of the interleaved runs; the last line is JSON.
+Medians of the interleaved runs; also the reduction alone (backend/logprobs.py's score_rows,
+one row of the model's vocabulary, top 20), timed in process. The last line is JSON.
 
     .venv/bin/python bench/logprobs.py [--nodes 2] [--runs 7] [--decode-tokens 64]
 """
@@ -43,6 +44,28 @@ def generate(url: str, decode_tokens: int, top: int | None) -> tuple[float, int]
     return doc["eval_count"] / (doc["eval_duration"] / 1e9), len(doc.get("logprobs") or [])
 
 
+def reduction_us(model: Path, k: int, repeats: int = 300) -> float:
+    """Median microseconds of scoring one row of logits of the model's vocabulary."""
+    import time
+
+    import numpy as np
+
+    from llm_omninode.backend.gguf import open_gguf
+    from llm_omninode.backend.logprobs import score_rows
+    from llm_omninode.backend.spec import ModelSpec
+
+    f = open_gguf(model)
+    vocab = ModelSpec.from_metadata(f.metadata, f.tensors).vocab_size
+    f.close()
+    row = np.random.default_rng(0).normal(0, 3, (1, vocab)).astype(np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        score_rows(row, [0], k)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="GGUF file (default: the pulled SmolLM2)")
@@ -70,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cluster.close()
     a, b = statistics.median(plain), statistics.median(scored)
+    top0, top20 = reduction_us(model, 0), reduction_us(model, 20)
+    print(f"score_rows, one row: {top0:.0f} us (its token only), {top20:.0f} us (top 20)")
     result = {
         "nodes": args.nodes,
         "decode_tokens": args.decode_tokens,
@@ -78,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "top20_tok_s": round(b, 2),
         "overhead_ms_per_token": round(1000 / b - 1000 / a, 3),
         "ratio": round(b / a, 3),
+        "reduction_us_top0": round(top0, 1),
+        "reduction_us_top20": round(top20, 1),
     }
     print(json.dumps(result))
     return 0

@@ -56,6 +56,12 @@ def test_score_rows_is_the_log_softmax_of_the_raw_logits() -> None:
     assert list(got.ids[3, 1:4]) == [10, 20, 30]
     assert (got.logprobs <= 0).all()
     assert score_rows(logits[0], [4], 0).ids.shape == (1, 1)
+    wide = rng.normal(0, 3, (4, 5000)).astype(np.float32)  # the top k found block-wise
+    wide[1] = 0.0  # all tied: the lowest ids
+    wide[2, 4990:] = 40.0  # the best in the tail past the last whole block
+    got = score_rows(wide, [0] * 4, 20)
+    for r in range(4):
+        assert list(got.ids[r, 1:]) == list(np.lexsort((np.arange(5000), -wide[r]))[:20])
     for bad in ([(logits, actual, 21)], [(logits, actual[:3], 2)], [(logits, [300] * 7, 2)]):
         with pytest.raises(ValueError):
             score_rows(*bad[0])
