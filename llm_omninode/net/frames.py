@@ -38,6 +38,12 @@ the sequence is the channel's, named once when it opened::
 Decoded, the header is ``{"step", "pos", "shape": [T, hidden_dim], "dtype", "more"}`` and is
 checked like a HIDDEN one (payload bytes exact) before the payload is allocated.
 
+A tail asked for logprobs answers with SCORES frames: a JSON header ``{"step", "pos", "rows",
+"k", "pick"}`` (rows 1..MAX_SCORE_ROWS, k 0..MAX_SCORE_TOP) and a payload of exactly rows x
+(k + 1) int32 ids (column 0 the scored token, then the top k) followed by as many float32
+logprobs, little-endian; ``scores_of`` also refuses negative ids and logprobs that are not
+finite and <= 0.
+
 Here: encoding, decoding (one frame, or incrementally from a stream) and the constructors;
 the constants and types are in frame_types.py, each type's header checks in frame_checks.py.
 """
