@@ -266,6 +266,29 @@ class ShimClient:
         finally:
             future.cancel()
 
+    def embed(self, model: str, texts: list[str], truncate: bool = True) -> list[list[float]]:
+        """The texts' embeddings, at unit length (the shim's ``embed`` request)."""
+        import struct
+
+        from .net import frames as F
+        from .net.quic import NetError
+
+        async def go():
+            payload = json.dumps(texts).encode("utf-8")
+            frame = F.request_frame(self._conn.next_id(), "embed", payload, model=model,  # type: ignore[union-attr]
+                                    truncate=truncate, normalize=True)  # fmt: skip
+            return await self._conn.request(frame, timeout=REQUEST_TIMEOUT)  # type: ignore[union-attr]
+
+        try:
+            reply = self._call(go())
+        except NetError as exc:
+            raise ShimError(f"{self._who()}: {exc}") from exc
+        count, width = reply.header.get("count"), reply.header.get("width")
+        if count != len(texts) or type(width) is not int or len(reply.payload) != 4 * count * width:
+            raise ShimError(f"{self._who()} answered with malformed embeddings")
+        values = struct.unpack(f"<{count * width}f", reply.payload)
+        return [list(values[i * width : (i + 1) * width]) for i in range(count)]
+
     def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None

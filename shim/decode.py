@@ -5,7 +5,7 @@ or a channel to its node) and the tail, where the last stage's picked ids arrive
 from its node, or a queue when this node hosts it; see shim/pipeline.py). Every answer, and
 every failure the chain reports, lands in one queue, read once per step. ``run_pass`` prefills
 the prompt, replays what a failed pass already sent, and decodes while the ``Generation``
-wants tokens; shim/coordinator.py recovers from what it raises.
+wants tokens; shim/generation.py recovers from what it raises.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -118,7 +118,11 @@ class Ring:
             hosted.tails[self.seq] = self._local
         else:
             await self._open_tail(last, options, recent, ask)
-        first = self.route[0]
+        self._open_entry(reuse)
+
+    def _open_entry(self, reuse: Reuse | None) -> None:
+        """Stage 0 hosted here (a Link), or a channel to its node (opened at the first step)."""
+        first, here = self.route[0], self.here.node_id
         self.position = reuse.keep if reuse is not None else 0
         if first.node_id == here:
             hosted = self.here.host.get(self.model_id, first.start, first.end)
@@ -133,11 +137,16 @@ class Ring:
     async def _open_tail(
         self, last: Hop, options: SamplingOptions, recent: Sequence[int], ask: Scoring | None
     ):
+        await self._tail_channel(
+            last, lambda rid: tail_frame(rid, self.model_id, self.seq, last, options, recent, ask)
+        )
+
+    async def _tail_channel(self, last: Hop, opening: Callable[[int], Frame]) -> None:
+        """Open the tail on the last stage's node with the frame ``opening(request id)``
+        makes, wait until it is ready, and read its answers into ``answers``."""
         try:
             conn = await self.here.peers.connection(last.node_id)
-            frame = tail_frame(conn.next_id(), self.model_id, self.seq, last, options, recent,
-                               ask)  # fmt: skip
-            self._tail = await conn.channel(frame)
+            self._tail = await conn.channel(opening(conn.next_id()))
             ready = await self._tail.recv(STEP_TIMEOUT)
         except (NetError, OSError) as exc:
             raise PipelineError(f"tail on {last.node_id[:16]}: {exc}",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class _Slots(Protocol):
-    parallel: int  # sequences of one model a coordinator runs at once
+    parallel: int  # sequences of one model this node coordinates at once
 
 
 class NodeTables(Protocol):
@@ -39,7 +39,7 @@ class NodeTables(Protocol):
     requests: RequestLog
 
     @property
-    def coordinator(self) -> _Slots: ...
+    def generations(self) -> _Slots: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -117,7 +117,7 @@ def snapshot(node: NodeTables) -> dict[str, Any]:
         "queue": {
             "generations": status["generations"],  # running or waiting for a slot, here
             "waiting": sum(1 for r in requests["running"] if r["outcome"] == "waiting"),
-            "slots": node.coordinator.parallel,  # sequences of one model at once
+            "slots": node.generations.parallel,  # sequences of one model at once
             "pipelines": status["pipelines"],  # sequences passing through stages hosted here
         },
         "requests": requests,

@@ -22,8 +22,8 @@ from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.logprobs import score_rows
 from llm_omninode.backend.registry import ModelRegistry
-from llm_omninode.backend.runtime import LocalModel
 from llm_omninode.backend.sampling import SamplingOptions
+from llm_omninode.local_model import LocalModel
 from llm_omninode.request import GenerationRequest, Message
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 from aiohttp import web
 
 from llm_omninode.backend.chat_template import ChatTemplate
@@ -41,7 +42,7 @@ class Placement(Protocol):
 
 
 class ModelRunner(Protocol):
-    """Runs models across the cluster (shim/coordinator.py's ``Coordinator`` is one)."""
+    """Runs models across the cluster (shim/node.py's ``ApiRunner`` is one)."""
 
     async def resolve(self, name: str) -> Model:
         """The model an alias or model id names, here or on a peer; ModelUnknown if none."""
@@ -71,6 +72,33 @@ class ModelRunner(Protocol):
     def alias_of(self, model_id: str) -> str | None: ...
 
 
+class Embeddings(Protocol):
+    """A request's pooled vectors (shim/embedding.py's ``Embedded`` is one)."""
+
+    @property
+    def vectors(self) -> list[np.ndarray]: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def load_s(self) -> float: ...
+
+
+class EmbeddingRunner(Protocol):
+    """Embeds inputs over a model's plan (shim/embedding.py's ``Embedder`` is one)."""
+
+    async def embed(
+        self,
+        name: str,
+        inputs: Sequence[str | Sequence[int]],
+        *,
+        truncate: bool = True,
+        keep_alive: float | None = None,
+        num_ctx: int | None = None,
+    ) -> Embeddings: ...
+
+
 @dataclass(frozen=True)
 class ApiService:
     """The node's side of the HTTP API: the coordinator, this node's models, its peers' names."""
@@ -82,6 +110,7 @@ class ApiService:
     metrics: Callable[[], tuple[bytes, str]] | None = None  # /metrics: text, content type
     snapshot: Callable[[], dict[str, Any]] | None = None  # /ui/events: the cluster page's data
     requests: RequestLog | None = None  # generations seen here (their tokens/s, outcomes)
+    embedder: EmbeddingRunner | None = None  # /api/embed, /v1/embeddings
 
 
 SERVICE_KEY: web.AppKey[ApiService] = web.AppKey("service", ApiService)  # handlers find it here
