@@ -8,16 +8,14 @@ pass over the same pieces, the answer's against a single-stage generation.
 
 from __future__ import annotations
 
-import http.client
-import json
 import math
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import ollama
 import openai
 import pytest
+from support.http_post import post
 from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.logprobs import score_rows
@@ -59,17 +57,6 @@ def cluster(tmp_path_factory, smollm2_path: Path):
 @pytest.fixture(scope="module")
 def oai(cluster: ShimCluster) -> openai.OpenAI:
     return openai.OpenAI(base_url=cluster.api_url(0) + "/v1", api_key="-", max_retries=0)
-
-
-def _post(url: str, path: str, doc: object) -> tuple[int, dict]:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-    try:
-        conn.request("POST", path, body=json.dumps(doc).encode())
-        response = conn.getresponse()
-        return response.status, json.loads(response.read().decode().splitlines()[-1])
-    finally:
-        conn.close()
 
 
 def _teacher(local: LocalModel, ids: list[int], k: int):
@@ -136,7 +123,7 @@ def test_completions_of_token_ids_and_their_limits(cluster, oai, local: LocalMod
         ({"prompt": [1, -2]}, "token ids"),
     ]
     for extra, words in cases:
-        status, body = _post(url, "/v1/completions", {"model": "smollm2", **extra})
+        status, body = post(url, "/v1/completions", {"model": "smollm2", **extra})
         assert status == 400 and words in body["error"]["message"], (extra, body)
 
 
@@ -172,7 +159,7 @@ def test_chat_logprobs_with_the_openai_client(cluster, oai, local: LocalModel):
     assert plain.choices[0].logprobs is None
     for extra, words in [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                          ({"top_logprobs": 2}, "needs logprobs")]:  # fmt: skip
-        status, body = _post(cluster.api_url(0), "/v1/chat/completions",
+        status, body = post(cluster.api_url(0), "/v1/chat/completions",
                              {"model": "smollm2", "messages": messages, **extra})  # fmt: skip
         assert status == 400 and words in body["error"]["message"], body
 
@@ -194,7 +181,7 @@ def test_ollama_logprobs_with_the_ollama_client(cluster, local: LocalModel):
         (x.token, x.logprob) for x in chat.logprobs
     ]  # the same prompt: /api/generate templates it as one user turn
     assert all(not x.top_logprobs for x in streamed)
-    status, body = _post(cluster.api_url(0), "/api/generate",
+    status, body = post(cluster.api_url(0), "/api/generate",
                          {"model": "smollm2", "prompt": "x", "logprobs": True,
                           "top_logprobs": 99})  # fmt: skip
     assert status == 400 and "top_logprobs" in body["error"]
@@ -221,6 +208,6 @@ def test_generate_context_round_trip(cluster, local: LocalModel):
     vocab = local.tokenizer.vocab_size
     for doc, words in [({"context": [vocab]}, "vocabulary"), ({"context": "1 2"}, "context"),
                        ({"context": [1], "raw": True}, "raw")]:  # fmt: skip
-        status, body = _post(cluster.api_url(0), "/api/generate",
+        status, body = post(cluster.api_url(0), "/api/generate",
                              {"model": "smollm2", "prompt": "x", **doc})  # fmt: skip
         assert status == 400 and words in body["error"], (doc, body)
