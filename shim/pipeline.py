@@ -415,8 +415,8 @@ class Link:
                 F.step_frame(step, pos, out.tobytes(), out.shape, out.dtype.name, more)
             )
         elif tail is not None and scorer is not None:
-            self.hosted.tokens_out += 0 if more else 1
             picked = None if more else out
+            self.hosted.tokens_out += picked is not None
             prompt = None if rows is None else rows.scores()
             for answer in score_frames(step, pos, prompt, picked):
                 await tail.deliver(answer)

@@ -125,10 +125,13 @@ class Generation:
         self.answer: list[int] = []  # the ids accepted, end token excluded
         self._scored: list[TokenLogprob] = []  # logprobs not yet handed out in a chunk
         self._prompt_scored: tuple[TokenLogprob, ...] = ()
+        self._prompt_seen = False
 
     def score_prompt(self, scores: Sequence[TokenLogprob]) -> None:
-        """The prompt's scores (echo), handed out with the next chunk."""
-        self._prompt_scored = tuple(scores)
+        """The prompt's scores (echo), handed out with the next chunk; once (a replay after a
+        failure scores the prompt again)."""
+        if not self._prompt_seen:
+            self._prompt_scored, self._prompt_seen = tuple(scores), True
 
     @property
     def n_prompt(self) -> int:
