@@ -5,7 +5,8 @@ in-process); each stage opens one to the next. Steps are STEP frames (llm_omnino
 a binary header of step number, position, shape, dtype and flags): the first stage gets token
 ids (``hidden_dim`` 1), every later stage hidden states ``[T, d_model]`` straight from its
 predecessor, and no stage waits for an answer. The last stage picks the next token and sends
-its 4-byte id straight to the coordinator on the sequence's **tail**, a stream the coordinator
+its 4-byte id (with logprobs asked for, a SCORES frame: shim/scoring.py) straight to the
+coordinator on the sequence's **tail**, a stream the coordinator
 opened to the last stage's node before the first step (``REQUEST pipeline {tail: true, model,
 seq, start, end, sampling, recent}``, answered once it is ready): the sampling setup (options,
 seed, the prompt's last MAX_RECENT ids for the repeat penalty) crosses the network once, and

@@ -113,6 +113,12 @@ def test_completions_of_token_ids_and_their_limits(cluster, oai, local: LocalMod
     # the raw logits' log-softmax: the repeat penalty changed the pick, not its logprob
     ref = [s.logprob for c in chunks for s in c.logprobs]
     assert np.allclose(lp.token_logprobs[n:], ref, atol=TOL, rtol=0)
+    stream = list(oai.completions.create(model="smollm2", prompt=ids, echo=True, logprobs=2,
+                                         max_tokens=3, temperature=0, stream=True))  # fmt: skip
+    parts = [ev.choices[0] for ev in stream if ev.choices and ev.choices[0].logprobs]
+    assert "".join(ev.choices[0].text for ev in stream if ev.choices) == got.choices[0].text
+    assert [t for p in parts for t in p.logprobs.tokens] == lp.tokens
+    assert [o for p in parts for o in p.logprobs.text_offset] == lp.text_offset
     url = cluster.api_url(0)
     vocab = local.tokenizer.vocab_size
     cases = [
