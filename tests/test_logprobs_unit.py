@@ -219,6 +219,7 @@ def test_api_fields() -> None:
         (parse_openai_chat, {"messages": msgs, "logprobs": 1}, "true or false"),
         (parse_openai_chat, {"messages": msgs, "logprobs": True, "top_logprobs": -1}, "[0, 20]"),
         (parse_openai_completion, {"prompt": "x", "logprobs": 21}, "[0, 20]"),
+        (parse_openai_completion, {"prompt": "x", "echo": True}, "echo needs logprobs"),
         (parse_openai_completion, {"prompt": [1, "a"]}, "token ids"),
         (parse_openai_completion, {"prompt": [[1], [2]]}, "one prompt"),
         (parse_ollama_chat, {"messages": msgs, "top_logprobs": 21}, "[0, 20]"),

@@ -58,6 +58,8 @@ def completion_logprobs(body: dict[str, Any]) -> dict[str, Any]:
     if value is not None and (type(value) is not int or not 0 <= value <= MAX_TOP_LOGPROBS):
         raise bad(f"logprobs must be null or an integer in [0, {MAX_TOP_LOGPROBS}]")
     echo = get_bool(body, "echo")
+    if echo and value is None:  # the prompt's text comes back with its scores only
+        raise bad(f"echo needs logprobs (an integer in [0, {MAX_TOP_LOGPROBS}])")
     return {"logprobs": value is not None, "top_logprobs": value or 0, "echo": echo}
 
 
