@@ -13,14 +13,14 @@ from .home import read_aliases
 
 @llm.hookimpl
 def register_models(register):
-    from .llm_model import OmniModel
+    from .llm_model import AsyncOmniModel, OmniModel
 
     try:
         aliases = read_aliases()
     except Exception:  # a broken data dir must never break `llm` itself
         aliases = {}
     for alias in sorted(aliases):
-        register(OmniModel(alias))
+        register(OmniModel(alias), AsyncOmniModel(alias))
 
 
 @llm.hookimpl

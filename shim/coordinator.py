@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from llm_omninode.backend.generate import Chunk, Generation
@@ -22,6 +22,7 @@ from llm_omninode.backend.runtime import prompt_ids
 from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.spec import ModelSpec
 from llm_omninode.net import frames as F
+from llm_omninode.net.frames import FrameType
 from llm_omninode.net.quic import NetError
 from llm_omninode.request import GenerationRequest, RequestError
 
@@ -36,6 +37,7 @@ from .errors import (
     StageBusy,
     StageMissing,
 )
+from .load_progress import LoadProgress, ProgressHub, StageProgress
 from .model_state import ModelText, PlanState
 from .pipeline import LOST_AFTER, PROBE_TIMEOUT, Hop
 from .planner import NodeCapacity, Plan, PlanError, plan_stages
@@ -72,6 +74,7 @@ class Coordinator:
         self._active: dict[str, int] = {}  # model id -> generations running now
         self._tasks: set[asyncio.Future] = set()  # unloads running in the background
         self._lock = asyncio.Lock()
+        self.progress = ProgressHub()  # requests waiting for a model's load hear it here
 
     # ---- models -------------------------------------------------------------------------
     async def resolve(self, name: str) -> ModelText:
@@ -205,11 +208,12 @@ class Coordinator:
             return
         payload = model.manifest.to_json()
 
-        async def load(stage) -> None:
+        async def load(stage, part: StageProgress) -> None:
             if stage.node_id == self.node.node_id:
                 await self.node.host.ensure(
-                    model.manifest, stage.start, stage.end, self.node.shard_sources
+                    model.manifest, stage.start, stage.end, self.node.shard_sources, part.bytes
                 )
+                part.loaded = True
                 return
             conn = await self.node.peers.connection(stage.node_id)
             frame = F.request_frame(
@@ -219,12 +223,21 @@ class Coordinator:
                 model=model.manifest.model_id,
                 start=stage.start,
                 end=stage.end,
+                progress=True,  # shard bytes as they arrive, then the answer
             )
-            await conn.request(frame, timeout=LOAD_TIMEOUT)
+            async for reply in conn.stream(frame, timeout=LOAD_TIMEOUT):
+                if reply.type == FrameType.STREAM_DATA:
+                    part.bytes(*_fetched(reply.header))
+                elif reply.type == FrameType.RESPONSE:
+                    part.loaded = True
+            if not part.loaded:
+                raise CoordinatorError("the stage load ended without an answer")
 
-        results = await asyncio.gather(
-            *(load(s) for s in state.plan.stages), return_exceptions=True
-        )
+        async with self.progress.loading(model.manifest.model_id, len(state.plan.stages)) as w:
+            results = await asyncio.gather(
+                *(load(s, w.stage(i)) for i, s in enumerate(state.plan.stages)),
+                return_exceptions=True,
+            )
         failures = [
             f"{s.node_id[:16]} [{s.start}, {s.end}): {r}"
             for s, r in zip(state.plan.stages, results, strict=True)
@@ -319,19 +332,19 @@ class Coordinator:
         request: GenerationRequest,
         timings: dict[str, float] | None = None,
         keep_alive: float | None = None,
+        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Stream the request's chunks. ``timings`` (if given) receives load_s (resolve, plan,
-        load), prefill_s (prompt in, first id out) and decode_s (the rest), measured here.
+        load), prefill_s (prompt in, first id out) and decode_s (the rest), measured here;
+        ``progress`` (if given) hears the model's load, if it has to be loaded.
 
-        A prompt that cannot be served as sent raises RequestError; an unknown model
-        ModelUnknown; anything else that fails CoordinatorError.
+        A prompt that cannot be served as sent raises RequestError (before any load); an
+        unknown model ModelUnknown; anything else that fails CoordinatorError.
         """
         timings = {} if timings is None else timings
         t_load = time.perf_counter()
-        model = await self.load(request.model, keep_alive)
+        model = await self.resolve(request.model)
         model_id = model.manifest.model_id
-        state = self._plans[model_id]
-        timings["load_s"] = time.perf_counter() - t_load
         try:
             ids = prompt_ids(model.tokenizer, model.template, request)
         except ValueError as exc:  # a template that fails safely, text it cannot encode
@@ -347,6 +360,10 @@ class Coordinator:
             )  # fmt: skip
         except ValueError as exc:  # empty prompt, or longer than the context
             raise RequestError(str(exc)) from exc
+        with self.progress.listen(model_id, progress):
+            await self.load(request.model, keep_alive)
+        state = self._plans[model_id]
+        timings["load_s"] = time.perf_counter() - t_load
         job = Job(model, request, ids, gen, timings)
         slot = self._slots.setdefault(model_id, asyncio.Semaphore(self.parallel))
         queued = self._queued.get(model_id, 0)
@@ -363,7 +380,8 @@ class Coordinator:
                 if (
                     state is not self._plans.get(model_id) or not state.ready
                 ):  # changed while queued
-                    await self.load(request.model, keep_alive)
+                    with self.progress.listen(model_id, progress):
+                        await self.load(request.model, keep_alive)
                     state = self._plans[model_id]
                 async for chunk in self._recovering(job, state, keep_alive):
                     yield chunk
@@ -452,6 +470,14 @@ class Coordinator:
         for node_id in lost:
             self.node.peers.mark_down(node_id, "did not answer after a failed step")
         return lost
+
+
+def _fetched(header: dict) -> tuple[int, int]:
+    """A peer's report of a stage's shard bytes (done, lacking), checked; (0, 0) if bad."""
+    done, total = header.get("fetched"), header.get("total")
+    if type(done) is int and type(total) is int and 0 <= done <= total <= 1 << 50:
+        return done, total
+    return 0, 0
 
 
 async def _shielded(coro) -> object:
