@@ -15,7 +15,6 @@ import click
 from .home import omni_home
 from .models_cli import _fail, _human_bytes
 
-
 SERVE_HELP = """Run a shim (node) in the foreground: the flags are omni-shim's own."""
 
 
@@ -68,8 +67,8 @@ def register(omni: click.Group) -> None:
     for command in (init, join, trust, untrust, id_):
         omni.add_command(command)
 
-    omni.add_command(ShimCommand("serve", help=SERVE_HELP, callback=_serve,
-                                 context_settings={"help_option_names": ["-h", "--help"]}))  # fmt: skip
+    helps = {"help_option_names": ["-h", "--help"]}
+    omni.add_command(ShimCommand("serve", help=SERVE_HELP, callback=_serve, context_settings=helps))
 
     @omni.command()
     def stop() -> None:

@@ -90,7 +90,8 @@ def test_a_first_load_streams_progress_before_the_first_token(cluster):
                    "temperature": 0})  # fmt: skip
     assert raw[0].startswith(b": omninode_progress {")  # an SSE comment
     _unload(cluster)
-    chunks = openai.OpenAI(base_url=cluster.api_url(0) + "/v1", api_key="-").chat.completions.create(
+    client = openai.OpenAI(base_url=cluster.api_url(0) + "/v1", api_key="-")
+    chunks = client.chat.completions.create(
         model="smollm2", messages=CHAT, max_tokens=6, temperature=0, stream=True)  # fmt: skip
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
 
