@@ -5,7 +5,7 @@ or a channel to its node) and the tail, where the last stage's picked ids arrive
 from its node, or a queue when this node hosts it; see shim/pipeline.py). Every answer, and
 every failure the chain reports, lands in one queue, read once per step. ``run_pass`` prefills
 the prompt, replays what a failed pass already sent, and decodes while the ``Generation``
-wants tokens; shim/coordinator.py recovers from what it raises.
+wants tokens; shim/generation.py recovers from what it raises.
 """
 
 from __future__ import annotations

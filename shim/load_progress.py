@@ -1,7 +1,7 @@
 """What a model's first load tells the clients waiting for it: stages loaded, shard bytes
 fetched.
 
-The coordinator loads a plan's stages at once (shim/coordinator.py ``ensure_ready``); each
+The coordinator loads a plan's stages at once (shim/lifecycle.py ``ensure_ready``); each
 stage reports here as its shards arrive (its own node's stage host, or a peer's ``stage.load``
 stream) and when it is loaded. ``ProgressHub.loading`` sends the sum to every request waiting
 for that model, at most every REPORT_EVERY seconds and once at the end, from the load's own

@@ -1,4 +1,5 @@
-"""One OmniNode node: identity, QUIC endpoint, discovery, peers, shard store, stages, coordinator.
+"""One OmniNode node: identity, QUIC endpoint, discovery, peers, shard store, stages, the
+models it coordinates (shim/lifecycle.py) and their generations (shim/generation.py).
 
 Requests it serves (one QUIC stream each; every one from an admitted peer only):
 
@@ -31,11 +32,13 @@ import math
 import os
 import socket
 import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llm_omninode import __version__
+from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
 from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.speed import measure as measure_speed
@@ -51,12 +54,14 @@ from llm_omninode.net.quic import FrameStream, QuicSettings, Server, serve
 from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
-from .coordinator import DEFAULT_PARALLEL, Coordinator
 from .errors import CoordinatorError
+from .generation import DEFAULT_PARALLEL, Generations
 from .http.server import ApiConfig, ApiServer
 from .http.service import ApiService
+from .lifecycle import ModelLifecycle
 from .load_progress import REPORT_EVERY, LoadProgress
 from .metrics import Metrics, NodeGauges
+from .model_state import ModelText, PlanState
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
@@ -94,6 +99,42 @@ class NodeConfig:
     threads: int | None = None  # of a stage's compute (None: OMNI_GGML_THREADS, else all CPUs)
 
 
+@dataclass(frozen=True)
+class ApiRunner:
+    """What the HTTP API runs models with (shim/http/service.py's ``ModelRunner``): the models'
+    lifecycle, and their generations."""
+
+    lifecycle: ModelLifecycle
+    generations: Generations
+
+    async def resolve(self, name: str) -> ModelText:
+        return await self.lifecycle.resolve(name)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        timings: dict[str, float] | None = None,
+        keep_alive: float | None = None,
+        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
+    ) -> AsyncGenerator[Chunk, None]:
+        return self.generations.generate(request, timings, keep_alive, progress)
+
+    async def load(self, name: str, keep_alive: float | None = None) -> ModelText:
+        return await self.lifecycle.load(name, keep_alive)
+
+    async def unload(self, name: str) -> bool:
+        return await self.lifecycle.unload(name)
+
+    def forget(self, model_id: str) -> None:
+        self.lifecycle.forget(model_id)
+
+    def loaded(self) -> list[tuple[ModelText, PlanState, float | None]]:
+        return self.lifecycle.loaded()
+
+    def alias_of(self, model_id: str) -> str | None:
+        return self.lifecycle.alias_of(model_id)
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -123,18 +164,25 @@ class Node:
             threads=config.threads,
             metrics=self.metrics,
         )
-        self.coordinator = Coordinator(self, config.parallel)
-        self.coordinator.prefixes.enabled = config.prefix_reuse
+        self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
+        # the models coordinated here (plans, loads, keep-alive), and their generations
+        self.lifecycle = ModelLifecycle(
+            self.node_id, self.name, self.memory_budget, lambda: self.speed, self.host,
+            self.peers, self.registry, self.held_shards, self.shard_sources,
+        )  # fmt: skip
+        self.generations = Generations(
+            self.lifecycle, self.node_id, lambda: (self.advertised_host, self.port), self.host,
+            self.peers, self.metrics, config.max_context, config.parallel, config.prefix_reuse,
+        )  # fmt: skip
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         # generations coordinated here (the cluster page's; each one's figures to /metrics)
         self.requests = RequestLog(on_finish=self.metrics.finished)
         self.device = device_name(engine_name())
-        self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
         self.metrics.watch(
             NodeGauges(
                 memory=lambda: {"budget": self.memory_budget, **self.memory_fields()},
                 live_peers=lambda: len(self.peers.live()),
-                running=self.coordinator.running,
+                running=self.generations.running,
             )
         )
         self.server: Server | None = None
@@ -304,7 +352,7 @@ class Node:
             await stream.send(F.stream_data_frame(frame.id, 0, progress=p.row()))
 
         chunks = self.requests.watch(
-            request.model, "llm", self.coordinator.generate(request, timings, None, progress),
+            request.model, "llm", self.generations.generate(request, timings, None, progress),
             timings,
         )  # fmt: skip
         async with contextlib.aclosing(chunks):  # a client gone mid-stream ends it here and now
@@ -369,7 +417,7 @@ class Node:
     def status(self) -> dict[str, Any]:
         names = {self.node_id: self.name} | {p.node_id: p.name for p in self.peers.all()}
         plans = []
-        for state in self.coordinator.plans():
+        for state in self.lifecycle.plans():
             plan = state.plan
             plans.append({
                 "model": plan.model_id,
@@ -390,7 +438,7 @@ class Node:
             "memory_budget": self.memory_budget,
             "memory_used": self.host.used_bytes(),
             **self.memory_fields(),
-            "generations": self.coordinator.running(),  # running or queued here
+            "generations": self.generations.running(),  # running or queued here
             "pipelines": self.pipelines,  # sequences passing through stages hosted here
         }
 
@@ -423,7 +471,8 @@ class Node:
                 "before any", self.memory_budget / 2**20, self.host.runtime / 2**20,
             )  # fmt: skip
         if self.config.api is not None:  # first: a taken port should fail before anything runs
-            service = ApiService(self.coordinator, self.registry, self.peers.model_aliases,
+            runner = ApiRunner(self.lifecycle, self.generations)
+            service = ApiService(runner, self.registry, self.peers.model_aliases,
                                  self.max_context, self.metrics.render,
                                  ClusterView(self).snapshot, self.requests,
                                  self.host.stages)  # fmt: skip
@@ -457,7 +506,7 @@ class Node:
                 self._sync_discovery()
                 await self.peers.refresh()
                 self.host.evict_idle()
-                await self.coordinator.expire()
+                await self.lifecycle.expire()
             except Exception:  # a maintenance round must never take the node down
                 log.exception("maintenance round failed")
             await asyncio.sleep(REFRESH_S)

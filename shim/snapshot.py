@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class _Slots(Protocol):
-    parallel: int  # sequences of one model a coordinator runs at once
+    parallel: int  # sequences of one model this node coordinates at once
 
 
 class NodeTables(Protocol):
@@ -40,7 +40,7 @@ class NodeTables(Protocol):
     requests: RequestLog
 
     @property
-    def coordinator(self) -> _Slots: ...
+    def generations(self) -> _Slots: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -118,7 +118,7 @@ def snapshot(node: NodeTables) -> dict[str, Any]:
         "queue": {
             "generations": status["generations"],  # running or waiting for a slot, here
             "waiting": sum(1 for r in requests["running"] if r["outcome"] == "waiting"),
-            "slots": node.coordinator.parallel,  # sequences of one model at once
+            "slots": node.generations.parallel,  # sequences of one model at once
             "pipelines": status["pipelines"],  # sequences passing through stages hosted here
         },
         "requests": requests,

@@ -55,7 +55,7 @@ class HeldStage(Protocol):
 
 
 class ModelRunner(Protocol):
-    """Runs models across the cluster (shim/coordinator.py's ``Coordinator`` is one)."""
+    """Runs models across the cluster (shim/node.py's ``ApiRunner`` is one)."""
 
     async def resolve(self, name: str) -> Model:
         """The model an alias or model id names, here or on a peer; ModelUnknown if none."""
