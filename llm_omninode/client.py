@@ -250,6 +250,26 @@ class AsyncShimClient:
             raise ShimError(f"{self._who()}: {exc}") from exc
         raise ShimError(f"{self._who()} ended the stream without finishing")
 
+    async def embed(self, model: str, texts: list[str], truncate: bool = True) -> list[list[float]]:
+        """The texts' embeddings, at unit length (the shim's ``embed`` request)."""
+        import struct
+
+        from .net import frames as F
+        from .net.quic import NetError
+
+        payload = json.dumps(texts).encode("utf-8")
+        frame = F.request_frame(self._conn.next_id(), "embed", payload, model=model,
+                                truncate=truncate, normalize=True)  # fmt: skip
+        try:
+            reply = await self._conn.request(frame, timeout=REQUEST_TIMEOUT)
+        except NetError as exc:
+            raise ShimError(f"{self._who()}: {exc}") from exc
+        count, width = reply.header.get("count"), reply.header.get("width")
+        if count != len(texts) or type(width) is not int or len(reply.payload) != 4 * count * width:
+            raise ShimError(f"{self._who()} answered with malformed embeddings")
+        values = struct.unpack(f"<{count * width}f", reply.payload)
+        return [list(values[i * width : (i + 1) * width]) for i in range(count)]
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # closing is best effort
             await asyncio.wait_for(self._conn.close(), 3)
@@ -321,6 +341,10 @@ class ShimClient:
                     return
         finally:
             future.cancel()
+
+    def embed(self, model: str, texts: list[str], truncate: bool = True) -> list[list[float]]:
+        """The texts' embeddings, at unit length (the shim's ``embed`` request)."""
+        return self._call(self._async.embed(model, texts, truncate))
 
     def close(self) -> None:
         if self._client is not None:

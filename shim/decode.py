@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -106,7 +106,11 @@ class Ring:
             hosted.tails[self.seq] = self._local
         else:
             await self._open_tail(last, options, recent)
-        first = self.route[0]
+        self._open_entry(reuse)
+
+    def _open_entry(self, reuse: Reuse | None) -> None:
+        """Stage 0 hosted here (a Link), or a channel to its node (opened at the first step)."""
+        first, here = self.route[0], self.here.node_id
         self.position = reuse.keep if reuse is not None else 0
         if first.node_id == here:
             hosted = self.here.host.get(self.model_id, first.start, first.end)
@@ -119,10 +123,16 @@ class Ring:
                                     self._failed)  # fmt: skip
 
     async def _open_tail(self, last: Hop, options: SamplingOptions, recent: Sequence[int]):
+        await self._tail_channel(
+            last, lambda rid: tail_frame(rid, self.model_id, self.seq, last, options, recent)
+        )
+
+    async def _tail_channel(self, last: Hop, opening: Callable[[int], Frame]) -> None:
+        """Open the tail on the last stage's node with the frame ``opening(request id)``
+        makes, wait until it is ready, and read its answers into ``answers``."""
         try:
             conn = await self.here.peers.connection(last.node_id)
-            frame = tail_frame(conn.next_id(), self.model_id, self.seq, last, options, recent)
-            self._tail = await conn.channel(frame)
+            self._tail = await conn.channel(opening(conn.next_id()))
             ready = await self._tail.recv(STEP_TIMEOUT)
         except (NetError, OSError) as exc:
             raise PipelineError(f"tail on {last.node_id[:16]}: {exc}",

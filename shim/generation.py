@@ -13,9 +13,9 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
+from llm_omninode.backend.chat_template import prompt_ids
 from llm_omninode.backend.generate import Chunk, Generation
 from llm_omninode.backend.memory import context_for
-from llm_omninode.backend.runtime import prompt_ids
 from llm_omninode.request import GenerationRequest, RequestError
 
 from .decode import Here, Job, run_pass

@@ -10,6 +10,7 @@ SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transf
 ``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts;
                       while the model loads first, STREAM_DATA frames with no text and a
                       ``progress`` field (shim/load_progress.py)
+``embed``          -> the texts' embeddings (shim/embedding.py ``serve_embed``)
 ``peers``          -> this node and the peers it knows (``llm omni peers``)
 ``status``         -> plans made here and stages hosted here (``llm omni status``)
 ``models``         -> alias -> model id of the models held here
@@ -54,6 +55,7 @@ from llm_omninode.net.quic import FrameStream, QuicSettings, Server, serve
 from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
+from .embedding import Embedder, serve_embed
 from .errors import CoordinatorError
 from .generation import DEFAULT_PARALLEL, Generations
 from .http.server import ApiConfig, ApiServer
@@ -174,6 +176,9 @@ class Node:
             self.lifecycle, self.node_id, lambda: (self.advertised_host, self.port), self.host,
             self.peers, self.metrics, config.max_context, config.parallel, config.prefix_reuse,
         )  # fmt: skip
+        self.embedder = Embedder(
+            self.lifecycle, self.generations.here, self.generations.route, config.max_context
+        )
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         # generations coordinated here (the cluster page's; each one's figures to /metrics)
         self.requests = RequestLog(on_finish=self.metrics.finished)
@@ -303,6 +308,8 @@ class Node:
         try:
             if method == "generate":
                 return await self._generate(frame, stream)
+            if method == "embed":
+                return await serve_embed(self.embedder, frame)
             if method == "pipeline":
                 self.pipelines += 1
                 try:
@@ -475,7 +482,7 @@ class Node:
             service = ApiService(runner, self.registry, self.peers.model_aliases,
                                  self.max_context, self.metrics.render,
                                  ClusterView(self).snapshot, self.requests,
-                                 self.host.stages)  # fmt: skip
+                                 self.host.stages, self.embedder)  # fmt: skip
             self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(

@@ -42,6 +42,7 @@ import numpy as np
 
 from llm_omninode.backend.cid import is_cid
 from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.pooling import POOLINGS, Pooler
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.backend.sequences import SequenceLimitError
 from llm_omninode.net import frames as F
@@ -49,7 +50,7 @@ from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import is_node_id
 from llm_omninode.net.quic import FrameStream, NetError
 
-from .stage_host import MAX_SEQUENCES, HostedStage, StageHost, Tail
+from .stage_host import MAX_SEQUENCES, HostedStage, PoolTail, StageHost, Tail
 
 if TYPE_CHECKING:
     from .peers import PeerTable
@@ -188,6 +189,16 @@ def tail_frame(
     return F.request_frame(
         request_id, "pipeline", tail=True, model=model_id, seq=seq, start=last.start,
         end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:],
+    )  # fmt: skip
+
+
+def pool_tail_frame(request_id: int, model_id: str, seq: str, last: Hop, pooling: str) -> Frame:
+    """Opens an embedding sequence's tail: the last stage pools its final states (``pooling``,
+    backend/pooling.py) and answers once, with the pooled vector (a STEP frame flagged
+    pooled), after the prompt's last piece."""
+    return F.request_frame(
+        request_id, "pipeline", tail=True, model=model_id, seq=seq, start=last.start,
+        end=last.end, pool=pooling,
     )  # fmt: skip
 
 
@@ -333,7 +344,7 @@ class Link:
         hosted.active += 1
 
     def _input(self, frame: Frame) -> np.ndarray:
-        if frame.type != FrameType.STEP:
+        if frame.type != FrameType.STEP or frame.header.get("pooled"):
             raise PipelineError("expected a STEP frame on a pipeline channel")
         header = frame.header
         if header["step"] != self.steps or header["pos"] != self.position:
@@ -372,6 +383,10 @@ class Link:
                                     F.ErrorCode.CACHE_MISS)  # fmt: skip
         x = self._input(frame)
         step, pos, more = frame.header["step"], frame.header["pos"], frame.header["more"]
+        pool = self.hosted.pools.get(self.seq) if self.next is None else None
+        if pool is not None:
+            await self._pool(pool, x, step, more)
+            return
         tail = self._tail() if self.next is None and not more else None
         try:
             out = await self.host.forward(
@@ -391,6 +406,22 @@ class Link:
         elif tail is not None:
             self.hosted.tokens_out += 1
             await tail.deliver(F.token_step(step, self.position, [out]))
+
+    async def _pool(self, pool: PoolTail, x: np.ndarray, step: int, more: bool) -> None:
+        """An embedding sequence's step on the last stage: pool its states; after the last
+        piece, deliver the pooled vector."""
+        try:
+            await self.host.embed(self.hosted, self.seq, x, pool.pooler)
+        except SequenceLimitError as exc:
+            raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
+        except ValueError as exc:  # the stage's own checks and limits (PoolingError too)
+            raise PipelineError(str(exc)) from exc
+        self.steps += 1
+        self.position += len(x)
+        self.hosted.steps += 1
+        if not more:
+            vec = pool.pooler.result().astype("<f4")
+            await pool.deliver(F.pooled_step(step, self.position, vec.tobytes(), vec.size))
 
     async def close(self, park: bool = False) -> None:
         """End the sequence here and downstream; ``park``: keep its caches for reuse."""
@@ -469,14 +500,29 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
                                 F.ErrorCode.NOT_FOUND)  # fmt: skip
         if not hosted.stage.is_last:
             raise PipelineError("a tail is opened on the last stage")
-        if seq in hosted.tails or len(hosted.tails) >= MAX_TAILS:
+        if seq in hosted.tails or seq in hosted.pools:
+            raise PipelineError("this sequence's tail is open already")
+        if len(hosted.tails) + len(hosted.pools) >= MAX_TAILS:
             raise PipelineError("this stage has no room for another tail", F.ErrorCode.BUSY)
+        if "pool" in header:
+            if header["pool"] not in POOLINGS:
+                raise PipelineError(f"pool must be one of {POOLINGS}")
+            pool = PoolTail(Pooler(header["pool"], hosted.spec.d_model), stream.send)
+            return await _hold(hosted.pools, seq, pool, first, stream)
         recent = check_recent(header.get("recent"), hosted.spec.vocab_size)
         options = SamplingOptions.from_dict(header.get("sampling"))
     except (PipelineError, ValueError) as exc:  # SamplingError is a ValueError
         return F.error_frame(_reply_code(exc), str(exc), first.id)
-    tail = Tail(TokenPicker(options, recent), stream.send)
-    hosted.tails[seq] = tail
+    return await _hold(hosted.tails, seq, Tail(TokenPicker(options, recent), stream.send), first,
+                       stream)  # fmt: skip
+
+
+async def _hold(
+    table: dict[str, Any], seq: str, end: Tail | PoolTail, first: Frame, stream: FrameStream
+) -> Frame | None:
+    """Keep a sequence's end (a sampler's Tail, or an embedding's PoolTail) in its stage's
+    ``table`` while the coordinator keeps the tail open; answered once it is ready."""
+    table[seq] = end
     try:
         await stream.send(F.response_frame(first.id or 0))
         async for frame in stream:  # the coordinator sends nothing more
@@ -484,6 +530,6 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
     except (NetError, asyncio.CancelledError):
         pass  # the coordinator went away: the sequence is over
     finally:
-        if hosted.tails.get(seq) is tail:
-            del hosted.tails[seq]
+        if table.get(seq) is end:
+            del table[seq]
     return None

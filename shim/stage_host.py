@@ -28,11 +28,11 @@ import numpy as np
 from llm_omninode import settings
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.memory import StageMemory, context_for, stage_memory
-from llm_omninode.backend.runtime import stage_tensors
+from llm_omninode.backend.pooling import Pooler
 from llm_omninode.backend.sequences import SequenceLimitError
 from llm_omninode.backend.shards import Manifest
 from llm_omninode.backend.spec import ModelSpec
-from llm_omninode.backend.stage_engine import engine_name, new_stage
+from llm_omninode.backend.stage_engine import engine_name, new_stage, stage_tensors
 from llm_omninode.backend.store import (
     ShardStore,
     StorageFull,
@@ -92,6 +92,15 @@ class Tail:
 
 
 @dataclass
+class PoolTail:
+    """An embedding sequence's end on its last stage (shim/embedding.py): its pooler, fed a
+    step at a time, and where the pooled vector goes once the prompt's last piece is in."""
+
+    pooler: Pooler
+    deliver: Callable[[Frame], Awaitable[None]]  # the pooled STEP frame
+
+
+@dataclass
 class HostedStage:
     model_id: str
     start: int
@@ -102,6 +111,7 @@ class HostedStage:
     loaded_s: float
     fetched: dict[str, str] = field(default_factory=dict)  # cid -> node it came from
     tails: dict[str, Tail] = field(default_factory=dict)  # last stage: per sequence
+    pools: dict[str, PoolTail] = field(default_factory=dict)  # last stage: embedding ones
     active: int = 0  # pipeline links using it now
     steps: int = 0  # pipeline steps computed
     tokens_out: int = 0  # last stage: picked ids sent straight to a coordinator's tail
@@ -450,8 +460,20 @@ class StageHost:
         if stopped is not None and not isinstance(stopped, Exception):
             raise stopped  # cancelled
 
+    async def embed(self, hosted: HostedStage, seq: str, x: np.ndarray, pooler: Pooler) -> None:
+        """Run an embedding sequence's step on the last stage, its states to ``pooler``."""
+        hosted.last_used = time.monotonic()
+        try:
+            await self.run(hosted.stage.embed, seq, x, pooler)
+        except SequenceLimitError:
+            if not hosted.parked:
+                raise
+            self.free(hosted, next(iter(hosted.parked)))  # a live sequence before a parked one
+            await self.run(hosted.stage.embed, seq, x, pooler)
+
     def free(self, hosted: HostedStage, seq: str) -> None:
         hosted.tails.pop(seq, None)
+        hosted.pools.pop(seq, None)
         hosted.parked.pop(seq, None)
         self._pool.submit(hosted.stage.free, seq)
 
@@ -483,6 +505,7 @@ class StageHost:
         for hosted in list(self._stages.values()):
             for seq in hosted.stage.evict_idle(self.idle_timeout):
                 hosted.tails.pop(seq, None)
+                hosted.pools.pop(seq, None)
                 hosted.parked.pop(seq, None)
                 log.info("freed idle sequence %s on %s", seq[:12], hosted.model_id[:16])
 

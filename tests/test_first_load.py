@@ -6,16 +6,15 @@ nodes' /api/ps list the model, and llm's async model runs prompts without blocki
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 from pathlib import Path
-from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 import llm
 import ollama
 import openai
 import pytest
+from support.http_post import post_lines
 from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
@@ -47,15 +46,9 @@ def as_client(cluster, monkeypatch):
 
 
 def _stream(url: str, path: str, body: dict) -> list[bytes]:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-    try:
-        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200, response.read()
-        return response.read().splitlines()
-    finally:
-        conn.close()
+    status, lines = post_lines(url, path, body)
+    assert status == 200, lines
+    return lines
 
 
 def _unload(cluster: ShimCluster) -> None:

@@ -22,9 +22,9 @@ from support.shim_cluster import LLM, ShimCluster
 from support.wheels import make_wheel
 
 from llm_omninode.backend.registry import ModelRegistry
-from llm_omninode.backend.runtime import LocalModel
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.backend.sources import SOURCES
+from llm_omninode.local_model import LocalModel
 from llm_omninode.request import GenerationRequest, Message
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]

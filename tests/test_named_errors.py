@@ -24,6 +24,7 @@ import pytest
 from omninode_shim.errors import CoordinatorError
 from omninode_shim.http.run import as_api_error
 from omninode_shim.stage_host import ShardsUnavailable, StageHost, StageStorageFull
+from support.http_post import post_lines
 from support.shim_cluster import ShimCluster
 from support.tiny_model import write_tiny_llama
 from support.wheels import make_wheel
@@ -310,18 +311,6 @@ def _post(url: str, path: str, doc: dict) -> tuple[int, dict]:
         conn.close()
 
 
-def _stream_lines(url: str, path: str, doc: dict) -> list[dict]:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-    try:
-        conn.request("POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200
-        return [json.loads(line) for line in response.read().splitlines()]
-    finally:
-        conn.close()
-
-
 @pytest.mark.cluster
 def test_a_template_error_over_http_is_a_400_and_one_log_line(tmp_path):
     with ShimCluster(tmp_path, 1, max_memory="1GiB") as cluster:
@@ -390,7 +379,9 @@ def test_shards_no_peer_supplies_intact_are_a_502_over_http(tmp_path):
         assert status == 502, (status, body, cluster.log(0), cluster.log(1))
         assert "no peer could supply" in body["error"] and "intact" in body["error"], body
         # streamed, the load's progress came first: the failure is the stream's last line
-        lines = _stream_lines(cluster.api_url(0), "/api/generate", doc | {"stream": True})
+        status, raw = post_lines(cluster.api_url(0), "/api/generate", doc | {"stream": True})
+        lines = [json.loads(line) for line in raw]
+        assert status == 200, lines
         assert all("omninode_progress" in line for line in lines[:-1]) and len(lines) > 1
         assert "no peer could supply" in lines[-1]["error"], lines
         log0, log1 = cluster.log(0), cluster.log(1)

@@ -41,6 +41,8 @@ class Stage(SequenceStage):
     every position with ``all_logits=True``: (T, vocab)).
     """
 
+    prefill_chunk = PREFILL_CHUNK
+
     def __init__(
         self,
         spec: ModelSpec,
@@ -125,7 +127,9 @@ class Stage(SequenceStage):
         c = self.spec.final_softcap
         return logits if c is None else mx.tanh(logits / c) * c
 
-    def _run(self, x: np.ndarray, cache: KVCache, all_logits: bool) -> mx.array:
+    def _run(
+        self, x: np.ndarray, cache: KVCache, all_logits: bool, pool: str | None = None
+    ) -> mx.array:
         s = self.spec.boundary_scale  # a power of two: scaling is exact
         h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
         h = h[None]
@@ -135,6 +139,9 @@ class Stage(SequenceStage):
             if self.hidden_dtype == np.float32:
                 return h[0].astype(mx.float32)
             return (h[0] * s).astype(mx.float16)
+        if pool is not None:  # the final-norm states a Pooler asked for, not logits
+            rows = h[0] if pool == "all" else h[0, :1] if pool == "first" else h[0, -1:]
+            return mx.fast.rms_norm(rows, self.output_norm, self.spec.rms_eps).astype(mx.float32)
         assert self.output is not None
         h = mx.fast.rms_norm(h[0] if all_logits else h[0, -1], self.output_norm, self.spec.rms_eps)
         return self._softcap(self.output(h).astype(mx.float32))
@@ -167,3 +174,9 @@ class Stage(SequenceStage):
         if self.is_last and not all_logits:
             return np.array(outs[-1])
         return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))
+
+    def _final_states(self, x: np.ndarray, cache: KVCache, rows: str) -> np.ndarray:
+        out = self._run(x, cache, False, rows)
+        mx.eval(out, cache.state())
+        cache.commit(x.shape[0])
+        return np.array(out)

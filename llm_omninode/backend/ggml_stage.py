@@ -72,6 +72,8 @@ class GgmlStage(SequenceStage):
     ``kv_bytes``: the KV caches of all sequences together stay within it (SequenceLimitError).
     """
 
+    prefill_chunk = PREFILL_CHUNK
+
     def __init__(
         self,
         spec: ModelSpec,
@@ -179,25 +181,27 @@ class GgmlStage(SequenceStage):
             return self._caches.nbytes
 
     # ---- graphs -----------------------------------------------------------------------
-    def _graph(self, slots: Sequence[Slot], all_logits: bool) -> Graph:
+    def _graph(self, slots: Sequence[Slot], all_logits: bool, pool: str | None = None) -> Graph:
         # without flash attention V is cached transposed: its strides follow the capacity
         shape = tuple((T, n_kv, 0 if self.flash_attn else c.capacity) for c, T, n_kv in slots)
-        key = (shape, all_logits)
+        key = (shape, all_logits, pool)
         g = self._graphs.get(key)
         if g is not None:
             self._graphs.move_to_end(key)
             g.bind([c for c, _, _ in slots])
             return g
-        g = self._build(slots, all_logits)
+        g = self._build(slots, all_logits, pool)
         if all(T == 1 for _, T, _ in slots):  # steps' graphs are worth keeping, prompts' not
             self._graphs[key] = g
             while len(self._graphs) > KEPT_GRAPHS:
                 self._graphs.popitem(last=False)[1].free()
         return g
 
-    def _build(self, slots: Sequence[Slot], all_logits: bool) -> Graph:
+    def _build(self, slots: Sequence[Slot], all_logits: bool, pool: str | None = None) -> Graph:
         """The graph of ``slots``: for each, T positions of a sequence attending over n_kv
-        cached ones (its cache); together they go through every projection at once."""
+        cached ones (its cache); together they go through every projection at once. With
+        ``pool`` (one slot, the last stage): the final-norm states of its rows "all", "first"
+        or "last" (what a Pooler needs), not logits."""
         s, d = self.spec, self.spec.d_model
         total = sum(T for _, T, _ in slots)
         n_nodes = (64 + 24 * len(slots)) * (self.end - self.start) + 64
@@ -236,6 +240,11 @@ class GgmlStage(SequenceStage):
             h = ggml.ggml_add(ctx, h, m)
         if not self.is_last:
             return b.finish(h, (total, d))
+        if pool is not None:
+            rows, first = (total, 0) if pool == "all" else (1, 0 if pool == "first" else total - 1)
+            nb1 = h.contents.nb[1]
+            h = ggml.ggml_view_2d(ctx, h, d, rows, nb1, first * nb1) if rows < total else h
+            return b.finish(self._norm(ctx, h, "output_norm.weight"), (rows, d))
         rows = total
         if len(slots) == 1 and total > 1 and not all_logits:  # a prompt: its last position
             nb1, rows = h.contents.nb[1], 1
@@ -334,14 +343,17 @@ class GgmlStage(SequenceStage):
         return ggml.ggml_mul(ctx, norm, self.weights.get(name))
 
     # ---- compute ----------------------------------------------------------------------
-    def _run(self, xs: Sequence[np.ndarray], caches: Sequence[GgmlKV], all_logits: bool) -> list:
+    def _run(
+        self, xs: Sequence[np.ndarray], caches: Sequence[GgmlKV], all_logits: bool,
+        pool: str | None = None,
+    ) -> list:  # fmt: skip
         """One graph run: positions ``xs[j]`` of the sequence of ``caches[j]``, for each j
         (reserved, committed by the caller); each one's output rows."""
         slots = [
             (cache, x.shape[0], attended(cache.offset + x.shape[0], self.max_context))
             for x, cache in zip(xs, caches, strict=True)
         ]
-        g = self._graph(slots, all_logits)
+        g = self._graph(slots, all_logits, pool)
         try:
             _set_inputs(g.inputs, xs, caches, self.spec.sliding_window)
             out = g.compute(self.backend)
@@ -368,6 +380,11 @@ class GgmlStage(SequenceStage):
         if self.is_last:
             return np.concatenate(outs) if all_logits else outs[-1][0]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _final_states(self, x: np.ndarray, cache: GgmlKV, rows: str) -> np.ndarray:
+        out = self._run([x], [cache], False, rows)[0]
+        cache.commit(x.shape[0])
+        return out
 
     @property
     def batches(self) -> bool:

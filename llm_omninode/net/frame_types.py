@@ -27,6 +27,7 @@ TOKEN_DTYPES = ("int32", "uint32")
 STEP_HEADER = struct.Struct(">IIIIBBH")  # step, position, rows, width, dtype, flags, reserved
 STEP_DTYPES = ("float32", "float16", "int32", "uint32")  # a STEP header's dtype codes
 STEP_MORE = 0x01
+STEP_POOLED = 0x02  # a tail's answer: one sequence's pooled embedding, float32 [1, width]
 MAX_STEP = 2**32 - 1
 
 

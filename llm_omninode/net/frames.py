@@ -32,10 +32,13 @@ the sequence is the channel's, named once when it opened::
     8      4     rows T
     12     4     width hidden_dim (1: token ids)
     16     1     dtype (STEP_DTYPES: 0 float32, 1 float16, 2 int32, 3 uint32)
-    17     1     flags (STEP_MORE: a prompt piece nobody answers; every other bit zero)
+    17     1     flags (STEP_MORE: a prompt piece nobody answers; STEP_POOLED: a tail's
+                 answer that is a sequence's pooled embedding, one float32 row; every other
+                 bit zero)
     18     2     reserved, zero
 
-Decoded, the header is ``{"step", "pos", "shape": [T, hidden_dim], "dtype", "more"}`` and is
+Decoded, the header is ``{"step", "pos", "shape": [T, hidden_dim], "dtype", "more"}`` (and
+``"pooled": true`` when that flag is set) and is
 checked like a HIDDEN one (payload bytes exact) before the payload is allocated.
 
 Here: encoding, decoding (one frame, or incrementally from a stream) and the constructors;
@@ -73,6 +76,7 @@ from .frame_types import (  # noqa: F401
     STEP_DTYPES,
     STEP_HEADER,
     STEP_MORE,
+    STEP_POOLED,
     TOKEN_DTYPES,
     VERSION,
     ErrorCode,
@@ -399,3 +403,20 @@ def token_ids(frame: Frame) -> list[int]:
     if len(frame.payload) != 4 * tokens:
         raise FrameError("payload size does not match the shape")
     return list(struct.unpack(f"<{tokens}{code}", frame.payload))
+
+
+def pooled_step(step: int, pos: int, vector: bytes, width: int) -> Frame:
+    """A sequence's pooled embedding as its tail's answer: ``width`` little-endian float32
+    values (one row), flagged pooled."""
+    header = {"step": step, "pos": pos, "shape": [1, width], "dtype": "float32",
+              "more": False, "pooled": True}  # fmt: skip
+    return Frame(FrameType.STEP, header, bytes(vector))
+
+
+def pooled_bytes(frame: Frame, width: int) -> bytes:
+    """The float32 bytes of a pooled STEP frame; FrameError unless it holds ``width`` values."""
+    if frame.type != FrameType.STEP or frame.header.get("pooled") is not True:
+        raise FrameError(f"expected a pooled step, got a {frame.type.name} frame")
+    if frame.header["shape"] != [1, width] or len(frame.payload) != 4 * width:
+        raise FrameError(f"a pooled step must hold {width} float32 values")
+    return frame.payload

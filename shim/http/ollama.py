@@ -8,7 +8,6 @@ first, a stream's lines have no text and an ``omninode_progress`` field (the loa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -17,11 +16,12 @@ from aiohttp import web
 from llm_omninode import __version__
 from llm_omninode.backend import describe
 from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.pooling import has_pooling
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 
 from ..load_progress import LoadProgress
 from . import listing
-from .bodies import iso, now_iso, read_json, start_stream, write_ndjson
+from .bodies import iso, now_iso, read_json, write_ndjson
 from .parse import (
     ApiCall,
     ApiError,
@@ -30,14 +30,8 @@ from .parse import (
     parse_ollama_chat,
     parse_ollama_generate,
 )
-from .run import (
-    EarlyStream,
-    Run,
-    as_api_error,
-    raise_as_api_error,
-    resolve_for_api,
-    start_run,
-)
+from .pull import pull
+from .run import EarlyStream, Run, raise_as_api_error, resolve_for_api, start_run
 from .service import SERVICE_KEY, ModelRunner
 
 # a streamed line while the model loads first: no text, done false, and this field (the
@@ -94,69 +88,14 @@ async def show(request: web.Request) -> web.Response:
         "template": template,
         "details": describe.details(manifest),
         "model_info": listing.model_info(manifest, verbose),
-        "capabilities": ["completion"],
+        # as Ollama: a GGUF that says how to pool is an embedding model, others complete
+        "capabilities": ["embedding"] if has_pooling(manifest.metadata) else ["completion"],
         "modified_at": iso(listing.modified_time(service, manifest.model_id)),
     })  # fmt: skip
 
 
 async def ps(request: web.Request) -> web.Response:
     return web.json_response({"models": await listing.running_models(request.app[SERVICE_KEY])})
-
-
-async def pull(request: web.Request) -> web.StreamResponse:
-    from llm_omninode.backend.library import pull_model
-    from llm_omninode.backend.sources import PullError, find_source
-
-    body = await read_json(request)
-    service = request.app[SERVICE_KEY]
-    name = get_model(body, legacy_name=True)
-    stream = get_bool(body, "stream", True)
-    try:
-        source = find_source(name)
-    except PullError as exc:
-        raise ApiError(404, str(exc)) from exc
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    digest = f"sha256:{source.sha256}"
-    last = [-1]
-
-    def progress(done: int, total: int) -> None:  # on pull's thread
-        percent = done * 100 // max(total, 1)
-        if percent != last[0] or done == total:  # about a hundred lines, not thousands
-            last[0] = percent
-            doc = {"status": f"pulling {source.filename}", "digest": digest, "total": total,
-                   "completed": done}  # fmt: skip
-            loop.call_soon_threadsafe(events.put_nowait, doc)
-
-    def work():
-        return pull_model(service.registry, source, progress=progress, quiet=True)
-
-    events.put_nowait({"status": "pulling manifest"})
-    job = asyncio.ensure_future(asyncio.to_thread(work))
-    if not stream:
-        try:
-            await job
-        except Exception as exc:
-            err = as_api_error(exc)  # a full disk is 507
-            raise ApiError(err.status if err else 500, f"pull {name}: {exc}") from exc
-        return web.json_response({"status": "success"})
-    response = await start_stream(request, "application/x-ndjson")
-    while not (job.done() and events.empty()):
-        getter = asyncio.ensure_future(events.get())
-        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            await write_ndjson(response, getter.result())
-        else:
-            getter.cancel()
-    try:
-        job.result()
-    except Exception as exc:
-        await write_ndjson(response, {"error": f"pull {name}: {exc}"})
-    else:
-        for status in ("verifying sha256 digest", "writing manifest", "success"):
-            await write_ndjson(response, {"status": status})
-    await response.write_eof()
-    return response
 
 
 async def delete(request: web.Request) -> web.Response:

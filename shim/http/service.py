@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 from aiohttp import web
 
 from llm_omninode.backend.chat_template import ChatTemplate
@@ -87,6 +88,33 @@ class ModelRunner(Protocol):
     def alias_of(self, model_id: str) -> str | None: ...
 
 
+class Embeddings(Protocol):
+    """A request's pooled vectors (shim/embedding.py's ``Embedded`` is one)."""
+
+    @property
+    def vectors(self) -> list[np.ndarray]: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def load_s(self) -> float: ...
+
+
+class EmbeddingRunner(Protocol):
+    """Embeds inputs over a model's plan (shim/embedding.py's ``Embedder`` is one)."""
+
+    async def embed(
+        self,
+        name: str,
+        inputs: Sequence[str | Sequence[int]],
+        *,
+        truncate: bool = True,
+        keep_alive: float | None = None,
+        num_ctx: int | None = None,
+    ) -> Embeddings: ...
+
+
 @dataclass(frozen=True)
 class ApiService:
     """The node's side of the HTTP API: the coordinator, this node's models, its peers' names."""
@@ -99,6 +127,7 @@ class ApiService:
     snapshot: Callable[[], dict[str, Any]] | None = None  # /ui/events: the cluster page's data
     requests: RequestLog | None = None  # generations seen here (their tokens/s, outcomes)
     held: Callable[[], Sequence[HeldStage]] = tuple  # the stages this node holds now
+    embedder: EmbeddingRunner | None = None  # /api/embed, /v1/embeddings
 
 
 SERVICE_KEY: web.AppKey[ApiService] = web.AppKey("service", ApiService)  # handlers find it here
