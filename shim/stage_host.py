@@ -186,6 +186,8 @@ class StageHost:
         self.idle_timeout = idle_timeout  # KV caches of sequences idle this long are freed
         self._stages: dict[tuple[str, int, int], HostedStage] = {}
         self._loading: dict[tuple[str, int, int], asyncio.Future[HostedStage]] = {}
+        # who hears a loading stage's shard bytes arrive: (bytes done, bytes lacking)
+        self._fetch_watchers: dict[tuple[str, int, int], list[Callable[[int, int], None]]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
         self._batches: set[asyncio.Future] = set()
 
@@ -221,8 +223,10 @@ class StageHost:
         start: int,
         end: int,
         sources_for: Callable[[str], Sequence[ShardSource]],
+        progress: Callable[[int, int], None] | None = None,
     ) -> HostedStage:
-        """The stage for blocks [start, end), loading it (once, however many ask) if needed."""
+        """The stage for blocks [start, end), loading it (once, however many ask) if needed;
+        ``progress`` hears its shard bytes arrive (done, lacking)."""
         key = (manifest.model_id, start, end)
         if key in self._stages:
             return self._stages[key]
@@ -232,7 +236,16 @@ class StageHost:
             self._loading[key] = pending
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
             pending.add_done_callback(_retrieved)  # its askers may all have gone meanwhile
-        return await asyncio.shield(pending)
+        watchers = self._fetch_watchers.setdefault(key, [])
+        if progress is not None:
+            watchers.append(progress)
+        try:
+            return await asyncio.shield(pending)
+        finally:
+            if progress is not None:
+                watchers.remove(progress)
+            if not watchers and self._fetch_watchers.get(key) is watchers:
+                del self._fetch_watchers[key]
 
     def _make_room(self, need: StageMemory) -> None:
         """Unload idle stages, least recently used first, until ``need`` fits the budget
@@ -318,7 +331,15 @@ class StageHost:
                 "fetching %d shard(s), %.1f MiB, for %s [%d, %d)",
                 len(missing), total / 2**20, manifest.model_id[:16], start, end,
             )  # fmt: skip
-            fetched = await fetch_shards(missing, sources_for, self.store)
+            key, got = (manifest.model_id, start, end), dict.fromkeys(dict(missing), 0)
+
+            def arrived(cid: str, done: int, _size: int) -> None:
+                got[cid] = done
+                for watcher in self._fetch_watchers.get(key, []):
+                    watcher(sum(got.values()), total)
+
+            arrived(missing[0][0], 0, 0)
+            fetched = await fetch_shards(missing, sources_for, self.store, progress=arrived)
             if self.metrics is not None:
                 self.metrics.transfer_bytes.labels("in").inc(total)
         tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)

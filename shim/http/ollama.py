@@ -2,7 +2,8 @@
 
 Generation goes through the coordinator like any other request, so a shim that holds no layer
 of a model serves it through the ring. Durations are nanoseconds; streams are NDJSON, and a
-failure after the stream started is its last line, ``{"error": "..."}``.
+failure after the stream started is its last line, ``{"error": "..."}``. While the model loads
+first, a stream's lines have no text and an ``omninode_progress`` field (the load's progress).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from llm_omninode.backend.logprobs import TokenLogprob
 from llm_omninode.backend.pooling import has_pooling
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 
+from ..load_progress import LoadProgress
 from . import listing
 from . import logprobs as LP
-from .bodies import iso, now_iso, read_json, start_stream, write_ndjson
+from .bodies import iso, now_iso, read_json, write_ndjson
 from .parse import (
     ApiCall,
     ApiError,
@@ -32,12 +34,14 @@ from .parse import (
     parse_ollama_generate,
 )
 from .pull import pull
-from .run import Run, raise_as_api_error, resolve_for_api, start_run
+from .run import EarlyStream, Run, raise_as_api_error, resolve_for_api, start_run
 from .service import SERVICE_KEY, ModelRunner
 
+# a streamed line while the model loads first: no text, done false, and this field (the
+# load's progress: shim/load_progress.py), which Ollama's clients ignore
+PROGRESS_FIELD = "omninode_progress"
 # the Ollama API level these routes follow; clients compare it against their minimums
 OLLAMA_API_VERSION = "0.12.0"
-FOREVER = "2318-11-30T00:00:00Z"  # how Ollama shows a model kept loaded forever
 
 
 def add_routes(app: web.Application) -> None:
@@ -94,24 +98,7 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def ps(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    rows = []
-    for model, state, expires in service.runner.loaded():
-        alias = service.runner.alias_of(model.manifest.model_id)
-        name = listing.display_name(alias) if alias else model.manifest.model_id
-        rows.append({
-            "name": name,
-            "model": name,
-            "size": sum(s.weight_bytes for s in state.plan.stages),
-            "digest": model.manifest.model_id,
-            "details": describe.details(model.manifest),
-            "expires_at": FOREVER if expires is None else iso(expires),
-            "size_vram": 0,  # CPU stages here; Apple GPU memory is unified, not VRAM
-            "context_length": service.max_context or model.spec.context_length,
-            "stages": [{"node_id": s.node_id, "start": s.start, "end": s.end}
-                       for s in state.plan.stages],
-        })  # fmt: skip
-    return web.json_response({"models": rows})
+    return web.json_response({"models": await listing.running_models(request.app[SERVICE_KEY])})
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -193,13 +180,26 @@ async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamR
     service = request.app[SERVICE_KEY]
     if call.request is None:
         return await _load_or_unload(service.runner, call, chat)
-    run = await start_run(service.runner, call, service.requests)
+    early = None
+    if call.stream:
+
+        async def show(response: web.StreamResponse, report: LoadProgress) -> None:
+            line = {**_body(call.model, "", chat), "done": False, PROGRESS_FIELD: report.row()}
+            await write_ndjson(response, line)
+
+        async def show_error(response: web.StreamResponse, message: str) -> None:
+            await write_ndjson(response, {"error": message})
+
+        early = EarlyStream(request, "application/x-ndjson", show, show_error)
+    run = await start_run(service.runner, call, service.requests, early)
+    if not isinstance(run, Run):  # the load failed after its progress was streamed
+        return run
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
-        if not call.stream:
+        if early is None:
             text, last = await run.collect()
             final = _final(run, last, text, call, chat)
             return web.json_response({**final, **_scored(run, call, run.scored)})
-        response = await start_stream(request, "application/x-ndjson")
+        response = await early.started()
 
         async def emit(chunk: Chunk) -> None:
             scored = _scored(run, call, chunk.logprobs)

@@ -1,13 +1,15 @@
 """OpenAI's chat and completions routes (/v1), as Ollama serves them, on every shim.
 
 Streams are server-sent events ending with ``data: [DONE]``; a failure after the stream
-started is an event ``{"error": {...}}`` before it. Sampling fields OpenAI leaves unset keep
+started is an event ``{"error": {...}}`` before it. While the model loads first, the stream
+carries the load's progress as SSE comments. Sampling fields OpenAI leaves unset keep
 the model defaults Ollama uses, as Ollama's own /v1 does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,13 +20,17 @@ from aiohttp import web
 from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.logprobs import TokenLogprob
 
+from ..load_progress import LoadProgress
 from . import listing
 from . import logprobs as LP
-from .bodies import read_json, start_stream, write_sse
+from .bodies import read_json, write_sse
 from .parse import ApiCall, ApiError, parse_openai_chat, parse_openai_completion
-from .run import Run, start_run
+from .run import EarlyStream, Run, start_run
 from .service import SERVICE_KEY
 
+# a streamed request whose model loads first gets its progress as SSE comments
+# (": omninode_progress {...}"), which SSE clients skip
+PROGRESS_COMMENT = "omninode_progress"
 # Ollama reports "length" and "stop"; OpenAI's names are the same
 _FINISH = {"length": "length", "stop": "stop"}
 
@@ -148,13 +154,26 @@ class _Shape:
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
-    run = await start_run(service.runner, call, service.requests)
+    early = None
+    if call.stream:
+
+        async def show(response: web.StreamResponse, report: LoadProgress) -> None:
+            # an SSE comment: every SSE client skips it, so OpenAI's chunks stay as they are
+            await response.write(f": {PROGRESS_COMMENT} {json.dumps(report.row())}\n\n".encode())
+
+        async def show_error(response: web.StreamResponse, message: str) -> None:
+            await write_sse(response, {"error": {"message": message, "type": "api_error"}})
+
+        early = EarlyStream(request, "text/event-stream", show, show_error)
+    run = await start_run(service.runner, call, service.requests, early)
+    if not isinstance(run, Run):  # the load failed after its progress was streamed
+        return run
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
         shape = _Shape(run, chat, call)
-        if not call.stream:
+        if early is None:
             text, last = await run.collect()
             return web.json_response(shape.whole(text, last))
-        response = await start_stream(request, "text/event-stream")
+        response = await early.started()
         first = True
 
         async def emit(chunk: Chunk) -> None:
