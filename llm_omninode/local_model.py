@@ -15,6 +15,7 @@ import numpy as np
 
 from .backend.chat_template import ChatTemplate, prompt_ids
 from .backend.generate import Chunk, TokenPicker, generate
+from .backend.logprobs import Scores, SequenceScorer
 from .backend.registry import ModelRecord, ModelRegistry
 from .backend.sampling import SamplingOptions
 from .backend.spec import ModelSpec
@@ -31,6 +32,8 @@ class LocalModel:
     template: ChatTemplate
     stages: list[Any]  # stage_engine.new_stage's (ggml on Linux, else MLX)
     pickers: dict[str, TokenPicker] = field(default_factory=dict)
+    scorers: dict[str, SequenceScorer] = field(default_factory=dict)  # logprobs asked for
+    scored: dict[str, tuple[Scores | None, Scores]] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -65,10 +68,22 @@ class LocalModel:
         """Run the stages and pick the next id (``options`` on the prefill call only)."""
         if options is not None:
             self.pickers[seq_id] = TokenPicker(options, ids.tolist())
-        return self.pickers[seq_id].pick(self.forward(seq_id, ids))
+        picker, scorer = self.pickers[seq_id], self.scorers.get(seq_id)
+        if scorer is None:
+            return picker.pick(self.forward(seq_id, ids))
+        last, x = self.stages[-1], ids
+        for stage in self.stages[:-1]:
+            x = stage.forward(seq_id, x)
+        rows = scorer.prompt_rows(last.position(seq_id), len(ids))
+        logits = last.forward(seq_id, x, each=rows)
+        token = picker.pick(logits)
+        self.scored[seq_id] = (rows.scores() if rows else None, scorer.picked(logits, token))
+        return token
 
     def free(self, seq_id: str) -> None:
         self.pickers.pop(seq_id, None)
+        self.scorers.pop(seq_id, None)
+        self.scored.pop(seq_id, None)
         for stage in self.stages:
             stage.free(seq_id)
 
@@ -77,6 +92,10 @@ class LocalModel:
 
     def run(self, request: GenerationRequest) -> Iterator[Chunk]:
         ids = self.prompt_ids(request)
+        seq_id = uuid.uuid4().hex
+        if request.logprobs:
+            echo = ids if request.echo else None
+            self.scorers[seq_id] = SequenceScorer(request.top_logprobs, echo)
         return generate(
             self.next_token,
             self.tokenizer,
@@ -86,5 +105,7 @@ class LocalModel:
             stop=request.stop,
             context_length=self.context_length,
             free=self.free,
-            seq_id=uuid.uuid4().hex,
+            seq_id=seq_id,
+            scored=(lambda seq: self.scored.pop(seq)) if request.logprobs else None,
+            echo=request.echo,
         )

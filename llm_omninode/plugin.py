@@ -20,10 +20,10 @@ def _aliases() -> list[str]:
 
 @llm.hookimpl
 def register_models(register):
-    from .llm_model import OmniModel
+    from .llm_model import AsyncOmniModel, OmniModel
 
     for alias in _aliases():
-        register(OmniModel(alias))
+        register(OmniModel(alias), AsyncOmniModel(alias))
 
 
 @llm.hookimpl

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backend.logprobs import MAX_TOP_LOGPROBS
 from .backend.sampling import SamplingError, SamplingOptions
 from .backend.tool_calls import (
     ToolCall,
@@ -87,14 +88,25 @@ class GenerationRequest:
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: until end of generation or context
     stop: tuple[str, ...] = ()
     num_ctx: int | None = None  # a smaller context for this request (Ollama's num_ctx)
+    # HTTP only (not on the plugin's wire): a prompt of token ids (raw: fed as they are);
+    # ids of an earlier answer's ``context`` the templated prompt continues (Ollama's)
+    prompt_tokens: tuple[int, ...] | None = None
+    context: tuple[int, ...] = ()
+    logprobs: bool = False  # each picked token's log-probability ...
+    top_logprobs: int = 0  # ... and the most likely alternatives (0..MAX_TOP_LOGPROBS)
+    echo: bool = False  # the prompt's own tokens scored too (with logprobs)
     # functions the model may call (OpenAI's tool specs, checked by tool_calls.check_tools)
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: str = "auto"  # "auto" | "none" | "required"
     forced_tool: str | None = None  # the function that must be called (tool_choice "required")
 
     def __post_init__(self) -> None:
-        if not self.messages and self.prompt is None:
+        if not self.messages and self.prompt is None and self.prompt_tokens is None:
             raise ValueError("a request needs messages or a prompt")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if (self.top_logprobs or self.echo) and not self.logprobs:
+            raise ValueError("top_logprobs and echo need logprobs")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         if any(not s for s in self.stop):
@@ -195,7 +207,7 @@ class GenerationRequest:
                 raise RequestError("tool_choice and forced_tool must be strings")
             return cls(
                 model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop),
-                num_ctx, tools, tool_choice, forced_tool,
+                num_ctx, tools=tools, tool_choice=tool_choice, forced_tool=forced_tool,
             )  # fmt: skip
         except ValueError as exc:  # the dataclass's own rules (messages or a prompt, ...)
             raise RequestError(str(exc)) from exc

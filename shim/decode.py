@@ -39,6 +39,7 @@ from .pipeline import (
     failure_of,
     tail_frame,
 )
+from .scoring import ScoreSink, Scoring, ScoringError
 from .stage_host import Tail
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .stage_host import StageHost
 
 log = logging.getLogger("omninode_shim.coordinator")
+_ANSWERS = (FrameType.STEP, FrameType.SCORES)
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,23 @@ class Ring:
         self._tail: FrameStream | None = None
         self._reader: asyncio.Future | None = None
         self._local: Tail | None = None
+        self.scores: ScoreSink | None = None  # logprobs asked for: what the tail scored
 
     def _failed(self, exc: PipelineError) -> None:
         self.answers.put_nowait(exc)
 
-    async def open(self, options: SamplingOptions, recent: Sequence[int], reuse: Reuse | None):
+    async def open(
+        self,
+        options: SamplingOptions,
+        recent: Sequence[int],
+        reuse: Reuse | None,
+        scoring: tuple[Scoring, ScoreSink] | None = None,
+    ):
         """Open the tail (it must be ready before the first step reaches the last stage),
-        then the entry."""
+        then the entry. ``scoring``: logprobs asked for (shim/scoring.py)."""
         last, here = self.route[-1], self.here.node_id
+        self.scores = None if scoring is None else scoring[1]
+        ask = None if scoring is None else scoring[0]
         if last.node_id == here:
             hosted = self.here.host.get(self.model_id, last.start, last.end)
             if hosted is None:
@@ -102,10 +113,11 @@ class Ring:
             async def deliver(frame: Frame) -> None:
                 self.answers.put_nowait(frame)
 
-            self._local = Tail(TokenPicker(options, recent), deliver)
+            scorer = None if ask is None else ask.scorer()
+            self._local = Tail(TokenPicker(options, recent), deliver, scorer)
             hosted.tails[self.seq] = self._local
         else:
-            await self._open_tail(last, options, recent)
+            await self._open_tail(last, options, recent, ask)
         self._open_entry(reuse)
 
     def _open_entry(self, reuse: Reuse | None) -> None:
@@ -122,9 +134,11 @@ class Ring:
             self.entry = Downstream(self.here.peers, self.model_id, self.seq, self.route, reuse,
                                     self._failed)  # fmt: skip
 
-    async def _open_tail(self, last: Hop, options: SamplingOptions, recent: Sequence[int]):
+    async def _open_tail(
+        self, last: Hop, options: SamplingOptions, recent: Sequence[int], ask: Scoring | None
+    ):
         await self._tail_channel(
-            last, lambda rid: tail_frame(rid, self.model_id, self.seq, last, options, recent)
+            last, lambda rid: tail_frame(rid, self.model_id, self.seq, last, options, recent, ask)
         )
 
     async def _tail_channel(self, last: Hop, opening: Callable[[int], Frame]) -> None:
@@ -143,7 +157,7 @@ class Ring:
 
     async def _read_tail(self, stream: FrameStream, node_id: str) -> None:
         try:
-            while (frame := await stream.recv()) is not None and frame.type == FrameType.STEP:
+            while (frame := await stream.recv()) is not None and frame.type in _ANSWERS:
                 self.answers.put_nowait(frame)
             self._failed(failure_of(frame, node_id))
         except (NetError, F.FrameError) as exc:
@@ -161,14 +175,27 @@ class Ring:
         return step
 
     async def answer(self, step: int) -> int:
-        """The id the last stage picked at ``step``, or the failure the chain reported."""
+        """The id the last stage picked at ``step``, or the failure the chain reported (with
+        logprobs, its scores land in ``scores``)."""
+        got = await self._next_answer(step)
+        while got.type == FrameType.SCORES:  # with logprobs: scored rows, then the pick
+            try:
+                picked = None if self.scores is None else self.scores.take(got, step)
+            except ScoringError as exc:
+                raise PipelineError(f"step {step}: {exc}") from exc
+            if picked is not None:
+                return picked
+            got = await self._next_answer(step)
+        return check_answer(got, step)
+
+    async def _next_answer(self, step: int) -> Frame:
         try:
             got = await asyncio.wait_for(self.answers.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError as exc:
             raise PipelineError(f"no answer to step {step} within {STEP_TIMEOUT} s") from exc
         if isinstance(got, PipelineError):
             raise got
-        return check_answer(got, step)
+        return got
 
     async def step(self, ids: Sequence[int]) -> int:
         return await self.answer(await self.send(ids))
@@ -195,6 +222,16 @@ class Ring:
             hosted = self.here.host.get(self.model_id, last.start, last.end)
             if hosted is not None and hosted.tails.get(self.seq) is self._local:
                 del hosted.tails[self.seq]
+
+
+def scoring_of(job: Job) -> tuple[Scoring, ScoreSink] | None:
+    """What the last stage is asked to score for ``job`` and where it lands; None if no
+    logprobs were asked for."""
+    request = job.request
+    if not request.logprobs:
+        return None
+    scoring = Scoring(request.top_logprobs, tuple(job.ids) if request.echo else None)
+    return scoring, ScoreSink(scoring, job.model.spec.vocab_size, job.ids)
 
 
 async def prefill(ring: Ring, ids: Sequence[int]) -> int:
@@ -233,7 +270,7 @@ async def run_pass(
     model, request, ids, gen, timings, picked = (
         job.model, job.request, job.ids, job.gen, job.timings, job.picked
     )  # fmt: skip
-    if gen.done:
+    if gen.done and not request.echo:  # echo scores the prompt even with no token wanted
         for chunk in gen.finish():
             yield chunk
         return
@@ -244,8 +281,11 @@ async def run_pass(
     skip = reuse.keep if reuse else 0
     closed = False
     try:
-        await ring.open(request.options, ids, reuse)  # the penalty looks at the whole prompt
+        # the penalty looks at the whole prompt
+        await ring.open(request.options, ids, reuse, scoring_of(job))
         token = await prefill(ring, ids[skip:])
+        if request.echo and ring.scores is not None:
+            gen.score_prompt(ring.scores.echo())
         t1 = time.perf_counter() - t0
         timings.setdefault("prefill_s", t1)
         log.info("seq %s: prefill of %d tokens (%d more cached) in %.3f s", seq[:12],
@@ -257,8 +297,8 @@ async def run_pass(
             token = await ring.step([sent])
         if replay:
             log.info("seq %s: replayed %d tokens", seq[:12], len(replay))
-        while True:
-            chunks = gen.accept(token)
+        while not gen.done:
+            chunks = gen.accept(token, None if ring.scores is None else ring.scores.picked)
             picked.append(token)
             # the stages compute the next token while this one's text goes out
             ahead = None if gen.done else asyncio.ensure_future(ring.step([token]))

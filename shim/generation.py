@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from llm_omninode.backend.chat_template import prompt_ids
 from llm_omninode.backend.generate import Chunk, Generation, split_chunk
@@ -22,6 +22,7 @@ from llm_omninode.request import GenerationRequest, RequestError
 from .decode import Here, Job, run_pass
 from .errors import Busy, CacheMiss, CoordinatorError, LinkLost, NodeLost, StageBusy, StageMissing
 from .lifecycle import ModelLifecycle
+from .load_progress import LoadProgress
 from .metrics import Metrics
 from .model_state import PlanState
 from .peers import PeerTable
@@ -78,19 +79,19 @@ class Generations:
         request: GenerationRequest,
         timings: dict[str, float] | None = None,
         keep_alive: float | None = None,
+        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """Stream the request's chunks. ``timings`` (if given) receives load_s (resolve, plan,
-        load), prefill_s (prompt in, first id out) and decode_s (the rest), measured here.
+        load), prefill_s (prompt in, first id out) and decode_s (the rest), measured here;
+        ``progress`` (if given) hears the model's load, if it has to be loaded.
 
-        A prompt that cannot be served as sent raises RequestError; an unknown model
-        ModelUnknown; anything else that fails CoordinatorError.
+        A prompt that cannot be served as sent raises RequestError (before any load); an
+        unknown model ModelUnknown; anything else that fails CoordinatorError.
         """
         timings = {} if timings is None else timings
         t_load = time.perf_counter()
-        model = await self.models.load(request.model, keep_alive)
+        model = await self.models.resolve(request.model)
         model_id = model.manifest.model_id
-        state = self._plan(model_id)
-        timings["load_s"] = time.perf_counter() - t_load
         try:
             ids = prompt_ids(model.tokenizer, model.template, request)
         except ValueError as exc:  # a template that fails safely, text it cannot encode
@@ -106,6 +107,10 @@ class Generations:
             )  # fmt: skip
         except ValueError as exc:  # empty prompt, or longer than the context
             raise RequestError(str(exc)) from exc
+        with self.models.progress.listen(model_id, progress):
+            await self.models.load(request.model, keep_alive)
+        state = self._plan(model_id)
+        timings["load_s"] = time.perf_counter() - t_load
         job = Job(model, request, ids, gen, timings)
         slot = self._slots.setdefault(model_id, asyncio.Semaphore(self.parallel))
         queued = self._queued.get(model_id, 0)
@@ -122,7 +127,8 @@ class Generations:
                 if (
                     state is not self.models.plan_of(model_id) or not state.ready
                 ):  # changed while queued
-                    await self.models.load(request.model, keep_alive)
+                    with self.models.progress.listen(model_id, progress):
+                        await self.models.load(request.model, keep_alive)
                     state = self._plan(model_id)
                 calls = reply_stream(model.template, request)
                 found: list[ToolCall] = []
@@ -162,7 +168,8 @@ class Generations:
         meanwhile, a lost node (re-plan and replay)."""
         model_id = job.model.manifest.model_id
         attempt, busy = 0, 0
-        reuse = self.prefixes.take(model_id, state.plan, job.ids)
+        # echo scores every prompt position: none may come from a cache
+        reuse = None if job.request.echo else self.prefixes.take(model_id, state.plan, job.ids)
         while True:
             try:
                 route = self.route(state.plan)

@@ -16,10 +16,12 @@ from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
 from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.spec import ModelSpec
 from llm_omninode.net import frames as F
+from llm_omninode.net.frames import FrameType
 from llm_omninode.net.quic import NetError
 from llm_omninode.net.transfer import ShardSource
 
 from .errors import CoordinatorError, ModelUnknown
+from .load_progress import ProgressHub, StageProgress
 from .model_state import ModelText, PlanState
 from .peers import PeerTable
 from .planner import NodeCapacity, PlanError, plan_stages
@@ -67,6 +69,7 @@ class ModelLifecycle:
         self._users: dict[str, int] = {}  # model id -> generations running or queued on it
         self._tasks: set[asyncio.Future] = set()  # unloads running in the background
         self._lock = asyncio.Lock()
+        self.progress = ProgressHub()  # requests waiting for a model's load hear it here
 
     # ---- names --------------------------------------------------------------------------
     async def resolve(self, name: str) -> ModelText:
@@ -201,9 +204,12 @@ class ModelLifecycle:
             return
         payload = model.manifest.to_json()
 
-        async def load(stage) -> None:
+        async def load(stage, part: StageProgress) -> None:
             if stage.node_id == self.node_id:
-                await self.host.ensure(model.manifest, stage.start, stage.end, self.shard_sources)
+                await self.host.ensure(
+                    model.manifest, stage.start, stage.end, self.shard_sources, part.bytes
+                )
+                part.loaded = True
                 return
             conn = await self.peers.connection(stage.node_id)
             frame = F.request_frame(
@@ -213,12 +219,21 @@ class ModelLifecycle:
                 model=model.manifest.model_id,
                 start=stage.start,
                 end=stage.end,
+                progress=True,  # shard bytes as they arrive, then the answer
             )
-            await conn.request(frame, timeout=LOAD_TIMEOUT)
+            async for reply in conn.stream(frame, timeout=LOAD_TIMEOUT):
+                if reply.type == FrameType.STREAM_DATA:
+                    part.bytes(*_fetched(reply.header))
+                elif reply.type == FrameType.RESPONSE:
+                    part.loaded = True
+            if not part.loaded:
+                raise CoordinatorError("the stage load ended without an answer")
 
-        results = await asyncio.gather(
-            *(load(s) for s in state.plan.stages), return_exceptions=True
-        )
+        async with self.progress.loading(model.manifest.model_id, len(state.plan.stages)) as w:
+            results = await asyncio.gather(
+                *(load(s, w.stage(i)) for i, s in enumerate(state.plan.stages)),
+                return_exceptions=True,
+            )
         failures = [
             f"{s.node_id[:16]} [{s.start}, {s.end}): {r}"
             for s, r in zip(state.plan.stages, results, strict=True)
@@ -307,6 +322,14 @@ class ModelLifecycle:
         for model_id, deadline in list(self._expiry.items()):
             if deadline is not None and deadline <= now and self._users.get(model_id, 0) == 0:
                 await self.unload(model_id)
+
+
+def _fetched(header: dict) -> tuple[int, int]:
+    """A peer's report of a stage's shard bytes (done, lacking), checked; (0, 0) if bad."""
+    done, total = header.get("fetched"), header.get("total")
+    if type(done) is int and type(total) is int and 0 <= done <= total <= 1 << 50:
+        return done, total
+    return 0, 0
 
 
 async def _shielded(coro) -> object:

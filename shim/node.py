@@ -7,13 +7,16 @@ Requests it serves (one QUIC stream each; every one from an admitted peer only):
 HELLO              -> INFO: node id, version, device, memory budget, speed, shards held, stages,
                       name
 SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transfer.py)
-``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts
+``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts;
+                      while the model loads first, STREAM_DATA frames with no text and a
+                      ``progress`` field (shim/load_progress.py)
 ``embed``          -> the texts' embeddings (shim/embedding.py ``serve_embed``)
 ``peers``          -> this node and the peers it knows (``llm omni peers``)
 ``status``         -> plans made here and stages hosted here (``llm omni status``)
 ``models``         -> alias -> model id of the models held here
 ``manifest``       -> a model's manifest (the asker checks it hashes to the model id)
-``stage.load``     -> load blocks [start, end) of the model whose manifest is the payload
+``stage.load``     -> load blocks [start, end) of the model whose manifest is the payload;
+                      asked with ``progress``, STREAM_DATA frames of its shard bytes first
 ``stage.unload``   -> drop a stage hosted here (keep-alive ran out, or ``keep_alive: 0``)
 ``leaving``        -> the asking peer is shutting down: stop planning on it
 ``pipeline``       -> a channel: one sequence's steps through a stage hosted here
@@ -30,7 +33,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,7 @@ from .generation import DEFAULT_PARALLEL, Generations
 from .http.server import ApiConfig, ApiServer
 from .http.service import ApiService
 from .lifecycle import ModelLifecycle
+from .load_progress import REPORT_EVERY, LoadProgress
 from .metrics import Metrics, NodeGauges
 from .model_state import ModelText, PlanState
 from .peers import PeerTable, parse_host_port
@@ -114,8 +118,9 @@ class ApiRunner:
         request: GenerationRequest,
         timings: dict[str, float] | None = None,
         keep_alive: float | None = None,
+        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        return self.generations.generate(request, timings, keep_alive)
+        return self.generations.generate(request, timings, keep_alive, progress)
 
     async def load(self, name: str, keep_alive: float | None = None) -> ModelText:
         return await self.lifecycle.load(name, keep_alive)
@@ -314,7 +319,7 @@ class Node:
                     self.pipelines -= 1
             if method == "stage.load":
                 async with self._gates.slot(peer_id, "stage.load"):
-                    return await self._stage_load(peer_id, frame)
+                    return await self._stage_load(peer_id, frame, stream)
             if method == "stage.unload":
                 return self._stage_unload(frame)
             if method == "leaving":  # a peer shutting down cleanly: plan without it now
@@ -350,9 +355,14 @@ class Node:
         request = GenerationRequest.from_wire(frame.header.get("request"))
         seq = 0
         timings: dict[str, float] = {}
+
+        async def progress(p: LoadProgress) -> None:  # before any text: no seq of its own
+            await stream.send(F.stream_data_frame(frame.id, 0, progress=p.row()))
+
         chunks = self.requests.watch(
-            request.model, "llm", self.generations.generate(request, timings), timings
-        )
+            request.model, "llm", self.generations.generate(request, timings, None, progress),
+            timings,
+        )  # fmt: skip
         async with contextlib.aclosing(chunks):  # a client gone mid-stream ends it here and now
             async for chunk in chunks:
                 if chunk.done:
@@ -377,7 +387,7 @@ class Node:
                 seq += 1
         raise CoordinatorError("generation ended without its final chunk")
 
-    async def _stage_load(self, peer_id: str, frame: Frame) -> Frame:
+    async def _stage_load(self, peer_id: str, frame: Frame, stream: FrameStream) -> Frame:
         h = frame.header
         manifest = Manifest.from_json(frame.payload)
         if manifest.model_id != h.get("model"):
@@ -393,7 +403,11 @@ class Node:
             )
             return asker + rest
 
-        hosted = await self.host.ensure(manifest, start, end, sources)
+        if frame.header.get("progress") is True:  # the asker reads a stream: shard bytes first
+            async with _reporting_fetch(stream, frame.id or 0) as progress:
+                hosted = await self.host.ensure(manifest, start, end, sources, progress)
+        else:
+            hosted = await self.host.ensure(manifest, start, end, sources)
         return F.response_frame(
             frame.id, weight_bytes=hosted.weight_bytes, load_s=round(hosted.loaded_s, 3),
             fetched=hosted.fetched,
@@ -475,7 +489,7 @@ class Node:
             service = ApiService(runner, self.registry, self.peers.model_aliases,
                                  self.max_context, self.metrics.render,
                                  ClusterView(self).snapshot, self.requests,
-                                 self.embedder)  # fmt: skip
+                                 self.host.stages, self.embedder)  # fmt: skip
             self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(
@@ -567,3 +581,32 @@ class Node:
             if json.loads(state.read_text()).get("pid") == os.getpid():
                 state.unlink()
         log.info("node %s stopped", self.name)
+
+
+@contextlib.asynccontextmanager
+async def _reporting_fetch(stream: FrameStream, request_id: int):
+    """A stage load's shard bytes (done, lacking) as STREAM_DATA frames to the asker, at most
+    every REPORT_EVERY seconds, while inside; yields the stage host's progress callback."""
+    latest: list[tuple[int, int] | None] = [None]
+    done = asyncio.Event()
+
+    def note(fetched: int, total: int) -> None:
+        latest[0] = (fetched, total)
+
+    async def send() -> None:
+        sent = None
+        while not done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), REPORT_EVERY)
+            if latest[0] is not None and latest[0] != sent:
+                sent = latest[0]
+                await stream.send(F.stream_data_frame(request_id, 0, fetched=sent[0],
+                                                      total=sent[1]))  # fmt: skip
+
+    sender = asyncio.ensure_future(send())
+    try:
+        yield note
+    finally:
+        done.set()
+        with contextlib.suppress(Exception):  # the asker gone: the load goes on regardless
+            await sender

@@ -5,7 +5,8 @@ in-process); each stage opens one to the next. Steps are STEP frames (llm_omnino
 a binary header of step number, position, shape, dtype and flags): the first stage gets token
 ids (``hidden_dim`` 1), every later stage hidden states ``[T, d_model]`` straight from its
 predecessor, and no stage waits for an answer. The last stage picks the next token and sends
-its 4-byte id straight to the coordinator on the sequence's **tail**, a stream the coordinator
+its 4-byte id (with logprobs asked for, a SCORES frame: shim/scoring.py) straight to the
+coordinator on the sequence's **tail**, a stream the coordinator
 opened to the last stage's node before the first step (``REQUEST pipeline {tail: true, model,
 seq, start, end, sampling, recent}``, answered once it is ready): the sampling setup (options,
 seed, the prompt's last MAX_RECENT ids for the repeat penalty) crosses the network once, and
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -50,6 +52,7 @@ from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import is_node_id
 from llm_omninode.net.quic import FrameStream, NetError
 
+from .scoring import Scoring, score_frames, scored_pick, scoring_from
 from .stage_host import MAX_SEQUENCES, HostedStage, PoolTail, StageHost, Tail
 
 if TYPE_CHECKING:
@@ -183,12 +186,14 @@ def open_frame(
 
 def tail_frame(
     request_id: int, model_id: str, seq: str, last: Hop, options: SamplingOptions,
-    recent: Sequence[int],
+    recent: Sequence[int], scoring: Scoring | None = None,
 ) -> Frame:  # fmt: skip
-    """Opens a sequence's tail on the node of its last stage (see the module's docstring)."""
+    """Opens a sequence's tail on the node of its last stage (see the module's docstring;
+    ``scoring``: shim/scoring.py)."""
+    extra, payload = ({}, b"") if scoring is None else (scoring.header(), scoring.payload())
     return F.request_frame(
-        request_id, "pipeline", tail=True, model=model_id, seq=seq, start=last.start,
-        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:],
+        request_id, "pipeline", payload, tail=True, model=model_id, seq=seq, start=last.start,
+        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:], **extra,
     )  # fmt: skip
 
 
@@ -387,11 +392,18 @@ class Link:
         if pool is not None:
             await self._pool(pool, x, step, more)
             return
-        tail = self._tail() if self.next is None and not more else None
+        tail = None
+        if self.next is None:
+            tail = self.hosted.tails.get(self.seq) if more else self._tail()
+        scorer = None if tail is None else tail.scorer
+        rows = None if scorer is None else scorer.prompt_rows(pos, len(x))  # echo
+        then = None
+        if tail is not None and not more:
+            then = tail.picker.pick
+            if scorer is not None:
+                then = functools.partial(scored_pick, tail.picker, scorer)
         try:
-            out = await self.host.forward(
-                self.hosted, self.seq, x, None if tail is None else tail.picker.pick
-            )
+            out = await self.host.forward(self.hosted, self.seq, x, then, rows)
         except SequenceLimitError as exc:  # full of other sequences: worth a retry later
             raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
         except ValueError as exc:  # the stage's own checks and limits
@@ -403,7 +415,13 @@ class Link:
             await self.next.send(
                 F.step_frame(step, pos, out.tobytes(), out.shape, out.dtype.name, more)
             )
-        elif tail is not None:
+        elif tail is not None and scorer is not None:
+            picked = None if more else out
+            self.hosted.tokens_out += picked is not None
+            prompt = None if rows is None else rows.scores()
+            for answer in score_frames(step, pos, prompt, picked):
+                await tail.deliver(answer)
+        elif tail is not None and not more:
             self.hosted.tokens_out += 1
             await tail.deliver(F.token_step(step, self.position, [out]))
 
@@ -511,10 +529,12 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
             return await _hold(hosted.pools, seq, pool, first, stream)
         recent = check_recent(header.get("recent"), hosted.spec.vocab_size)
         options = SamplingOptions.from_dict(header.get("sampling"))
-    except (PipelineError, ValueError) as exc:  # SamplingError is a ValueError
+        scorer = scoring_from(header, first.payload, hosted.spec.vocab_size,
+                              hosted.stage.max_context)  # fmt: skip
+    except (PipelineError, ValueError) as exc:  # SamplingError, ScoringError are ValueErrors
         return F.error_frame(_reply_code(exc), str(exc), first.id)
-    return await _hold(hosted.tails, seq, Tail(TokenPicker(options, recent), stream.send), first,
-                       stream)  # fmt: skip
+    return await _hold(hosted.tails, seq, Tail(TokenPicker(options, recent), stream.send, scorer),
+                       first, stream)  # fmt: skip
 
 
 async def _hold(

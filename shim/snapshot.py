@@ -2,10 +2,11 @@
 node's public parts each time it is asked: the nodes (this one and its peers), each model's
 plan, the queue, the requests (shim/request_log.py) and shard transfers.
 
-Transfers: no progress callback reaches this module (the stage host fetches shards without
-one), so progress is read where the store keeps it: a shard arriving here is a partial file in
-the store's tmp/ folder, its size the bytes received so far. Peers say only which shards they
-hold (their INFO), so for them the page shows counts, not progress.
+Transfers: no progress callback reaches this module (the stage host reports a load's bytes
+only to the requests waiting for it), so progress is read where the store keeps it: a shard
+arriving here is a partial file in the store's tmp/ folder, its size the bytes received so far.
+Peers say only which shards they hold (their INFO), so for them the page shows counts, not
+progress.
 """
 
 from __future__ import annotations

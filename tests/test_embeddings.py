@@ -17,6 +17,7 @@ import numpy as np
 import ollama
 import openai
 import pytest
+from support.http_post import post
 from support.shim_cluster import ShimCluster, leftovers
 from support.stage_model import Model
 from support.tiny_model import write_tiny_llama
@@ -81,18 +82,6 @@ def cluster(tmp_path_factory, smollm2_path: Path, tiny_path: Path):
         c.start_all()
         c.wait_for_peers(2)
         yield c
-
-
-def post(url: str, path: str, body: object) -> tuple[int, dict]:
-    """(status, JSON) of one POST, for bodies the clients would not send."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-    try:
-        conn.request("POST", path, body=json.dumps(body).encode())
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
 
 
 def _status(cluster: ShimCluster, i: int) -> dict:

@@ -391,19 +391,36 @@ class Prompt(ToolRequest, Protocol):
     @property
     def prompt(self) -> str | None: ...
 
+    @property
+    def prompt_tokens(self) -> tuple[int, ...] | None: ...  # a prompt of token ids
+
+    @property
+    def context(self) -> tuple[int, ...]: ...  # ids an earlier answer returned (Ollama's)
+
     def chat_messages(self) -> list[dict[str, Any]]: ...
 
 
 def prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, request: Prompt) -> list[int]:
-    """Template (unless raw) and tokenize; special tokens in the template are parsed."""
-    if request.raw:
-        text = request.prompt or ""
+    """Template (unless raw) and tokenize; special tokens in the template are parsed. A
+    prompt of token ids is taken as it is; ``context`` ids (an earlier answer's, Ollama's
+    /api/generate) go first, and the text after them gets no second BOS. ValueError for an
+    id outside the vocabulary."""
+    if request.prompt_tokens is not None:
+        ids = list(request.prompt_tokens)
     else:
-        text = template.render(request.chat_messages(), add_generation_prompt=True,
-                               **tool_variables(template, request))  # fmt: skip
-        text += reply_prefix(template, request)  # a forced tool call's start
-    bos = tokenizer.bos_id
-    # a template that writes the BOS text itself must not get a second one
-    bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
-    add_special = not (bos_text and text.startswith(bos_text))
-    return tokenizer.encode(text, add_special=add_special, parse_special=True)
+        if request.raw:
+            text = request.prompt or ""
+        else:
+            text = template.render(request.chat_messages(), add_generation_prompt=True,
+                                   **tool_variables(template, request))  # fmt: skip
+            text += reply_prefix(template, request)  # a forced tool call's start
+        bos = tokenizer.bos_id
+        # a template that writes the BOS text itself must not get a second one
+        bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
+        add_special = not (bos_text and text.startswith(bos_text)) and not request.context
+        ids = tokenizer.encode(text, add_special=add_special, parse_special=True)
+    ids = [*request.context, *ids]
+    vocab = tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"a token id is outside the vocabulary [0, {vocab})")
+    return ids

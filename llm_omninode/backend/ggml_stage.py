@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ggml
 import numpy as np
@@ -26,6 +26,7 @@ from .. import settings
 from .ggml_graph import F16, F32, I32, I64, Graph, GraphBuilder, Weights
 from .ggml_kv import GgmlKV, GgmlSequences, attended
 from .ggml_types import GGMLType
+from .logprobs import rows_per_pass
 from .memory import KEPT_GRAPHS, MAX_BATCH, PREFILL_CHUNK
 from .spec import ModelSpec, UnsupportedModelError
 from .stage_base import SequenceStage, check_seq_id, leaving
@@ -366,19 +367,35 @@ class GgmlStage(SequenceStage):
             return [out]
         return [out[j : j + 1] for j in range(len(xs))]  # one position each
 
-    def forward(self, seq_id: str, x: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+    def forward(
+        self,
+        seq_id: str,
+        x: np.ndarray,
+        *,
+        all_logits: bool = False,
+        each: Callable[[np.ndarray], object] | None = None,
+    ) -> np.ndarray:
+        """``each`` (last stage): every position's logits are handed to it pass by pass
+        (rows bounded by logprobs.rows_per_pass) and only the last position's returned."""
         check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
+        scoring = each is not None and self.is_last
+        every = all_logits or scoring
+        step = rows_per_pass(self.spec.vocab_size, PREFILL_CHUNK) if scoring else PREFILL_CHUNK
         with self._lock:
             cache = self._reserve(seq_id, T)
             outs = []
-            for s in range(0, T, PREFILL_CHUNK):
-                chunk = x[s : s + PREFILL_CHUNK]
-                outs += self._run([chunk], [cache], all_logits)
+            for s in range(0, T, step):
+                chunk = x[s : s + step]
+                out = self._run([chunk], [cache], every)
                 cache.commit(chunk.shape[0])
+                if each is not None and scoring:
+                    each(out[0])
+                    out = [out[0][-1:]]
+                outs += out
         if self.is_last:
-            return np.concatenate(outs) if all_logits else outs[-1][0]
+            return np.concatenate(outs) if all_logits and not scoring else outs[-1][-1]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _final_states(self, x: np.ndarray, cache: GgmlKV, rows: str) -> np.ndarray:

@@ -11,6 +11,8 @@ from .frame_types import (
     DTYPE_SIZES,
     MAX_ID,
     MAX_PAYLOAD,
+    MAX_SCORE_ROWS,
+    MAX_SCORE_TOP,
     MAX_SHARD_WINDOW,
     MAX_STEP,
     STEP_DTYPES,
@@ -122,6 +124,22 @@ def _check_step(h: dict, payload_len: int) -> None:
         raise _fail(ftype, "a pooled step is one float32 row, not marked more")
 
 
+def _check_scores(h: dict, payload_len: int) -> None:
+    ftype = FrameType.SCORES
+    if set(h) != {"step", "pos", "rows", "k", "pick"}:
+        raise _fail(ftype, "header is exactly {step, pos, rows, k, pick}")
+    _int(ftype, h, "step", hi=MAX_STEP)
+    _int(ftype, h, "pos", hi=MAX_STEP)
+    _int(ftype, h, "rows", lo=1, hi=MAX_SCORE_ROWS)
+    _int(ftype, h, "k", hi=MAX_SCORE_TOP)
+    if not isinstance(h["pick"], bool):
+        raise _fail(ftype, "'pick' must be true or false")
+    expected = h["rows"] * (h["k"] + 1) * 8  # int32 ids, then float32 logprobs
+    if expected != payload_len:
+        raise _fail(ftype, f"payload is {payload_len} bytes; {h['rows']} rows of top "
+                    f"{h['k']} need exactly {expected}")  # fmt: skip
+
+
 def step_bytes(h: dict) -> bytes:
     """The binary header of a checked STEP header dict."""
     tokens, hidden_dim = h["shape"]
@@ -194,6 +212,8 @@ def check_header(ftype: FrameType, h: dict, payload_len: int) -> None:
         _check_hidden(h, payload_len)
     elif ftype == FrameType.STEP:
         _check_step(h, payload_len)
+    elif ftype == FrameType.SCORES:
+        _check_scores(h, payload_len)
     elif ftype == FrameType.SHARD_READ:
         _int(ftype, h, "id")
         _str(ftype, h, "cid", pattern=_CID_RE)

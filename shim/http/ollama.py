@@ -2,12 +2,14 @@
 
 Generation goes through the coordinator like any other request, so a shim that holds no layer
 of a model serves it through the ring. Durations are nanoseconds; streams are NDJSON, and a
-failure after the stream started is its last line, ``{"error": "..."}``.
+failure after the stream started is its last line, ``{"error": "..."}``. While the model loads
+first, a stream's lines have no text and an ``omninode_progress`` field (the load's progress).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -15,12 +17,15 @@ from aiohttp import web
 from llm_omninode import __version__
 from llm_omninode.backend import describe
 from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.logprobs import TokenLogprob
 from llm_omninode.backend.pooling import has_pooling
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 from llm_omninode.backend.tool_calls import template_format
 
+from ..load_progress import LoadProgress
 from . import listing
-from .bodies import iso, now_iso, read_json, start_stream, write_ndjson
+from . import logprobs as LP
+from .bodies import iso, now_iso, read_json, write_ndjson
 from .parse import (
     ApiCall,
     ApiError,
@@ -30,13 +35,15 @@ from .parse import (
     parse_ollama_generate,
 )
 from .pull import pull
-from .run import Run, raise_as_api_error, resolve_for_api, start_run
+from .run import EarlyStream, Run, raise_as_api_error, resolve_for_api, start_run
 from .service import SERVICE_KEY, ModelRunner
 from .tools import ollama_calls
 
+# a streamed line while the model loads first: no text, done false, and this field (the
+# load's progress: shim/load_progress.py), which Ollama's clients ignore
+PROGRESS_FIELD = "omninode_progress"
 # the Ollama API level these routes follow; clients compare it against their minimums
 OLLAMA_API_VERSION = "0.12.0"
-FOREVER = "2318-11-30T00:00:00Z"  # how Ollama shows a model kept loaded forever
 
 
 def add_routes(app: web.Application) -> None:
@@ -95,24 +102,7 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def ps(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    rows = []
-    for model, state, expires in service.runner.loaded():
-        alias = service.runner.alias_of(model.manifest.model_id)
-        name = listing.display_name(alias) if alias else model.manifest.model_id
-        rows.append({
-            "name": name,
-            "model": name,
-            "size": sum(s.weight_bytes for s in state.plan.stages),
-            "digest": model.manifest.model_id,
-            "details": describe.details(model.manifest),
-            "expires_at": FOREVER if expires is None else iso(expires),
-            "size_vram": 0,  # CPU stages here; Apple GPU memory is unified, not VRAM
-            "context_length": service.max_context or model.spec.context_length,
-            "stages": [{"node_id": s.node_id, "start": s.start, "end": s.end}
-                       for s in state.plan.stages],
-        })  # fmt: skip
-    return web.json_response({"models": rows})
+    return web.json_response({"models": await listing.running_models(request.app[SERVICE_KEY])})
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -168,11 +158,13 @@ def _body(name: str, text: str, chat: bool) -> dict[str, Any]:
     return doc
 
 
-def _final(run: Run, last: Chunk, text: str, chat: bool, calls: bool = True) -> dict[str, Any]:
+def _final(
+    run: Run, last: Chunk, text: str, call: ApiCall, chat: bool, calls: bool = True
+) -> dict[str, Any]:
     body = _body(run.name, text, chat)
     if chat and calls and last.tool_calls:  # streamed: each call went out as it came
         body["message"]["tool_calls"] = ollama_calls(last.tool_calls)
-    return {
+    doc = {
         **body,
         "done": True,
         "done_reason": last.done_reason or "stop",
@@ -180,30 +172,58 @@ def _final(run: Run, last: Chunk, text: str, chat: bool, calls: bool = True) -> 
         "prompt_eval_count": last.prompt_tokens,
         "eval_count": last.completion_tokens,
     }
+    assert call.request is not None
+    if not chat and not call.request.raw:  # as Ollama: the ids to continue from, unless raw
+        doc["context"] = list(last.context)
+    return doc
+
+
+def _scored(run: Run, call: ApiCall, scored: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """Ollama's ``logprobs`` (>= 0.12) of these tokens, when they were asked for."""
+    if call.request is None or not call.request.logprobs or run.model is None:
+        return {}
+    return {"logprobs": LP.entries(run.model.tokenizer, scored)}
 
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     if call.request is None:
         return await _load_or_unload(service.runner, call, chat)
-    run = await start_run(service.runner, call, service.requests)
+    early = None
+    if call.stream:
+
+        async def show(response: web.StreamResponse, report: LoadProgress) -> None:
+            line = {**_body(call.model, "", chat), "done": False, PROGRESS_FIELD: report.row()}
+            await write_ndjson(response, line)
+
+        async def show_error(response: web.StreamResponse, message: str) -> None:
+            await write_ndjson(response, {"error": message})
+
+        early = EarlyStream(request, "application/x-ndjson", show, show_error)
+    run = await start_run(service.runner, call, service.requests, early)
+    if not isinstance(run, Run):  # the load failed after its progress was streamed
+        return run
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
-        if not call.stream:
+        if early is None:
             text, last = await run.collect()
-            return web.json_response(_final(run, last, text, chat))
-        response = await start_stream(request, "application/x-ndjson")
+            final = _final(run, last, text, call, chat)
+            return web.json_response({**final, **_scored(run, call, run.scored)})
+        response = await early.started()
         sent = [0]  # calls streamed so far (their index)
 
         async def emit(chunk: Chunk) -> None:
+            scored = _scored(run, call, chunk.logprobs)
             if chunk.done:
-                await write_ndjson(response, _final(run, chunk, "", chat, calls=False))
+                final = _final(run, chunk, "", call, chat, calls=False)
+                await write_ndjson(response, {**final, **scored})
             elif chunk.tool_calls:  # a whole call in one line, as Ollama streams them
                 body = _body(run.name, "", chat)
                 body["message"]["tool_calls"] = ollama_calls(chunk.tool_calls, sent[0])
                 sent[0] += len(chunk.tool_calls)
                 await write_ndjson(response, {**body, "done": False})
-            elif chunk.text:
-                await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
+            elif chunk.text or scored:
+                body = _body(run.name, chunk.text, chat)
+                await write_ndjson(response, {**body, "done": False, **scored})
 
         async def fail(message: str) -> None:
             await write_ndjson(response, {"error": message})

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from llm_omninode.backend.sampling import SamplingError, SamplingOptions
-from llm_omninode.backend.tool_calls import ToolSpecError
 from llm_omninode.request import GenerationRequest, Message, RequestError
 
+from . import logprobs as LP
 from . import tools as tool_bodies
 
 
@@ -44,6 +44,15 @@ class ApiCall:
 
 def bad(message: str) -> ApiError:
     return ApiError(400, message)
+
+
+def _fields(parse: Callable[[Any], Any], value: Any) -> Any:
+    """``parse(value)`` (a reader of shim/http/logprobs.py or tools.py), its ValueError as a
+    400."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise bad(str(exc)) from exc
 
 
 # ---- small typed getters ---------------------------------------------------------------------
@@ -221,7 +230,6 @@ def _ollama_call(body: dict[str, Any], build: Callable[[OllamaOptions], Generati
     keep_alive = parse_keep_alive(body.get("keep_alive"))
     refuse_if_set(body, ("format",), " (structured output)")
     refuse_if_set(body, ("think",), " (this model does not think)")
-    refuse_if_set(body, ("logprobs", "top_logprobs"))
     request = build(parse_ollama_options(body.get("options")))
     return ApiCall(model, request, stream, keep_alive)
 
@@ -231,9 +239,11 @@ def parse_ollama_generate(body: dict[str, Any]) -> ApiCall:
     refuse_if_set(body, ("tools",), " (send tools to /api/chat)")
     refuse_if_set(body, ("suffix",), " (fill-in-the-middle)")
     refuse_if_set(body, ("template",), " (the model's own chat template is used)")
-    refuse_if_set(body, ("context",), " (send the conversation to /api/chat instead)")
     prompt, system = get_text(body, "prompt"), get_text(body, "system")
     raw = get_bool(body, "raw", False)
+    scores, context = _fields(LP.chat_logprobs, body), _fields(LP.context_ids, body.get("context"))
+    if context and raw:
+        raise bad("context continues a templated prompt: not with raw")
 
     def build(o: OllamaOptions) -> GenerationRequest | None:
         if not prompt:  # no prompt: Ollama's load (or, with keep_alive 0, unload) call
@@ -241,19 +251,13 @@ def parse_ollama_generate(body: dict[str, Any]) -> ApiCall:
         return _request(
             model=get_model(body), prompt=prompt, system=system or None, raw=raw,
             options=o.sampling, max_tokens=o.max_tokens, stop=o.stop, num_ctx=o.num_ctx,
+            context=context, **scores,
         )  # fmt: skip
 
     return _ollama_call(body, build)
 
 
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-
-
-def _tool_fields(body: dict[str, Any], openai: bool = False) -> dict[str, Any]:
-    try:
-        return tool_bodies.tool_fields(body, openai=openai)
-    except ToolSpecError as exc:
-        raise bad(str(exc)) from exc
 
 
 def parse_messages(raw: object, *, openai: bool = False) -> tuple[Message, ...]:
@@ -279,9 +283,9 @@ def parse_messages(raw: object, *, openai: bool = False) -> tuple[Message, ...]:
             content = ""
         if type(content) is not str:
             raise bad(f"messages[{i}].content must be a string")
-        try:
+        try:  # with its tool calls, or as a tool's result
             out.append(tool_bodies.message(roles[role], content, m, f"messages[{i}]"))
-        except ToolSpecError as exc:
+        except ValueError as exc:
             raise bad(str(exc)) from exc
     return tool_bodies.name_results(tuple(out))
 
@@ -302,14 +306,15 @@ def _text_parts(parts: list, where: str) -> str:
 
 def parse_ollama_chat(body: dict[str, Any]) -> ApiCall:
     messages = parse_messages(body.get("messages") or [])
+    scores = _fields(LP.chat_logprobs, body)
 
     def build(o: OllamaOptions) -> GenerationRequest | None:
         if not messages:  # no messages: Ollama's load (or unload) call
             return None
         return _request(
             model=get_model(body), messages=messages, options=o.sampling,
-            max_tokens=o.max_tokens, stop=o.stop, num_ctx=o.num_ctx,
-            **_tool_fields(body),
+            max_tokens=o.max_tokens, stop=o.stop, num_ctx=o.num_ctx, **scores,
+            **_fields(tool_bodies.ollama_tool_fields, body),
         )  # fmt: skip
 
     return _ollama_call(body, build)
@@ -318,7 +323,7 @@ def parse_ollama_chat(body: dict[str, Any]) -> ApiCall:
 # ---- OpenAI bodies ---------------------------------------------------------------------------
 def _openai_sampling(body: dict[str, Any]) -> tuple[SamplingOptions, int | None, tuple[str, ...]]:
     refuse_if_set(body, ("functions", "function_call"), " (send tools instead)")
-    refuse_if_set(body, ("logprobs", "top_logprobs", "logit_bias"))
+    refuse_if_set(body, ("logit_bias",))
     refuse_if_set(body, ("presence_penalty", "frequency_penalty"))
     fmt = body.get("response_format")
     if fmt is not None and not (type(fmt) is dict and fmt.get("type", "text") == "text"):
@@ -356,24 +361,30 @@ def parse_openai_chat(body: dict[str, Any]) -> ApiCall:
         raise bad("messages must not be empty")
     sampling, max_tokens, stop = _openai_sampling(body)
     request = _request(model=model, messages=messages, options=sampling, max_tokens=max_tokens,
-                       stop=stop, **_tool_fields(body, openai=True))  # fmt: skip
+                       stop=stop, **_fields(LP.chat_logprobs, body),
+                       **_fields(tool_bodies.openai_tool_fields, body))  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
 
 
 def parse_openai_completion(body: dict[str, Any]) -> ApiCall:
     model = get_model(body)
     prompt = body.get("prompt")
-    if type(prompt) is list and len(prompt) == 1:
+    tokens = _fields(LP.prompt_tokens, prompt)  # token ids: fed as they are
+    if tokens is None and type(prompt) is list and len(prompt) == 1:
         prompt = prompt[0]
-    if type(prompt) is not str:
-        raise bad("prompt must be a string (one prompt per request)")
+    if tokens is None and type(prompt) is not str:
+        raise bad("prompt must be a string or token ids (one prompt per request)")
     refuse_if_set(body, ("suffix",), " (fill-in-the-middle)")
     refuse_if_set(body, ("tools", "tool_choice"), " (send tools to /v1/chat/completions)")
-    refuse_if_set(body, ("echo",))
     if body.get("best_of") not in (None, 1):
         raise bad("best_of must be 1")
-    # no max_tokens: until the end token, as Ollama's /v1 does (OpenAI itself stops at 16)
+    # no max_tokens: until the end token, as Ollama's /v1 does (OpenAI itself stops at 16);
+    # a text prompt is one user turn in the chat template, as Ollama's /v1 sends it to
+    # /api/generate (not raw)
     sampling, max_tokens, stop = _openai_sampling(body)
-    request = _request(model=model, prompt=prompt, raw=True, options=sampling,
-                       max_tokens=max_tokens, stop=stop)  # fmt: skip
+    request = _request(
+        model=model, prompt=None if tokens else prompt, prompt_tokens=tokens, raw=bool(tokens),
+        options=sampling, max_tokens=max_tokens, stop=stop,
+        **_fields(LP.completion_logprobs, body),
+    )  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))

@@ -22,6 +22,7 @@ from llm_omninode.backend.spec import ModelSpec
 from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.request import GenerationRequest
 
+from ..load_progress import LoadProgress
 from ..planner import Plan
 from ..request_log import RequestLog
 
@@ -41,6 +42,19 @@ class Placement(Protocol):
     plan: Plan
 
 
+class HeldStage(Protocol):
+    """A stage this node holds (shim/stage_host.py's ``HostedStage`` is one): /api/ps lists
+    its model on every node that holds one, coordinator or not."""
+
+    model_id: str
+    start: int
+    end: int
+    last_used: float  # time.monotonic() of its last step
+
+    @property
+    def weight_bytes(self) -> int: ...
+
+
 class ModelRunner(Protocol):
     """Runs models across the cluster (shim/node.py's ``ApiRunner`` is one)."""
 
@@ -53,8 +67,10 @@ class ModelRunner(Protocol):
         request: GenerationRequest,
         timings: dict[str, float] | None = None,
         keep_alive: float | None = None,
+        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        """The request's chunks; ``timings`` receives load_s, prefill_s and decode_s."""
+        """The request's chunks; ``timings`` receives load_s, prefill_s and decode_s;
+        ``progress`` hears the model's load, if it has to be loaded first."""
         ...
 
     async def load(self, name: str, keep_alive: float | None = None) -> Model: ...
@@ -110,6 +126,7 @@ class ApiService:
     metrics: Callable[[], tuple[bytes, str]] | None = None  # /metrics: text, content type
     snapshot: Callable[[], dict[str, Any]] | None = None  # /ui/events: the cluster page's data
     requests: RequestLog | None = None  # generations seen here (their tokens/s, outcomes)
+    held: Callable[[], Sequence[HeldStage]] = tuple  # the stages this node holds now
     embedder: EmbeddingRunner | None = None  # /api/embed, /v1/embeddings
 
 

@@ -24,6 +24,16 @@ from llm_omninode.request import Message
 MAX_ID_CHARS = 256
 
 
+def ollama_tool_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """Ollama's ``tools`` as GenerationRequest's fields."""
+    return tool_fields(body)
+
+
+def openai_tool_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``tools`` and ``tool_choice`` as GenerationRequest's fields."""
+    return tool_fields(body, openai=True)
+
+
 def tool_fields(body: dict[str, Any], *, openai: bool = False) -> dict[str, Any]:
     """``tools`` and (OpenAI) ``tool_choice`` as GenerationRequest's fields."""
     tools = check_tools(body.get("tools"))
