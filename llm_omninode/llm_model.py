@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 class OmniModel(llm.Model):
     can_stream = True
+    supports_schema = True  # `llm --schema`: the answer is constrained to it (JSON)
 
     class Options(llm.Options):
         temperature: float | None = Field(None, description="Sampling temperature; 0 is greedy")
@@ -39,6 +40,7 @@ class OmniModel(llm.Model):
         return f"OmniNode: {self.model_id}"
 
     def build_request(self, prompt, conversation):
+        from .backend.constraint import Constraint
         from .backend.sampling import SamplingOptions
         from .request import DEFAULT_MAX_TOKENS, GenerationRequest, Message
 
@@ -67,6 +69,7 @@ class OmniModel(llm.Model):
             options=options,
             max_tokens=o.max_tokens if o.max_tokens is not None else DEFAULT_MAX_TOKENS,
             stop=_parse_stop(o.stop) if o.stop else (),
+            constraint=Constraint.json_schema(prompt.schema) if prompt.schema else None,
         )
 
     def execute(self, prompt, stream, response, conversation):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backend.constraint import Constraint, ConstraintError
 from .backend.sampling import SamplingError, SamplingOptions
 
 DEFAULT_MAX_TOKENS = 512
@@ -26,6 +27,7 @@ MAX_MAX_TOKENS = 2**31 - 1  # far past any context; bounds what a peer can make 
 MAX_NUM_CTX = 2**24  # a per-request context cap; the model's own is the real bound
 _WIRE_KEYS = (
     "model", "messages", "prompt", "system", "raw", "options", "max_tokens", "stop", "num_ctx",
+    "constraint",
 )  # fmt: skip
 
 
@@ -52,6 +54,7 @@ class GenerationRequest:
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: until end of generation or context
     stop: tuple[str, ...] = ()
     num_ctx: int | None = None  # a smaller context for this request (Ollama's num_ctx)
+    constraint: Constraint | None = None  # structured output: what the answer must match
 
     def __post_init__(self) -> None:
         if not self.messages and self.prompt is None:
@@ -76,8 +79,8 @@ class GenerationRequest:
 
     # ---- wire ------------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
-        """A JSON-able object with every field (``num_ctx`` only when set, so shims that
-        predate it still take the request); ``from_wire`` reads it back."""
+        """A JSON-able object with every field (``num_ctx`` and ``constraint`` only when set,
+        so shims that predate them still take the request); ``from_wire`` reads it back."""
         doc: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
@@ -90,6 +93,8 @@ class GenerationRequest:
         }
         if self.num_ctx is not None:
             doc["num_ctx"] = self.num_ctx
+        if self.constraint is not None:
+            doc["constraint"] = self.constraint.to_wire()
         return doc
 
     @classmethod
@@ -148,10 +153,15 @@ class GenerationRequest:
         num_ctx = doc.get("num_ctx")
         if num_ctx is not None and not (type(num_ctx) is int and 1 <= num_ctx <= MAX_NUM_CTX):
             raise RequestError(f"num_ctx must be null or an integer in [1, {MAX_NUM_CTX}]")
+        constraint = doc.get("constraint")
+        try:
+            constraint = None if constraint is None else Constraint.from_wire(constraint)
+        except ConstraintError as exc:
+            raise RequestError(f"constraint: {exc}") from exc
         try:
             return cls(
                 model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop),
-                num_ctx,
+                num_ctx, constraint,
             )  # fmt: skip
         except ValueError as exc:  # the dataclass's own rules (messages or a prompt, ...)
             raise RequestError(str(exc)) from exc

@@ -20,15 +20,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llm_omninode import settings
+from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.generate import Chunk, Generation, TokenPicker
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.net import frames as F
 from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.quic import FrameStream, NetError
-from llm_omninode.request import GenerationRequest
+from llm_omninode.request import GenerationRequest, RequestError
 
 from .errors import CacheMiss, LinkLost, NodeLost, StageBusy, StageMissing
 from .pipeline import (
+    CONSTRAINT_MARKER,
     STEP_TIMEOUT,
     Downstream,
     Hop,
@@ -90,7 +92,13 @@ class Ring:
     def _failed(self, exc: PipelineError) -> None:
         self.answers.put_nowait(exc)
 
-    async def open(self, options: SamplingOptions, recent: Sequence[int], reuse: Reuse | None):
+    async def open(
+        self,
+        options: SamplingOptions,
+        recent: Sequence[int],
+        reuse: Reuse | None,
+        constraint: Constraint | None = None,
+    ) -> None:
         """Open the tail (it must be ready before the first step reaches the last stage),
         then the entry."""
         last, here = self.route[-1], self.here.node_id
@@ -102,10 +110,16 @@ class Ring:
             async def deliver(frame: Frame) -> None:
                 self.answers.put_nowait(frame)
 
-            self._local = Tail(TokenPicker(options, recent), deliver)
+            try:
+                guide = None if constraint is None else await self.here.host.guide(
+                    hosted, constraint
+                )  # fmt: skip
+            except ConstraintError as exc:
+                raise RequestError(f"{CONSTRAINT_MARKER} {exc}") from exc
+            self._local = Tail(TokenPicker(options, recent, guide), deliver)
             hosted.tails[self.seq] = self._local
         else:
-            await self._open_tail(last, options, recent)
+            await self._open_tail(last, options, recent, constraint)
         first = self.route[0]
         self.position = reuse.keep if reuse is not None else 0
         if first.node_id == here:
@@ -118,17 +132,27 @@ class Ring:
             self.entry = Downstream(self.here.peers, self.model_id, self.seq, self.route, reuse,
                                     self._failed)  # fmt: skip
 
-    async def _open_tail(self, last: Hop, options: SamplingOptions, recent: Sequence[int]):
+    async def _open_tail(
+        self,
+        last: Hop,
+        options: SamplingOptions,
+        recent: Sequence[int],
+        constraint: Constraint | None,
+    ) -> None:
         try:
             conn = await self.here.peers.connection(last.node_id)
-            frame = tail_frame(conn.next_id(), self.model_id, self.seq, last, options, recent)
+            frame = tail_frame(conn.next_id(), self.model_id, self.seq, last, options, recent,
+                               constraint)  # fmt: skip
             self._tail = await conn.channel(frame)
             ready = await self._tail.recv(STEP_TIMEOUT)
         except (NetError, OSError) as exc:
             raise PipelineError(f"tail on {last.node_id[:16]}: {exc}",
                                 F.ErrorCode.LINK_LOST) from exc  # fmt: skip
         if ready is None or ready.type != FrameType.RESPONSE:
-            raise failure_of(ready, last.node_id)
+            failure = failure_of(ready, last.node_id)
+            if failure.code == F.ErrorCode.BAD_REQUEST and CONSTRAINT_MARKER in str(failure):
+                raise RequestError(str(failure))  # the client's schema: no node is to blame
+            raise failure
         self._reader = asyncio.ensure_future(self._read_tail(self._tail, last.node_id))
 
     async def _read_tail(self, stream: FrameStream, node_id: str) -> None:
@@ -234,7 +258,8 @@ async def run_pass(
     skip = reuse.keep if reuse else 0
     closed = False
     try:
-        await ring.open(request.options, ids, reuse)  # the penalty looks at the whole prompt
+        # the penalty looks at the whole prompt
+        await ring.open(request.options, ids, reuse, request.constraint)
         token = await prefill(ring, ids[skip:])
         t1 = time.perf_counter() - t0
         timings.setdefault("prefill_s", t1)

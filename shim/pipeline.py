@@ -7,11 +7,13 @@ ids (``hidden_dim`` 1), every later stage hidden states ``[T, d_model]`` straigh
 predecessor, and no stage waits for an answer. The last stage picks the next token and sends
 its 4-byte id straight to the coordinator on the sequence's **tail**, a stream the coordinator
 opened to the last stage's node before the first step (``REQUEST pipeline {tail: true, model,
-seq, start, end, sampling, recent}``, answered once it is ready): the sampling setup (options,
-seed, the prompt's last MAX_RECENT ids for the repeat penalty) crosses the network once, and
-the last stage keeps the penalty history from the ids it picks. When the coordinator hosts the
-last stage, the tail is a queue in its own process. A token thus crosses each stage boundary
-once and one hop back; hidden states never pass through the coordinator.
+seq, start, end, sampling, recent, constraint?}``, answered once it is ready): the sampling
+setup (options, seed, the prompt's last MAX_RECENT ids for the repeat penalty, the answer's
+constraint if it has one: backend/constraint.py) crosses the network once, and the last stage
+keeps the penalty history and the constraint's state from the ids it picks. When the
+coordinator hosts the last stage, the tail is a queue in its own process. A token thus
+crosses each stage boundary once and one hop back; hidden states never pass through the
+coordinator.
 
 A long prompt goes in pieces of PREFILL_PIECE tokens: every piece but the last is marked
 ``more`` (the last stage only fills its caches), so each stage passes a piece on as soon as it
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llm_omninode.backend.cid import is_cid
+from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.backend.sequences import SequenceLimitError
@@ -68,6 +71,8 @@ STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slo
 PROBE_TIMEOUT = 3.0
 LOST_AFTER = 8.0
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# starts the message of a constraint the last stage could not follow: the client's fault (400)
+CONSTRAINT_MARKER = "answer constraint:"
 
 
 class PipelineError(RuntimeError):
@@ -182,12 +187,13 @@ def open_frame(
 
 def tail_frame(
     request_id: int, model_id: str, seq: str, last: Hop, options: SamplingOptions,
-    recent: Sequence[int],
+    recent: Sequence[int], constraint: Constraint | None = None,
 ) -> Frame:  # fmt: skip
     """Opens a sequence's tail on the node of its last stage (see the module's docstring)."""
+    extra = {} if constraint is None else {"constraint": constraint.to_wire()}
     return F.request_frame(
         request_id, "pipeline", tail=True, model=model_id, seq=seq, start=last.start,
-        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:],
+        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:], **extra,
     )  # fmt: skip
 
 
@@ -454,9 +460,9 @@ async def serve_pipeline(
 
 async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Frame | None:
     """A sequence's tail on the node of its last stage: ``REQUEST pipeline {tail: true, model,
-    seq, start, end, sampling, recent}`` sets up its sampler (answered with a RESPONSE once
-    it is ready); every id the stage picks for the sequence then goes back on this stream as
-    a STEP frame, until the coordinator ends it."""
+    seq, start, end, sampling, recent, constraint?}`` sets up its sampler (answered with a
+    RESPONSE once it is ready); every id the stage picks for the sequence then goes back on
+    this stream as a STEP frame, until the coordinator ends it."""
     header = first.header
     try:
         model, start, end = header.get("model"), header.get("start"), header.get("end")
@@ -473,9 +479,18 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
             raise PipelineError("this stage has no room for another tail", F.ErrorCode.BUSY)
         recent = check_recent(header.get("recent"), hosted.spec.vocab_size)
         options = SamplingOptions.from_dict(header.get("sampling"))
+        constraint = header.get("constraint")
+        guide = None if constraint is None else await host.guide(
+            hosted, Constraint.from_wire(constraint)
+        )  # fmt: skip
+    except ConstraintError as exc:
+        return F.error_frame(F.ErrorCode.BAD_REQUEST, f"{CONSTRAINT_MARKER} {exc}", first.id)
     except (PipelineError, ValueError) as exc:  # SamplingError is a ValueError
         return F.error_frame(_reply_code(exc), str(exc), first.id)
-    tail = Tail(TokenPicker(options, recent), stream.send)
+    if seq in hosted.tails or len(hosted.tails) >= MAX_TAILS:  # taken while the guide was made
+        return F.error_frame(F.ErrorCode.BUSY, "this stage has no room for another tail",
+                             first.id)  # fmt: skip
+    tail = Tail(TokenPicker(options, recent, guide), stream.send)
     hosted.tails[seq] = tail
     try:
         await stream.send(F.response_frame(first.id or 0))

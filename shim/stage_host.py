@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from llm_omninode import settings
+from llm_omninode.backend.constraint import Constraint, ConstraintError, Guide, TokenTable
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.memory import StageMemory, context_for, stage_memory
 from llm_omninode.backend.runtime import stage_tensors
@@ -40,6 +41,7 @@ from llm_omninode.backend.store import (
     free_bytes,
     human_bytes,
 )
+from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.net.frames import Frame
 from llm_omninode.net.transfer import ShardSource, TransferError, fetch_shards
 
@@ -117,6 +119,8 @@ class HostedStage:
     # the worker thread's time for a decode step (one position; a batch of steps is one), an
     # exponential moving average in ms; None until the first step
     ms_per_token: float | None = None
+    # last stage: the vocabulary as constraints see it, built at the first constrained sequence
+    token_table: asyncio.Future[TokenTable] | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -428,6 +432,26 @@ class StageHost:
                 future.set_result(result)
         if stopped is not None and not isinstance(stopped, Exception):
             raise stopped  # cancelled
+
+    async def guide(self, hosted: HostedStage, constraint: Constraint) -> Guide:
+        """A sequence's guide of ``constraint`` on the last stage ``hosted`` (its token table
+        is built at the first, once, from the manifest's vocabulary, off the event loop)."""
+        if hosted.token_table is None:
+            hosted.token_table = asyncio.ensure_future(asyncio.to_thread(self._token_table, hosted))
+            hosted.token_table.add_done_callback(_retrieved)
+        table = await asyncio.shield(hosted.token_table)
+        return await asyncio.to_thread(table.guide, constraint)
+
+    def _token_table(self, hosted: HostedStage) -> TokenTable:
+        t0 = time.perf_counter()
+        try:
+            metadata = self.store.get_manifest(hosted.model_id).metadata
+            table = TokenTable(Tokenizer.from_metadata(metadata), hosted.spec.vocab_size)
+        except (StoreError, ValueError) as exc:  # TokenizerError is a ValueError
+            raise ConstraintError(f"no token table for {hosted.model_id[:16]}: {exc}") from exc
+        log.info("token table of %s: %d ids in %.2f s", hosted.model_id[:16], table.vocab_size,
+                 time.perf_counter() - t0)  # fmt: skip
+        return table
 
     def free(self, hosted: HostedStage, seq: str) -> None:
         hosted.tails.pop(seq, None)

@@ -61,8 +61,7 @@ def test_no_prompt_or_messages_is_a_load_call():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("format", "json"), ("format", {"type": "object"}), ("tools", [{"type": "function"}]),
-     ("images", ["aGk="]), ("think", True), ("suffix", "end"), ("template", "{{ .Prompt }}"),
+    [("tools", [{"type": "function"}]), ("images", ["aGk="]), ("think", True), ("suffix", "end"), ("template", "{{ .Prompt }}"),
      ("context", [1, 2]), ("logprobs", True)],
 )  # fmt: skip
 def test_unsupported_fields_are_named(field, value):
@@ -154,7 +153,7 @@ def test_openai_chat():
 @pytest.mark.parametrize(
     "extra,word",
     [({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"),
-     ({"response_format": {"type": "json_object"}}, "response_format"),
+     ({"response_format": {"type": "json_schema"}}, "response_format"),
      ({"frequency_penalty": 1}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
      ({"max_tokens": -1}, "max_tokens"), ({"temperature": "x"}, "temperature"),
      ({"messages": []}, "messages"),

@@ -6,6 +6,7 @@ it for the stages it hosts). Stages are chained in-process here; the shim chains
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..request import GenerationRequest
 from .chat_template import ChatTemplate
+from .constraint import Constraint, Guide, TokenTable
 from .generate import Chunk, TokenPicker, generate
 from .registry import ModelRecord, ModelRegistry
 from .sampling import SamplingOptions
@@ -71,6 +73,7 @@ class LocalModel:
     template: ChatTemplate
     stages: list[Any]  # stage_engine.new_stage's (ggml on Linux, else MLX)
     pickers: dict[str, TokenPicker] = field(default_factory=dict)
+    table: TokenTable | None = None  # built at the first constrained request
 
     @classmethod
     def load(
@@ -101,11 +104,24 @@ class LocalModel:
             x = stage.forward(seq_id, x)
         return x
 
-    def next_token(self, seq_id: str, ids: np.ndarray, options: SamplingOptions | None) -> int:
-        """Run the stages and pick the next id (``options`` on the prefill call only)."""
+    def next_token(
+        self,
+        seq_id: str,
+        ids: np.ndarray,
+        options: SamplingOptions | None,
+        guide: Guide | None = None,
+    ) -> int:
+        """Run the stages and pick the next id (``options``, and the sequence's ``guide`` if
+        its answer is constrained, on the prefill call only)."""
         if options is not None:
-            self.pickers[seq_id] = TokenPicker(options, ids.tolist())
+            self.pickers[seq_id] = TokenPicker(options, ids.tolist(), guide)
         return self.pickers[seq_id].pick(self.forward(seq_id, ids))
+
+    def guide(self, constraint: Constraint) -> Guide:
+        """A sequence's guide of ``constraint`` (ConstraintError if it cannot be followed)."""
+        if self.table is None:
+            self.table = TokenTable(self.tokenizer, self.spec.vocab_size)
+        return self.table.guide(constraint)
 
     def free(self, seq_id: str) -> None:
         self.pickers.pop(seq_id, None)
@@ -117,8 +133,9 @@ class LocalModel:
 
     def run(self, request: GenerationRequest) -> Iterator[Chunk]:
         ids = self.prompt_ids(request)
+        guide = None if request.constraint is None else self.guide(request.constraint)
         return generate(
-            self.next_token,
+            functools.partial(self.next_token, guide=guide),
             self.tokenizer,
             ids,
             options=request.options,

@@ -2,8 +2,8 @@
 
 Pure functions, no I/O. Each body is checked as hostile input: exact JSON types (a bool is not a
 number), every range, and one exception, ``ApiError``, carrying the HTTP status and a message
-that names the field. Fields we know but do not support yet (``format``, ``tools``, ``images``,
-``think``, ...) are refused with 400 when they ask for something; an empty or neutral value
+that names the field. Fields we know but do not support yet (``tools``, ``images``, ``think``,
+...) are refused with 400 when they ask for something; an empty or neutral value
 asks for nothing and passes. Fields nobody has defined are ignored, as Ollama does, so newer
 clients keep working.
 """
@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeGuard
 
+from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.sampling import SamplingError, SamplingOptions
 from llm_omninode.request import GenerationRequest, Message, RequestError
 
@@ -204,6 +205,52 @@ def parse_ollama_options(options: object) -> OllamaOptions:
                          num_ctx)  # fmt: skip
 
 
+# ---- structured output -----------------------------------------------------------------------
+def _schema(schema: object, where: str) -> Constraint:
+    try:
+        return Constraint.json_schema(schema)
+    except ConstraintError as exc:
+        raise bad(f"{where}: {exc}") from exc
+
+
+def parse_format(value: object) -> Constraint | None:
+    """Ollama's ``format``: ``"json"`` (any JSON object), a JSON schema, or nothing."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return Constraint.any_json()
+    if type(value) is dict:
+        return _schema(value, "format")
+    raise bad('format must be "json" or a JSON schema object')
+
+
+def parse_response_format(value: object) -> Constraint | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (nothing), ``{"type":
+    "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}`` (always followed strictly)."""
+    if value is None:
+        return None
+    if type(value) is not dict:
+        raise bad("response_format must be an object")
+    kind = value.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.any_json()
+    if kind != "json_schema":
+        raise bad(f"response_format.type must be text, json_object or json_schema, not "
+                  f"{str(kind)[:40]!r}")  # fmt: skip
+    spec = value.get("json_schema")
+    if type(spec) is not dict:
+        raise bad("response_format.json_schema must be an object with the schema")
+    if spec.get("name") is not None and type(spec["name"]) is not str:
+        raise bad("response_format.json_schema.name must be a string")
+    get_bool(spec, "strict", True)  # a type check: the schema is always followed
+    if "schema" not in spec:
+        raise bad("response_format.json_schema.schema is required")
+    return _schema(spec["schema"], "response_format.json_schema.schema")
+
+
 # ---- Ollama bodies ---------------------------------------------------------------------------
 def _request(**fields: Any) -> GenerationRequest:
     try:
@@ -216,11 +263,13 @@ def _ollama_call(body: dict[str, Any], build: Callable[[OllamaOptions], Generati
     model = get_model(body)
     stream = get_bool(body, "stream", True)
     keep_alive = parse_keep_alive(body.get("keep_alive"))
-    refuse_if_set(body, ("format",), " (structured output)")
+    constraint = parse_format(body.get("format"))
     refuse_if_set(body, ("tools",), " (tool calling)")
     refuse_if_set(body, ("think",), " (this model does not think)")
     refuse_if_set(body, ("logprobs", "top_logprobs"))
     request = build(parse_ollama_options(body.get("options")))
+    if request is not None and constraint is not None:
+        request = replace(request, constraint=constraint)
     return ApiCall(model, request, stream, keep_alive)
 
 
@@ -306,9 +355,6 @@ def _openai_sampling(body: dict[str, Any]) -> tuple[SamplingOptions, int | None,
     refuse_if_set(body, ("tools", "functions", "tool_choice"), " (tool calling)")
     refuse_if_set(body, ("logprobs", "top_logprobs", "logit_bias"))
     refuse_if_set(body, ("presence_penalty", "frequency_penalty"))
-    fmt = body.get("response_format")
-    if fmt is not None and not (type(fmt) is dict and fmt.get("type", "text") == "text"):
-        raise bad("response_format other than text is not supported yet (structured output)")
     n = body.get("n")
     if n is not None and n != 1:
         raise bad("n must be 1 (one choice per request)")
@@ -341,8 +387,9 @@ def parse_openai_chat(body: dict[str, Any]) -> ApiCall:
     if not messages:
         raise bad("messages must not be empty")
     sampling, max_tokens, stop = _openai_sampling(body)
+    constraint = parse_response_format(body.get("response_format"))
     request = _request(model=model, messages=messages, options=sampling, max_tokens=max_tokens,
-                       stop=stop)  # fmt: skip
+                       stop=stop, constraint=constraint)  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
 
 
@@ -360,5 +407,6 @@ def parse_openai_completion(body: dict[str, Any]) -> ApiCall:
     # no max_tokens: until the end token, as Ollama's /v1 does (OpenAI itself stops at 16)
     sampling, max_tokens, stop = _openai_sampling(body)
     request = _request(model=model, prompt=prompt, raw=True, options=sampling,
-                       max_tokens=max_tokens, stop=stop)  # fmt: skip
+                       max_tokens=max_tokens, stop=stop,
+                       constraint=parse_response_format(body.get("response_format")))  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
