@@ -22,10 +22,11 @@ from support.tiny_model import tiny_vocab
 from llm_omninode.backend.constraint import (
     MAX_DEPTH,
     MAX_SOURCE_BYTES,
+    NUMBER_LIMIT,
     Constraint,
     ConstraintError,
     TokenTable,
-    close_objects,
+    tighten,
 )
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.sampling import SamplingOptions
@@ -197,15 +198,35 @@ def test_objects_are_closed_as_ollama_closes_them_but_not_in_all_of():
         "$defs": {"e": {"properties": {}}},
         "allOf": [{"properties": {"f": {}}}],
     }  # fmt: skip
-    closed = close_objects(schema)
+    closed = tighten(schema)
     assert closed["additionalProperties"] is False
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["c"]["items"]["additionalProperties"] is False
     assert closed["$defs"]["e"]["additionalProperties"] is False
     assert "additionalProperties" not in closed["allOf"][0]
     assert "additionalProperties" not in schema  # a copy
-    opened = {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}}
-    assert close_objects(opened) == opened
+    opened = {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}}
+    assert tighten(opened) == opened
+
+
+def test_numbers_digits_are_bounded_where_the_schema_does_not_bound_them(tok, table):
+    assert tighten({"type": "integer"}) == {"type": "integer", "minimum": -NUMBER_LIMIT,
+                                            "maximum": NUMBER_LIMIT}  # fmt: skip
+    bounded = {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "multipleOf": 0.5}
+    assert tighten(bounded) == bounded
+    for schema, text, ok in [
+        ({"type": "number"}, "-0.1234567891", True),
+        ({"type": "number"}, "0.12345678912", False),  # an 11th decimal
+        ({"type": ["number", "null"]}, "1234567890123456", True),
+        ({"type": ["number", "null"]}, "12345678901234567", False),  # a 17th digit
+        ({"type": "integer", "minimum": 0}, "12345678901234567", False),
+        ({"type": "integer", "maximum": 10**20}, "12345678901234567", True),  # its own bound
+    ]:
+        guide = table.guide(Constraint.json_schema(schema))
+        for i in tok.encode(text):
+            assert guide.allowed(table.vocab_size)[i] or not ok, (schema, text)
+            guide.advance(i)
+        assert (not guide.error) == ok, (schema, text)
 
 
 # ---- the HTTP fields -------------------------------------------------------------------------

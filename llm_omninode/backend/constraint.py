@@ -41,6 +41,11 @@ KINDS = ("json_schema", "lark")
 # json-schema-to-grammar allows the same), so a model cannot pad an answer with endless blanks
 WHITESPACE = r"(?: |\n[ \t]{0,20})?"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # Ollama's "json", OpenAI's json_object
+# a number's digits, where its schema does not bound them: at most 16 before the point (as
+# llama.cpp's JSON grammar) and 10 after it (the finest multipleOf llguidance takes), so a
+# small model cannot write digits until its token limit
+NUMBER_LIMIT = 10**16 - 1
+NUMBER_STEP = 1e-10
 # keywords whose value is a schema, a list of schemas, or a map of names to schemas
 _SUB_SCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
 _SUB_LISTS = ("anyOf", "oneOf", "prefixItems")
@@ -101,11 +106,11 @@ class Constraint:
         return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()
 
     def grammar(self) -> str:
-        """llguidance's form of it (a schema's objects closed as Ollama closes them)."""
+        """llguidance's form of it (a schema tightened as Ollama tightens it: ``tighten``)."""
         if self.kind == "lark":
             return llguidance.LLMatcher.grammar_from_lark(self.source)
         try:
-            schema = close_objects(json.loads(self.source))
+            schema = json.dumps(tighten(json.loads(self.source)))  # as text: ints past 2**64
             return llguidance.LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_pattern": WHITESPACE}
             )
@@ -152,26 +157,42 @@ def _check_depth(value: object, depth: int) -> None:
             _check_depth(item, depth + 1)
 
 
-def close_objects(schema: Any) -> Any:
-    """A copy in which every object schema that lists ``properties`` and says nothing of
-    ``additionalProperties`` allows no others, as Ollama (llama.cpp's converter) does: a small
-    model is not tempted into keys nobody asked for. Branches of ``allOf`` are left open (each
+def tighten(schema: Any) -> Any:
+    """A copy that allows a subset of what ``schema`` allows, as Ollama (llama.cpp's
+    converter) does: every object schema that lists ``properties`` and says nothing of
+    ``additionalProperties`` allows no others (a small model is not tempted into keys nobody
+    asked for), and a number's digits are bounded where its schema does not bound them
+    (NUMBER_LIMIT, NUMBER_STEP). Branches of ``allOf`` are left as they are (a closed branch
     would refuse the others' properties)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
+    _bound_number(out)
     for name in _SUB_SCHEMA:
         if name in out:
-            out[name] = close_objects(out[name])
+            out[name] = tighten(out[name])
     for name in _SUB_LISTS:
         if isinstance(out.get(name), list):
-            out[name] = [close_objects(s) for s in out[name]]
+            out[name] = [tighten(s) for s in out[name]]
     for name in _SUB_MAPS:
         if isinstance(out.get(name), dict):
-            out[name] = {k: close_objects(s) for k, s in out[name].items()}
+            out[name] = {k: tighten(s) for k, s in out[name].items()}
     return out
+
+
+def _bound_number(schema: dict[str, Any]) -> None:
+    kind = schema.get("type")
+    kinds = set(kind) if isinstance(kind, list) else {kind}
+    if not kinds & {"number", "integer"}:
+        return
+    if "minimum" not in schema and "exclusiveMinimum" not in schema:
+        schema["minimum"] = -NUMBER_LIMIT
+    if "maximum" not in schema and "exclusiveMaximum" not in schema:
+        schema["maximum"] = NUMBER_LIMIT
+    if "number" in kinds and "multipleOf" not in schema:
+        schema["multipleOf"] = NUMBER_STEP
 
 
 class _Vocabulary:
