@@ -61,6 +61,8 @@ def test_the_table_has_every_token_and_the_head_rows_past_them(tok, table):
     allowed = table.guide(Constraint.json_schema({"type": "boolean"})).allowed(table.vocab_size)
     assert len(allowed) == table.vocab_size and not allowed[tok.vocab_size :].any()
     assert pieces(tok, allowed) == {b"t", b"f"}  # the only tokens that start true or false
+    wider = table.guide(Constraint.json_schema({"type": "boolean"})).allowed(table.vocab_size + 9)
+    assert (wider[: table.vocab_size] == allowed).all() and not wider[table.vocab_size :].any()
 
 
 def test_end_tokens_only_once_the_value_is_complete(tok, table):

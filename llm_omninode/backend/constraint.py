@@ -288,11 +288,10 @@ class Guide:
             out[self._eos[self._eos < n]] = True
             return out
         self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        # bit k of little-endian word w is id 32w + k
-        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")
-        if len(bits) < n:  # more logits than the table has ids: the rest are not allowed
-            bits = np.concatenate([bits, np.zeros(n - len(bits), dtype=np.uint8)])
-        return bits[:n].astype(bool)
+        # bit k of little-endian word w is id 32w + k; ids past the table's (more logits than
+        # it has ids) come out as zeros: not allowed
+        bits = np.unpackbits(self._words.view(np.uint8), count=n, bitorder="little")
+        return bits.view(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` (one row) with every id the constraint does not allow at -inf."""
