@@ -61,8 +61,8 @@ def test_no_prompt_or_messages_is_a_load_call():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("tools", [{"type": "function"}]), ("images", ["aGk="]), ("think", True), ("suffix", "end"), ("template", "{{ .Prompt }}"),
-     ("context", [1, 2]), ("logprobs", True)],
+    [("tools", [{"type": "function"}]), ("images", ["aGk="]), ("think", True), ("suffix", "end"),
+     ("template", "{{ .Prompt }}"), ("context", [1, 2]), ("logprobs", True)],
 )  # fmt: skip
 def test_unsupported_fields_are_named(field, value):
     refused(parse_ollama_generate, {"model": "m", "prompt": "x", field: value}, field)
