@@ -85,9 +85,10 @@ class ShardsUnavailable(StageError):
 @dataclass
 class Tail:
     """A sequence's end on its last stage: the sampler (options, seed and penalty history, set
-    once when the sequence opened, the history kept from the ids it picks) and where each
-    picked id goes: straight to the coordinator (shim/pipeline.py ``serve_tail``), or to its
-    queue when the coordinator is this node."""
+    once when the sequence opened, the history kept from the ids it picks; the answer's
+    constraint, if any, advanced the same way) and where each picked id goes: straight to the
+    coordinator (shim/pipeline.py ``serve_tail``), or to its queue when the coordinator is
+    this node."""
 
     picker: TokenPicker
     deliver: Callable[[Frame], Awaitable[None]]  # the STEP frame of one picked id
