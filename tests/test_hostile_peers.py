@@ -349,6 +349,10 @@ def test_tails_refused(shim, before):
         {**good, "recent": [10**6]},
         {**good, "recent": list(range(5000))},
         {**good, "recent": "12"},
+        {**good, "constraint": "json"},
+        {**good, "constraint": {"kind": "python", "source": "1"}},
+        {**good, "constraint": {"kind": "json_schema", "source": '{"not": {}}'}},
+        {**good, "constraint": {"kind": "lark", "source": "start: " + "x" * 20_000}},
     ]
 
     async def main():
@@ -366,6 +370,13 @@ def test_tails_refused(shim, before):
                 await _open_tail(conn, shim, "t", 0)
             assert refused.value.code == ErrorCode.BUSY
             await tail.aclose()
+            schema = {"kind": "json_schema", "source": '{"type": "integer"}'}
+            stream = await conn.channel(F.request_frame(
+                conn.next_id(), "pipeline", model=shim.model_id, **{**good, "seq": "c"},
+                constraint=schema))  # fmt: skip
+            ready = await stream.recv(timeout=30)  # its token table built from the manifest
+            assert ready is not None and ready.type == FrameType.RESPONSE, ready
+            await stream.aclose()
         finally:
             await conn.close()
 
