@@ -54,7 +54,8 @@ lint: setup
 	$(BIN)/mypy llm_omninode shim
 
 test: models lint
-	$(BIN)/python -m pytest -q
+	@# the slowest tests listed at the end keep the run's ~20 minutes in sight
+	$(BIN)/python -m pytest -q --durations=15
 
 # tests that start no process and read no model file (markers in pyproject.toml)
 unit: setup

@@ -125,8 +125,8 @@ def decode_steps(model: Any, request: Any) -> tuple[list[float], str]:
 def bench_model(name: str, path: Path, runs: int, tokens: int) -> dict[str, Any]:
     from llm_omninode.backend.constraint import Constraint
     from llm_omninode.backend.registry import ModelRegistry
-    from llm_omninode.backend.runtime import LocalModel
     from llm_omninode.backend.sampling import SamplingOptions
+    from llm_omninode.local_model import LocalModel
     from llm_omninode.request import GenerationRequest, Message
 
     registry = ModelRegistry(tempfile.mkdtemp(prefix="omni-bench-"))

@@ -87,9 +87,8 @@ def omninode_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     os.environ["OMNI_ENGINE"] = job["engine"]
     from llm_omninode.backend.registry import ModelRegistry
-    from llm_omninode.backend.runtime import stage_tensors
     from llm_omninode.backend.spec import ModelSpec
-    from llm_omninode.backend.stage_engine import engine_name, new_stage
+    from llm_omninode.backend.stage_engine import engine_name, new_stage, stage_tensors
     from llm_omninode.backend.tokenizer import Tokenizer
     from llm_omninode.home import omni_home
 

@@ -49,7 +49,9 @@ def find_model(path: str | None) -> Path:
 
 
 class Cluster:
-    def __init__(self, root: Path, n: int, model: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, n: int, model: Path, env: dict[str, str] | None = None, api: bool = False
+    ) -> None:
         from llm_omninode.backend.registry import ModelRegistry
         from llm_omninode.net.admission import create_cluster_secret
 
@@ -66,6 +68,8 @@ class Cluster:
                     "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--no-prefix-cache",
                     "--name", f"node{i}", "--threads", str(max(1, (os.cpu_count() or 1) // n)),
                     "--max-memory", "2GiB", "--log-level", LOG_LEVEL]  # fmt: skip
+            if api:  # node 0's HTTP API on a free port (shim.json says which)
+                argv[argv.index("--no-api")] = "--api-port=0" if i == 0 else "--no-api"
             if i:
                 argv += ["--join", secret]
             for p in ports:

@@ -1,4 +1,6 @@
-"""The plugin's side of a shim: a QUIC client, synchronous for ``llm``.
+"""The plugin's side of a shim: a QUIC client, asynchronous (``AsyncShimClient``, for
+``llm``'s async models) and synchronous (``ShimClient``, the same client on a private event
+loop of its own thread).
 
 Which shim: ``OMNI_SHIM=HOST:PORT`` if set; else the local one, found through the
 ``shim.json`` it writes into the data directory; else one is started in the background
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,11 @@ class StreamChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict[str, float] | None = None  # on the last chunk: prefill_s, decode_s
+
+
+# while the model loads first: the shim's report (shim/load_progress.py ``LoadProgress.row``:
+# status, model, stages, loaded, fetched, total)
+ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 def _alive(pid: int) -> bool:
@@ -154,17 +161,137 @@ def shim_address(start: bool = True) -> tuple[str, int]:
 _OUR_REFUSAL_RE = re.compile(r"^we refused (\S+): (.*)$", re.DOTALL)
 
 
+class AsyncShimClient:
+    """One connection to a shim, on the caller's event loop."""
+
+    def __init__(self, host: str, port: int, conn: Any) -> None:
+        self.host, self.port = host, port
+        self._conn = conn
+
+    @classmethod
+    async def connect(cls, start: bool = True) -> AsyncShimClient:
+        """To the shim ``shim_address`` names (starting one, off the event loop, if asked)."""
+        host, port = await asyncio.to_thread(shim_address, start)
+        return await cls.open(host, port)
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> AsyncShimClient:
+        from .net.admission import Admission
+        from .net.identity import load_or_create_identity
+        from .net.quic import NetError, PeerRefused, connect
+
+        home = omni_home()
+        home.mkdir(parents=True, exist_ok=True)
+        admission = Admission.from_home(home, open=open_trust())
+        try:
+            conn = await connect(host, port, load_or_create_identity(home), admission)
+        except PeerRefused as exc:
+            ours = _OUR_REFUSAL_RE.search(exc.reason)
+            if ours is None:
+                why = exc.reason.removeprefix("server closed: ")
+                raise ShimError(
+                    f"the shim at {host}:{port} refused this client: {why} "
+                    "(has this machine joined its cluster: llm omni join SECRET?)"
+                ) from exc
+            node_id, why = ours.groups()
+            raise ShimError(
+                f"refused the shim at {host}:{port} (node {node_id}): it is not in "
+                f"this machine's cluster ({why}). If it runs with --open on a network you "
+                f"trust, set {OPEN_ENV}=1 to talk to it anyway; or trust it for good: "
+                f"llm omni trust {node_id}"
+            ) from exc
+        except (NetError, OSError) as exc:
+            raise ShimError(
+                f"cannot reach the shim at {host}:{port}: {exc} "
+                "(is it running? has this machine joined its cluster: llm omni join SECRET?)"
+            ) from exc
+        return cls(host, port, conn)
+
+    def _who(self) -> str:
+        return f"the shim at {self.host}:{self.port} (node {self._conn.peer_id[:16]})"
+
+    async def request(self, method: str, **fields: Any) -> dict[str, Any]:
+        from .net import frames as F
+        from .net.quic import NetError
+
+        try:
+            reply = await self._conn.request(F.request_frame(self._conn.next_id(), method,
+                                                             **fields))  # fmt: skip
+        except NetError as exc:
+            raise ShimError(str(exc)) from exc
+        return reply.header
+
+    async def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """Stream the shim's chunks; the last one has ``done=True``. While the model loads
+        first, ``progress`` gets the shim's reports."""
+        from .net import frames as F
+        from .net.frames import FrameType
+        from .net.quic import NetError
+
+        frame = F.request_frame(self._conn.next_id(), "generate", request=request.to_wire())
+        try:
+            async for reply in self._conn.stream(frame, timeout=REQUEST_TIMEOUT):
+                h = reply.header
+                if reply.type == FrameType.STREAM_DATA:
+                    report = h.get("progress")
+                    if isinstance(report, dict):
+                        if progress is not None:
+                            progress(report)
+                        continue
+                    yield StreamChunk(reply.payload.decode("utf-8", "replace"))
+                elif reply.type == FrameType.STREAM_END:
+                    timings = {k: h[k] for k in ("prefill_s", "decode_s") if k in h}
+                    yield StreamChunk("", True, h.get("done_reason"), h.get("prompt_tokens", 0),
+                                      h.get("completion_tokens", 0), timings)  # fmt: skip
+                    return
+        except NetError as exc:
+            raise ShimError(f"{self._who()}: {exc}") from exc
+        raise ShimError(f"{self._who()} ended the stream without finishing")
+
+    async def embed(self, model: str, texts: list[str], truncate: bool = True) -> list[list[float]]:
+        """The texts' embeddings, at unit length (the shim's ``embed`` request)."""
+        import struct
+
+        from .net import frames as F
+        from .net.quic import NetError
+
+        payload = json.dumps(texts).encode("utf-8")
+        frame = F.request_frame(self._conn.next_id(), "embed", payload, model=model,
+                                truncate=truncate, normalize=True)  # fmt: skip
+        try:
+            reply = await self._conn.request(frame, timeout=REQUEST_TIMEOUT)
+        except NetError as exc:
+            raise ShimError(f"{self._who()}: {exc}") from exc
+        count, width = reply.header.get("count"), reply.header.get("width")
+        if count != len(texts) or type(width) is not int or len(reply.payload) != 4 * count * width:
+            raise ShimError(f"{self._who()} answered with malformed embeddings")
+        values = struct.unpack(f"<{count * width}f", reply.payload)
+        return [list(values[i * width : (i + 1) * width]) for i in range(count)]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing is best effort
+            await asyncio.wait_for(self._conn.close(), 3)
+
+    async def __aenter__(self) -> AsyncShimClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
 class ShimClient:
-    """One connection to a shim, driven from a private event loop on its own thread."""
+    """``AsyncShimClient`` driven from a private event loop on its own thread."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._conn = None
+        self._client: AsyncShimClient | None = None
         try:
-            self._conn = self._call(self._connect())
+            self._client = self._call(AsyncShimClient.open(host, port))
         except BaseException:
             self.close()
             raise
@@ -177,82 +304,31 @@ class ShimClient:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result(timeout)
 
-    async def _connect(self):
-        from .net.admission import Admission
-        from .net.identity import load_or_create_identity
-        from .net.quic import NetError, PeerRefused, connect
-
-        home = omni_home()
-        home.mkdir(parents=True, exist_ok=True)
-        admission = Admission.from_home(home, open=open_trust())
-        try:
-            return await connect(self.host, self.port, load_or_create_identity(home), admission)
-        except PeerRefused as exc:
-            ours = _OUR_REFUSAL_RE.search(exc.reason)
-            if ours is None:
-                why = exc.reason.removeprefix("server closed: ")
-                raise ShimError(
-                    f"the shim at {self.host}:{self.port} refused this client: {why} "
-                    "(has this machine joined its cluster: llm omni join SECRET?)"
-                ) from exc
-            node_id, why = ours.groups()
-            raise ShimError(
-                f"refused the shim at {self.host}:{self.port} (node {node_id}): it is not in "
-                f"this machine's cluster ({why}). If it runs with --open on a network you "
-                f"trust, set {OPEN_ENV}=1 to talk to it anyway; or trust it for good: "
-                f"llm omni trust {node_id}"
-            ) from exc
-        except (NetError, OSError) as exc:
-            raise ShimError(
-                f"cannot reach the shim at {self.host}:{self.port}: {exc} "
-                "(is it running? has this machine joined its cluster: llm omni join SECRET?)"
-            ) from exc
-
-    def _who(self) -> str:
-        node = self._conn.peer_id[:16] if self._conn is not None else ""
-        return f"the shim at {self.host}:{self.port}" + (f" (node {node})" if node else "")
+    @property
+    def _async(self) -> AsyncShimClient:
+        assert self._client is not None, "closed"
+        return self._client
 
     def request(self, method: str, **fields: Any) -> dict[str, Any]:
-        from .net import frames as F
-        from .net.quic import NetError
+        return self._call(self._async.request(method, **fields))
 
-        async def go():
-            frame = F.request_frame(self._conn.next_id(), method, **fields)  # type: ignore[union-attr]
-            return await self._conn.request(frame)  # type: ignore[union-attr]
-
-        try:
-            reply = self._call(go())
-        except NetError as exc:
-            raise ShimError(str(exc)) from exc
-        return reply.header
-
-    def generate(self, request: GenerationRequest) -> Iterator[StreamChunk]:
-        """Stream the shim's chunks; the last one has ``done=True``."""
-        from .net import frames as F
-        from .net.frames import FrameType
-        from .net.quic import NetError
-
+    def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> Iterator[StreamChunk]:
+        """Stream the shim's chunks; the last one has ``done=True``. ``progress`` (called on
+        the client's thread) gets the shim's reports while the model loads first."""
         items: queue.Queue = queue.Queue()
 
         async def pump():
-            frame = F.request_frame(self._conn.next_id(), "generate", request=request.to_wire())  # type: ignore[union-attr]
+            chunks = self._async.generate(request, progress)
             try:
-                async for reply in self._conn.stream(frame, timeout=REQUEST_TIMEOUT):  # type: ignore[union-attr]
-                    h = reply.header
-                    if reply.type == FrameType.STREAM_DATA:
-                        items.put(StreamChunk(reply.payload.decode("utf-8", "replace")))
-                    elif reply.type == FrameType.STREAM_END:
-                        timings = {k: h[k] for k in ("prefill_s", "decode_s") if k in h}
-                        items.put(StreamChunk("", True, h.get("done_reason"),
-                                              h.get("prompt_tokens", 0),
-                                              h.get("completion_tokens", 0), timings))  # fmt: skip
-                        return
-                items.put(ShimError(f"{self._who()} ended the stream without finishing"))
-            except NetError as exc:
-                items.put(ShimError(f"{self._who()}: {exc}"))
+                async for chunk in chunks:
+                    items.put(chunk)
             except BaseException as exc:
                 items.put(exc)
                 raise
+            finally:
+                await chunks.aclose()
 
         future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
         try:
@@ -266,11 +342,15 @@ class ShimClient:
         finally:
             future.cancel()
 
+    def embed(self, model: str, texts: list[str], truncate: bool = True) -> list[list[float]]:
+        """The texts' embeddings, at unit length (the shim's ``embed`` request)."""
+        return self._call(self._async.embed(model, texts, truncate))
+
     def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
+        if self._client is not None:
+            client, self._client = self._client, None
             with contextlib.suppress(Exception):  # closing is best effort
-                self._call(conn.close(), timeout=3)
+                self._call(client.close(), timeout=4)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=3)
 

@@ -15,6 +15,29 @@ import click
 from .home import omni_home
 from .models_cli import _fail, _human_bytes
 
+SERVE_HELP = """Run a shim (node) in the foreground: the flags are omni-shim's own."""
+
+
+class ShimCommand(click.Command):
+    """``llm omni serve``: omni-shim's own click options (shim/main.py, the one definition),
+    read when asked for (--help, parsing), so `llm` start-up does not import the shim. The
+    flags are checked here, then the shim is exec'd with them as given."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        from omninode_shim.main import main as shim_main
+
+        mine = super().get_params(ctx)  # --help
+        return [p for p in shim_main.params if p.name != "help"] + mine
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["shim_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _serve(**flags: object) -> None:
+    args = click.get_current_context().meta["shim_args"]
+    os.execv(sys.executable, [sys.executable, "-m", "omninode_shim", *args])
+
 
 def _ask(method: str) -> dict:
     from .client import ShimClient, ShimError
@@ -44,12 +67,8 @@ def register(omni: click.Group) -> None:
     for command in (init, join, trust, untrust, id_):
         omni.add_command(command)
 
-    @omni.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    @click.pass_context
-    def serve(ctx: click.Context) -> None:
-        """Run a shim (node) in the foreground: the same flags as omni-shim (--help)."""
-        argv = [sys.executable, "-m", "omninode_shim", *ctx.args]
-        os.execv(sys.executable, argv)
+    helps = {"help_option_names": ["-h", "--help"]}
+    omni.add_command(ShimCommand("serve", help=SERVE_HELP, callback=_serve, context_settings=helps))
 
     @omni.command()
     def stop() -> None:

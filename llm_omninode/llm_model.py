@@ -1,16 +1,26 @@
-"""``llm -m omni/<alias>``: an llm.Model whose prompts a shim runs (llm_omninode/client.py)."""
+"""``llm -m omni/<alias>``: an llm.Model whose prompts a shim runs (llm_omninode/client.py),
+and the same model for llm's async API (``llm.get_async_model``): ``AsyncOmniModel``.
+
+While a model loads first (stages planned, shards fetched, loaded), the shim reports progress;
+when stderr is a terminal, one line there shows it, erased before the answer starts.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+from typing import IO, Any
 
 import llm
 from pydantic import Field, field_validator
 
 
-class OmniModel(llm.Model):
+class _OmniBase:
+    """What both models share: options, name, the request a prompt becomes, the usage."""
+
     can_stream = True
     supports_schema = True  # `llm --schema`: the answer is constrained to it (JSON)
+    alias: str
 
     class Options(llm.Options):
         temperature: float | None = Field(None, description="Sampling temperature; 0 is greedy")
@@ -72,26 +82,95 @@ class OmniModel(llm.Model):
             constraint=Constraint.json_schema(prompt.schema) if prompt.schema else None,
         )
 
+    def request_for(self, prompt, conversation):
+        """``build_request``, a bad option as llm's ModelError."""
+        try:
+            return self.build_request(prompt, conversation)
+        except ValueError as exc:
+            raise llm.ModelError(str(exc)) from exc
+
+    @staticmethod
+    def note(response, chunk) -> None:
+        """What the last chunk says about the response: why it ended, the tokens counted."""
+        if chunk.done:
+            response.response_json = {"done_reason": chunk.done_reason}
+            response.set_usage(input=chunk.prompt_tokens, output=chunk.completion_tokens)
+
+
+class OmniModel(_OmniBase, llm.Model):  # type: ignore[misc]  # Options: ours
     def execute(self, prompt, stream, response, conversation):
         from .client import ShimClient, ShimError
 
+        request = self.request_for(prompt, conversation)
+        line = LoadLine(self.alias)
         try:
-            request = self.build_request(prompt, conversation)
-            client = ShimClient.connect()
-        except (ValueError, ShimError) as exc:
-            raise llm.ModelError(str(exc)) from exc
-        prompt_tokens = completion_tokens = 0
-        with client:
-            try:
-                for chunk in client.generate(request):
+            with ShimClient.connect() as client:
+                for chunk in client.generate(request, line.show):
+                    line.clear()
                     if chunk.text:
                         yield chunk.text
-                    prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-                    if chunk.done:
-                        response.response_json = {"done_reason": chunk.done_reason}
-            except ShimError as exc:
-                raise llm.ModelError(str(exc)) from exc
-        response.set_usage(input=prompt_tokens, output=completion_tokens)
+                    self.note(response, chunk)
+        except ShimError as exc:
+            raise llm.ModelError(str(exc)) from exc
+        finally:
+            line.clear()
+
+
+class AsyncOmniModel(_OmniBase, llm.AsyncModel):  # type: ignore[misc]  # Options: ours
+    """The same model, its prompts run on the caller's event loop (no thread blocks)."""
+
+    async def execute(self, prompt, stream, response, conversation):
+        from .client import AsyncShimClient, ShimError
+
+        request = self.request_for(prompt, conversation)
+        line = LoadLine(self.alias)
+        try:
+            async with await AsyncShimClient.connect() as client:
+                async for chunk in client.generate(request, line.show):
+                    line.clear()
+                    if chunk.text:
+                        yield chunk.text
+                    self.note(response, chunk)
+        except ShimError as exc:
+            raise llm.ModelError(str(exc)) from exc
+        finally:
+            line.clear()
+
+
+class LoadLine:
+    """The shim's load reports as one line on ``err`` (stderr), rewritten in place, only if
+    it is a terminal (a log or a pipe gets nothing); ``clear`` erases it."""
+
+    def __init__(self, alias: str, err: IO[str] | None = None) -> None:
+        self.alias = alias
+        self.err = err if err is not None else sys.stderr
+        self.shown = False
+
+    def show(self, report: dict[str, Any]) -> None:
+        if not self.err.isatty():
+            return
+        self.err.write("\r\x1b[K" + load_text(self.alias, report))
+        self.err.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.shown = False
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+
+
+def load_text(alias: str, report: dict[str, Any]) -> str:
+    """``loading smollm2: 1/2 stages, 40.1/86.4 MiB fetched`` from a shim's load report."""
+
+    def count(key: str) -> int:
+        value = report.get(key)
+        return value if type(value) is int and value >= 0 else 0
+
+    text = f"omni: loading {alias}: {count('loaded')}/{count('stages')} stages"
+    if count("total"):
+        text += f", {count('fetched') / 2**20:.1f}/{count('total') / 2**20:.1f} MiB fetched"
+    return text
 
 
 def _parse_stop(value: str) -> tuple[str, ...]:

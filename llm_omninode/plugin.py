@@ -11,16 +11,27 @@ import llm
 from .home import read_aliases
 
 
+def _aliases() -> list[str]:
+    try:
+        return sorted(read_aliases())
+    except Exception:  # a broken data dir must never break `llm` itself
+        return []
+
+
 @llm.hookimpl
 def register_models(register):
-    from .llm_model import OmniModel
+    from .llm_model import AsyncOmniModel, OmniModel
 
-    try:
-        aliases = read_aliases()
-    except Exception:  # a broken data dir must never break `llm` itself
-        aliases = {}
-    for alias in sorted(aliases):
-        register(OmniModel(alias))
+    for alias in _aliases():
+        register(OmniModel(alias), AsyncOmniModel(alias))
+
+
+@llm.hookimpl
+def register_embedding_models(register):
+    from .llm_embed import OmniEmbeddingModel
+
+    for alias in _aliases():
+        register(OmniEmbeddingModel(alias))
 
 
 @llm.hookimpl

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend.constraint import Constraint, ConstraintError
+from .backend.logprobs import MAX_TOP_LOGPROBS
 from .backend.sampling import SamplingError, SamplingOptions
 
 DEFAULT_MAX_TOKENS = 512
@@ -54,11 +55,22 @@ class GenerationRequest:
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: until end of generation or context
     stop: tuple[str, ...] = ()
     num_ctx: int | None = None  # a smaller context for this request (Ollama's num_ctx)
+    # HTTP only (not on the plugin's wire): a prompt of token ids (raw: fed as they are);
+    # ids of an earlier answer's ``context`` the templated prompt continues (Ollama's)
+    prompt_tokens: tuple[int, ...] | None = None
+    context: tuple[int, ...] = ()
+    logprobs: bool = False  # each picked token's log-probability ...
+    top_logprobs: int = 0  # ... and the most likely alternatives (0..MAX_TOP_LOGPROBS)
+    echo: bool = False  # the prompt's own tokens scored too (with logprobs)
     constraint: Constraint | None = None  # structured output: what the answer must match
 
     def __post_init__(self) -> None:
-        if not self.messages and self.prompt is None:
+        if not self.messages and self.prompt is None and self.prompt_tokens is None:
             raise ValueError("a request needs messages or a prompt")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if (self.top_logprobs or self.echo) and not self.logprobs:
+            raise ValueError("top_logprobs and echo need logprobs")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         if any(not s for s in self.stop):
@@ -161,7 +173,7 @@ class GenerationRequest:
         try:
             return cls(
                 model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop),
-                num_ctx, constraint,
+                num_ctx, constraint=constraint,
             )  # fmt: skip
         except ValueError as exc:  # the dataclass's own rules (messages or a prompt, ...)
             raise RequestError(str(exc)) from exc

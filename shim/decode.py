@@ -5,7 +5,7 @@ or a channel to its node) and the tail, where the last stage's picked ids arrive
 from its node, or a queue when this node hosts it; see shim/pipeline.py). Every answer, and
 every failure the chain reports, lands in one queue, read once per step. ``run_pass`` prefills
 the prompt, replays what a failed pass already sent, and decodes while the ``Generation``
-wants tokens; shim/coordinator.py recovers from what it raises.
+wants tokens; shim/generation.py recovers from what it raises.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,7 @@ from .pipeline import (
     failure_of,
     tail_frame,
 )
+from .scoring import ScoreSink, Scoring, ScoringError
 from .stage_host import Tail
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .stage_host import StageHost
 
 log = logging.getLogger("omninode_shim.coordinator")
+_ANSWERS = (FrameType.STEP, FrameType.SCORES)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Ring:
         self._tail: FrameStream | None = None
         self._reader: asyncio.Future | None = None
         self._local: Tail | None = None
+        self.scores: ScoreSink | None = None  # logprobs asked for: what the tail scored
 
     def _failed(self, exc: PipelineError) -> None:
         self.answers.put_nowait(exc)
@@ -97,11 +100,14 @@ class Ring:
         options: SamplingOptions,
         recent: Sequence[int],
         reuse: Reuse | None,
+        scoring: tuple[Scoring, ScoreSink] | None = None,
         constraint: Constraint | None = None,
     ) -> None:
         """Open the tail (it must be ready before the first step reaches the last stage),
-        then the entry."""
+        then the entry. ``scoring``: logprobs asked for (shim/scoring.py)."""
         last, here = self.route[-1], self.here.node_id
+        self.scores = None if scoring is None else scoring[1]
+        ask = None if scoring is None else scoring[0]
         if last.node_id == here:
             hosted = self.here.host.get(self.model_id, last.start, last.end)
             if hosted is None:
@@ -110,17 +116,22 @@ class Ring:
             async def deliver(frame: Frame) -> None:
                 self.answers.put_nowait(frame)
 
+            scorer = None if ask is None else ask.scorer()
             try:
                 guide = None if constraint is None else await self.here.host.guide(
                     hosted, constraint
                 )  # fmt: skip
             except ConstraintError as exc:
                 raise RequestError(f"{CONSTRAINT_MARKER} {exc}") from exc
-            self._local = Tail(TokenPicker(options, recent, guide), deliver)
+            self._local = Tail(TokenPicker(options, recent, guide), deliver, scorer)
             hosted.tails[self.seq] = self._local
         else:
-            await self._open_tail(last, options, recent, constraint)
-        first = self.route[0]
+            await self._open_tail(last, options, recent, ask, constraint)
+        self._open_entry(reuse)
+
+    def _open_entry(self, reuse: Reuse | None) -> None:
+        """Stage 0 hosted here (a Link), or a channel to its node (opened at the first step)."""
+        first, here = self.route[0], self.here.node_id
         self.position = reuse.keep if reuse is not None else 0
         if first.node_id == here:
             hosted = self.here.host.get(self.model_id, first.start, first.end)
@@ -137,13 +148,22 @@ class Ring:
         last: Hop,
         options: SamplingOptions,
         recent: Sequence[int],
-        constraint: Constraint | None,
+        ask: Scoring | None,
+        constraint: Constraint | None = None,
     ) -> None:
+        await self._tail_channel(
+            last,
+            lambda rid: tail_frame(
+                rid, self.model_id, self.seq, last, options, recent, ask, constraint
+            ),  # fmt: skip
+        )
+
+    async def _tail_channel(self, last: Hop, opening: Callable[[int], Frame]) -> None:
+        """Open the tail on the last stage's node with the frame ``opening(request id)``
+        makes, wait until it is ready, and read its answers into ``answers``."""
         try:
             conn = await self.here.peers.connection(last.node_id)
-            frame = tail_frame(conn.next_id(), self.model_id, self.seq, last, options, recent,
-                               constraint)  # fmt: skip
-            self._tail = await conn.channel(frame)
+            self._tail = await conn.channel(opening(conn.next_id()))
             ready = await self._tail.recv(STEP_TIMEOUT)
         except (NetError, OSError) as exc:
             raise PipelineError(f"tail on {last.node_id[:16]}: {exc}",
@@ -157,7 +177,7 @@ class Ring:
 
     async def _read_tail(self, stream: FrameStream, node_id: str) -> None:
         try:
-            while (frame := await stream.recv()) is not None and frame.type == FrameType.STEP:
+            while (frame := await stream.recv()) is not None and frame.type in _ANSWERS:
                 self.answers.put_nowait(frame)
             self._failed(failure_of(frame, node_id))
         except (NetError, F.FrameError) as exc:
@@ -175,14 +195,27 @@ class Ring:
         return step
 
     async def answer(self, step: int) -> int:
-        """The id the last stage picked at ``step``, or the failure the chain reported."""
+        """The id the last stage picked at ``step``, or the failure the chain reported (with
+        logprobs, its scores land in ``scores``)."""
+        got = await self._next_answer(step)
+        while got.type == FrameType.SCORES:  # with logprobs: scored rows, then the pick
+            try:
+                picked = None if self.scores is None else self.scores.take(got, step)
+            except ScoringError as exc:
+                raise PipelineError(f"step {step}: {exc}") from exc
+            if picked is not None:
+                return picked
+            got = await self._next_answer(step)
+        return check_answer(got, step)
+
+    async def _next_answer(self, step: int) -> Frame:
         try:
             got = await asyncio.wait_for(self.answers.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError as exc:
             raise PipelineError(f"no answer to step {step} within {STEP_TIMEOUT} s") from exc
         if isinstance(got, PipelineError):
             raise got
-        return check_answer(got, step)
+        return got
 
     async def step(self, ids: Sequence[int]) -> int:
         return await self.answer(await self.send(ids))
@@ -209,6 +242,16 @@ class Ring:
             hosted = self.here.host.get(self.model_id, last.start, last.end)
             if hosted is not None and hosted.tails.get(self.seq) is self._local:
                 del hosted.tails[self.seq]
+
+
+def scoring_of(job: Job) -> tuple[Scoring, ScoreSink] | None:
+    """What the last stage is asked to score for ``job`` and where it lands; None if no
+    logprobs were asked for."""
+    request = job.request
+    if not request.logprobs:
+        return None
+    scoring = Scoring(request.top_logprobs, tuple(job.ids) if request.echo else None)
+    return scoring, ScoreSink(scoring, job.model.spec.vocab_size, job.ids)
 
 
 async def prefill(ring: Ring, ids: Sequence[int]) -> int:
@@ -247,7 +290,7 @@ async def run_pass(
     model, request, ids, gen, timings, picked = (
         job.model, job.request, job.ids, job.gen, job.timings, job.picked
     )  # fmt: skip
-    if gen.done:
+    if gen.done and not request.echo:  # echo scores the prompt even with no token wanted
         for chunk in gen.finish():
             yield chunk
         return
@@ -259,8 +302,10 @@ async def run_pass(
     closed = False
     try:
         # the penalty looks at the whole prompt
-        await ring.open(request.options, ids, reuse, request.constraint)
+        await ring.open(request.options, ids, reuse, scoring_of(job), request.constraint)
         token = await prefill(ring, ids[skip:])
+        if request.echo and ring.scores is not None:
+            gen.score_prompt(ring.scores.echo())
         t1 = time.perf_counter() - t0
         timings.setdefault("prefill_s", t1)
         log.info("seq %s: prefill of %d tokens (%d more cached) in %.3f s", seq[:12],
@@ -272,8 +317,8 @@ async def run_pass(
             token = await ring.step([sent])
         if replay:
             log.info("seq %s: replayed %d tokens", seq[:12], len(replay))
-        while True:
-            chunks = gen.accept(token)
+        while not gen.done:
+            chunks = gen.accept(token, None if ring.scores is None else ring.scores.picked)
             picked.append(token)
             # the stages compute the next token while this one's text goes out
             ahead = None if gen.done else asyncio.ensure_future(ring.step([token]))

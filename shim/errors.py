@@ -1,5 +1,5 @@
 """What can go wrong with a request the coordinator runs: the errors the HTTP adapters and
-the node map to answers, and the ones its recovery loop acts on (shim/coordinator.py)."""
+the node map to answers, and the ones its recovery loop acts on (shim/generation.py)."""
 
 from __future__ import annotations
 

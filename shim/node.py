@@ -1,4 +1,5 @@
-"""One OmniNode node: identity, QUIC endpoint, discovery, peers, shard store, stages, coordinator.
+"""One OmniNode node: identity, QUIC endpoint, discovery, peers, shard store, stages, the
+models it coordinates (shim/lifecycle.py) and their generations (shim/generation.py).
 
 Requests it serves (one QUIC stream each; every one from an admitted peer only):
 
@@ -6,12 +7,16 @@ Requests it serves (one QUIC stream each; every one from an admitted peer only):
 HELLO              -> INFO: node id, version, device, memory budget, speed, shards held, stages,
                       name
 SHARD_READ         -> SHARD_DATA frames: a range of a shard it holds (net/transfer.py)
-``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts
+``generate``       -> STREAM_DATA per text chunk, STREAM_END with the reason and token counts;
+                      while the model loads first, STREAM_DATA frames with no text and a
+                      ``progress`` field (shim/load_progress.py)
+``embed``          -> the texts' embeddings (shim/embedding.py ``serve_embed``)
 ``peers``          -> this node and the peers it knows (``llm omni peers``)
 ``status``         -> plans made here and stages hosted here (``llm omni status``)
 ``models``         -> alias -> model id of the models held here
 ``manifest``       -> a model's manifest (the asker checks it hashes to the model id)
-``stage.load``     -> load blocks [start, end) of the model whose manifest is the payload
+``stage.load``     -> load blocks [start, end) of the model whose manifest is the payload;
+                      asked with ``progress``, STREAM_DATA frames of its shard bytes first
 ``stage.unload``   -> drop a stage hosted here (keep-alive ran out, or ``keep_alive: 0``)
 ``leaving``        -> the asking peer is shutting down: stop planning on it
 ``pipeline``       -> a channel: one sequence's steps through a stage hosted here
@@ -28,11 +33,13 @@ import math
 import os
 import socket
 import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llm_omninode import __version__
+from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
 from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.speed import measure as measure_speed
@@ -48,11 +55,15 @@ from llm_omninode.net.quic import FrameStream, QuicSettings, Server, serve
 from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
-from .coordinator import DEFAULT_PARALLEL, Coordinator
+from .embedding import Embedder, serve_embed
 from .errors import CoordinatorError
+from .generation import DEFAULT_PARALLEL, Generations
 from .http.server import ApiConfig, ApiServer
 from .http.service import ApiService
+from .lifecycle import ModelLifecycle
+from .load_progress import REPORT_EVERY, LoadProgress
 from .metrics import Metrics, NodeGauges
+from .model_state import ModelText, PlanState
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
@@ -90,6 +101,42 @@ class NodeConfig:
     threads: int | None = None  # of a stage's compute (None: OMNI_GGML_THREADS, else all CPUs)
 
 
+@dataclass(frozen=True)
+class ApiRunner:
+    """What the HTTP API runs models with (shim/http/service.py's ``ModelRunner``): the models'
+    lifecycle, and their generations."""
+
+    lifecycle: ModelLifecycle
+    generations: Generations
+
+    async def resolve(self, name: str) -> ModelText:
+        return await self.lifecycle.resolve(name)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        timings: dict[str, float] | None = None,
+        keep_alive: float | None = None,
+        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
+    ) -> AsyncGenerator[Chunk, None]:
+        return self.generations.generate(request, timings, keep_alive, progress)
+
+    async def load(self, name: str, keep_alive: float | None = None) -> ModelText:
+        return await self.lifecycle.load(name, keep_alive)
+
+    async def unload(self, name: str) -> bool:
+        return await self.lifecycle.unload(name)
+
+    def forget(self, model_id: str) -> None:
+        self.lifecycle.forget(model_id)
+
+    def loaded(self) -> list[tuple[ModelText, PlanState, float | None]]:
+        return self.lifecycle.loaded()
+
+    def alias_of(self, model_id: str) -> str | None:
+        return self.lifecycle.alias_of(model_id)
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -119,18 +166,28 @@ class Node:
             threads=config.threads,
             metrics=self.metrics,
         )
-        self.coordinator = Coordinator(self, config.parallel)
-        self.coordinator.prefixes.enabled = config.prefix_reuse
+        self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
+        # the models coordinated here (plans, loads, keep-alive), and their generations
+        self.lifecycle = ModelLifecycle(
+            self.node_id, self.name, self.memory_budget, lambda: self.speed, self.host,
+            self.peers, self.registry, self.held_shards, self.shard_sources,
+        )  # fmt: skip
+        self.generations = Generations(
+            self.lifecycle, self.node_id, lambda: (self.advertised_host, self.port), self.host,
+            self.peers, self.metrics, config.max_context, config.parallel, config.prefix_reuse,
+        )  # fmt: skip
+        self.embedder = Embedder(
+            self.lifecycle, self.generations.here, self.generations.route, config.max_context
+        )
         self.pipelines = 0  # pipeline channels being served now (``status`` shows it)
         # generations coordinated here (the cluster page's; each one's figures to /metrics)
         self.requests = RequestLog(on_finish=self.metrics.finished)
         self.device = device_name(engine_name())
-        self.speed = 1.0  # measured at start (backend/speed.py): planners share work by it
         self.metrics.watch(
             NodeGauges(
                 memory=lambda: {"budget": self.memory_budget, **self.memory_fields()},
                 live_peers=lambda: len(self.peers.live()),
-                running=self.coordinator.running,
+                running=self.generations.running,
             )
         )
         self.server: Server | None = None
@@ -251,6 +308,8 @@ class Node:
         try:
             if method == "generate":
                 return await self._generate(frame, stream)
+            if method == "embed":
+                return await serve_embed(self.embedder, frame)
             if method == "pipeline":
                 self.pipelines += 1
                 try:
@@ -259,7 +318,7 @@ class Node:
                     self.pipelines -= 1
             if method == "stage.load":
                 async with self._gates.slot(peer_id, "stage.load"):
-                    return await self._stage_load(peer_id, frame)
+                    return await self._stage_load(peer_id, frame, stream)
             if method == "stage.unload":
                 return self._stage_unload(frame)
             if method == "leaving":  # a peer shutting down cleanly: plan without it now
@@ -295,9 +354,14 @@ class Node:
         request = GenerationRequest.from_wire(frame.header.get("request"))
         seq = 0
         timings: dict[str, float] = {}
+
+        async def progress(p: LoadProgress) -> None:  # before any text: no seq of its own
+            await stream.send(F.stream_data_frame(frame.id, 0, progress=p.row()))
+
         chunks = self.requests.watch(
-            request.model, "llm", self.coordinator.generate(request, timings), timings
-        )
+            request.model, "llm", self.generations.generate(request, timings, None, progress),
+            timings,
+        )  # fmt: skip
         async with contextlib.aclosing(chunks):  # a client gone mid-stream ends it here and now
             async for chunk in chunks:
                 if chunk.done:
@@ -316,7 +380,7 @@ class Node:
                 seq += 1
         raise CoordinatorError("generation ended without its final chunk")
 
-    async def _stage_load(self, peer_id: str, frame: Frame) -> Frame:
+    async def _stage_load(self, peer_id: str, frame: Frame, stream: FrameStream) -> Frame:
         h = frame.header
         manifest = Manifest.from_json(frame.payload)
         if manifest.model_id != h.get("model"):
@@ -332,7 +396,11 @@ class Node:
             )
             return asker + rest
 
-        hosted = await self.host.ensure(manifest, start, end, sources)
+        if frame.header.get("progress") is True:  # the asker reads a stream: shard bytes first
+            async with _reporting_fetch(stream, frame.id or 0) as progress:
+                hosted = await self.host.ensure(manifest, start, end, sources, progress)
+        else:
+            hosted = await self.host.ensure(manifest, start, end, sources)
         return F.response_frame(
             frame.id, weight_bytes=hosted.weight_bytes, load_s=round(hosted.loaded_s, 3),
             fetched=hosted.fetched,
@@ -356,7 +424,7 @@ class Node:
     def status(self) -> dict[str, Any]:
         names = {self.node_id: self.name} | {p.node_id: p.name for p in self.peers.all()}
         plans = []
-        for state in self.coordinator.plans():
+        for state in self.lifecycle.plans():
             plan = state.plan
             plans.append({
                 "model": plan.model_id,
@@ -377,7 +445,7 @@ class Node:
             "memory_budget": self.memory_budget,
             "memory_used": self.host.used_bytes(),
             **self.memory_fields(),
-            "generations": self.coordinator.running(),  # running or queued here
+            "generations": self.generations.running(),  # running or queued here
             "pipelines": self.pipelines,  # sequences passing through stages hosted here
         }
 
@@ -410,9 +478,11 @@ class Node:
                 "before any", self.memory_budget / 2**20, self.host.runtime / 2**20,
             )  # fmt: skip
         if self.config.api is not None:  # first: a taken port should fail before anything runs
-            service = ApiService(self.coordinator, self.registry, self.peers.model_aliases,
+            runner = ApiRunner(self.lifecycle, self.generations)
+            service = ApiService(runner, self.registry, self.peers.model_aliases,
                                  self.max_context, self.metrics.render,
-                                 ClusterView(self).snapshot, self.requests)  # fmt: skip
+                                 ClusterView(self).snapshot, self.requests,
+                                 self.host.stages, self.embedder)  # fmt: skip
             self.api = ApiServer(service, self.config.api)
             await self.api.start()
         self.server = await serve(
@@ -443,7 +513,7 @@ class Node:
                 self._sync_discovery()
                 await self.peers.refresh()
                 self.host.evict_idle()
-                await self.coordinator.expire()
+                await self.lifecycle.expire()
             except Exception:  # a maintenance round must never take the node down
                 log.exception("maintenance round failed")
             await asyncio.sleep(REFRESH_S)
@@ -504,3 +574,32 @@ class Node:
             if json.loads(state.read_text()).get("pid") == os.getpid():
                 state.unlink()
         log.info("node %s stopped", self.name)
+
+
+@contextlib.asynccontextmanager
+async def _reporting_fetch(stream: FrameStream, request_id: int):
+    """A stage load's shard bytes (done, lacking) as STREAM_DATA frames to the asker, at most
+    every REPORT_EVERY seconds, while inside; yields the stage host's progress callback."""
+    latest: list[tuple[int, int] | None] = [None]
+    done = asyncio.Event()
+
+    def note(fetched: int, total: int) -> None:
+        latest[0] = (fetched, total)
+
+    async def send() -> None:
+        sent = None
+        while not done.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), REPORT_EVERY)
+            if latest[0] is not None and latest[0] != sent:
+                sent = latest[0]
+                await stream.send(F.stream_data_frame(request_id, 0, fetched=sent[0],
+                                                      total=sent[1]))  # fmt: skip
+
+    sender = asyncio.ensure_future(send())
+    try:
+        yield note
+    finally:
+        done.set()
+        with contextlib.suppress(Exception):  # the asker gone: the load goes on regardless
+            await sender

@@ -5,7 +5,8 @@ in-process); each stage opens one to the next. Steps are STEP frames (llm_omnino
 a binary header of step number, position, shape, dtype and flags): the first stage gets token
 ids (``hidden_dim`` 1), every later stage hidden states ``[T, d_model]`` straight from its
 predecessor, and no stage waits for an answer. The last stage picks the next token and sends
-its 4-byte id straight to the coordinator on the sequence's **tail**, a stream the coordinator
+its 4-byte id (with logprobs asked for, a SCORES frame: shim/scoring.py) straight to the
+coordinator on the sequence's **tail**, a stream the coordinator
 opened to the last stage's node before the first step (``REQUEST pipeline {tail: true, model,
 seq, start, end, sampling, recent, constraint?}``, answered once it is ready): the sampling
 setup (options, seed, the prompt's last MAX_RECENT ids for the repeat penalty, the answer's
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -45,6 +47,7 @@ import numpy as np
 from llm_omninode.backend.cid import is_cid
 from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.pooling import POOLINGS, Pooler
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.backend.sequences import SequenceLimitError
 from llm_omninode.net import frames as F
@@ -52,7 +55,8 @@ from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import is_node_id
 from llm_omninode.net.quic import FrameStream, NetError
 
-from .stage_host import MAX_SEQUENCES, HostedStage, StageHost, Tail
+from .scoring import Scoring, score_frames, scored_pick, scoring_from
+from .stage_host import MAX_SEQUENCES, HostedStage, PoolTail, StageHost, Tail
 
 if TYPE_CHECKING:
     from .peers import PeerTable
@@ -187,13 +191,26 @@ def open_frame(
 
 def tail_frame(
     request_id: int, model_id: str, seq: str, last: Hop, options: SamplingOptions,
-    recent: Sequence[int], constraint: Constraint | None = None,
+    recent: Sequence[int], scoring: Scoring | None = None, constraint: Constraint | None = None,
 ) -> Frame:  # fmt: skip
-    """Opens a sequence's tail on the node of its last stage (see the module's docstring)."""
-    extra = {} if constraint is None else {"constraint": constraint.to_wire()}
+    """Opens a sequence's tail on the node of its last stage (see the module's docstring;
+    ``scoring``: shim/scoring.py; ``constraint``: backend/constraint.py)."""
+    extra, payload = ({}, b"") if scoring is None else (scoring.header(), scoring.payload())
+    if constraint is not None:
+        extra = {**extra, "constraint": constraint.to_wire()}
+    return F.request_frame(
+        request_id, "pipeline", payload, tail=True, model=model_id, seq=seq, start=last.start,
+        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:], **extra,
+    )  # fmt: skip
+
+
+def pool_tail_frame(request_id: int, model_id: str, seq: str, last: Hop, pooling: str) -> Frame:
+    """Opens an embedding sequence's tail: the last stage pools its final states (``pooling``,
+    backend/pooling.py) and answers once, with the pooled vector (a STEP frame flagged
+    pooled), after the prompt's last piece."""
     return F.request_frame(
         request_id, "pipeline", tail=True, model=model_id, seq=seq, start=last.start,
-        end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:], **extra,
+        end=last.end, pool=pooling,
     )  # fmt: skip
 
 
@@ -339,7 +356,7 @@ class Link:
         hosted.active += 1
 
     def _input(self, frame: Frame) -> np.ndarray:
-        if frame.type != FrameType.STEP:
+        if frame.type != FrameType.STEP or frame.header.get("pooled"):
             raise PipelineError("expected a STEP frame on a pipeline channel")
         header = frame.header
         if header["step"] != self.steps or header["pos"] != self.position:
@@ -378,11 +395,22 @@ class Link:
                                     F.ErrorCode.CACHE_MISS)  # fmt: skip
         x = self._input(frame)
         step, pos, more = frame.header["step"], frame.header["pos"], frame.header["more"]
-        tail = self._tail() if self.next is None and not more else None
+        pool = self.hosted.pools.get(self.seq) if self.next is None else None
+        if pool is not None:
+            await self._pool(pool, x, step, more)
+            return
+        tail = None
+        if self.next is None:
+            tail = self.hosted.tails.get(self.seq) if more else self._tail()
+        scorer = None if tail is None else tail.scorer
+        rows = None if scorer is None else scorer.prompt_rows(pos, len(x))  # echo
+        then = None
+        if tail is not None and not more:
+            then = tail.picker.pick
+            if scorer is not None:
+                then = functools.partial(scored_pick, tail.picker, scorer)
         try:
-            out = await self.host.forward(
-                self.hosted, self.seq, x, None if tail is None else tail.picker.pick
-            )
+            out = await self.host.forward(self.hosted, self.seq, x, then, rows)
         except SequenceLimitError as exc:  # full of other sequences: worth a retry later
             raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
         except ValueError as exc:  # the stage's own checks and limits
@@ -394,9 +422,31 @@ class Link:
             await self.next.send(
                 F.step_frame(step, pos, out.tobytes(), out.shape, out.dtype.name, more)
             )
-        elif tail is not None:
+        elif tail is not None and scorer is not None:
+            picked = None if more else out
+            self.hosted.tokens_out += picked is not None
+            prompt = None if rows is None else rows.scores()
+            for answer in score_frames(step, pos, prompt, picked):
+                await tail.deliver(answer)
+        elif tail is not None and not more:
             self.hosted.tokens_out += 1
             await tail.deliver(F.token_step(step, self.position, [out]))
+
+    async def _pool(self, pool: PoolTail, x: np.ndarray, step: int, more: bool) -> None:
+        """An embedding sequence's step on the last stage: pool its states; after the last
+        piece, deliver the pooled vector."""
+        try:
+            await self.host.embed(self.hosted, self.seq, x, pool.pooler)
+        except SequenceLimitError as exc:
+            raise PipelineError(str(exc), F.ErrorCode.BUSY) from exc
+        except ValueError as exc:  # the stage's own checks and limits (PoolingError too)
+            raise PipelineError(str(exc)) from exc
+        self.steps += 1
+        self.position += len(x)
+        self.hosted.steps += 1
+        if not more:
+            vec = pool.pooler.result().astype("<f4")
+            await pool.deliver(F.pooled_step(step, self.position, vec.tobytes(), vec.size))
 
     async def close(self, park: bool = False) -> None:
         """End the sequence here and downstream; ``park``: keep its caches for reuse."""
@@ -475,23 +525,41 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
                                 F.ErrorCode.NOT_FOUND)  # fmt: skip
         if not hosted.stage.is_last:
             raise PipelineError("a tail is opened on the last stage")
-        if seq in hosted.tails or len(hosted.tails) >= MAX_TAILS:
+        if seq in hosted.tails or seq in hosted.pools:
+            raise PipelineError("this sequence's tail is open already")
+        if len(hosted.tails) + len(hosted.pools) >= MAX_TAILS:
             raise PipelineError("this stage has no room for another tail", F.ErrorCode.BUSY)
+        if "pool" in header:
+            if header["pool"] not in POOLINGS:
+                raise PipelineError(f"pool must be one of {POOLINGS}")
+            pool = PoolTail(Pooler(header["pool"], hosted.spec.d_model), stream.send)
+            return await _hold(hosted.pools, seq, pool, first, stream)
         recent = check_recent(header.get("recent"), hosted.spec.vocab_size)
         options = SamplingOptions.from_dict(header.get("sampling"))
+        scorer = scoring_from(header, first.payload, hosted.spec.vocab_size,
+                              hosted.stage.max_context)  # fmt: skip
         constraint = header.get("constraint")
         guide = None if constraint is None else await host.guide(
             hosted, Constraint.from_wire(constraint)
         )  # fmt: skip
     except ConstraintError as exc:
         return F.error_frame(F.ErrorCode.BAD_REQUEST, f"{CONSTRAINT_MARKER} {exc}", first.id)
-    except (PipelineError, ValueError) as exc:  # SamplingError is a ValueError
+    except (PipelineError, ValueError) as exc:  # SamplingError, ScoringError are ValueErrors
         return F.error_frame(_reply_code(exc), str(exc), first.id)
-    if seq in hosted.tails or len(hosted.tails) >= MAX_TAILS:  # taken while the guide was made
+    taken = seq in hosted.tails or seq in hosted.pools  # while the guide was made
+    if taken or len(hosted.tails) + len(hosted.pools) >= MAX_TAILS:
         return F.error_frame(F.ErrorCode.BUSY, "this stage has no room for another tail",
                              first.id)  # fmt: skip
-    tail = Tail(TokenPicker(options, recent, guide), stream.send)
-    hosted.tails[seq] = tail
+    tail = Tail(TokenPicker(options, recent, guide), stream.send, scorer)
+    return await _hold(hosted.tails, seq, tail, first, stream)
+
+
+async def _hold(
+    table: dict[str, Any], seq: str, end: Tail | PoolTail, first: Frame, stream: FrameStream
+) -> Frame | None:
+    """Keep a sequence's end (a sampler's Tail, or an embedding's PoolTail) in its stage's
+    ``table`` while the coordinator keeps the tail open; answered once it is ready."""
+    table[seq] = end
     try:
         await stream.send(F.response_frame(first.id or 0))
         async for frame in stream:  # the coordinator sends nothing more
@@ -499,6 +567,6 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
     except (NetError, asyncio.CancelledError):
         pass  # the coordinator went away: the sequence is over
     finally:
-        if hosted.tails.get(seq) is tail:
-            del hosted.tails[seq]
+        if table.get(seq) is end:
+            del table[seq]
     return None

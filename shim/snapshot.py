@@ -2,10 +2,11 @@
 node's public parts each time it is asked: the nodes (this one and its peers), each model's
 plan, the queue, the requests (shim/request_log.py) and shard transfers.
 
-Transfers: no progress callback reaches this module (the stage host fetches shards without
-one), so progress is read where the store keeps it: a shard arriving here is a partial file in
-the store's tmp/ folder, its size the bytes received so far. Peers say only which shards they
-hold (their INFO), so for them the page shows counts, not progress.
+Transfers: no progress callback reaches this module (the stage host reports a load's bytes
+only to the requests waiting for it), so progress is read where the store keeps it: a shard
+arriving here is a partial file in the store's tmp/ folder, its size the bytes received so far.
+Peers say only which shards they hold (their INFO), so for them the page shows counts, not
+progress.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class _Slots(Protocol):
-    parallel: int  # sequences of one model a coordinator runs at once
+    parallel: int  # sequences of one model this node coordinates at once
 
 
 class NodeTables(Protocol):
@@ -39,7 +40,7 @@ class NodeTables(Protocol):
     requests: RequestLog
 
     @property
-    def coordinator(self) -> _Slots: ...
+    def generations(self) -> _Slots: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -117,7 +118,7 @@ def snapshot(node: NodeTables) -> dict[str, Any]:
         "queue": {
             "generations": status["generations"],  # running or waiting for a slot, here
             "waiting": sum(1 for r in requests["running"] if r["outcome"] == "waiting"),
-            "slots": node.coordinator.parallel,  # sequences of one model at once
+            "slots": node.generations.parallel,  # sequences of one model at once
             "pipelines": status["pipelines"],  # sequences passing through stages hosted here
         },
         "requests": requests,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -28,12 +29,13 @@ import numpy as np
 from llm_omninode import settings
 from llm_omninode.backend.constraint import Constraint, ConstraintError, Guide, TokenTable
 from llm_omninode.backend.generate import TokenPicker
+from llm_omninode.backend.logprobs import SequenceScorer
 from llm_omninode.backend.memory import StageMemory, context_for, stage_memory
-from llm_omninode.backend.runtime import stage_tensors
+from llm_omninode.backend.pooling import Pooler
 from llm_omninode.backend.sequences import SequenceLimitError
 from llm_omninode.backend.shards import Manifest
 from llm_omninode.backend.spec import ModelSpec
-from llm_omninode.backend.stage_engine import engine_name, new_stage
+from llm_omninode.backend.stage_engine import engine_name, new_stage, stage_tensors
 from llm_omninode.backend.store import (
     ShardStore,
     StorageFull,
@@ -92,6 +94,16 @@ class Tail:
 
     picker: TokenPicker
     deliver: Callable[[Frame], Awaitable[None]]  # the STEP frame of one picked id
+    scorer: SequenceScorer | None = None  # logprobs asked for: SCORES frames instead
+
+
+@dataclass
+class PoolTail:
+    """An embedding sequence's end on its last stage (shim/embedding.py): its pooler, fed a
+    step at a time, and where the pooled vector goes once the prompt's last piece is in."""
+
+    pooler: Pooler
+    deliver: Callable[[Frame], Awaitable[None]]  # the pooled STEP frame
 
 
 @dataclass
@@ -105,6 +117,7 @@ class HostedStage:
     loaded_s: float
     fetched: dict[str, str] = field(default_factory=dict)  # cid -> node it came from
     tails: dict[str, Tail] = field(default_factory=dict)  # last stage: per sequence
+    pools: dict[str, PoolTail] = field(default_factory=dict)  # last stage: embedding ones
     active: int = 0  # pipeline links using it now
     steps: int = 0  # pipeline steps computed
     tokens_out: int = 0  # last stage: picked ids sent straight to a coordinator's tail
@@ -178,6 +191,8 @@ class StageHost:
         self.idle_timeout = idle_timeout  # KV caches of sequences idle this long are freed
         self._stages: dict[tuple[str, int, int], HostedStage] = {}
         self._loading: dict[tuple[str, int, int], asyncio.Future[HostedStage]] = {}
+        # who hears a loading stage's shard bytes arrive: (bytes done, bytes lacking)
+        self._fetch_watchers: dict[tuple[str, int, int], list[Callable[[int, int], None]]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
         self._batches: set[asyncio.Future] = set()
 
@@ -213,8 +228,10 @@ class StageHost:
         start: int,
         end: int,
         sources_for: Callable[[str], Sequence[ShardSource]],
+        progress: Callable[[int, int], None] | None = None,
     ) -> HostedStage:
-        """The stage for blocks [start, end), loading it (once, however many ask) if needed."""
+        """The stage for blocks [start, end), loading it (once, however many ask) if needed;
+        ``progress`` hears its shard bytes arrive (done, lacking)."""
         key = (manifest.model_id, start, end)
         if key in self._stages:
             return self._stages[key]
@@ -224,7 +241,16 @@ class StageHost:
             self._loading[key] = pending
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
             pending.add_done_callback(_retrieved)  # its askers may all have gone meanwhile
-        return await asyncio.shield(pending)
+        watchers = self._fetch_watchers.setdefault(key, [])
+        if progress is not None:
+            watchers.append(progress)
+        try:
+            return await asyncio.shield(pending)
+        finally:
+            if progress is not None:
+                watchers.remove(progress)
+            if not watchers and self._fetch_watchers.get(key) is watchers:
+                del self._fetch_watchers[key]
 
     def _make_room(self, need: StageMemory) -> None:
         """Unload idle stages, least recently used first, until ``need`` fits the budget
@@ -310,7 +336,15 @@ class StageHost:
                 "fetching %d shard(s), %.1f MiB, for %s [%d, %d)",
                 len(missing), total / 2**20, manifest.model_id[:16], start, end,
             )  # fmt: skip
-            fetched = await fetch_shards(missing, sources_for, self.store)
+            key, got = (manifest.model_id, start, end), dict.fromkeys(dict(missing), 0)
+
+            def arrived(cid: str, done: int, _size: int) -> None:
+                got[cid] = done
+                for watcher in self._fetch_watchers.get(key, []):
+                    watcher(sum(got.values()), total)
+
+            arrived(missing[0][0], 0, 0)
+            fetched = await fetch_shards(missing, sources_for, self.store, progress=arrived)
             if self.metrics is not None:
                 self.metrics.transfer_bytes.labels("in").inc(total)
         tensors = stage_tensors(self.store, manifest, start, end, manifest.model_id)
@@ -360,21 +394,32 @@ class StageHost:
 
     # ---- compute ------------------------------------------------------------------------
     async def forward(
-        self, hosted: HostedStage, seq: str, x: np.ndarray, then: Callable | None = None
+        self,
+        hosted: HostedStage,
+        seq: str,
+        x: np.ndarray,
+        then: Callable | None = None,
+        each: Callable | None = None,
     ) -> Any:
         """The stage's output for ``x``, or ``then(output)`` (the last stage's token pick, run
-        on the worker thread too, so a step costs one hand-over, not two)."""
+        on the worker thread too, so a step costs one hand-over, not two). ``each``: every
+        position's logits go through it (a prompt scored, backend/logprobs.py)."""
         hosted.last_used = time.monotonic()
         try:
-            return await self._compute(hosted, seq, x, then)
+            return await self._compute(hosted, seq, x, then, each)
         except SequenceLimitError:
             if not hosted.parked:
                 raise
             self.free(hosted, next(iter(hosted.parked)))  # a live sequence before a parked one
-            return await self._compute(hosted, seq, x, then)
+            return await self._compute(hosted, seq, x, then, each)
 
     async def _compute(
-        self, hosted: HostedStage, seq: str, x: np.ndarray, then: Callable | None
+        self,
+        hosted: HostedStage,
+        seq: str,
+        x: np.ndarray,
+        then: Callable | None,
+        each: Callable | None = None,
     ) -> Any:
         """The stage's forward, a decode step batched with the others waiting for the worker.
 
@@ -382,6 +427,9 @@ class StageHost:
         takes all of them, so each weight is read once for all (Stage.forward_batch; a
         sequence's numbers do not depend on its batch).
         """
+        if each is not None:
+            forward = functools.partial(hosted.stage.forward, each=each)
+            return await self.run(_then, then, forward, seq, x)
         if x.shape[0] != 1:  # a prompt: not a decode step's time
             return await self.run(_then, then, hosted.stage.forward, seq, x)
         if not hosted.stage.batches:
@@ -454,8 +502,20 @@ class StageHost:
                  time.perf_counter() - t0)  # fmt: skip
         return table
 
+    async def embed(self, hosted: HostedStage, seq: str, x: np.ndarray, pooler: Pooler) -> None:
+        """Run an embedding sequence's step on the last stage, its states to ``pooler``."""
+        hosted.last_used = time.monotonic()
+        try:
+            await self.run(hosted.stage.embed, seq, x, pooler)
+        except SequenceLimitError:
+            if not hosted.parked:
+                raise
+            self.free(hosted, next(iter(hosted.parked)))  # a live sequence before a parked one
+            await self.run(hosted.stage.embed, seq, x, pooler)
+
     def free(self, hosted: HostedStage, seq: str) -> None:
         hosted.tails.pop(seq, None)
+        hosted.pools.pop(seq, None)
         hosted.parked.pop(seq, None)
         self._pool.submit(hosted.stage.free, seq)
 
@@ -487,6 +547,7 @@ class StageHost:
         for hosted in list(self._stages.values()):
             for seq in hosted.stage.evict_idle(self.idle_timeout):
                 hosted.tails.pop(seq, None)
+                hosted.pools.pop(seq, None)
                 hosted.parked.pop(seq, None)
                 log.info("freed idle sequence %s on %s", seq[:12], hosted.model_id[:16])
 

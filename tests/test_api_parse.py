@@ -62,7 +62,7 @@ def test_no_prompt_or_messages_is_a_load_call():
 @pytest.mark.parametrize(
     "field,value",
     [("tools", [{"type": "function"}]), ("images", ["aGk="]), ("think", True), ("suffix", "end"),
-     ("template", "{{ .Prompt }}"), ("context", [1, 2]), ("logprobs", True)],
+     ("template", "{{ .Prompt }}"), ("context", "1 2"), ("logprobs", 1)],
 )  # fmt: skip
 def test_unsupported_fields_are_named(field, value):
     refused(parse_ollama_generate, {"model": "m", "prompt": "x", field: value}, field)
@@ -154,7 +154,7 @@ def test_openai_chat():
     "extra,word",
     [({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"),
      ({"response_format": {"type": "json_schema"}}, "response_format"),
-     ({"frequency_penalty": 1}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
+     ({"frequency_penalty": 1}, "frequency_penalty"), ({"logprobs": 1}, "logprobs"),
      ({"max_tokens": -1}, "max_tokens"), ({"temperature": "x"}, "temperature"),
      ({"messages": []}, "messages"),
      ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url")],
@@ -163,10 +163,10 @@ def test_openai_chat_refusals(extra, word):
     refused(parse_openai_chat, {**CHAT, **extra}, word)
 
 
-def test_openai_completion_is_raw():
+def test_openai_completion_is_templated_as_ollama_does():
     call = parse_openai_completion({"model": "m", "prompt": ["Once upon"], "max_tokens": 5})
-    assert call.request.raw and call.request.prompt == "Once upon"
+    assert not call.request.raw and call.request.prompt == "Once upon"
     assert call.request.max_tokens == 5 and not call.stream
     refused(parse_openai_completion, {"model": "m", "prompt": ["a", "b"]}, "prompt")
-    refused(parse_openai_completion, {"model": "m", "prompt": "a", "echo": True}, "echo")
+    refused(parse_openai_completion, {"model": "m", "prompt": "a", "echo": 1}, "echo")
     refused(parse_openai_completion, {"model": "m", "prompt": "a", "suffix": "z"}, "suffix")

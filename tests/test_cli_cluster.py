@@ -211,3 +211,21 @@ def test_ui_prints_the_page_address_and_opens_it(cli, omni_home, monkeypatch):
     assert len(opened) == 1
     result = cli("ui", ok=False)  # nothing running on this data directory
     assert result.exit_code == 1 and "no shim is running here" in result.output
+
+
+def test_serve_shows_and_checks_the_shims_own_flags(cli, omni_home, monkeypatch):
+    from omninode_shim.main import main as shim_main
+
+    shown = cli("serve", "--help").output
+    for param in shim_main.params:  # one definition: every omni-shim flag, with its help
+        assert all(opt in shown for opt in param.opts), param.opts
+        assert (getattr(param, "help", None) or "").split(" (")[0][:30] in shown
+    bad = cli("serve", "--max-memory", "1G", "--bogus", ok=False)
+    assert bad.exit_code == 2 and "No such option '--bogus'" in bad.output
+    assert cli("serve", "--parallel", "0", ok=False).exit_code == 2  # checked before the exec
+    calls = []
+    monkeypatch.setattr("os.execv", lambda path, argv: calls.append(argv))
+    cli("serve", "--port", "0", "--no-mdns", "--peer", "10.0.0.2:7341")
+    (argv,) = calls
+    assert argv[1:] == ["-m", "omninode_shim", "--port", "0", "--no-mdns",
+                        "--peer", "10.0.0.2:7341"]  # fmt: skip

@@ -133,3 +133,26 @@ def test_token_picker_penalises_the_prompt_and_its_own_picks():
     logits = np.array([5.0, 4.9, 4.8, 4.0], dtype=np.float32)
     assert picker.pick(logits) == 0  # 1 and 2 are halved
     assert picker.pick(logits) == 1 and picker.history == [0, 1]
+
+
+def test_logprobs_ride_with_the_chunks_and_the_answer_becomes_the_context(tokenizer):
+    """Each accepted token's score goes out with the next chunk (held-back text included, a
+    stop string's tokens in the last one); the prompt's scores once, however often a replay
+    gives them; the done chunk holds prompt and answer ids (Ollama's context)."""
+    from llm_omninode.backend.logprobs import TokenLogprob
+
+    gen = Generation(tokenizer, [5, 6], max_tokens=10, stop=["t"])
+    gen.score_prompt([TokenLogprob(5, None), TokenLogprob(6, -1.0)])
+    gen.score_prompt([TokenLogprob(5, None), TokenLogprob(6, -9.0)])  # a replay's: ignored
+    ids = ids_of(tokenizer, "a cat")
+    out = []
+    for i, token in enumerate(ids):
+        out += gen.accept(token, TokenLogprob(token, -0.5 * i))
+        if gen.done:
+            break
+    out += gen.finish()
+    scored = [s.token for c in out for s in c.logprobs]
+    assert scored == ids[: len(scored)] and len(scored) == gen.generated
+    prompt = [s for c in out for s in c.prompt_logprobs]
+    assert [s.logprob for s in prompt] == [None, -1.0] and out[0].prompt_logprobs
+    assert out[-1].context == (5, 6, *ids[: gen.generated])

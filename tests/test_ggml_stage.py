@@ -347,9 +347,9 @@ def test_two_shims_compute_with_ggml(tmp_path, smollm2_path, smollm2_golden) -> 
 
     from llm_omninode.backend.chat_template import ChatTemplate
     from llm_omninode.backend.registry import ModelRegistry
-    from llm_omninode.backend.runtime import LocalModel
     from llm_omninode.backend.sampling import SamplingOptions
     from llm_omninode.backend.tokenizer import Tokenizer
+    from llm_omninode.local_model import LocalModel
     from llm_omninode.request import GenerationRequest, Message
 
     content = smollm2_golden["chat"][0]["messages"][-1]["content"]

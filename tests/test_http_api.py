@@ -22,9 +22,9 @@ from support.shim_cluster import LLM, ShimCluster
 from support.wheels import make_wheel
 
 from llm_omninode.backend.registry import ModelRegistry
-from llm_omninode.backend.runtime import LocalModel
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.backend.sources import SOURCES
+from llm_omninode.local_model import LocalModel
 from llm_omninode.request import GenerationRequest, Message
 
 pytestmark = [pytest.mark.model, pytest.mark.cluster]
@@ -49,6 +49,7 @@ def reference(smollm2_path: Path, tmp_path_factory) -> dict[str, str]:
     return {
         "chat": run(messages=(Message("user", QUESTION),)),
         "raw": run(prompt="The three primary colors are", raw=True),
+        "prompt": run(prompt="The three primary colors are"),  # one user turn, as /v1 does
     }
 
 
@@ -221,7 +222,7 @@ def test_openai_client(shim: Shim, reference):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     completion = client.completions.create(model="smollm2", prompt="The three primary colors are",
                                            temperature=0, max_tokens=N)  # fmt: skip
-    assert completion.choices[0].text == reference["raw"]
+    assert completion.choices[0].text == reference["prompt"]
     streamed = list(
         client.completions.create(
             model="smollm2",
@@ -231,7 +232,7 @@ def test_openai_client(shim: Shim, reference):
             stream=True,
         )
     )
-    assert "".join(c.choices[0].text for c in streamed) == reference["raw"]
+    assert "".join(c.choices[0].text for c in streamed) == reference["prompt"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=messages)
     with pytest.raises(openai.BadRequestError, match="tools"):

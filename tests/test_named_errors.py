@@ -24,6 +24,7 @@ import pytest
 from omninode_shim.errors import CoordinatorError
 from omninode_shim.http.run import as_api_error
 from omninode_shim.stage_host import ShardsUnavailable, StageHost, StageStorageFull
+from support.http_post import post_lines
 from support.shim_cluster import ShimCluster
 from support.tiny_model import write_tiny_llama
 from support.wheels import make_wheel
@@ -377,6 +378,12 @@ def test_shards_no_peer_supplies_intact_are_a_502_over_http(tmp_path):
         status, body = _post(cluster.api_url(0), "/api/generate", doc)
         assert status == 502, (status, body, cluster.log(0), cluster.log(1))
         assert "no peer could supply" in body["error"] and "intact" in body["error"], body
+        # streamed, the load's progress came first: the failure is the stream's last line
+        status, raw = post_lines(cluster.api_url(0), "/api/generate", doc | {"stream": True})
+        lines = [json.loads(line) for line in raw]
+        assert status == 200, lines
+        assert all("omninode_progress" in line for line in lines[:-1]) and len(lines) > 1
+        assert "no peer could supply" in lines[-1]["error"], lines
         log0, log1 = cluster.log(0), cluster.log(1)
         assert "Traceback" not in log0 + log1, log0 + log1
         assert len([x for x in log0.splitlines() if ": 502 " in x]) == 1, log0

@@ -14,8 +14,8 @@ import pytest
 from support.shim_cluster import ShimCluster
 
 from llm_omninode.backend.registry import ModelRegistry
-from llm_omninode.backend.runtime import LocalModel
 from llm_omninode.backend.sampling import SamplingOptions
+from llm_omninode.local_model import LocalModel
 from llm_omninode.request import GenerationRequest, Message
 
 pytestmark = [pytest.mark.large_model, pytest.mark.cluster]

@@ -17,6 +17,8 @@ as their body), the ``tojson`` filter with ``ensure_ascii=False``, ``raise_excep
 Without a template in the file the fallback is ChatML (what llama.cpp falls back to) when the
 vocabulary has ``<|im_start|>``/``<|im_end|>`` or no tokenizer is known, else a plain
 transcript (``"role: content"`` paragraphs, then ``"assistant:"``) that a base model can follow.
+
+``prompt_ids`` turns a request into the prompt's token ids: templated (unless raw), tokenized.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 import jinja2.ext
@@ -378,3 +380,45 @@ class ChatTemplate:
         finally:
             _LIMITS.reset(token)
         return "".join(parts)
+
+
+class Prompt(Protocol):
+    """What ``prompt_ids`` reads of a request (llm_omninode/request.py's GenerationRequest)."""
+
+    @property
+    def raw(self) -> bool: ...  # the prompt as it is, no template
+
+    @property
+    def prompt(self) -> str | None: ...
+
+    @property
+    def prompt_tokens(self) -> tuple[int, ...] | None: ...  # a prompt of token ids
+
+    @property
+    def context(self) -> tuple[int, ...]: ...  # ids an earlier answer returned (Ollama's)
+
+    def chat_messages(self) -> list[dict[str, str]]: ...
+
+
+def prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, request: Prompt) -> list[int]:
+    """Template (unless raw) and tokenize; special tokens in the template are parsed. A
+    prompt of token ids is taken as it is; ``context`` ids (an earlier answer's, Ollama's
+    /api/generate) go first, and the text after them gets no second BOS. ValueError for an
+    id outside the vocabulary."""
+    if request.prompt_tokens is not None:
+        ids = list(request.prompt_tokens)
+    else:
+        if request.raw:
+            text = request.prompt or ""
+        else:
+            text = template.render(request.chat_messages(), add_generation_prompt=True)
+        bos = tokenizer.bos_id
+        # a template that writes the BOS text itself must not get a second one
+        bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
+        add_special = not (bos_text and text.startswith(bos_text)) and not request.context
+        ids = tokenizer.encode(text, add_special=add_special, parse_special=True)
+    ids = [*request.context, *ids]
+    vocab = tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"a token id is outside the vocabulary [0, {vocab})")
+    return ids

@@ -12,7 +12,7 @@ Apple silicon; on Linux it runs on MLX's CPU device (ggml_stage.GgmlStage is the
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from .blocks import Block, Loader
 from .kv_cache import ContextOverflowError, KVCache, SequenceCaches, SequenceLimitError
 from .linear import Linear
+from .logprobs import rows_per_pass
 from .quant import TensorData, Weight
 from .spec import ModelSpec
 from .stage_base import SequenceStage, check_seq_id, result_or_error
@@ -40,6 +41,8 @@ class Stage(SequenceStage):
     same two forms), or on the last stage float32 logits (vocab,) of the last position (of
     every position with ``all_logits=True``: (T, vocab)).
     """
+
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(
         self,
@@ -125,7 +128,9 @@ class Stage(SequenceStage):
         c = self.spec.final_softcap
         return logits if c is None else mx.tanh(logits / c) * c
 
-    def _run(self, x: np.ndarray, cache: KVCache, all_logits: bool) -> mx.array:
+    def _run(
+        self, x: np.ndarray, cache: KVCache, all_logits: bool, pool: str | None = None
+    ) -> mx.array:
         s = self.spec.boundary_scale  # a power of two: scaling is exact
         h = self._embed(mx.array(x)) if self.is_first else mx.array(x).astype(self.dtype)
         h = h[None]
@@ -135,6 +140,9 @@ class Stage(SequenceStage):
             if self.hidden_dtype == np.float32:
                 return h[0].astype(mx.float32)
             return (h[0] * s).astype(mx.float16)
+        if pool is not None:  # the final-norm states a Pooler asked for, not logits
+            rows = h[0] if pool == "all" else h[0, :1] if pool == "first" else h[0, -1:]
+            return mx.fast.rms_norm(rows, self.output_norm, self.spec.rms_eps).astype(mx.float32)
         assert self.output is not None
         h = mx.fast.rms_norm(h[0] if all_logits else h[0, -1], self.output_norm, self.spec.rms_eps)
         return self._softcap(self.output(h).astype(mx.float32))
@@ -151,19 +159,40 @@ class Stage(SequenceStage):
         exception ``forward`` would have raised for it (the others still run)."""
         return [result_or_error(self.forward, seq_id, x) for seq_id, x in steps]
 
-    def forward(self, seq_id: str, x: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+    def forward(
+        self,
+        seq_id: str,
+        x: np.ndarray,
+        *,
+        all_logits: bool = False,
+        each: Callable[[np.ndarray], object] | None = None,
+    ) -> np.ndarray:
+        """``each`` (last stage): every position's logits are handed to it pass by pass
+        (rows bounded by logprobs.rows_per_pass) and only the last position's returned."""
         check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
+        scoring = each is not None and self.is_last
+        every = all_logits or scoring
+        step = rows_per_pass(self.spec.vocab_size, PREFILL_CHUNK) if scoring else PREFILL_CHUNK
         with self._lock:
             cache = self._reserve(seq_id, T)
             outs = []
-            for s in range(0, T, PREFILL_CHUNK):
-                chunk = x[s : s + PREFILL_CHUNK]
-                out = self._run(chunk, cache, all_logits)
+            for s in range(0, T, step):
+                chunk = x[s : s + step]
+                out = self._run(chunk, cache, every)
                 mx.eval(out, cache.state())
                 cache.commit(chunk.shape[0])
+                if each is not None and scoring:
+                    each(np.array(out))
+                    out = out[-1]
                 outs.append(out)
-        if self.is_last and not all_logits:
+        if self.is_last and (scoring or not all_logits):
             return np.array(outs[-1])
         return np.array(outs[0] if len(outs) == 1 else mx.concatenate(outs))
+
+    def _final_states(self, x: np.ndarray, cache: KVCache, rows: str) -> np.ndarray:
+        out = self._run(x, cache, False, rows)
+        mx.eval(out, cache.state())
+        cache.commit(x.shape[0])
+        return np.array(out)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .logprobs import Scores, TokenLogprob, token_logprobs
 from .sampling import Sampler, SamplingOptions
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -39,6 +40,12 @@ class Chunk:
     done_reason: str | None = None  # "stop" (end token or stop string) | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # with logprobs: each token picked since the last chunk, scored (its text may be in a
+    # later chunk, held back by the stop matcher); with echo, the first chunk has the
+    # prompt's (token i scored by the logits of position i - 1: the first has no logprob)
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    context: tuple[int, ...] = ()  # the done chunk: prompt and answer ids (Ollama's context)
 
 
 class TokenPicker:
@@ -128,19 +135,33 @@ class Generation:
         self.reason = "length"
         self.done = max_tokens == 0
         self._hit = False
+        self.answer: list[int] = []  # the ids accepted, end token excluded
+        self._scored: list[TokenLogprob] = []  # logprobs not yet handed out in a chunk
+        self._prompt_scored: tuple[TokenLogprob, ...] = ()
+        self._prompt_seen = False
+
+    def score_prompt(self, scores: Sequence[TokenLogprob]) -> None:
+        """The prompt's scores (echo), handed out with the next chunk; once (a replay after a
+        failure scores the prompt again)."""
+        if not self._prompt_seen:
+            self._prompt_scored, self._prompt_seen = tuple(scores), True
 
     @property
     def n_prompt(self) -> int:
         return len(self.prompt_ids)
 
-    def accept(self, token: int) -> list[Chunk]:
-        """Take the next picked id; the text chunks it releases. Sets ``done`` when it ends."""
+    def accept(self, token: int, score: TokenLogprob | None = None) -> list[Chunk]:
+        """Take the next picked id (and its logprobs, if asked for); the text chunks it
+        releases. Sets ``done`` when it ends."""
         if self.done:
             raise RuntimeError("the sequence has already ended")
         if token in self.tokenizer.eog_ids:
             self.reason, self.done = "stop", True
             return []
         self.generated += 1
+        self.answer.append(token)
+        if score is not None:
+            self._scored.append(score)
         text, self._hit = self.matcher.feed(self.decoder.add(token))
         if self._hit:
             self.reason, self.done = "stop", True
@@ -176,12 +197,25 @@ class Generation:
                 done_reason=self.reason,
                 prompt_tokens=self.n_prompt,
                 completion_tokens=self.generated,
+                logprobs=self._take_scored(),
+                prompt_logprobs=self._take_prompt_scored(),
+                context=(*self.prompt_ids, *self.answer),
             )
         )
         return out
 
+    def _take_scored(self) -> tuple[TokenLogprob, ...]:
+        scored, self._scored = tuple(self._scored), []
+        return scored
+
+    def _take_prompt_scored(self) -> tuple[TokenLogprob, ...]:
+        scored, self._prompt_scored = self._prompt_scored, ()
+        return scored
+
     def _chunk(self, text: str, ids: tuple[int, ...] = ()) -> Chunk:
-        return Chunk(text, ids, prompt_tokens=self.n_prompt, completion_tokens=self.generated)
+        return Chunk(text, ids, prompt_tokens=self.n_prompt, completion_tokens=self.generated,
+                     logprobs=self._take_scored(),
+                     prompt_logprobs=self._take_prompt_scored())  # fmt: skip
 
 
 def generate(
@@ -195,20 +229,37 @@ def generate(
     context_length: int | None = None,
     free: Callable[[str], None] | None = None,
     seq_id: str | None = None,
+    scored: Callable[[str], tuple[Scores | None, Scores | None]] | None = None,
+    echo: bool = False,
 ) -> Iterator[Chunk]:
-    """Stream chunks; the last one has ``done=True`` with the reason and token counts."""
+    """Stream chunks; the last one has ``done=True`` with the reason and token counts.
+
+    ``scored(seq_id)``, when logprobs are asked for, gives what the last call of
+    ``next_token`` scored: the prompt's positions (echo) and the picked token. With ``echo``
+    the prompt is run even when no token is wanted."""
     gen = Generation(
         tokenizer, prompt_ids, max_tokens=max_tokens, stop=stop, context_length=context_length
     )
     seq_id = seq_id or uuid.uuid4().hex
+
+    def take(token: int) -> TokenLogprob | None:
+        if scored is None:
+            return None
+        prompt, picked = scored(seq_id)
+        if prompt is not None:
+            gen.score_prompt([TokenLogprob(prompt_ids[0], None), *token_logprobs(prompt)])
+        return token_logprobs(picked)[0] if picked is not None else None
+
     try:
-        if not gen.done:
+        if not gen.done or echo:
             token = next_token(seq_id, np.asarray(prompt_ids, dtype=np.int32), options)
-            while True:
-                yield from gen.accept(token)
+            score = take(token)
+            while not gen.done:
+                yield from gen.accept(token, score)
                 if gen.done:
                     break
                 token = next_token(seq_id, np.asarray([token], dtype=np.int32), None)
+                score = take(token)
     finally:
         if free is not None:
             free(seq_id)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ggml
 import numpy as np
@@ -26,6 +26,7 @@ from .. import settings
 from .ggml_graph import F16, F32, I32, I64, Graph, GraphBuilder, Weights
 from .ggml_kv import GgmlKV, GgmlSequences, attended
 from .ggml_types import GGMLType
+from .logprobs import rows_per_pass
 from .memory import KEPT_GRAPHS, MAX_BATCH, PREFILL_CHUNK
 from .spec import ModelSpec, UnsupportedModelError
 from .stage_base import SequenceStage, check_seq_id, leaving
@@ -71,6 +72,8 @@ class GgmlStage(SequenceStage):
     4 or more sequences at once, or a prompt cut into other pieces, rounds differently.
     ``kv_bytes``: the KV caches of all sequences together stay within it (SequenceLimitError).
     """
+
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(
         self,
@@ -179,25 +182,27 @@ class GgmlStage(SequenceStage):
             return self._caches.nbytes
 
     # ---- graphs -----------------------------------------------------------------------
-    def _graph(self, slots: Sequence[Slot], all_logits: bool) -> Graph:
+    def _graph(self, slots: Sequence[Slot], all_logits: bool, pool: str | None = None) -> Graph:
         # without flash attention V is cached transposed: its strides follow the capacity
         shape = tuple((T, n_kv, 0 if self.flash_attn else c.capacity) for c, T, n_kv in slots)
-        key = (shape, all_logits)
+        key = (shape, all_logits, pool)
         g = self._graphs.get(key)
         if g is not None:
             self._graphs.move_to_end(key)
             g.bind([c for c, _, _ in slots])
             return g
-        g = self._build(slots, all_logits)
+        g = self._build(slots, all_logits, pool)
         if all(T == 1 for _, T, _ in slots):  # steps' graphs are worth keeping, prompts' not
             self._graphs[key] = g
             while len(self._graphs) > KEPT_GRAPHS:
                 self._graphs.popitem(last=False)[1].free()
         return g
 
-    def _build(self, slots: Sequence[Slot], all_logits: bool) -> Graph:
+    def _build(self, slots: Sequence[Slot], all_logits: bool, pool: str | None = None) -> Graph:
         """The graph of ``slots``: for each, T positions of a sequence attending over n_kv
-        cached ones (its cache); together they go through every projection at once."""
+        cached ones (its cache); together they go through every projection at once. With
+        ``pool`` (one slot, the last stage): the final-norm states of its rows "all", "first"
+        or "last" (what a Pooler needs), not logits."""
         s, d = self.spec, self.spec.d_model
         total = sum(T for _, T, _ in slots)
         n_nodes = (64 + 24 * len(slots)) * (self.end - self.start) + 64
@@ -236,6 +241,11 @@ class GgmlStage(SequenceStage):
             h = ggml.ggml_add(ctx, h, m)
         if not self.is_last:
             return b.finish(h, (total, d))
+        if pool is not None:
+            rows, first = (total, 0) if pool == "all" else (1, 0 if pool == "first" else total - 1)
+            nb1 = h.contents.nb[1]
+            h = ggml.ggml_view_2d(ctx, h, d, rows, nb1, first * nb1) if rows < total else h
+            return b.finish(self._norm(ctx, h, "output_norm.weight"), (rows, d))
         rows = total
         if len(slots) == 1 and total > 1 and not all_logits:  # a prompt: its last position
             nb1, rows = h.contents.nb[1], 1
@@ -334,14 +344,17 @@ class GgmlStage(SequenceStage):
         return ggml.ggml_mul(ctx, norm, self.weights.get(name))
 
     # ---- compute ----------------------------------------------------------------------
-    def _run(self, xs: Sequence[np.ndarray], caches: Sequence[GgmlKV], all_logits: bool) -> list:
+    def _run(
+        self, xs: Sequence[np.ndarray], caches: Sequence[GgmlKV], all_logits: bool,
+        pool: str | None = None,
+    ) -> list:  # fmt: skip
         """One graph run: positions ``xs[j]`` of the sequence of ``caches[j]``, for each j
         (reserved, committed by the caller); each one's output rows."""
         slots = [
             (cache, x.shape[0], attended(cache.offset + x.shape[0], self.max_context))
             for x, cache in zip(xs, caches, strict=True)
         ]
-        g = self._graph(slots, all_logits)
+        g = self._graph(slots, all_logits, pool)
         try:
             _set_inputs(g.inputs, xs, caches, self.spec.sliding_window)
             out = g.compute(self.backend)
@@ -354,20 +367,41 @@ class GgmlStage(SequenceStage):
             return [out]
         return [out[j : j + 1] for j in range(len(xs))]  # one position each
 
-    def forward(self, seq_id: str, x: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+    def forward(
+        self,
+        seq_id: str,
+        x: np.ndarray,
+        *,
+        all_logits: bool = False,
+        each: Callable[[np.ndarray], object] | None = None,
+    ) -> np.ndarray:
+        """``each`` (last stage): every position's logits are handed to it pass by pass
+        (rows bounded by logprobs.rows_per_pass) and only the last position's returned."""
         check_seq_id(seq_id)
         x = self._check_input(x)
         T = x.shape[0]
+        scoring = each is not None and self.is_last
+        every = all_logits or scoring
+        step = rows_per_pass(self.spec.vocab_size, PREFILL_CHUNK) if scoring else PREFILL_CHUNK
         with self._lock:
             cache = self._reserve(seq_id, T)
             outs = []
-            for s in range(0, T, PREFILL_CHUNK):
-                chunk = x[s : s + PREFILL_CHUNK]
-                outs += self._run([chunk], [cache], all_logits)
+            for s in range(0, T, step):
+                chunk = x[s : s + step]
+                out = self._run([chunk], [cache], every)
                 cache.commit(chunk.shape[0])
+                if each is not None and scoring:
+                    each(out[0])
+                    out = [out[0][-1:]]
+                outs += out
         if self.is_last:
-            return np.concatenate(outs) if all_logits else outs[-1][0]
+            return np.concatenate(outs) if all_logits and not scoring else outs[-1][-1]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _final_states(self, x: np.ndarray, cache: GgmlKV, rows: str) -> np.ndarray:
+        out = self._run([x], [cache], False, rows)[0]
+        cache.commit(x.shape[0])
+        return out
 
     @property
     def batches(self) -> bool:

@@ -15,7 +15,11 @@ from .gguf import open_gguf
 from .shards import Manifest, manifest_from_gguf
 from .store import ShardStore
 
-_ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# '/'-separated segments (``hf.co/USER/REPO:Q4_K_M``), each starting with a letter or digit: no
+# empty, "." or ".." segment, no leading '/'. Aliases are keys of a JSON table, never paths.
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._:-]*"
+_ALIAS_RE = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+MAX_ALIAS = 200
 
 
 class ModelNotFound(LookupError):
@@ -30,10 +34,10 @@ class ModelRecord:
 
 
 def check_alias(alias: str) -> str:
-    if not _ALIAS_RE.fullmatch(alias) or is_cid(alias):
+    if len(alias) > MAX_ALIAS or not _ALIAS_RE.fullmatch(alias) or is_cid(alias):
         raise ValueError(
-            f"invalid alias {alias!r}: 1-64 of letters, digits, '.', '_', ':', '-', "
-            "starting with a letter or digit"
+            f"invalid alias {alias!r}: 1-{MAX_ALIAS} of letters, digits, '.', '_', ':', '-', "
+            "'/', each '/'-separated part starting with a letter or digit"
         )
     return alias
 

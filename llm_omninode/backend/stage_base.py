@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .pooling import Pooler
 from .sequences import SequenceLimitError
 from .spec import ModelSpec
 
@@ -21,6 +22,8 @@ MAX_SEQ_ID_LEN = 256
 class SequenceStage:
     spec: ModelSpec
     is_first: bool
+    is_last: bool
+    prefill_chunk: int  # positions one run of a long prompt computes (bounds its buffers)
     _lock: threading.Lock
     _caches: Any
 
@@ -56,6 +59,26 @@ class SequenceStage:
         cache.reserve(n)
         self._caches.keep(seq_id, cache)
         return cache
+
+    # ---- embeddings ---------------------------------------------------------------------
+    def embed(self, seq_id: str, x: np.ndarray, pooler: Pooler) -> None:
+        """Run ``x`` (the sequence's next positions, as ``forward``) on the last stage and
+        hand their final-norm states to ``pooler`` a chunk at a time: what it keeps is the only
+        state held past a chunk."""
+        if not self.is_last:
+            raise ValueError("only the last stage pools an embedding")
+        check_seq_id(seq_id)
+        x = self._check_input(x)
+        with self._lock:
+            cache = self._reserve(seq_id, x.shape[0])
+            for s in range(0, x.shape[0], self.prefill_chunk):
+                chunk = x[s : s + self.prefill_chunk]
+                pooler.add(self._final_states(chunk, cache, pooler.rows()), chunk.shape[0])
+
+    def _final_states(self, x: np.ndarray, cache: Any, rows: str) -> np.ndarray:
+        """The engine's run of ``x`` (one chunk, committed to ``cache``): the final-norm
+        states of its rows "all", "first" or "last", float32 (rows, d_model)."""
+        raise NotImplementedError
 
     # ---- inputs -------------------------------------------------------------------------
     def _check_input(self, x: np.ndarray) -> np.ndarray:

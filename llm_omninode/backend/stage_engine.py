@@ -1,18 +1,23 @@
 """Which engine computes a stage. On Linux (any CPU): ggml's own kernels on the GGUF bytes as
 they are (ggml_stage.GgmlStage). Elsewhere (Apple silicon): MLX (engine.Stage).
 ``OMNI_ENGINE=mlx`` asks for MLX on Linux too (its CPU device: how the Apple path is tested
-here). Both take the same arguments and serve the same interface."""
+here). Both take the same arguments and serve the same interface; ``stage_tensors`` gathers what
+a stage loads from the shard store."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import settings
 from .spec import ModelSpec
 from .tensor_data import TensorData
+
+if TYPE_CHECKING:
+    from .shards import Manifest
+    from .store import ShardStore
 
 log = logging.getLogger("llm_omninode.engine")
 ENGINES = ("ggml", "mlx")
@@ -34,6 +39,20 @@ def engine_name() -> str:
         log.warning("OMNI_ENGINE=ggml is for Linux CPUs; using MLX here")
         return "mlx"
     return name
+
+
+def stage_tensors(
+    store: ShardStore, manifest: Manifest, start: int, end: int, model_id: str | None = None
+) -> dict[str, TensorData]:
+    """The tensors a stage for blocks [start, end) loads, as zero-copy views from the store."""
+    tensors: dict[str, TensorData] = {}
+    for shard in manifest.shards_for_stage(start, end):
+        views = store.tensor_views(shard, model_id)
+        for entry in shard.tensors:
+            tensors[entry.name] = TensorData(
+                entry.name, entry.ggml_type, entry.shape, views[entry.name]
+            )
+    return tensors
 
 
 def new_stage(

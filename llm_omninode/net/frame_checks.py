@@ -11,11 +11,14 @@ from .frame_types import (
     DTYPE_SIZES,
     MAX_ID,
     MAX_PAYLOAD,
+    MAX_SCORE_ROWS,
+    MAX_SCORE_TOP,
     MAX_SHARD_WINDOW,
     MAX_STEP,
     STEP_DTYPES,
     STEP_HEADER,
     STEP_MORE,
+    STEP_POOLED,
     TOKEN_DTYPES,
     FrameError,
     FrameType,
@@ -100,8 +103,9 @@ def _check_hidden(h: dict, payload_len: int) -> None:
 
 def _check_step(h: dict, payload_len: int) -> None:
     ftype = FrameType.STEP
-    if set(h) != {"step", "pos", "shape", "dtype", "more"}:
-        raise _fail(ftype, "header is exactly {step, pos, shape, dtype, more}")
+    keys = {"step", "pos", "shape", "dtype", "more"}
+    if set(h) != keys and set(h) != keys | {"pooled"}:
+        raise _fail(ftype, "header is exactly {step, pos, shape, dtype, more[, pooled]}")
     _int(ftype, h, "step", hi=MAX_STEP)
     _int(ftype, h, "pos", hi=MAX_STEP)
     if not isinstance(h["more"], bool):
@@ -113,12 +117,33 @@ def _check_step(h: dict, payload_len: int) -> None:
     if expected != payload_len:
         raise _fail(ftype, f"payload is {payload_len} bytes; shape {[tokens, hidden_dim]} of "
                     f"{dtype} needs exactly {expected}")  # fmt: skip
+    pooled = h.get("pooled", False)  # a tail's embedding: one float32 row, final
+    if pooled is not False and (
+        pooled is not True or h["more"] or tokens != 1 or dtype != "float32"
+    ):
+        raise _fail(ftype, "a pooled step is one float32 row, not marked more")
+
+
+def _check_scores(h: dict, payload_len: int) -> None:
+    ftype = FrameType.SCORES
+    if set(h) != {"step", "pos", "rows", "k", "pick"}:
+        raise _fail(ftype, "header is exactly {step, pos, rows, k, pick}")
+    _int(ftype, h, "step", hi=MAX_STEP)
+    _int(ftype, h, "pos", hi=MAX_STEP)
+    _int(ftype, h, "rows", lo=1, hi=MAX_SCORE_ROWS)
+    _int(ftype, h, "k", hi=MAX_SCORE_TOP)
+    if not isinstance(h["pick"], bool):
+        raise _fail(ftype, "'pick' must be true or false")
+    expected = h["rows"] * (h["k"] + 1) * 8  # int32 ids, then float32 logprobs
+    if expected != payload_len:
+        raise _fail(ftype, f"payload is {payload_len} bytes; {h['rows']} rows of top "
+                    f"{h['k']} need exactly {expected}")  # fmt: skip
 
 
 def step_bytes(h: dict) -> bytes:
     """The binary header of a checked STEP header dict."""
     tokens, hidden_dim = h["shape"]
-    flags = STEP_MORE if h["more"] else 0
+    flags = (STEP_MORE if h["more"] else 0) | (STEP_POOLED if h.get("pooled") else 0)
     code = STEP_DTYPES.index(h["dtype"])
     return STEP_HEADER.pack(h["step"], h["pos"], tokens, hidden_dim, code, flags, 0)
 
@@ -130,10 +155,13 @@ def parse_step_header(data: bytes | bytearray) -> dict[str, Any]:
     step, pos, tokens, hidden_dim, code, flags, reserved = STEP_HEADER.unpack(bytes(data))
     if code >= len(STEP_DTYPES):
         raise _fail(FrameType.STEP, f"unknown dtype code {code}")
-    if flags & ~STEP_MORE or reserved:
+    if flags & ~(STEP_MORE | STEP_POOLED) or reserved:
         raise _fail(FrameType.STEP, f"unknown flags {flags:#x} or reserved bits set")
-    return {"step": step, "pos": pos, "shape": [tokens, hidden_dim],
-            "dtype": STEP_DTYPES[code], "more": bool(flags & STEP_MORE)}  # fmt: skip
+    header = {"step": step, "pos": pos, "shape": [tokens, hidden_dim],
+              "dtype": STEP_DTYPES[code], "more": bool(flags & STEP_MORE)}  # fmt: skip
+    if flags & STEP_POOLED:  # only then: every other step's header stays as it was
+        header["pooled"] = True
+    return header
 
 
 def _seq_id(ftype: FrameType, h: dict) -> None:
@@ -184,6 +212,8 @@ def check_header(ftype: FrameType, h: dict, payload_len: int) -> None:
         _check_hidden(h, payload_len)
     elif ftype == FrameType.STEP:
         _check_step(h, payload_len)
+    elif ftype == FrameType.SCORES:
+        _check_scores(h, payload_len)
     elif ftype == FrameType.SHARD_READ:
         _int(ftype, h, "id")
         _str(ftype, h, "cid", pattern=_CID_RE)

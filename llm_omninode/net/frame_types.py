@@ -27,7 +27,10 @@ TOKEN_DTYPES = ("int32", "uint32")
 STEP_HEADER = struct.Struct(">IIIIBBH")  # step, position, rows, width, dtype, flags, reserved
 STEP_DTYPES = ("float32", "float16", "int32", "uint32")  # a STEP header's dtype codes
 STEP_MORE = 0x01
+STEP_POOLED = 0x02  # a tail's answer: one sequence's pooled embedding, float32 [1, width]
 MAX_STEP = 2**32 - 1
+MAX_SCORE_TOP = 20  # top logprobs a SCORES row carries besides its token's (OpenAI's bound)
+MAX_SCORE_ROWS = 4096  # positions one SCORES frame carries (a prompt's go in several)
 
 
 class FrameType(IntEnum):
@@ -44,6 +47,7 @@ class FrameType(IntEnum):
     SHARD_DATA = 11  # id, cid, offset; payload = the bytes read (may be short at EOF)
     ERROR = 12  # code, message, optional id
     STEP = 13  # a pipeline step: binary header (STEP_HEADER), payload tensor bytes
+    SCORES = 14  # a tail's scored positions: step, pos, rows, k, pick; payload ids + logprobs
 
 
 class ErrorCode:

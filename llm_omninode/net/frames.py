@@ -32,11 +32,20 @@ the sequence is the channel's, named once when it opened::
     8      4     rows T
     12     4     width hidden_dim (1: token ids)
     16     1     dtype (STEP_DTYPES: 0 float32, 1 float16, 2 int32, 3 uint32)
-    17     1     flags (STEP_MORE: a prompt piece nobody answers; every other bit zero)
+    17     1     flags (STEP_MORE: a prompt piece nobody answers; STEP_POOLED: a tail's
+                 answer that is a sequence's pooled embedding, one float32 row; every other
+                 bit zero)
     18     2     reserved, zero
 
-Decoded, the header is ``{"step", "pos", "shape": [T, hidden_dim], "dtype", "more"}`` and is
+Decoded, the header is ``{"step", "pos", "shape": [T, hidden_dim], "dtype", "more"}`` (and
+``"pooled": true`` when that flag is set) and is
 checked like a HIDDEN one (payload bytes exact) before the payload is allocated.
+
+A tail asked for logprobs answers with SCORES frames: a JSON header ``{"step", "pos", "rows",
+"k", "pick"}`` (rows 1..MAX_SCORE_ROWS, k 0..MAX_SCORE_TOP) and a payload of exactly rows x
+(k + 1) int32 ids (column 0 the scored token, then the top k) followed by as many float32
+logprobs, little-endian; ``scores_of`` also refuses negative ids and logprobs that are not
+finite and <= 0.
 
 Here: encoding, decoding (one frame, or incrementally from a stream) and the constructors;
 the constants and types are in frame_types.py, each type's header checks in frame_checks.py.
@@ -68,11 +77,14 @@ from .frame_types import (  # noqa: F401
     MAX_HEADER,
     MAX_ID,
     MAX_PAYLOAD,
+    MAX_SCORE_ROWS,
+    MAX_SCORE_TOP,
     MAX_SHARD_WINDOW,
     MAX_STEP,
     STEP_DTYPES,
     STEP_HEADER,
     STEP_MORE,
+    STEP_POOLED,
     TOKEN_DTYPES,
     VERSION,
     ErrorCode,
@@ -388,6 +400,35 @@ def token_step(step: int, pos: int, token_ids: Sequence[int], more: bool = False
     return step_frame(step, pos, payload, [len(token_ids), 1], "int32", more)
 
 
+def scores_frame(step: int, pos: int, ids: Any, logprobs: Any, pick: bool) -> Frame:
+    """A tail's scored positions (SCORES): ``ids`` int32 and ``logprobs`` float32, both
+    ``[rows, 1 + k]`` (column 0 the scored token, then the top k); ``pick``: the last row's
+    token is the step's answer."""
+    rows, width = ids.shape
+    header = {"step": step, "pos": pos, "rows": int(rows), "k": int(width) - 1, "pick": pick}
+    payload = ids.astype("<i4").tobytes() + logprobs.astype("<f4").tobytes()
+    return Frame(FrameType.SCORES, header, payload)
+
+
+def scores_of(frame: Frame) -> tuple[Any, Any]:
+    """(ids, logprobs) of a SCORES frame, each ``[rows, 1 + k]``; FrameError unless every id
+    is >= 0 and every logprob finite and <= 0."""
+    import numpy as np  # only the pipeline's ends read scores
+
+    h = frame.header
+    if frame.type != FrameType.SCORES:
+        raise FrameError(f"{frame.type.name} frame holds no scores")
+    shape = (h["rows"], h["k"] + 1)
+    n = shape[0] * shape[1]
+    if len(frame.payload) != 8 * n:
+        raise FrameError("SCORES: payload size does not match rows and k")
+    ids = np.frombuffer(frame.payload, dtype="<i4", count=n).reshape(shape)
+    logprobs = np.frombuffer(frame.payload, dtype="<f4", count=n, offset=4 * n).reshape(shape)
+    if ids.min() < 0 or not np.isfinite(logprobs).all() or logprobs.max() > 0:
+        raise FrameError("SCORES: a negative id, or a logprob that is not finite and <= 0")
+    return ids, logprobs
+
+
 def token_ids(frame: Frame) -> list[int]:
     """The token ids of a HIDDEN or STEP frame with hidden_dim 1; FrameError for activations."""
     if frame.type not in (FrameType.HIDDEN, FrameType.STEP):
@@ -399,3 +440,20 @@ def token_ids(frame: Frame) -> list[int]:
     if len(frame.payload) != 4 * tokens:
         raise FrameError("payload size does not match the shape")
     return list(struct.unpack(f"<{tokens}{code}", frame.payload))
+
+
+def pooled_step(step: int, pos: int, vector: bytes, width: int) -> Frame:
+    """A sequence's pooled embedding as its tail's answer: ``width`` little-endian float32
+    values (one row), flagged pooled."""
+    header = {"step": step, "pos": pos, "shape": [1, width], "dtype": "float32",
+              "more": False, "pooled": True}  # fmt: skip
+    return Frame(FrameType.STEP, header, bytes(vector))
+
+
+def pooled_bytes(frame: Frame, width: int) -> bytes:
+    """The float32 bytes of a pooled STEP frame; FrameError unless it holds ``width`` values."""
+    if frame.type != FrameType.STEP or frame.header.get("pooled") is not True:
+        raise FrameError(f"expected a pooled step, got a {frame.type.name} frame")
+    if frame.header["shape"] != [1, width] or len(frame.payload) != 4 * width:
+        raise FrameError(f"a pooled step must hold {width} float32 values")
+    return frame.payload

@@ -2,13 +2,14 @@
 
 Generation goes through the coordinator like any other request, so a shim that holds no layer
 of a model serves it through the ring. Durations are nanoseconds; streams are NDJSON, and a
-failure after the stream started is its last line, ``{"error": "..."}``.
+failure after the stream started is its last line, ``{"error": "..."}``. While the model loads
+first, a stream's lines have no text and an ``omninode_progress`` field (the load's progress).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -16,10 +17,14 @@ from aiohttp import web
 from llm_omninode import __version__
 from llm_omninode.backend import describe
 from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.logprobs import TokenLogprob
+from llm_omninode.backend.pooling import has_pooling
 from llm_omninode.backend.registry import ModelNotFound, check_alias
 
+from ..load_progress import LoadProgress
 from . import listing
-from .bodies import iso, now_iso, read_json, start_stream, write_ndjson
+from . import logprobs as LP
+from .bodies import iso, now_iso, read_json, write_ndjson
 from .parse import (
     ApiCall,
     ApiError,
@@ -28,12 +33,15 @@ from .parse import (
     parse_ollama_chat,
     parse_ollama_generate,
 )
-from .run import Run, as_api_error, raise_as_api_error, resolve_for_api, start_run
+from .pull import pull
+from .run import EarlyStream, Run, raise_as_api_error, resolve_for_api, start_run
 from .service import SERVICE_KEY, ModelRunner
 
+# a streamed line while the model loads first: no text, done false, and this field (the
+# load's progress: shim/load_progress.py), which Ollama's clients ignore
+PROGRESS_FIELD = "omninode_progress"
 # the Ollama API level these routes follow; clients compare it against their minimums
 OLLAMA_API_VERSION = "0.12.0"
-FOREVER = "2318-11-30T00:00:00Z"  # how Ollama shows a model kept loaded forever
 
 
 def add_routes(app: web.Application) -> None:
@@ -83,86 +91,14 @@ async def show(request: web.Request) -> web.Response:
         "template": template,
         "details": describe.details(manifest),
         "model_info": listing.model_info(manifest, verbose),
-        "capabilities": ["completion"],
+        # as Ollama: a GGUF that says how to pool is an embedding model, others complete
+        "capabilities": ["embedding"] if has_pooling(manifest.metadata) else ["completion"],
         "modified_at": iso(listing.modified_time(service, manifest.model_id)),
     })  # fmt: skip
 
 
 async def ps(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    rows = []
-    for model, state, expires in service.runner.loaded():
-        alias = service.runner.alias_of(model.manifest.model_id)
-        name = listing.display_name(alias) if alias else model.manifest.model_id
-        rows.append({
-            "name": name,
-            "model": name,
-            "size": sum(s.weight_bytes for s in state.plan.stages),
-            "digest": model.manifest.model_id,
-            "details": describe.details(model.manifest),
-            "expires_at": FOREVER if expires is None else iso(expires),
-            "size_vram": 0,  # CPU stages here; Apple GPU memory is unified, not VRAM
-            "context_length": service.max_context or model.spec.context_length,
-            "stages": [{"node_id": s.node_id, "start": s.start, "end": s.end}
-                       for s in state.plan.stages],
-        })  # fmt: skip
-    return web.json_response({"models": rows})
-
-
-async def pull(request: web.Request) -> web.StreamResponse:
-    from llm_omninode.backend.library import pull_model
-    from llm_omninode.backend.sources import PullError, find_source
-
-    body = await read_json(request)
-    service = request.app[SERVICE_KEY]
-    name = get_model(body, legacy_name=True)
-    stream = get_bool(body, "stream", True)
-    try:
-        source = find_source(name)
-    except PullError as exc:
-        raise ApiError(404, str(exc)) from exc
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    digest = f"sha256:{source.sha256}"
-    last = [-1]
-
-    def progress(done: int, total: int) -> None:  # on pull's thread
-        percent = done * 100 // max(total, 1)
-        if percent != last[0] or done == total:  # about a hundred lines, not thousands
-            last[0] = percent
-            doc = {"status": f"pulling {source.filename}", "digest": digest, "total": total,
-                   "completed": done}  # fmt: skip
-            loop.call_soon_threadsafe(events.put_nowait, doc)
-
-    def work():
-        return pull_model(service.registry, source, progress=progress, quiet=True)
-
-    events.put_nowait({"status": "pulling manifest"})
-    job = asyncio.ensure_future(asyncio.to_thread(work))
-    if not stream:
-        try:
-            await job
-        except Exception as exc:
-            err = as_api_error(exc)  # a full disk is 507
-            raise ApiError(err.status if err else 500, f"pull {name}: {exc}") from exc
-        return web.json_response({"status": "success"})
-    response = await start_stream(request, "application/x-ndjson")
-    while not (job.done() and events.empty()):
-        getter = asyncio.ensure_future(events.get())
-        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            await write_ndjson(response, getter.result())
-        else:
-            getter.cancel()
-    try:
-        job.result()
-    except Exception as exc:
-        await write_ndjson(response, {"error": f"pull {name}: {exc}"})
-    else:
-        for status in ("verifying sha256 digest", "writing manifest", "success"):
-            await write_ndjson(response, {"status": status})
-    await response.write_eof()
-    return response
+    return web.json_response({"models": await listing.running_models(request.app[SERVICE_KEY])})
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -218,8 +154,8 @@ def _body(name: str, text: str, chat: bool) -> dict[str, Any]:
     return doc
 
 
-def _final(run: Run, last: Chunk, text: str, chat: bool) -> dict[str, Any]:
-    return {
+def _final(run: Run, last: Chunk, text: str, call: ApiCall, chat: bool) -> dict[str, Any]:
+    doc = {
         **_body(run.name, text, chat),
         "done": True,
         "done_reason": last.done_reason or "stop",
@@ -227,24 +163,51 @@ def _final(run: Run, last: Chunk, text: str, chat: bool) -> dict[str, Any]:
         "prompt_eval_count": last.prompt_tokens,
         "eval_count": last.completion_tokens,
     }
+    assert call.request is not None
+    if not chat and not call.request.raw:  # as Ollama: the ids to continue from, unless raw
+        doc["context"] = list(last.context)
+    return doc
+
+
+def _scored(run: Run, call: ApiCall, scored: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """Ollama's ``logprobs`` (>= 0.12) of these tokens, when they were asked for."""
+    if call.request is None or not call.request.logprobs or run.model is None:
+        return {}
+    return {"logprobs": LP.entries(run.model.tokenizer, scored)}
 
 
 async def _serve(request: web.Request, call: ApiCall, chat: bool) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     if call.request is None:
         return await _load_or_unload(service.runner, call, chat)
-    run = await start_run(service.runner, call, service.requests)
+    early = None
+    if call.stream:
+
+        async def show(response: web.StreamResponse, report: LoadProgress) -> None:
+            line = {**_body(call.model, "", chat), "done": False, PROGRESS_FIELD: report.row()}
+            await write_ndjson(response, line)
+
+        async def show_error(response: web.StreamResponse, message: str) -> None:
+            await write_ndjson(response, {"error": message})
+
+        early = EarlyStream(request, "application/x-ndjson", show, show_error)
+    run = await start_run(service.runner, call, service.requests, early)
+    if not isinstance(run, Run):  # the load failed after its progress was streamed
+        return run
     async with contextlib.aclosing(run):  # whatever happens to the client, the run ends
-        if not call.stream:
+        if early is None:
             text, last = await run.collect()
-            return web.json_response(_final(run, last, text, chat))
-        response = await start_stream(request, "application/x-ndjson")
+            final = _final(run, last, text, call, chat)
+            return web.json_response({**final, **_scored(run, call, run.scored)})
+        response = await early.started()
 
         async def emit(chunk: Chunk) -> None:
+            scored = _scored(run, call, chunk.logprobs)
             if chunk.done:
-                await write_ndjson(response, _final(run, chunk, "", chat))
-            elif chunk.text:
-                await write_ndjson(response, {**_body(run.name, chunk.text, chat), "done": False})
+                await write_ndjson(response, {**_final(run, chunk, "", call, chat), **scored})
+            elif chunk.text or scored:
+                body = _body(run.name, chunk.text, chat)
+                await write_ndjson(response, {**body, "done": False, **scored})
 
         async def fail(message: str) -> None:
             await write_ndjson(response, {"error": message})

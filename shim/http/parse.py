@@ -20,6 +20,8 @@ from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.sampling import SamplingError, SamplingOptions
 from llm_omninode.request import GenerationRequest, Message, RequestError
 
+from . import logprobs as LP
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -42,6 +44,14 @@ class ApiCall:
 
 def bad(message: str) -> ApiError:
     return ApiError(400, message)
+
+
+def _fields(parse: Callable[[Any], Any], value: Any) -> Any:
+    """``parse(value)`` (a shim/http/logprobs.py reader), its ValueError as a 400."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise bad(str(exc)) from exc
 
 
 # ---- small typed getters ---------------------------------------------------------------------
@@ -266,7 +276,6 @@ def _ollama_call(body: dict[str, Any], build: Callable[[OllamaOptions], Generati
     constraint = parse_format(body.get("format"))
     refuse_if_set(body, ("tools",), " (tool calling)")
     refuse_if_set(body, ("think",), " (this model does not think)")
-    refuse_if_set(body, ("logprobs", "top_logprobs"))
     request = build(parse_ollama_options(body.get("options")))
     if request is not None and constraint is not None:
         request = replace(request, constraint=constraint)
@@ -277,9 +286,11 @@ def parse_ollama_generate(body: dict[str, Any]) -> ApiCall:
     refuse_if_set(body, ("images",), " (this model reads text only)")
     refuse_if_set(body, ("suffix",), " (fill-in-the-middle)")
     refuse_if_set(body, ("template",), " (the model's own chat template is used)")
-    refuse_if_set(body, ("context",), " (send the conversation to /api/chat instead)")
     prompt, system = get_text(body, "prompt"), get_text(body, "system")
     raw = get_bool(body, "raw", False)
+    scores, context = _fields(LP.chat_logprobs, body), _fields(LP.context_ids, body.get("context"))
+    if context and raw:
+        raise bad("context continues a templated prompt: not with raw")
 
     def build(o: OllamaOptions) -> GenerationRequest | None:
         if not prompt:  # no prompt: Ollama's load (or, with keep_alive 0, unload) call
@@ -287,6 +298,7 @@ def parse_ollama_generate(body: dict[str, Any]) -> ApiCall:
         return _request(
             model=get_model(body), prompt=prompt, system=system or None, raw=raw,
             options=o.sampling, max_tokens=o.max_tokens, stop=o.stop, num_ctx=o.num_ctx,
+            context=context, **scores,
         )  # fmt: skip
 
     return _ollama_call(body, build)
@@ -338,13 +350,14 @@ def _text_parts(parts: list, where: str) -> str:
 
 def parse_ollama_chat(body: dict[str, Any]) -> ApiCall:
     messages = parse_messages(body.get("messages") or [])
+    scores = _fields(LP.chat_logprobs, body)
 
     def build(o: OllamaOptions) -> GenerationRequest | None:
         if not messages:  # no messages: Ollama's load (or unload) call
             return None
         return _request(
             model=get_model(body), messages=messages, options=o.sampling,
-            max_tokens=o.max_tokens, stop=o.stop, num_ctx=o.num_ctx,
+            max_tokens=o.max_tokens, stop=o.stop, num_ctx=o.num_ctx, **scores,
         )  # fmt: skip
 
     return _ollama_call(body, build)
@@ -353,7 +366,7 @@ def parse_ollama_chat(body: dict[str, Any]) -> ApiCall:
 # ---- OpenAI bodies ---------------------------------------------------------------------------
 def _openai_sampling(body: dict[str, Any]) -> tuple[SamplingOptions, int | None, tuple[str, ...]]:
     refuse_if_set(body, ("tools", "functions", "tool_choice"), " (tool calling)")
-    refuse_if_set(body, ("logprobs", "top_logprobs", "logit_bias"))
+    refuse_if_set(body, ("logit_bias",))
     refuse_if_set(body, ("presence_penalty", "frequency_penalty"))
     n = body.get("n")
     if n is not None and n != 1:
@@ -389,24 +402,30 @@ def parse_openai_chat(body: dict[str, Any]) -> ApiCall:
     sampling, max_tokens, stop = _openai_sampling(body)
     constraint = parse_response_format(body.get("response_format"))
     request = _request(model=model, messages=messages, options=sampling, max_tokens=max_tokens,
-                       stop=stop, constraint=constraint)  # fmt: skip
+                       stop=stop, constraint=constraint,
+                       **_fields(LP.chat_logprobs, body))  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
 
 
 def parse_openai_completion(body: dict[str, Any]) -> ApiCall:
     model = get_model(body)
     prompt = body.get("prompt")
-    if type(prompt) is list and len(prompt) == 1:
+    tokens = _fields(LP.prompt_tokens, prompt)  # token ids: fed as they are
+    if tokens is None and type(prompt) is list and len(prompt) == 1:
         prompt = prompt[0]
-    if type(prompt) is not str:
-        raise bad("prompt must be a string (one prompt per request)")
+    if tokens is None and type(prompt) is not str:
+        raise bad("prompt must be a string or token ids (one prompt per request)")
     refuse_if_set(body, ("suffix",), " (fill-in-the-middle)")
-    refuse_if_set(body, ("echo",))
     if body.get("best_of") not in (None, 1):
         raise bad("best_of must be 1")
-    # no max_tokens: until the end token, as Ollama's /v1 does (OpenAI itself stops at 16)
+    # no max_tokens: until the end token, as Ollama's /v1 does (OpenAI itself stops at 16);
+    # a text prompt is one user turn in the chat template, as Ollama's /v1 sends it to
+    # /api/generate (not raw)
     sampling, max_tokens, stop = _openai_sampling(body)
-    request = _request(model=model, prompt=prompt, raw=True, options=sampling,
-                       max_tokens=max_tokens, stop=stop,
-                       constraint=parse_response_format(body.get("response_format")))  # fmt: skip
+    request = _request(
+        model=model, prompt=None if tokens else prompt, prompt_tokens=tokens, raw=bool(tokens),
+        options=sampling, max_tokens=max_tokens, stop=stop,
+        constraint=parse_response_format(body.get("response_format")),
+        **_fields(LP.completion_logprobs, body),
+    )  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))

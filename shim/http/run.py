@@ -2,7 +2,10 @@
 
 The first chunk is awaited before any response is started, so a request that fails early (an
 unknown model, a prompt longer than the context, no node able to hold the model) gets a real
-HTTP status; a failure after that can only be reported inside the stream.
+HTTP status; a failure after that can only be reported inside the stream. A streamed request
+whose model has to be loaded first (planned, shards fetched, stages loaded) is the exception:
+its response starts with the load's first progress report (``EarlyStream``), and a load that
+fails after that is told inside the stream too.
 """
 
 from __future__ import annotations
@@ -14,16 +17,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
+from aiohttp import web
+
 from llm_omninode.backend.chat_template import ChatTemplateError
 from llm_omninode.backend.generate import Chunk
+from llm_omninode.backend.logprobs import TokenLogprob
 from llm_omninode.backend.registry import ModelNotFound
 from llm_omninode.backend.store import is_disk_full
 from llm_omninode.net.transfer import TransferError
 from llm_omninode.request import RequestError
 
 from ..errors import Busy, CoordinatorError, ModelUnknown
+from ..load_progress import LoadProgress
 from ..request_log import RequestLog
 from ..stage_host import ShardsUnavailable, StageError, StageStorageFull
+from .bodies import start_stream
 from .parse import ApiCall, ApiError
 from .service import Model, ModelRunner
 
@@ -94,12 +102,22 @@ class Run:
     rest: AsyncIterator[Chunk]
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    model: Model | None = None  # its tokenizer writes logprobs' tokens
+    # with logprobs: every generated token's so far, and the prompt's (echo)
+    scored: list[TokenLogprob] = field(default_factory=list)
+    prompt_scored: list[TokenLogprob] = field(default_factory=list)
 
     async def chunks(self) -> AsyncIterator[Chunk]:
+        self._note(self.first)
         yield self.first
         if not self.first.done:
             async for chunk in self.rest:
+                self._note(chunk)
                 yield chunk
+
+    def _note(self, chunk: Chunk) -> None:
+        self.scored += chunk.logprobs
+        self.prompt_scored += chunk.prompt_logprobs
 
     async def aclose(self) -> None:
         """Stop the generation (its slot, its sequence on every stage); again is a no-op."""
@@ -157,20 +175,66 @@ class Run:
         }
 
 
-async def start_run(runner: ModelRunner, call: ApiCall, requests: RequestLog | None = None) -> Run:
+class EarlyStream:
+    """A streamed response that starts before its first chunk if the model has to be loaded:
+    ``progress`` starts it and writes each report of the load (``show``: the adapter's form),
+    ``fail`` tells a failure after that inside it (``show_error``)."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        content_type: str,
+        show: Callable[[web.StreamResponse, LoadProgress], Awaitable[None]],
+        show_error: Callable[[web.StreamResponse, str], Awaitable[None]],
+    ) -> None:
+        self.request, self.content_type = request, content_type
+        self.show, self.show_error = show, show_error
+        self.response: web.StreamResponse | None = None
+
+    async def started(self) -> web.StreamResponse:
+        if self.response is None:
+            self.response = await start_stream(self.request, self.content_type)
+        return self.response
+
+    async def progress(self, report: LoadProgress) -> None:
+        await self.show(await self.started(), report)
+
+    async def fail(self, exc: Exception) -> web.StreamResponse:
+        response = await self.started()
+        err = as_api_error(exc)
+        if err is None:
+            log.error("generation failed", exc_info=exc)
+        with contextlib.suppress(ConnectionResetError):
+            await self.show_error(
+                response, err.message if err else "internal error (see the shim's log)"
+            )
+            await response.write_eof()
+        return response
+
+
+async def start_run(
+    runner: ModelRunner,
+    call: ApiCall,
+    requests: RequestLog | None = None,
+    early: EarlyStream | None = None,
+) -> Run | web.StreamResponse:
     """Start ``call`` and wait for its first chunk; ApiError if it fails before that. The
-    generation is counted in ``requests`` (the cluster page's list) when given."""
+    generation is counted in ``requests`` (the cluster page's list) when given. With
+    ``early``, the model's load (if it has to be loaded) is reported in a response started
+    meanwhile; a failure after that ends it, and is what this returns."""
     assert call.request is not None
     started = time.perf_counter()
-    resolved, _ = await resolve_for_api(runner, call.model)
+    resolved, model = await resolve_for_api(runner, call.model)
     timings: dict[str, float] = {}
-    gen = runner.generate(replace(call.request, model=resolved), timings,
-                                    call.keep_alive)  # fmt: skip
+    gen = runner.generate(replace(call.request, model=resolved), timings, call.keep_alive,
+                          early.progress if early is not None else None)  # fmt: skip
     if requests is not None:
         gen = requests.watch(resolved, "http", gen, timings)
     try:
         first = await gen.__anext__()
     except Exception as exc:
         await gen.aclose()
+        if early is not None and early.response is not None:
+            return await early.fail(exc)
         raise_as_api_error(exc)
-    return Run(call.model, first, gen, timings, started)
+    return Run(call.model, first, gen, timings, started, model)

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import dashboard, observe, ollama, openai
+from . import dashboard, embed, observe, ollama, openai
 from .bodies import MAX_BODY
 from .cors import cors
 from .parse import ApiError
@@ -105,6 +105,7 @@ def build_app(service: ApiService, config: ApiConfig) -> web.Application:
     openai.add_routes(app)
     observe.add_routes(app)
     dashboard.add_routes(app)
+    embed.add_routes(app)
     return app
 
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 from aiohttp import web
 
 from llm_omninode.backend.chat_template import ChatTemplate
@@ -21,6 +22,7 @@ from llm_omninode.backend.spec import ModelSpec
 from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.request import GenerationRequest
 
+from ..load_progress import LoadProgress
 from ..planner import Plan
 from ..request_log import RequestLog
 
@@ -40,8 +42,21 @@ class Placement(Protocol):
     plan: Plan
 
 
+class HeldStage(Protocol):
+    """A stage this node holds (shim/stage_host.py's ``HostedStage`` is one): /api/ps lists
+    its model on every node that holds one, coordinator or not."""
+
+    model_id: str
+    start: int
+    end: int
+    last_used: float  # time.monotonic() of its last step
+
+    @property
+    def weight_bytes(self) -> int: ...
+
+
 class ModelRunner(Protocol):
-    """Runs models across the cluster (shim/coordinator.py's ``Coordinator`` is one)."""
+    """Runs models across the cluster (shim/node.py's ``ApiRunner`` is one)."""
 
     async def resolve(self, name: str) -> Model:
         """The model an alias or model id names, here or on a peer; ModelUnknown if none."""
@@ -52,8 +67,10 @@ class ModelRunner(Protocol):
         request: GenerationRequest,
         timings: dict[str, float] | None = None,
         keep_alive: float | None = None,
+        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        """The request's chunks; ``timings`` receives load_s, prefill_s and decode_s."""
+        """The request's chunks; ``timings`` receives load_s, prefill_s and decode_s;
+        ``progress`` hears the model's load, if it has to be loaded first."""
         ...
 
     async def load(self, name: str, keep_alive: float | None = None) -> Model: ...
@@ -71,6 +88,33 @@ class ModelRunner(Protocol):
     def alias_of(self, model_id: str) -> str | None: ...
 
 
+class Embeddings(Protocol):
+    """A request's pooled vectors (shim/embedding.py's ``Embedded`` is one)."""
+
+    @property
+    def vectors(self) -> list[np.ndarray]: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def load_s(self) -> float: ...
+
+
+class EmbeddingRunner(Protocol):
+    """Embeds inputs over a model's plan (shim/embedding.py's ``Embedder`` is one)."""
+
+    async def embed(
+        self,
+        name: str,
+        inputs: Sequence[str | Sequence[int]],
+        *,
+        truncate: bool = True,
+        keep_alive: float | None = None,
+        num_ctx: int | None = None,
+    ) -> Embeddings: ...
+
+
 @dataclass(frozen=True)
 class ApiService:
     """The node's side of the HTTP API: the coordinator, this node's models, its peers' names."""
@@ -82,6 +126,8 @@ class ApiService:
     metrics: Callable[[], tuple[bytes, str]] | None = None  # /metrics: text, content type
     snapshot: Callable[[], dict[str, Any]] | None = None  # /ui/events: the cluster page's data
     requests: RequestLog | None = None  # generations seen here (their tokens/s, outcomes)
+    held: Callable[[], Sequence[HeldStage]] = tuple  # the stages this node holds now
+    embedder: EmbeddingRunner | None = None  # /api/embed, /v1/embeddings
 
 
 SERVICE_KEY: web.AppKey[ApiService] = web.AppKey("service", ApiService)  # handlers find it here

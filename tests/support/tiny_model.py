@@ -119,6 +119,7 @@ def write_tiny_llama(
     head_dim: int | None = None,
     sliding_window: int = 4,
     type_of: Callable[[str], GGMLType | None] | None = None,
+    pooling_type: int | None = None,
 ) -> Path:
     """Write a tiny GGUF of ``arch`` (llama, qwen2 or gemma3) to ``path`` and return it.
 
@@ -166,6 +167,8 @@ def write_tiny_llama(
         metadata["gemma3.attention.sliding_window"] = GGUFValue(sliding_window, u32)
     if chat_template is not None:
         metadata["tokenizer.chat_template"] = chat_template
+    if pooling_type is not None:  # an embedding model's (llama.cpp's codes: 1 mean, 2 cls...)
+        metadata[f"{arch}.pooling_type"] = GGUFValue(pooling_type, u32)
 
     def weight(name: str, rows: int, cols: int, ggml_type: GGMLType, scale: float = 0.08):
         ggml_type = (type_of(name) if type_of else None) or ggml_type
@@ -212,3 +215,39 @@ def write_tiny_llama(
         tensors.append(weight("output.weight", vocab, d_model, weight_type))
     write_gguf(path, metadata, tensors)
     return path
+
+
+def split_gguf(path: Path, parts: int, *, no_tensor_first_split: bool = False) -> list[Path]:
+    """``path`` cut as llama.cpp's ``gguf-split`` cuts a model: ``STEM-0000N-of-0000M.gguf``
+    beside it, each a GGUF with some of the tensors in order; the first also holds all the
+    metadata (and with ``no_tensor_first_split``, as gguf-split's flag, only that), and each
+    ``split.no`` (0-based), ``split.count`` and ``split.tensors.count``."""
+    from llm_omninode.backend.gguf import open_gguf
+
+    stem = path.name.removesuffix(".gguf")
+    out = []
+    with open_gguf(path) as gguf:
+        names = list(gguf.tensors)
+        holding = parts - no_tensor_first_split  # parts that hold tensors
+        per = -(-len(names) // holding)
+        for i in range(parts):
+            split = {
+                "split.no": GGUFValue(i, GGUFValueType.UINT16),
+                "split.count": GGUFValue(parts, GGUFValueType.UINT16),
+                "split.tensors.count": GGUFValue(len(names), GGUFValueType.INT32),
+            }
+            metadata = (
+                {k: GGUFValue(v, *gguf.metadata_types[k]) for k, v in gguf.metadata.items()}
+                if i == 0
+                else {}
+            )
+            k = i - no_tensor_first_split  # this part's place among those holding tensors
+            tensors = [
+                (n, gguf.tensors[n].ggml_type, gguf.tensors[n].shape, gguf.tensor_data(n))
+                for n in (names[k * per : (k + 1) * per] if k >= 0 else [])
+            ]
+            part = path.with_name(f"{stem}-{i + 1:05d}-of-{parts:05d}.gguf")
+            write_gguf(part, {**metadata, **split}, tensors, alignment=gguf.alignment)
+            out.append(part)
+            del tensors
+    return out

@@ -1,7 +1,7 @@
-"""A model loaded on this machine: tokenizer, chat template and in-process stages.
+"""A model run whole in this process: tokenizer, chat template and its stages chained here.
 
-This is the single-node path (the llm plugin uses it until a shim takes over, and the shim uses
-it for the stages it hosts). Stages are chained in-process here; the shim chains them over QUIC.
+The shim chains the same stages over QUIC; this is the in-process reference its answers are
+checked against (tests), a split or not (``splits``).
 """
 
 from __future__ import annotations
@@ -14,55 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from ..request import GenerationRequest
-from .chat_template import ChatTemplate
-from .constraint import Constraint, Guide, TokenTable
-from .generate import Chunk, TokenPicker, generate
-from .registry import ModelRecord, ModelRegistry
-from .sampling import SamplingOptions
-from .shards import Manifest
-from .spec import ModelSpec
-from .stage_engine import new_stage
-from .store import ShardStore
-from .tensor_data import TensorData
-from .tokenizer import Tokenizer
-
-
-def stage_tensors(
-    store: ShardStore, manifest: Manifest, start: int, end: int, model_id: str | None = None
-) -> dict[str, TensorData]:
-    """The tensors a stage for blocks [start, end) loads, as zero-copy views from the store."""
-    tensors: dict[str, TensorData] = {}
-    for shard in manifest.shards_for_stage(start, end):
-        views = store.tensor_views(shard, model_id)
-        for entry in shard.tensors:
-            tensors[entry.name] = TensorData(
-                entry.name, entry.ggml_type, entry.shape, views[entry.name]
-            )
-    return tensors
-
-
-def even_split(n_blocks: int, n_stages: int) -> list[tuple[int, int]]:
-    """Contiguous block ranges of nearly equal size (the shim's planner weighs by memory)."""
-    if not 1 <= n_stages <= n_blocks:
-        raise ValueError(f"cannot split {n_blocks} blocks into {n_stages} stages")
-    bounds = [round(i * n_blocks / n_stages) for i in range(n_stages + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def prompt_ids(
-    tokenizer: Tokenizer, template: ChatTemplate, request: GenerationRequest
-) -> list[int]:
-    """Template (unless raw) and tokenize; special tokens in the template are parsed."""
-    if request.raw:
-        text = request.prompt or ""
-    else:
-        text = template.render(request.chat_messages(), add_generation_prompt=True)
-    bos = tokenizer.bos_id
-    # a template that writes the BOS text itself must not get a second one
-    bos_text = tokenizer.token_bytes(bos).decode("utf-8", "replace") if bos else ""
-    add_special = not (bos_text and text.startswith(bos_text))
-    return tokenizer.encode(text, add_special=add_special, parse_special=True)
+from .backend.chat_template import ChatTemplate, prompt_ids
+from .backend.constraint import Constraint, Guide, TokenTable
+from .backend.generate import Chunk, TokenPicker, generate
+from .backend.logprobs import Scores, SequenceScorer
+from .backend.registry import ModelRecord, ModelRegistry
+from .backend.sampling import SamplingOptions
+from .backend.spec import ModelSpec
+from .backend.stage_engine import new_stage, stage_tensors
+from .backend.tokenizer import Tokenizer
+from .request import GenerationRequest
 
 
 @dataclass
@@ -74,6 +35,8 @@ class LocalModel:
     stages: list[Any]  # stage_engine.new_stage's (ggml on Linux, else MLX)
     pickers: dict[str, TokenPicker] = field(default_factory=dict)
     table: TokenTable | None = None  # built at the first constrained request
+    scorers: dict[str, SequenceScorer] = field(default_factory=dict)  # logprobs asked for
+    scored: dict[str, tuple[Scores | None, Scores]] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -115,7 +78,17 @@ class LocalModel:
         its answer is constrained, on the prefill call only)."""
         if options is not None:
             self.pickers[seq_id] = TokenPicker(options, ids.tolist(), guide)
-        return self.pickers[seq_id].pick(self.forward(seq_id, ids))
+        picker, scorer = self.pickers[seq_id], self.scorers.get(seq_id)
+        if scorer is None:
+            return picker.pick(self.forward(seq_id, ids))
+        last, x = self.stages[-1], ids
+        for stage in self.stages[:-1]:
+            x = stage.forward(seq_id, x)
+        rows = scorer.prompt_rows(last.position(seq_id), len(ids))
+        logits = last.forward(seq_id, x, each=rows)
+        token = picker.pick(logits)
+        self.scored[seq_id] = (rows.scores() if rows else None, scorer.picked(logits, token))
+        return token
 
     def guide(self, constraint: Constraint) -> Guide:
         """A sequence's guide of ``constraint`` (ConstraintError if it cannot be followed)."""
@@ -125,6 +98,8 @@ class LocalModel:
 
     def free(self, seq_id: str) -> None:
         self.pickers.pop(seq_id, None)
+        self.scorers.pop(seq_id, None)
+        self.scored.pop(seq_id, None)
         for stage in self.stages:
             stage.free(seq_id)
 
@@ -134,6 +109,10 @@ class LocalModel:
     def run(self, request: GenerationRequest) -> Iterator[Chunk]:
         ids = self.prompt_ids(request)
         guide = None if request.constraint is None else self.guide(request.constraint)
+        seq_id = uuid.uuid4().hex
+        if request.logprobs:
+            echo = ids if request.echo else None
+            self.scorers[seq_id] = SequenceScorer(request.top_logprobs, echo)
         return generate(
             functools.partial(self.next_token, guide=guide),
             self.tokenizer,
@@ -143,5 +122,7 @@ class LocalModel:
             stop=request.stop,
             context_length=self.context_length,
             free=self.free,
-            seq_id=uuid.uuid4().hex,
+            seq_id=seq_id,
+            scored=(lambda seq: self.scored.pop(seq)) if request.logprobs else None,
+            echo=request.echo,
         )
