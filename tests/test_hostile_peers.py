@@ -370,10 +370,23 @@ def test_tails_refused(shim, before):
                 await _open_tail(conn, shim, "t", 0)
             assert refused.value.code == ErrorCode.BUSY
             await tail.aclose()
-            schema = {"kind": "json_schema", "source": '{"type": "integer"}'}
+        finally:
+            await conn.close()
+
+    arun(main())
+
+
+def test_a_tail_with_a_constraint_builds_its_token_table(shim, before):
+    schema = {"kind": "json_schema", "source": '{"type": "integer"}'}
+
+    async def main():
+        conn = await shim.connect()
+        try:
+            await _load(conn, 0, N_BLOCKS, shim)
             stream = await conn.channel(F.request_frame(
-                conn.next_id(), "pipeline", model=shim.model_id, **{**good, "seq": "c"},
-                constraint=schema))  # fmt: skip
+                conn.next_id(), "pipeline", model=shim.model_id, tail=True, seq="c", start=0,
+                end=N_BLOCKS, sampling=SamplingOptions().to_dict(), recent=[1], constraint=schema,
+            ))  # fmt: skip
             ready = await stream.recv(timeout=30)  # its token table built from the manifest
             assert ready is not None and ready.type == FrameType.RESPONSE, ready
             await stream.aclose()
