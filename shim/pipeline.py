@@ -525,8 +525,8 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
                                 F.ErrorCode.NOT_FOUND)  # fmt: skip
         if not hosted.stage.is_last:
             raise PipelineError("a tail is opened on the last stage")
-        if seq in hosted.tails or seq in hosted.pools:
-            raise PipelineError("this sequence's tail is open already")
+        if seq in hosted.tails or seq in hosted.pools:  # its old tail may be ending: retry
+            raise PipelineError("this sequence's tail is open already", F.ErrorCode.BUSY)
         if len(hosted.tails) + len(hosted.pools) >= MAX_TAILS:
             raise PipelineError("this stage has no room for another tail", F.ErrorCode.BUSY)
         if "pool" in header:
