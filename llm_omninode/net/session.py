@@ -36,7 +36,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
-from . import tls
+from . import tls, wide_frames
 from .admission import Admission
 from .frames import (
     ErrorCode,
@@ -108,6 +108,7 @@ class OmniProtocol(QuicConnectionProtocol):
         # told (node id, why) when this connection finds its peer gone
         self.on_lost: Callable[[str, str], None] | None = None
         tls.limit_peer_streams(quic, settings.max_streams)
+        wide_frames.widen(quic)
 
     # ---- plumbing ------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
@@ -198,6 +199,7 @@ class OmniProtocol(QuicConnectionProtocol):
                 self._quic.send_stream_data(stream_id, data, end_stream=end_stream and last)
         except (RuntimeError, ValueError) as exc:  # the peer reset or stopped the stream
             raise ConnectionClosed(f"stream {stream_id} closed: {exc}") from exc
+        tls.ack_with_data(self._quic)  # the ACK of what this answers rides in the same packet
         self.transmit()
 
     def transmit(self) -> None:

@@ -11,8 +11,9 @@ from . import tls
 from .identity import NodeIdentity
 
 LAN_DATAGRAM_SIZE = 1452  # fits a 1500-byte Ethernet MTU under IPv6 + UDP: no fragmentation
-# aioquic writes STREAM frame lengths as 2-byte varints (< 16384), so larger datagrams fail
-LOOPBACK_DATAGRAM_SIZE = 16000
+# loopback's MTU is 65536: a datagram under it less the IPv6 + UDP headers (65,488), once
+# STREAM frames may be longer than aioquic's 16 KiB (net/wide_frames.py)
+LOOPBACK_DATAGRAM_SIZE = 65000
 
 
 def _is_loopback(host: str) -> bool:
