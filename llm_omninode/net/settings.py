@@ -27,7 +27,8 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class QuicSettings:
-    """Transport knobs. The windows are what bulk transfer speed hangs on (see NET_API.md)."""
+    """Transport knobs. The windows and the datagram size are what bulk transfer speed hangs on
+    (docs/performance.md)."""
 
     max_data: int = 128 * 1024 * 1024  # connection receive window
     max_stream_data: int = 65 * 1024 * 1024  # per-stream receive window: one shard window

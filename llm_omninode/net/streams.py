@@ -106,15 +106,16 @@ class Inbound:
             try:
                 await waiter
             except BaseException:
-                woken = waiter.done() and not waiter.cancelled() and waiter.exception() is None
-                if woken:  # woken, then cancelled: the next waiter takes the item
-                    self._wake()
-                raise
-            finally:
                 if timer is not None:
                     timer.cancel()
-                with contextlib.suppress(ValueError):  # still listed unless woken
-                    self._getters.remove(waiter)
+                if _woken(waiter):  # woken, then cancelled: the next waiter takes the item
+                    self._wake()
+                else:  # timed out or cancelled while still listed
+                    with contextlib.suppress(ValueError):
+                        self._getters.remove(waiter)
+                raise
+            if timer is not None:
+                timer.cancel()
         item = self._items.popleft()
         if isinstance(item, Frame):
             self.queued_bytes -= len(item.payload)
@@ -137,6 +138,11 @@ class Inbound:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+def _woken(waiter: asyncio.Future[None]) -> bool:
+    """Whether ``_wake`` took ``waiter`` off the list and resolved it."""
+    return waiter.done() and not waiter.cancelled() and waiter.exception() is None
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
