@@ -34,6 +34,7 @@ BENCHES = [
     ("prefill.py", ["--runs", "3"], ["--runs", "1", "--repeat", "4"]),
     ("transfer.py", ["--size-mib", "64", "--runs", "3", "--rtt-count", "1000"],
      ["--size-mib", "16", "--runs", "1", "--rtt-count", "200"]),
+    ("constrained.py", ["--runs", "3"], ["--runs", "1", "--models", "smollm2"]),
 ]  # fmt: skip
 
 

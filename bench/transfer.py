@@ -10,7 +10,8 @@ The client (this process) measures, each as the median of --runs runs:
 
 - bulk: fetch_shard of the whole shard into its own ShardStore, BLAKE3-verified and renamed
   (``MB/s`` end to end; ``wire`` excludes the commit, i.e. hashing and fsync); the TLS-TCP
-  run writes the same frames into the same kind of store and commits the same way;
+  run writes the same frames into the same kind of store and commits the same way; and
+  fetch_shard into a sink that keeps nothing (``no_disk``: the network alone);
 - rtt: one HIDDEN frame of shape [1, 576] float16 (1,152 bytes: one SmolLM2 hidden state)
   out and back over a long-lived channel, median over --rtt-count round trips (after a
   warm-up); also over TLS-TCP, and as a request/response on a fresh QUIC stream each.
@@ -210,8 +211,29 @@ class TimedSink:
         self.store.discard_partial(cid)
 
 
+class CountingSink:
+    """A sink that keeps nothing: the QUIC transfer's speed without the disk (and hash)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self.commit_s = 0.0
+
+    def partial_size(self, cid: str) -> int:
+        return self.sizes.get(cid, 0)
+
+    def append_partial(self, cid: str, offset: int, data: bytes) -> None:
+        assert offset == self.sizes.get(cid, 0)
+        self.sizes[cid] = offset + len(data)
+
+    def commit_partial(self, cid: str, size: int) -> None:
+        assert self.sizes.get(cid) == size
+
+    def discard_partial(self, cid: str) -> None:
+        self.sizes.pop(cid, None)
+
+
 async def quic_bulk(
-    server: dict, identity, admission, settings, sink: TimedSink, window: int
+    server: dict, identity, admission, settings, sink: TimedSink | CountingSink, window: int
 ) -> float:
     conn = await connect(
         HOST, server["quic_port"], identity, admission, server["node_id"], settings
@@ -336,16 +358,20 @@ async def client_main(
     window = args.window_mib << 20
     results: dict[str, list[float]] = {}
     for run in range(args.runs):
-        for name in ("quic", "tcp"):
+        for name in ("quic", "tcp", "quic_nodisk"):
             store = ShardStore(tmp / f"client-{name}-{run}")
-            sink = TimedSink(store)
+            sink: TimedSink | CountingSink = TimedSink(store)
             cpu_client, cpu_server = cpu_seconds(), cpu_seconds(server_pid)
             if name == "quic":
                 elapsed = await quic_bulk(server, identity, admission, settings, sink, window)
-            else:
+            elif name == "tcp":
                 elapsed = await tcp_bulk(server, context, sink, window)
-            assert store.has(server["cid"])
-            store.remove(server["cid"])  # keep the disk (and page cache) for the next run
+            else:
+                sink = CountingSink()
+                elapsed = await quic_bulk(server, identity, admission, settings, sink, window)
+            if name != "quic_nodisk":
+                assert store.has(server["cid"])
+                store.remove(server["cid"])  # keep the disk (and page cache) for the next run
             # CPU seconds per GB: what the speed costs, and less bent by other load than MB/s
             client_s = (cpu_seconds() - cpu_client) / (size / 1e9)
             server_now = cpu_seconds(server_pid)
@@ -359,7 +385,7 @@ async def client_main(
             for key, value in figures.items():
                 results.setdefault(key, []).append(value)
             print(
-                f"run {run + 1}: {name:4} {figures[name]:7.1f} MB/s end to end, "
+                f"run {run + 1}: {name:11} {figures[name]:7.1f} MB/s end to end, "
                 f"{figures[f'{name}_wire']:7.1f} MB/s before the commit "
                 f"({sink.commit_s:.2f} s hash+fsync+rename); CPU s/GB client {client_s:.2f}, "
                 f"server {server_s:.2f}",
@@ -378,6 +404,8 @@ async def client_main(
         "mbps_tls_tcp": round(medians["tcp"], 1),
         "ratio": round(medians["quic"] / medians["tcp"], 3),
         "mbps_quic_wire": round(medians["quic_wire"], 1),
+        "mbps_quic_no_disk": round(medians["quic_nodisk"], 1),
+        "cpu_s_per_gb_quic_no_disk_client": round(medians["quic_nodisk_cpu_client"], 2),
         "mbps_tls_tcp_wire": round(medians["tcp_wire"], 1),
         "cpu_s_per_gb_quic_client": round(medians["quic_cpu_client"], 2),
         "cpu_s_per_gb_quic_server": round(medians["quic_cpu_server"], 2),
@@ -439,7 +467,8 @@ def main() -> None:
     print(
         f"bulk: QUIC {figures['mbps_quic']} MB/s, TLS-TCP {figures['mbps_tls_tcp']} MB/s "
         f"(ratio {figures['ratio']}); before the commit: QUIC {figures['mbps_quic_wire']}, "
-        f"TLS-TCP {figures['mbps_tls_tcp_wire']} MB/s"
+        f"TLS-TCP {figures['mbps_tls_tcp_wire']} MB/s; QUIC into no disk "
+        f"{figures['mbps_quic_no_disk']} MB/s"
     )
     print(
         f"rtt of a {figures['hidden_bytes']}-byte hidden state: QUIC channel "

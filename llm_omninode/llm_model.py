@@ -20,6 +20,7 @@ class _OmniBase:
 
     can_stream = True
     supports_tools = True  # a model whose template takes none says so when asked (llm_tools.py)
+    supports_schema = True  # `llm --schema`: the answer is constrained to it (JSON)
     alias: str
 
     class Options(llm.Options):
@@ -50,6 +51,7 @@ class _OmniBase:
         return f"OmniNode: {self.model_id}"
 
     def build_request(self, prompt, conversation):
+        from .backend.constraint import Constraint
         from .backend.sampling import SamplingOptions
         from .llm_tools import request_messages, request_tools
         from .request import DEFAULT_MAX_TOKENS, GenerationRequest
@@ -74,6 +76,7 @@ class _OmniBase:
             options=options,
             max_tokens=o.max_tokens if o.max_tokens is not None else DEFAULT_MAX_TOKENS,
             stop=_parse_stop(o.stop) if o.stop else (),
+            constraint=Constraint.json_schema(prompt.schema) if prompt.schema else None,
         )
 
     def request_for(self, prompt, conversation):

@@ -6,6 +6,7 @@ checked against (tests), a split or not (``splits``).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .backend.chat_template import ChatTemplate, prompt_ids
+from .backend.constraint import Constraint, Guide, TokenTable
 from .backend.generate import Chunk, TokenPicker, generate
 from .backend.logprobs import Scores, SequenceScorer
 from .backend.registry import ModelRecord, ModelRegistry
@@ -32,6 +34,7 @@ class LocalModel:
     template: ChatTemplate
     stages: list[Any]  # stage_engine.new_stage's (ggml on Linux, else MLX)
     pickers: dict[str, TokenPicker] = field(default_factory=dict)
+    table: TokenTable | None = None  # built at the first constrained request
     scorers: dict[str, SequenceScorer] = field(default_factory=dict)  # logprobs asked for
     scored: dict[str, tuple[Scores | None, Scores]] = field(default_factory=dict)
 
@@ -64,10 +67,17 @@ class LocalModel:
             x = stage.forward(seq_id, x)
         return x
 
-    def next_token(self, seq_id: str, ids: np.ndarray, options: SamplingOptions | None) -> int:
-        """Run the stages and pick the next id (``options`` on the prefill call only)."""
+    def next_token(
+        self,
+        seq_id: str,
+        ids: np.ndarray,
+        options: SamplingOptions | None,
+        guide: Guide | None = None,
+    ) -> int:
+        """Run the stages and pick the next id (``options``, and the sequence's ``guide`` if
+        its answer is constrained, on the prefill call only)."""
         if options is not None:
-            self.pickers[seq_id] = TokenPicker(options, ids.tolist())
+            self.pickers[seq_id] = TokenPicker(options, ids.tolist(), guide)
         picker, scorer = self.pickers[seq_id], self.scorers.get(seq_id)
         if scorer is None:
             return picker.pick(self.forward(seq_id, ids))
@@ -79,6 +89,12 @@ class LocalModel:
         token = picker.pick(logits)
         self.scored[seq_id] = (rows.scores() if rows else None, scorer.picked(logits, token))
         return token
+
+    def guide(self, constraint: Constraint) -> Guide:
+        """A sequence's guide of ``constraint`` (ConstraintError if it cannot be followed)."""
+        if self.table is None:
+            self.table = TokenTable(self.tokenizer, self.spec.vocab_size)
+        return self.table.guide(constraint)
 
     def free(self, seq_id: str) -> None:
         self.pickers.pop(seq_id, None)
@@ -92,12 +108,13 @@ class LocalModel:
 
     def run(self, request: GenerationRequest) -> Iterator[Chunk]:
         ids = self.prompt_ids(request)
+        guide = None if request.constraint is None else self.guide(request.constraint)
         seq_id = uuid.uuid4().hex
         if request.logprobs:
             echo = ids if request.echo else None
             self.scorers[seq_id] = SequenceScorer(request.top_logprobs, echo)
         return generate(
-            self.next_token,
+            functools.partial(self.next_token, guide=guide),
             self.tokenizer,
             ids,
             options=request.options,

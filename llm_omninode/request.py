@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backend.constraint import Constraint, ConstraintError
 from .backend.logprobs import MAX_TOP_LOGPROBS
 from .backend.sampling import SamplingError, SamplingOptions
 from .backend.tool_calls import (
@@ -39,7 +40,7 @@ MAX_NUM_CTX = 2**24  # a per-request context cap; the model's own is the real bo
 MAX_TOOL_REF_CHARS = 256  # a tool message's tool_name or tool_call_id
 _WIRE_KEYS = (
     "model", "messages", "prompt", "system", "raw", "options", "max_tokens", "stop", "num_ctx",
-    "tools", "tool_choice", "forced_tool",
+    "constraint", "tools", "tool_choice", "forced_tool",
 )  # fmt: skip
 _MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_name", "tool_call_id"})
 
@@ -95,6 +96,7 @@ class GenerationRequest:
     logprobs: bool = False  # each picked token's log-probability ...
     top_logprobs: int = 0  # ... and the most likely alternatives (0..MAX_TOP_LOGPROBS)
     echo: bool = False  # the prompt's own tokens scored too (with logprobs)
+    constraint: Constraint | None = None  # structured output: what the answer must match
     # functions the model may call (OpenAI's tool specs, checked by tool_calls.check_tools)
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: str = "auto"  # "auto" | "none" | "required"
@@ -129,8 +131,9 @@ class GenerationRequest:
 
     # ---- wire ------------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
-        """A JSON-able object with every field (``num_ctx`` and the tool fields only when set,
-        so shims that predate them still take the request); ``from_wire`` reads it back."""
+        """A JSON-able object with every field (``num_ctx``, ``constraint`` and the tool fields
+        only when set, so shims that predate them still take the request); ``from_wire`` reads
+        it back."""
         doc: dict[str, Any] = {
             "model": self.model,
             "messages": [m.to_dict() for m in self.messages],
@@ -143,6 +146,8 @@ class GenerationRequest:
         }
         if self.num_ctx is not None:
             doc["num_ctx"] = self.num_ctx
+        if self.constraint is not None:
+            doc["constraint"] = self.constraint.to_wire()
         if self.tools:
             doc["tools"] = list(self.tools)
         if self.tool_choice != "auto":
@@ -200,6 +205,11 @@ class GenerationRequest:
         num_ctx = doc.get("num_ctx")
         if num_ctx is not None and not (type(num_ctx) is int and 1 <= num_ctx <= MAX_NUM_CTX):
             raise RequestError(f"num_ctx must be null or an integer in [1, {MAX_NUM_CTX}]")
+        constraint = doc.get("constraint")
+        try:
+            constraint = None if constraint is None else Constraint.from_wire(constraint)
+        except ConstraintError as exc:
+            raise RequestError(f"constraint: {exc}") from exc
         tool_choice, forced_tool = doc.get("tool_choice", "auto"), doc.get("forced_tool")
         try:
             tools = check_tools(doc.get("tools"))
@@ -207,7 +217,8 @@ class GenerationRequest:
                 raise RequestError("tool_choice and forced_tool must be strings")
             return cls(
                 model, tuple(messages), prompt, system, raw, options, max_tokens, tuple(stop),
-                num_ctx, tools=tools, tool_choice=tool_choice, forced_tool=forced_tool,
+                num_ctx, constraint=constraint, tools=tools, tool_choice=tool_choice,
+                forced_tool=forced_tool,
             )  # fmt: skip
         except ValueError as exc:  # the dataclass's own rules (messages or a prompt, ...)
             raise RequestError(str(exc)) from exc

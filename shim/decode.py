@@ -20,15 +20,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llm_omninode import settings
+from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.generate import Chunk, Generation, TokenPicker
 from llm_omninode.backend.sampling import SamplingOptions
 from llm_omninode.net import frames as F
 from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.quic import FrameStream, NetError
-from llm_omninode.request import GenerationRequest
+from llm_omninode.request import GenerationRequest, RequestError
 
 from .errors import CacheMiss, LinkLost, NodeLost, StageBusy, StageMissing
 from .pipeline import (
+    CONSTRAINT_MARKER,
     STEP_TIMEOUT,
     Downstream,
     Hop,
@@ -99,7 +101,8 @@ class Ring:
         recent: Sequence[int],
         reuse: Reuse | None,
         scoring: tuple[Scoring, ScoreSink] | None = None,
-    ):
+        constraint: Constraint | None = None,
+    ) -> None:
         """Open the tail (it must be ready before the first step reaches the last stage),
         then the entry. ``scoring``: logprobs asked for (shim/scoring.py)."""
         last, here = self.route[-1], self.here.node_id
@@ -114,10 +117,16 @@ class Ring:
                 self.answers.put_nowait(frame)
 
             scorer = None if ask is None else ask.scorer()
-            self._local = Tail(TokenPicker(options, recent), deliver, scorer)
+            try:
+                guide = None if constraint is None else await self.here.host.guide(
+                    hosted, constraint
+                )  # fmt: skip
+            except ConstraintError as exc:
+                raise RequestError(f"{CONSTRAINT_MARKER} {exc}") from exc
+            self._local = Tail(TokenPicker(options, recent, guide), deliver, scorer)
             hosted.tails[self.seq] = self._local
         else:
-            await self._open_tail(last, options, recent, ask)
+            await self._open_tail(last, options, recent, ask, constraint)
         self._open_entry(reuse)
 
     def _open_entry(self, reuse: Reuse | None) -> None:
@@ -135,10 +144,18 @@ class Ring:
                                     self._failed)  # fmt: skip
 
     async def _open_tail(
-        self, last: Hop, options: SamplingOptions, recent: Sequence[int], ask: Scoring | None
-    ):
+        self,
+        last: Hop,
+        options: SamplingOptions,
+        recent: Sequence[int],
+        ask: Scoring | None,
+        constraint: Constraint | None = None,
+    ) -> None:
         await self._tail_channel(
-            last, lambda rid: tail_frame(rid, self.model_id, self.seq, last, options, recent, ask)
+            last,
+            lambda rid: tail_frame(
+                rid, self.model_id, self.seq, last, options, recent, ask, constraint
+            ),  # fmt: skip
         )
 
     async def _tail_channel(self, last: Hop, opening: Callable[[int], Frame]) -> None:
@@ -152,7 +169,10 @@ class Ring:
             raise PipelineError(f"tail on {last.node_id[:16]}: {exc}",
                                 F.ErrorCode.LINK_LOST) from exc  # fmt: skip
         if ready is None or ready.type != FrameType.RESPONSE:
-            raise failure_of(ready, last.node_id)
+            failure = failure_of(ready, last.node_id)
+            if failure.code == F.ErrorCode.BAD_REQUEST and CONSTRAINT_MARKER in str(failure):
+                raise RequestError(str(failure))  # the client's schema: no node is to blame
+            raise failure
         self._reader = asyncio.ensure_future(self._read_tail(self._tail, last.node_id))
 
     async def _read_tail(self, stream: FrameStream, node_id: str) -> None:
@@ -282,7 +302,7 @@ async def run_pass(
     closed = False
     try:
         # the penalty looks at the whole prompt
-        await ring.open(request.options, ids, reuse, scoring_of(job))
+        await ring.open(request.options, ids, reuse, scoring_of(job), request.constraint)
         token = await prefill(ring, ids[skip:])
         if request.echo and ring.scores is not None:
             gen.score_prompt(ring.scores.echo())

@@ -8,11 +8,13 @@ predecessor, and no stage waits for an answer. The last stage picks the next tok
 its 4-byte id (with logprobs asked for, a SCORES frame: shim/scoring.py) straight to the
 coordinator on the sequence's **tail**, a stream the coordinator
 opened to the last stage's node before the first step (``REQUEST pipeline {tail: true, model,
-seq, start, end, sampling, recent}``, answered once it is ready): the sampling setup (options,
-seed, the prompt's last MAX_RECENT ids for the repeat penalty) crosses the network once, and
-the last stage keeps the penalty history from the ids it picks. When the coordinator hosts the
-last stage, the tail is a queue in its own process. A token thus crosses each stage boundary
-once and one hop back; hidden states never pass through the coordinator.
+seq, start, end, sampling, recent, constraint?}``, answered once it is ready): the sampling
+setup (options, seed, the prompt's last MAX_RECENT ids for the repeat penalty, the answer's
+constraint if it has one: backend/constraint.py) crosses the network once, and the last stage
+keeps the penalty history and the constraint's state from the ids it picks. When the
+coordinator hosts the last stage, the tail is a queue in its own process. A token thus
+crosses each stage boundary once and one hop back; hidden states never pass through the
+coordinator.
 
 A long prompt goes in pieces of PREFILL_PIECE tokens: every piece but the last is marked
 ``more`` (the last stage only fills its caches), so each stage passes a piece on as soon as it
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llm_omninode.backend.cid import is_cid
+from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.pooling import POOLINGS, Pooler
 from llm_omninode.backend.sampling import SamplingOptions
@@ -72,6 +75,8 @@ STEP_TIMEOUT = 600.0  # one step of the rest of the chain (a long prefill on slo
 PROBE_TIMEOUT = 3.0
 LOST_AFTER = 8.0
 _SEQ_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# starts the message of a constraint the last stage could not follow: the client's fault (400)
+CONSTRAINT_MARKER = "answer constraint:"
 
 
 class PipelineError(RuntimeError):
@@ -186,11 +191,13 @@ def open_frame(
 
 def tail_frame(
     request_id: int, model_id: str, seq: str, last: Hop, options: SamplingOptions,
-    recent: Sequence[int], scoring: Scoring | None = None,
+    recent: Sequence[int], scoring: Scoring | None = None, constraint: Constraint | None = None,
 ) -> Frame:  # fmt: skip
     """Opens a sequence's tail on the node of its last stage (see the module's docstring;
-    ``scoring``: shim/scoring.py)."""
+    ``scoring``: shim/scoring.py; ``constraint``: backend/constraint.py)."""
     extra, payload = ({}, b"") if scoring is None else (scoring.header(), scoring.payload())
+    if constraint is not None:
+        extra = {**extra, "constraint": constraint.to_wire()}
     return F.request_frame(
         request_id, "pipeline", payload, tail=True, model=model_id, seq=seq, start=last.start,
         end=last.end, sampling=options.to_dict(), recent=list(recent)[-MAX_RECENT:], **extra,
@@ -503,9 +510,9 @@ async def serve_pipeline(
 
 async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Frame | None:
     """A sequence's tail on the node of its last stage: ``REQUEST pipeline {tail: true, model,
-    seq, start, end, sampling, recent}`` sets up its sampler (answered with a RESPONSE once
-    it is ready); every id the stage picks for the sequence then goes back on this stream as
-    a STEP frame, until the coordinator ends it."""
+    seq, start, end, sampling, recent, constraint?}`` sets up its sampler (answered with a
+    RESPONSE once it is ready); every id the stage picks for the sequence then goes back on
+    this stream as a STEP frame, until the coordinator ends it."""
     header = first.header
     try:
         model, start, end = header.get("model"), header.get("start"), header.get("end")
@@ -518,8 +525,8 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
                                 F.ErrorCode.NOT_FOUND)  # fmt: skip
         if not hosted.stage.is_last:
             raise PipelineError("a tail is opened on the last stage")
-        if seq in hosted.tails or seq in hosted.pools:
-            raise PipelineError("this sequence's tail is open already")
+        if seq in hosted.tails or seq in hosted.pools:  # its old tail may be ending: retry
+            raise PipelineError("this sequence's tail is open already", F.ErrorCode.BUSY)
         if len(hosted.tails) + len(hosted.pools) >= MAX_TAILS:
             raise PipelineError("this stage has no room for another tail", F.ErrorCode.BUSY)
         if "pool" in header:
@@ -531,10 +538,20 @@ async def serve_tail(host: StageHost, first: Frame, stream: FrameStream) -> Fram
         options = SamplingOptions.from_dict(header.get("sampling"))
         scorer = scoring_from(header, first.payload, hosted.spec.vocab_size,
                               hosted.stage.max_context)  # fmt: skip
+        constraint = header.get("constraint")
+        guide = None if constraint is None else await host.guide(
+            hosted, Constraint.from_wire(constraint)
+        )  # fmt: skip
+    except ConstraintError as exc:
+        return F.error_frame(F.ErrorCode.BAD_REQUEST, f"{CONSTRAINT_MARKER} {exc}", first.id)
     except (PipelineError, ValueError) as exc:  # SamplingError, ScoringError are ValueErrors
         return F.error_frame(_reply_code(exc), str(exc), first.id)
-    return await _hold(hosted.tails, seq, Tail(TokenPicker(options, recent), stream.send, scorer),
-                       first, stream)  # fmt: skip
+    taken = seq in hosted.tails or seq in hosted.pools  # while the guide was made
+    if taken or len(hosted.tails) + len(hosted.pools) >= MAX_TAILS:
+        return F.error_frame(F.ErrorCode.BUSY, "this stage has no room for another tail",
+                             first.id)  # fmt: skip
+    tail = Tail(TokenPicker(options, recent, guide), stream.send, scorer)
+    return await _hold(hosted.tails, seq, tail, first, stream)
 
 
 async def _hold(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from llm_omninode import settings
+from llm_omninode.backend.constraint import Constraint, ConstraintError, Guide, TokenTable
 from llm_omninode.backend.generate import TokenPicker
 from llm_omninode.backend.logprobs import SequenceScorer
 from llm_omninode.backend.memory import StageMemory, context_for, stage_memory
@@ -42,6 +43,7 @@ from llm_omninode.backend.store import (
     free_bytes,
     human_bytes,
 )
+from llm_omninode.backend.tokenizer import Tokenizer
 from llm_omninode.net.frames import Frame
 from llm_omninode.net.transfer import ShardSource, TransferError, fetch_shards
 
@@ -85,9 +87,10 @@ class ShardsUnavailable(StageError):
 @dataclass
 class Tail:
     """A sequence's end on its last stage: the sampler (options, seed and penalty history, set
-    once when the sequence opened, the history kept from the ids it picks) and where each
-    picked id goes: straight to the coordinator (shim/pipeline.py ``serve_tail``), or to its
-    queue when the coordinator is this node."""
+    once when the sequence opened, the history kept from the ids it picks; the answer's
+    constraint, if any, advanced the same way) and where each picked id goes: straight to the
+    coordinator (shim/pipeline.py ``serve_tail``), or to its queue when the coordinator is
+    this node."""
 
     picker: TokenPicker
     deliver: Callable[[Frame], Awaitable[None]]  # the STEP frame of one picked id
@@ -130,6 +133,8 @@ class HostedStage:
     # the worker thread's time for a decode step (one position; a batch of steps is one), an
     # exponential moving average in ms; None until the first step
     ms_per_token: float | None = None
+    # last stage: the vocabulary as constraints see it, built at the first constrained sequence
+    token_table: asyncio.Future[TokenTable] | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -476,6 +481,26 @@ class StageHost:
                 future.set_result(result)
         if stopped is not None and not isinstance(stopped, Exception):
             raise stopped  # cancelled
+
+    async def guide(self, hosted: HostedStage, constraint: Constraint) -> Guide:
+        """A sequence's guide of ``constraint`` on the last stage ``hosted`` (its token table
+        is built at the first, once, from the manifest's vocabulary, off the event loop)."""
+        if hosted.token_table is None:
+            hosted.token_table = asyncio.ensure_future(asyncio.to_thread(self._token_table, hosted))
+            hosted.token_table.add_done_callback(_retrieved)
+        table = await asyncio.shield(hosted.token_table)
+        return await asyncio.to_thread(table.guide, constraint)
+
+    def _token_table(self, hosted: HostedStage) -> TokenTable:
+        t0 = time.perf_counter()
+        try:
+            metadata = self.store.get_manifest(hosted.model_id).metadata
+            table = TokenTable(Tokenizer.from_metadata(metadata), hosted.spec.vocab_size)
+        except (StoreError, ValueError) as exc:  # TokenizerError is a ValueError
+            raise ConstraintError(f"no token table for {hosted.model_id[:16]}: {exc}") from exc
+        log.info("token table of %s: %d ids in %.2f s", hosted.model_id[:16], table.vocab_size,
+                 time.perf_counter() - t0)  # fmt: skip
+        return table
 
     async def embed(self, hosted: HostedStage, seq: str, x: np.ndarray, pooler: Pooler) -> None:
         """Run an embedding sequence's step on the last stage, its states to ``pooler``."""

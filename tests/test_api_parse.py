@@ -61,9 +61,8 @@ def test_no_prompt_or_messages_is_a_load_call():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("format", "json"), ("format", {"type": "object"}), ("tools", [{"type": "function"}]),
-     ("images", ["aGk="]), ("think", True), ("suffix", "end"), ("template", "{{ .Prompt }}"),
-     ("context", "1 2"), ("logprobs", 1)],
+    [("tools", [{"type": "function"}]), ("images", ["aGk="]), ("think", True), ("suffix", "end"),
+     ("template", "{{ .Prompt }}"), ("context", "1 2"), ("logprobs", 1)],
 )  # fmt: skip
 def test_unsupported_fields_are_named(field, value):
     refused(parse_ollama_generate, {"model": "m", "prompt": "x", field: value}, field)
@@ -159,7 +158,7 @@ def test_openai_chat():
 @pytest.mark.parametrize(
     "extra,word",
     [({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"),
-     ({"response_format": {"type": "json_object"}}, "response_format"),
+     ({"response_format": {"type": "json_schema"}}, "response_format"),
      ({"frequency_penalty": 1}, "frequency_penalty"), ({"logprobs": 1}, "logprobs"),
      ({"max_tokens": -1}, "max_tokens"), ({"temperature": "x"}, "temperature"),
      ({"messages": []}, "messages"),

@@ -349,6 +349,10 @@ def test_tails_refused(shim, before):
         {**good, "recent": [10**6]},
         {**good, "recent": list(range(5000))},
         {**good, "recent": "12"},
+        {**good, "constraint": "json"},
+        {**good, "constraint": {"kind": "python", "source": "1"}},
+        {**good, "constraint": {"kind": "json_schema", "source": '{"not": {}}'}},
+        {**good, "constraint": {"kind": "lark", "source": "start: " + "x" * 20_000}},
     ]
 
     async def main():
@@ -366,6 +370,26 @@ def test_tails_refused(shim, before):
                 await _open_tail(conn, shim, "t", 0)
             assert refused.value.code == ErrorCode.BUSY
             await tail.aclose()
+        finally:
+            await conn.close()
+
+    arun(main())
+
+
+def test_a_tail_with_a_constraint_builds_its_token_table(shim, before):
+    schema = {"kind": "json_schema", "source": '{"type": "integer"}'}
+
+    async def main():
+        conn = await shim.connect()
+        try:
+            await _load(conn, 0, N_BLOCKS, shim)
+            stream = await conn.channel(F.request_frame(
+                conn.next_id(), "pipeline", model=shim.model_id, tail=True, seq="c", start=0,
+                end=N_BLOCKS, sampling=SamplingOptions().to_dict(), recent=[1], constraint=schema,
+            ))  # fmt: skip
+            ready = await stream.recv(timeout=30)  # its token table built from the manifest
+            assert ready is not None and ready.type == FrameType.RESPONSE, ready
+            await stream.aclose()
         finally:
             await conn.close()
 

@@ -266,7 +266,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(shim: Shim):
         (shim.post("/api/generate", {"model": "smollm2", "prompt": 5}), 400, "prompt"),
         (shim.post("/api/generate", {"model": "smollm2", "prompt": "x",
                                      "options": {"top_p": 7}}), 400, "top_p"),  # fmt: skip
-        (shim.post("/api/chat", {"model": "smollm2", "format": "json",
+        (shim.post("/api/chat", {"model": "smollm2", "format": "xml",
                                  "messages": [{"role": "user", "content": "x"}]}), 400, "format"),
         (shim.post("/api/generate", {"model": "smollm2", "prompt": "x", "images": ["aGk="]}), 400,
          "images"),

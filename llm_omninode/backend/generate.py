@@ -18,6 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from .logprobs import Scores, TokenLogprob, token_logprobs
 from .sampling import Sampler, SamplingOptions
 from .tokenizer import IncrementalDecoder, Tokenizer
 from .tool_calls import ToolCall, ToolCallStream
+
+if TYPE_CHECKING:
+    from .constraint import Guide
 
 NextToken = Callable[[str, np.ndarray, "SamplingOptions | None"], int]
 
@@ -48,18 +52,27 @@ class Chunk:
 
 
 class TokenPicker:
-    """One per sequence on the last stage: the sampler plus the ids the penalty looks at."""
+    """One per sequence on the last stage: the sampler plus the ids the penalty looks at, and
+    the sequence's constraint (backend/constraint.py) if it has one: only ids it allows are
+    picked, and it takes each one picked."""
 
-    def __init__(self, options: SamplingOptions, recent: Sequence[int] = ()) -> None:
+    def __init__(
+        self, options: SamplingOptions, recent: Sequence[int] = (), guide: Guide | None = None
+    ) -> None:
         self.sampler = Sampler(options)
         self.keep = options.repeat_last_n  # -1: everything
         self.history = self._trim(list(recent))
+        self.guide = guide
 
     def _trim(self, history: list[int]) -> list[int]:
         return history if self.keep < 0 else history[len(history) - self.keep :]
 
     def pick(self, logits: np.ndarray) -> int:
+        if self.guide is not None:
+            logits = self.guide.mask(logits)
         token = self.sampler.sample(logits, self.history)
+        if self.guide is not None:
+            self.guide.advance(token)
         self.history = self._trim([*self.history, token])
         return token
 

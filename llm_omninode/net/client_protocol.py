@@ -87,7 +87,7 @@ class ClientProtocol(OmniProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         """Take every datagram already waiting on the socket, then answer once: one ACK and
         one flush per burst instead of per datagram (bulk downloads gain most of their speed
-        here)."""
+        here), after whatever the burst wakes has sent (``received``)."""
         if self.peer_addr is None:
             self.peer_addr = addr
         self.last_received = time.monotonic()
@@ -104,8 +104,7 @@ class ClientProtocol(OmniProtocol):
                 except OSError:  # BlockingIOError: drained
                     break
                 self._quic.receive_datagram(data, addr, now=now())
-        self._process_events()
-        self.transmit()
+        self.received()
 
     def open_stream(self) -> FrameStream:
         if self.close_code is not None:

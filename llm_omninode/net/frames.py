@@ -231,13 +231,16 @@ class FrameDecoder:
         self._buf = bytearray()
         self._fixed: tuple[FrameType, int, int, int] | None = None
         self._header: dict[str, Any] | None = None
-        self._payload: bytearray | None = None
+        # the payload arrives as slices of the packets it came in, joined once when complete
+        # (growing one buffer copied every byte again at each resize, then once more)
+        self._payload: list[memoryview] | None = None
+        self._payload_have = 0
         self._payload_len = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held for the frame in progress."""
-        return len(self._buf) + (len(self._payload) if self._payload is not None else 0)
+        return len(self._buf) + self._payload_have
 
     @property
     def at_boundary(self) -> bool:
@@ -253,7 +256,8 @@ class FrameDecoder:
         if self._failed:
             raise FrameError("stream already failed")
         try:
-            return self._feed(memoryview(data).cast("B"))
+            # payload slices are kept until their frame is whole: of immutable bytes only
+            return self._feed(memoryview(data if isinstance(data, bytes) else bytes(data)))
         except FrameError:
             self._failed = True
             raise
@@ -280,18 +284,19 @@ class FrameDecoder:
                 self._header = parse_header(ftype, self._buf[FIXED_SIZE:], payload_len)
                 # all checks passed; the payload grows as its bytes arrive, so a peer that
                 # announces 64 MiB and sends 10 bytes costs 10 bytes, not 64 MiB
-                self._payload = bytearray()
+                self._payload = []
                 self._payload_len = payload_len
-            if len(self._payload) < self._payload_len:
+            if self._payload_have < self._payload_len:
                 if pos >= end:
                     return frames
-                take = min(self._payload_len - len(self._payload), end - pos)
-                self._payload += view[pos : pos + take]
+                take = min(self._payload_len - self._payload_have, end - pos)
+                self._payload.append(view[pos : pos + take])
+                self._payload_have += take
                 pos += take
                 continue
             assert self._fixed is not None and self._header is not None  # read above
             ftype, flags, _, _ = self._fixed
-            frames.append(Frame(ftype, self._header, bytes(self._payload), flags))
+            frames.append(Frame(ftype, self._header, b"".join(self._payload), flags))
             self._reset()
 
 

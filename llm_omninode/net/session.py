@@ -36,7 +36,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
-from . import tls
+from . import tls, wide_frames
 from .admission import Admission
 from .frames import (
     ErrorCode,
@@ -100,7 +100,8 @@ class OmniProtocol(QuicConnectionProtocol):
         self._join_stream: int | None = None
         self._join_decoder: FrameDecoder | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._acked = asyncio.Event()  # set on every transmit: acknowledgements may have come
+        self._acked = asyncio.Event()  # set on every receive: acknowledgements may have come
+        self._transmit_soon: asyncio.Handle | None = None
         self.last_received = time.monotonic()
         self._watcher: asyncio.TimerHandle | None = None
         self._last_tick = self.last_received
@@ -108,6 +109,7 @@ class OmniProtocol(QuicConnectionProtocol):
         # told (node id, why) when this connection finds its peer gone
         self.on_lost: Callable[[str, str], None] | None = None
         tls.limit_peer_streams(quic, settings.max_streams)
+        wide_frames.widen(quic)
 
     # ---- plumbing ------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
@@ -198,11 +200,25 @@ class OmniProtocol(QuicConnectionProtocol):
                 self._quic.send_stream_data(stream_id, data, end_stream=end_stream and last)
         except (RuntimeError, ValueError) as exc:  # the peer reset or stopped the stream
             raise ConnectionClosed(f"stream {stream_id} closed: {exc}") from exc
+        tls.ack_with_data(self._quic)  # the ACK of what this answers rides in the same packet
         self.transmit()
 
     def transmit(self) -> None:
+        if self._transmit_soon is not None:
+            self._transmit_soon.cancel()
+            self._transmit_soon = None
         super().transmit()
-        self._acked.set()  # called after every batch of received datagrams (ACKs included)
+        self._acked.set()
+
+    def received(self) -> None:
+        """After a batch of received datagrams: hand their events over, and transmit (ACKs,
+        handshake replies, the timer re-armed) at the loop's next turn, unless a frame sent
+        before then transmits them all at once: a task woken by these events and answering
+        at once then costs one packet build instead of an empty one and a full one."""
+        self._process_events()
+        self._acked.set()  # drain(): acknowledgements may have come
+        if self._transmit_soon is None:
+            self._transmit_soon = self._loop.call_soon(self.transmit)
 
     async def drain(self, stream_id: int) -> None:
         """Wait until the peer has read our stream down to ``send_high_water`` queued bytes.
@@ -485,8 +501,7 @@ class ServerProtocol(OmniProtocol):
         touched.add(self)  # events and transmit once the burst is read (ReceiveBatch.end)
 
     def flush(self) -> None:
-        self._process_events()
-        self.transmit()
+        self.received()
 
     def _authenticated(self) -> None:
         self._join_timer = self._loop.call_later(self.settings.join_timeout, self._join_timeout)

@@ -11,8 +11,9 @@ from . import tls
 from .identity import NodeIdentity
 
 LAN_DATAGRAM_SIZE = 1452  # fits a 1500-byte Ethernet MTU under IPv6 + UDP: no fragmentation
-# aioquic writes STREAM frame lengths as 2-byte varints (< 16384), so larger datagrams fail
-LOOPBACK_DATAGRAM_SIZE = 16000
+# loopback's MTU is 65536: a datagram under it less the IPv6 + UDP headers (65,488), once
+# STREAM frames may be longer than aioquic's 16 KiB (net/wide_frames.py)
+LOOPBACK_DATAGRAM_SIZE = 65000
 
 
 def _is_loopback(host: str) -> bool:
@@ -26,7 +27,8 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class QuicSettings:
-    """Transport knobs. The windows are what bulk transfer speed hangs on (see NET_API.md)."""
+    """Transport knobs. The windows and the datagram size are what bulk transfer speed hangs on
+    (docs/performance.md)."""
 
     max_data: int = 128 * 1024 * 1024  # connection receive window
     max_stream_data: int = 65 * 1024 * 1024  # per-stream receive window: one shard window

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 from enum import IntEnum
 from typing import Any, Protocol
@@ -72,11 +74,17 @@ EOF_MARK = object()
 
 
 class Inbound:
-    """Frames arriving on one stream, decoded as they come."""
+    """Frames arriving on one stream, decoded as they come.
+
+    A deque and the futures of whoever waits, rather than an asyncio.Queue under
+    ``asyncio.wait_for``: a wait with a timeout then costs a timer, not a task of its own and
+    the extra turns of the event loop that task takes (a pipeline waits so for every token).
+    """
 
     def __init__(self, decoder: FrameDecoder) -> None:
         self.decoder = decoder
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._items: deque[Any] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
         self.queued_bytes = 0  # payload bytes decoded but not yet taken
         self.done = False  # EOF or error queued: later bytes are dropped
 
@@ -86,18 +94,60 @@ class Inbound:
 
     def put(self, frame: Frame) -> None:
         self.queued_bytes += len(frame.payload)
-        self.queue.put_nowait(frame)
+        self._push(frame)
 
-    async def get(self) -> Any:
-        item = await self.queue.get()
+    async def get(self, timeout: float | None = None) -> Any:
+        """The next frame or final mark; asyncio.TimeoutError after ``timeout`` seconds."""
+        while not self._items:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            self._getters.append(waiter)
+            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            except BaseException:
+                if timer is not None:
+                    timer.cancel()
+                if _woken(waiter):  # woken, then cancelled: the next waiter takes the item
+                    self._wake()
+                else:  # timed out or cancelled while still listed
+                    with contextlib.suppress(ValueError):
+                        self._getters.remove(waiter)
+                raise
+            if timer is not None:
+                timer.cancel()
+        item = self._items.popleft()
         if isinstance(item, Frame):
             self.queued_bytes -= len(item.payload)
+        if self._items:  # more for another waiter (one may have been woken and cancelled)
+            self._wake()
         return item
 
     def finish(self, item: Any) -> None:
         if not self.done:
             self.done = True
-            self.queue.put_nowait(item)
+            self._push(item)
+
+    def _push(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._getters:
+            waiter = self._getters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+def _woken(waiter: asyncio.Future[None]) -> bool:
+    """Whether ``_wake`` took ``waiter`` off the list and resolved it."""
+    return waiter.done() and not waiter.cancelled() and waiter.exception() is None
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 class FrameStream:
@@ -146,7 +196,7 @@ class FrameStream:
             self._raise_final()
             return None
         try:
-            item = await asyncio.wait_for(self._inbound.get(), timeout)
+            item = await self._inbound.get(timeout)
         except asyncio.TimeoutError as exc:
             raise ConnectionClosed(f"no frame within {timeout} s") from exc
         if isinstance(item, Frame):

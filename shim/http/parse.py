@@ -2,10 +2,9 @@
 
 Pure functions, no I/O. Each body is checked as hostile input: exact JSON types (a bool is not a
 number), every range, and one exception, ``ApiError``, carrying the HTTP status and a message
-that names the field. Fields we know but do not support yet (``format``, ``images``,
-``think``, ...) are refused with 400 when they ask for something; an empty or neutral value
-asks for nothing and passes. Fields nobody has defined are ignored, as Ollama does, so newer
-clients keep working.
+that names the field. Fields we know but do not support yet (``images``, ``think``, ...) are
+refused with 400 when they ask for something; an empty or neutral value asks for nothing and
+passes. Fields nobody has defined are ignored, as Ollama does, so newer clients keep working.
 """
 
 from __future__ import annotations
@@ -13,9 +12,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeGuard
 
+from llm_omninode.backend.constraint import Constraint, ConstraintError
 from llm_omninode.backend.sampling import SamplingError, SamplingOptions
 from llm_omninode.request import GenerationRequest, Message, RequestError
 
@@ -216,6 +216,52 @@ def parse_ollama_options(options: object) -> OllamaOptions:
                          num_ctx)  # fmt: skip
 
 
+# ---- structured output -----------------------------------------------------------------------
+def _schema(schema: object, where: str) -> Constraint:
+    try:
+        return Constraint.json_schema(schema)
+    except ConstraintError as exc:
+        raise bad(f"{where}: {exc}") from exc
+
+
+def parse_format(value: object) -> Constraint | None:
+    """Ollama's ``format``: ``"json"`` (any JSON object), a JSON schema, or nothing."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return Constraint.any_json()
+    if type(value) is dict:
+        return _schema(value, "format")
+    raise bad('format must be "json" or a JSON schema object')
+
+
+def parse_response_format(value: object) -> Constraint | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (nothing), ``{"type":
+    "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}`` (always followed strictly)."""
+    if value is None:
+        return None
+    if type(value) is not dict:
+        raise bad("response_format must be an object")
+    kind = value.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.any_json()
+    if kind != "json_schema":
+        raise bad(f"response_format.type must be text, json_object or json_schema, not "
+                  f"{str(kind)[:40]!r}")  # fmt: skip
+    spec = value.get("json_schema")
+    if type(spec) is not dict:
+        raise bad("response_format.json_schema must be an object with the schema")
+    if spec.get("name") is not None and type(spec["name"]) is not str:
+        raise bad("response_format.json_schema.name must be a string")
+    get_bool(spec, "strict", True)  # a type check: the schema is always followed
+    if "schema" not in spec:
+        raise bad("response_format.json_schema.schema is required")
+    return _schema(spec["schema"], "response_format.json_schema.schema")
+
+
 # ---- Ollama bodies ---------------------------------------------------------------------------
 def _request(**fields: Any) -> GenerationRequest:
     try:
@@ -228,9 +274,11 @@ def _ollama_call(body: dict[str, Any], build: Callable[[OllamaOptions], Generati
     model = get_model(body)
     stream = get_bool(body, "stream", True)
     keep_alive = parse_keep_alive(body.get("keep_alive"))
-    refuse_if_set(body, ("format",), " (structured output)")
+    constraint = parse_format(body.get("format"))
     refuse_if_set(body, ("think",), " (this model does not think)")
     request = build(parse_ollama_options(body.get("options")))
+    if request is not None and constraint is not None:
+        request = replace(request, constraint=constraint)
     return ApiCall(model, request, stream, keep_alive)
 
 
@@ -325,9 +373,6 @@ def _openai_sampling(body: dict[str, Any]) -> tuple[SamplingOptions, int | None,
     refuse_if_set(body, ("functions", "function_call"), " (send tools instead)")
     refuse_if_set(body, ("logit_bias",))
     refuse_if_set(body, ("presence_penalty", "frequency_penalty"))
-    fmt = body.get("response_format")
-    if fmt is not None and not (type(fmt) is dict and fmt.get("type", "text") == "text"):
-        raise bad("response_format other than text is not supported yet (structured output)")
     n = body.get("n")
     if n is not None and n != 1:
         raise bad("n must be 1 (one choice per request)")
@@ -360,8 +405,9 @@ def parse_openai_chat(body: dict[str, Any]) -> ApiCall:
     if not messages:
         raise bad("messages must not be empty")
     sampling, max_tokens, stop = _openai_sampling(body)
+    constraint = parse_response_format(body.get("response_format"))
     request = _request(model=model, messages=messages, options=sampling, max_tokens=max_tokens,
-                       stop=stop, **_fields(LP.chat_logprobs, body),
+                       stop=stop, constraint=constraint, **_fields(LP.chat_logprobs, body),
                        **_fields(tool_bodies.openai_tool_fields, body))  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
 
@@ -385,6 +431,7 @@ def parse_openai_completion(body: dict[str, Any]) -> ApiCall:
     request = _request(
         model=model, prompt=None if tokens else prompt, prompt_tokens=tokens, raw=bool(tokens),
         options=sampling, max_tokens=max_tokens, stop=stop,
+        constraint=parse_response_format(body.get("response_format")),
         **_fields(LP.completion_logprobs, body),
     )  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
