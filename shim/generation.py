@@ -12,11 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from llm_omninode.backend.chat_template import prompt_ids
 from llm_omninode.backend.generate import Chunk, Generation, split_chunk
 from llm_omninode.backend.memory import context_for
-from llm_omninode.backend.tool_calls import ToolCall, reply_stream
+from llm_omninode.backend.tool_calls import ToolCall, call_constraint, reply_stream
 from llm_omninode.request import GenerationRequest, RequestError
 
 from .decode import Here, Job, run_pass
@@ -96,6 +97,10 @@ class Generations:
             ids = prompt_ids(model.tokenizer, model.template, request)
         except ValueError as exc:  # a template that fails safely, text it cannot encode
             raise RequestError(f"prompt: {exc}") from exc
+        calls = reply_stream(model.template, request)  # its content and tool calls apart
+        forced = call_constraint(model.template, request)  # a required call: its schema
+        if forced is not None:
+            request = replace(request, constraint=forced)
         context = context_for(model.spec, self.max_context)
         if request.num_ctx is not None:
             context = min(context, request.num_ctx)
@@ -130,7 +135,6 @@ class Generations:
                     with self.models.progress.listen(model_id, progress):
                         await self.models.load(request.model, keep_alive)
                     state = self._plan(model_id)
-                calls = reply_stream(model.template, request)
                 found: list[ToolCall] = []
                 async for chunk in self._recovering(job, state, keep_alive):
                     for out in split_chunk(calls, chunk, found) if calls else (chunk,):

@@ -17,9 +17,10 @@ from llm_omninode.backend.tool_calls import (
     ToolCall,
     ToolCallStream,
     ToolSpecError,
+    call_constraint,
+    call_schema,
     check_tools,
     forced_prefix,
-    forced_schema,
     parse_calls,
     reply_prefix,
     reply_stream,
@@ -129,20 +130,33 @@ def test_a_model_without_tool_support_refuses_tools():
         assert tool_variables(template, request(tool_choice="none")) == {}
 
 
-def test_forced_calls_start_the_reply():
+def test_forced_calls_are_begun_and_constrained():
     t = ChatTemplate(QWEN)
-    assert reply_prefix(t, request()) == ""
-    assert reply_prefix(t, request(tool_choice="required")) == '<tool_call>\n{"name": "'
-    named = reply_prefix(t, request(forced_tool="get_weather"))
-    assert named == '<tool_call>\n{"name": "get_weather", "arguments": '
-    stream = reply_stream(t, request(forced_tool="get_weather"))
-    assert stream is not None
-    assert [*stream.feed(' {"city": "Paris"}}\n</tool'), *stream.finish()] == [
-        ToolCall("get_weather", {"city": "Paris"})
-    ]
-    assert forced_prefix("llama3", "f") == '{"name": "f", "parameters": '
-    schema = forced_schema(TOOLS, "get_weather")
+    assert reply_prefix(t, request()) == "" and call_constraint(t, request()) is None
+    # the call's opening in the prompt, the call object constrained to the functions' schema
+    forced = request(forced_tool="get_weather")
+    assert reply_prefix(t, forced) == "<tool_call>\n"
+    constraint = call_constraint(t, forced)
+    assert constraint is not None and constraint.kind == "json_schema"
+    schema = json.loads(constraint.source)
     assert schema["properties"]["name"] == {"const": "get_weather"}
+    assert schema["properties"]["arguments"] == WEATHER["function"]["parameters"]
+    stream = reply_stream(t, forced)  # the answer the grammar lets through, ended by it
+    assert stream is not None
+    assert [*stream.feed('{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+            *stream.finish()] == [ToolCall("get_weather", {"city": "Paris"})]  # fmt: skip
+    two = check_tools([WEATHER, {"function": {"name": "now"}}])
+    either = call_schema("hermes", two, None)
+    assert [v["properties"]["name"]["const"] for v in either["anyOf"]] == ["get_weather", "now"]
+    assert call_schema("mistral", two, "now")["type"] == "array"
+    assert call_schema("llama3", two, "now")["required"] == ["name", "parameters"]
+    # a schema the matcher cannot take: the call is only begun, further, in the prompt
+    odd = check_tools([{"function": {"name": "f", "parameters": {"not": {"type": "string"}}}}])
+    unconstrained = GenerationRequest(model="m", prompt="x", tools=odd, forced_tool="f")
+    assert call_constraint(t, unconstrained) is None
+    assert reply_prefix(t, unconstrained) == '<tool_call>\n{"name": "f", "arguments": '
+    assert forced_prefix("llama3", "f") == '{"name": "f", "parameters": '
+    assert forced_prefix("hermes", None) == '<tool_call>\n{"name": "'
     with pytest.raises(ValueError, match="not among"):
         request(forced_tool="nope")
     with pytest.raises(ValueError, match="no tools"):
@@ -272,6 +286,9 @@ def test_openai_bodies_with_tools():
             parse_openai_chat({**body, "tool_choice": bad})
     with pytest.raises(ApiError, match="no tools"):
         parse_openai_chat({"model": "m", "messages": messages[:1], "tool_choice": "required"})
+    with pytest.raises(ApiError, match="response_format"):
+        parse_openai_chat({**body, "tool_choice": "required",
+                           "response_format": {"type": "json_object"}})  # fmt: skip
     broken = [
         messages[0],
         {**messages[1], "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},

@@ -106,6 +106,14 @@ def test_openai_client_tools_and_tool_choice(url: str):
             arguments += part.function.arguments or ""
         finish = chunk.choices[0].finish_reason or finish
     assert (name, json.loads(arguments), finish) == ("get_weather", {"city": "Paris"}, "tool_calls")
+    # required, where the model would not call: the grammar makes the answer a valid call
+    hello = [{"role": "user", "content": "Say hello."}]
+    done = client.chat.completions.create(model="qwen", messages=hello, tools=[WEATHER],
+                                          tool_choice="required", temperature=0,
+                                          max_tokens=32)  # fmt: skip
+    (call,) = done.choices[0].message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and type(arguments.get("city")) is str
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model="qwen", messages=messages, tools=[
             {"type": "function", "function": {"name": "bad name!"}}])  # fmt: skip

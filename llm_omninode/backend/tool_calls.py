@@ -21,7 +21,10 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .constraint import Constraint
 
 MAX_TOOLS = 128
 MAX_TOOLS_BYTES = 256 * 1024  # all tool specs together, as JSON
@@ -169,20 +172,43 @@ def tool_format(template_source: str | None) -> ToolFormat | None:
     return None
 
 
-def forced_prefix(fmt: ToolFormat, name: str | None) -> str:
-    """Text put at the start of the reply so that it can only go on as a call (of ``name``)."""
-    if fmt == "hermes":
-        head = "<tool_call>\n"
-        key = "arguments"
-    elif fmt == "mistral":
-        head = "[TOOL_CALLS] ["
-        key = "arguments"
-    else:
-        head = ""
-        key = "parameters"
+# what a forced call's reply starts with, then the key of its arguments
+_OPENING = {"hermes": ("<tool_call>\n", "arguments"), "llama3": ("", "parameters"),
+            "mistral": ("[TOOL_CALLS] ", "arguments")}  # fmt: skip
+
+
+def forced_prefix(fmt: ToolFormat, name: str | None, constrained: bool = False) -> str:
+    """Text put at the start of the reply so that it goes on as a call (of ``name``): the
+    family's opening when a constraint (``call_schema``) writes the rest, else the call
+    object's start too."""
+    head, key = _OPENING[fmt]
+    if constrained:
+        return head
+    head += "[" if fmt == "mistral" else ""
     if name is None:
         return head + '{"name": "'
     return head + json.dumps({"name": name})[:-1] + f', "{key}": '
+
+
+def call_schema(fmt: ToolFormat, tools: tuple[dict[str, Any], ...], forced: str | None) -> Any:
+    """The JSON schema of what follows ``forced_prefix(..., constrained=True)``: a call object
+    of the allowed functions, their ``parameters`` as its arguments' schema (Mistral: a list
+    of them)."""
+    key = _OPENING[fmt][1]
+    chosen = [t["function"] for t in tools if forced is None or t["function"]["name"] == forced]
+    variants = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                key: f.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", key],
+        }
+        for f in chosen
+    ]
+    one = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    return {"type": "array", "items": one, "minItems": 1} if fmt == "mistral" else one
 
 
 # ---- a request's tools on a model ---------------------------------------------------------------
@@ -214,6 +240,9 @@ class ToolRequest(Protocol):
     @property
     def forced_tool(self) -> str | None: ...
 
+    @property
+    def constraint(self) -> Constraint | None: ...  # the client's own (structured output)
+
 
 def template_format(template: Template) -> ToolFormat | None:
     """The call syntax of a model's template (None for the fallback, which takes no tools)."""
@@ -233,12 +262,33 @@ def tool_variables(template: Template, request: ToolRequest) -> dict[str, Any]:
     return {"tools": list(request.tools)}
 
 
+def _forced(template: Template, request: ToolRequest) -> ToolFormat | None:
+    fmt = template_format(template)
+    return fmt if _uses_tools(request) and request.tool_choice == "required" else None
+
+
+def call_constraint(template: Template, request: ToolRequest) -> Constraint | None:
+    """What constrains a forced call's reply: a call object of the allowed functions. None if
+    no call is forced, the client constrains the answer itself, or the schema cannot be
+    compiled (a keyword the matcher lacks, too big): the call is then only begun."""
+    from .constraint import Constraint, ConstraintError
+
+    fmt = _forced(template, request)
+    if fmt is None or request.constraint is not None:
+        return None
+    try:
+        return Constraint.json_schema(call_schema(fmt, request.tools, request.forced_tool))
+    except ConstraintError:
+        return None
+
+
 def reply_prefix(template: Template, request: ToolRequest) -> str:
     """The start of a forced call, written after the prompt (empty unless one is forced)."""
-    fmt = template_format(template)
-    if not _uses_tools(request) or request.tool_choice != "required" or fmt is None:
+    fmt = _forced(template, request)
+    if fmt is None:
         return ""
-    return forced_prefix(fmt, request.forced_tool)
+    constrained = call_constraint(template, request) is not None
+    return forced_prefix(fmt, request.forced_tool, constrained)
 
 
 def reply_stream(template: Template, request: ToolRequest) -> ToolCallStream | None:
@@ -479,20 +529,3 @@ def tool_messages_view(calls: Iterable[ToolCall]) -> list[dict[str, Any]]:
             view["id"] = c.id
         out.append(view)
     return out
-
-
-def forced_schema(tools: tuple[dict[str, Any], ...], forced: str | None) -> dict[str, Any]:
-    """The JSON schema of one call object of the allowed functions (for constrained output)."""
-    chosen = [t["function"] for t in tools if forced is None or t["function"]["name"] == forced]
-    variants = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
-        }
-        for f in chosen
-    ]
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}

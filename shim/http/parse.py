@@ -406,9 +406,12 @@ def parse_openai_chat(body: dict[str, Any]) -> ApiCall:
         raise bad("messages must not be empty")
     sampling, max_tokens, stop = _openai_sampling(body)
     constraint = parse_response_format(body.get("response_format"))
+    tools = _fields(tool_bodies.openai_tool_fields, body)
+    if constraint is not None and tools.get("tool_choice") == "required":
+        raise bad("response_format cannot go with a required tool call (the call is the answer)")
     request = _request(model=model, messages=messages, options=sampling, max_tokens=max_tokens,
                        stop=stop, constraint=constraint, **_fields(LP.chat_logprobs, body),
-                       **_fields(tool_bodies.openai_tool_fields, body))  # fmt: skip
+                       **tools)  # fmt: skip
     return ApiCall(model, request, get_bool(body, "stream", False), None, _include_usage(body))
 
 
