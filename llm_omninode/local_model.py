@@ -23,6 +23,7 @@ from .backend.sampling import SamplingOptions
 from .backend.spec import ModelSpec
 from .backend.stage_engine import new_stage, stage_tensors
 from .backend.tokenizer import Tokenizer
+from .backend.tool_calls import call_constraint
 from .request import GenerationRequest
 
 
@@ -108,7 +109,9 @@ class LocalModel:
 
     def run(self, request: GenerationRequest) -> Iterator[Chunk]:
         ids = self.prompt_ids(request)
-        guide = None if request.constraint is None else self.guide(request.constraint)
+        # a forced tool call is constrained as the shim constrains it (its text, not split)
+        constraint = request.constraint or call_constraint(self.template, request)
+        guide = None if constraint is None else self.guide(constraint)
         seq_id = uuid.uuid4().hex
         if request.logprobs:
             echo = ids if request.echo else None
