@@ -1,22 +1,24 @@
 """What a shim adds to a decode step: the bare ggml stage against the same model in a shim.
 
     python bench/overhead.py [--model qwen2.5-coder-1.5b] [--threads 2] [--runs 5]
-                             [--decode-tokens 48] [--shims 1]
+                             [--decode-tokens 48] [--shims 1,2]
 
-Two sides stay loaded side by side and are measured in turn (A, B, A, B, ...), so a machine
+The sides stay loaded side by side and are measured in turn (A, B, A, B, ...), so a machine
 others are loading weighs on both alike:
 
 - engine: the stage the shim would run (stage_engine.new_stage, all blocks, ``--threads``) in
   a worker process of its own, decoding greedily after a short prompt;
-- shim: ``--shims`` real ``omni-shim`` processes on loopback (the model split over them, the
-  threads shared out), asked for the same greedy decode by a client in this process.
+- shims: for each size in ``--shims``, that many real ``omni-shim`` processes on loopback
+  (the model split over them, the threads shared out: ``--shims 1,2`` sets one shim with 2
+  threads beside two with 1 each), asked for the same greedy decode by a client here.
 
 Wall time is what a busy machine blurs most, so beside tokens per second each side reports
 CPU seconds per decoded token: the worker's (engine), or every shim process's and this
 client's (from /proc/PID/stat, utime + stime, between the first streamed chunk and the last),
-with each shim's threads named (``mlx_0``: the compute thread, the main thread: the event
-loop, the rest ggml's OpenMP workers). Medians over ``--runs`` after one warm-up each. The
-last line printed is JSON.
+split by thread (``main``: the event loop; ``python``: the compute thread and ggml's OpenMP
+workers). Medians over ``--runs`` after one warm-up each. Both
+sides inherit one OpenMP wait policy (llm_omninode/backend/__init__.py). The last line
+printed is JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="a pulled registry name")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--shims", type=int, default=1, help="shims the model is split over")
+    ap.add_argument("--shims", default="1,2", help="cluster sizes (comma-separated), each measured")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--no-engine", action="store_true", help="the shim side alone")
@@ -179,47 +182,62 @@ def main(argv: list[str] | None = None) -> int:
     from llm_omninode.request import GenerationRequest
 
     registry = ModelRegistry(omni_home())
-    source = registry.store.file_source(registry.get(args.model).model_id)
+    try:
+        source = registry.store.file_source(registry.get(args.model).model_id)
+    except Exception as exc:  # noqa: BLE001 - the registry's own words
+        source = None
+        print(f"{args.model}: not pulled here ({exc}); skipped")
     if source is None:
-        sys.exit(f"{args.model}: no GGUF file behind it here")
+        print(json.dumps({"model": args.model, "skipped": "not pulled here"}))
+        return 0
     job = {"model": args.model, "threads": args.threads, "decode_tokens": args.decode_tokens}
     engine = None if args.no_engine else Engine(job)
     request = GenerationRequest(
         model="bench", prompt=PROMPT, max_tokens=args.decode_tokens + 1,
         options=SamplingOptions().updated(temperature=0.0, repeat_penalty=1.0),
     )  # fmt: skip
-    rows: dict[str, list] = {"engine": [], "shim": []}
-    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
-        cluster = Cluster(Path(tmp), args.shims, Path(source.path), alias="bench",
-                          threads=max(1, args.threads // args.shims))  # fmt: skip
-        try:
-            with ShimClient.connect(start=False) as client:
-                cluster.wait_peers(client)
-                for run in range(args.runs + 1):
-                    s = shim_run(client, cluster, request)
-                    e = engine.run() if engine else None
-                    if run:  # run 0 warms up both
-                        rows["shim"].append(s)
-                        if e:
-                            rows["engine"].append(e)
-                    print(f"run {run}: shim {s['tok_s']:.1f} tok/s {s['cpu_ms_per_tok']:.1f} "
-                          f"CPU ms/tok (client {s['client_ms_per_tok']:.1f})"
-                          + (f"; engine {e['tok_s']:.1f} tok/s {e['cpu_ms_per_tok']:.1f} CPU "
-                             "ms/tok" if e else ""), flush=True)  # fmt: skip
-        finally:
-            cluster.close()
-            if engine:
-                engine.close()
+    sizes = [int(n) for n in args.shims.split(",")]
+    rows: dict[str, list] = {"engine": [], **{f"shims_{n}": [] for n in sizes}}
+    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp, ExitStack() as stack:
+        if engine is not None:
+            stack.callback(engine.close)
+        sides = []
+        for n in sizes:  # each cluster loaded once, all kept while they are measured in turn
+            cluster = Cluster(Path(tmp) / f"shims{n}", n, Path(source.path), alias="bench",
+                              threads=max(1, args.threads // n))  # fmt: skip
+            stack.callback(cluster.close)
+            client = stack.enter_context(ShimClient.connect(start=False))
+            cluster.wait_peers(client)
+            sides.append((f"shims_{n}", client, cluster))
+        for run in range(args.runs + 1):
+            got = {name: shim_run(client, cluster, request) for name, client, cluster in sides}
+            if engine is not None:
+                got["engine"] = engine.run()
+            if run:  # run 0 warms every side up
+                for name, r in got.items():
+                    rows[name].append(r)
+            print(f"run {run}: " + "; ".join(
+                f"{name} {r['tok_s']:.1f} tok/s {r['cpu_ms_per_tok']:.1f} CPU ms/tok"
+                + (f" (client {r['client_ms_per_tok']:.1f})" if "client_ms_per_tok" in r else "")
+                for name, r in got.items()), flush=True)  # fmt: skip
     result: dict[str, Any] = {"model": args.model, "threads": args.threads,
-                              "shims": args.shims, "runs": args.runs,
-                              "load_avg": os.getloadavg()[0]}  # fmt: skip
-    for side, got in rows.items():
-        if got:
-            result[side] = median_of(got)
-    if rows["engine"]:
-        result["shim_vs_engine"] = round(result["shim"]["tok_s"] / result["engine"]["tok_s"], 3)
-        extra = result["shim"]["cpu_ms_per_tok"] - result["engine"]["cpu_ms_per_tok"]
-        result["shim_extra_cpu_ms_per_tok"] = round(extra, 2)
+                              "runs": args.runs, "load_avg": os.getloadavg()[0]}  # fmt: skip
+    for side, got_rows in rows.items():
+        if got_rows:
+            result[side] = median_of(got_rows)
+    base = result.get("engine") or result.get(f"shims_{sizes[0]}")
+    base_name = "engine" if "engine" in result else f"shims_{sizes[0]}"
+    for n in sizes:
+        r = result[f"shims_{n}"]
+        r[f"vs_{base_name}"] = round(r["tok_s"] / base["tok_s"], 3)
+        r[f"extra_cpu_ms_per_tok_vs_{base_name}"] = round(
+            r["cpu_ms_per_tok"] - base["cpu_ms_per_tok"], 2
+        )
+    if len(sizes) > 1:
+        first = result[f"shims_{sizes[0]}"]
+        for n in sizes[1:]:
+            r = result[f"shims_{n}"]
+            r[f"vs_shims_{sizes[0]}"] = round(r["tok_s"] / first["tok_s"], 3)
     print(json.dumps(result))
     return 0
 
