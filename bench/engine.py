@@ -7,7 +7,8 @@ model, side by side with llama.cpp in the same run, for each model asked for.
 Prefill: one forward of a ~128-token prompt (a fresh sequence each run), tokens per second.
 Decode: 128 greedy tokens one at a time after that prompt, tokens per second. Each figure is
 the median over --runs runs, after one warm-up run that is not counted. Both sides use the
-same number of threads (default: every CPU).
+same number of threads (default: every CPU) and OpenMP wait policy (a shim's: see
+llm_omninode/backend/__init__.py).
 
 Each measurement runs in a process of its own, so its peak resident memory (VmHWM) is its
 own: OmniNode's stage (the engine a shim uses here: ggml on Linux) and llama.cpp
@@ -168,6 +169,9 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
 
 
 def _child(python: str, role: str, job: dict[str, Any]) -> dict[str, Any]:
+    # llama.cpp's ggml is OpenMP too: both wait at its barriers as a shim's stage does
+    import llm_omninode.backend  # noqa: F401 - sets OMP_WAIT_POLICY (see there)
+
     proc = subprocess.run(
         [python, __file__, "--worker", role, json.dumps(job)],
         capture_output=True, text=True, check=False,

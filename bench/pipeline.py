@@ -50,8 +50,9 @@ def find_model(path: str | None) -> Path:
 
 class Cluster:
     def __init__(
-        self, root: Path, n: int, model: Path, env: dict[str, str] | None = None, api: bool = False
-    ) -> None:
+        self, root: Path, n: int, model: Path, env: dict[str, str] | None = None, api: bool = False,
+        alias: str = "smollm2", threads: int | None = None,
+    ) -> None:  # fmt: skip
         from llm_omninode.backend.registry import ModelRegistry
         from llm_omninode.net.admission import create_cluster_secret
 
@@ -60,13 +61,14 @@ class Cluster:
         for d in self.dirs:
             d.mkdir(parents=True)
         secret = create_cluster_secret(self.dirs[0])
-        ModelRegistry(self.dirs[0]).add_file(model, alias="smollm2")
+        ModelRegistry(self.dirs[0]).add_file(model, alias=alias)
+        threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.procs: list[subprocess.Popen] = []
         ports: list[int] = []
         for i, d in enumerate(self.dirs):
             argv = [sys.executable, "-m", "omninode_shim", "--data-dir", str(d), "--host",
                     "127.0.0.1", "--port", "0", "--no-mdns", "--no-api", "--no-prefix-cache",
-                    "--name", f"node{i}", "--threads", str(max(1, (os.cpu_count() or 1) // n)),
+                    "--name", f"node{i}", "--threads", str(threads),
                     "--max-memory", "2GiB", "--log-level", LOG_LEVEL]  # fmt: skip
             if api:  # node 0's HTTP API on a free port (shim.json says which)
                 argv[argv.index("--no-api")] = "--api-port=0" if i == 0 else "--no-api"

@@ -32,6 +32,7 @@ BENCHES = [
     ("concurrency.py", ["--concurrent", "4", "--runs", "3", "--decode-tokens", "128"],
      ["--runs", "1", "--decode-tokens", "64"]),
     ("prefill.py", ["--runs", "3"], ["--runs", "1", "--repeat", "4"]),
+    ("overhead.py", ["--runs", "5"], ["--runs", "2", "--decode-tokens", "24"]),
     ("transfer.py", ["--size-mib", "64", "--runs", "3", "--rtt-count", "1000"],
      ["--size-mib", "16", "--runs", "1", "--rtt-count", "200"]),
     ("constrained.py", ["--runs", "3"], ["--runs", "1", "--models", "smollm2"]),

@@ -5,6 +5,7 @@ from llm_omninode.backend.sampling import (
     Sampler,
     SamplingError,
     SamplingOptions,
+    _candidates,
     apply_repeat_penalty,
 )
 
@@ -88,3 +89,21 @@ def test_updated_ignores_none_and_refuses_unknown():
     assert o.top_k == 5 and o.temperature == SamplingOptions().temperature
     with pytest.raises(SamplingError):
         SamplingOptions().updated(bogus=1)
+
+
+@pytest.mark.parametrize("top_k", [1, 40, 500])
+def test_top_k_over_a_large_vocabulary_is_exact(top_k):
+    """A Qwen-sized vocabulary takes the cutoff path: the same candidates, in the same order,
+    as sorting everything; with ties and NaNs, the same values."""
+    rng = np.random.default_rng(top_k)
+    o = SamplingOptions(top_k=top_k, top_p=1.0)
+    for _ in range(5):
+        logits = (rng.standard_normal(151936) * 3).astype(np.float32)
+        ids, probs = _candidates(logits, o)
+        want = np.argsort(-logits, kind="stable")[:top_k]
+        assert np.array_equal(ids, want)
+        assert np.allclose(probs.sum(), 1.0)
+    tied = rng.integers(-4, 4, 151936).astype(np.float32)
+    tied[rng.integers(0, 151936, 30)] = np.nan
+    ids, _ = _candidates(tied, o)
+    assert np.array_equal(tied[ids], np.sort(tied[~np.isnan(tied)])[::-1][:top_k])

@@ -20,6 +20,7 @@ class SamplingError(ValueError):
 
 _MAX_INT = 2**64  # wire integers past this are garbage (a seed is < 2**64 anyway)
 _FLOAT_OPTIONS = frozenset({"temperature", "top_p", "min_p", "repeat_penalty"})
+_STRIDE = 16  # top-k's cutoff is taken from every _STRIDE-th logit (see _top_k)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def apply_repeat_penalty(
 def _candidates(logits: np.ndarray, o: SamplingOptions) -> tuple[np.ndarray, np.ndarray]:
     """Surviving ids and their probabilities after top-k, top-p, min-p and temperature."""
     k = len(logits) if o.top_k <= 0 else min(o.top_k, len(logits))
-    ids = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
+    ids = _top_k(logits, k) if k < len(logits) else np.arange(len(logits))
     ids = ids[np.argsort(-logits[ids], kind="stable")]
     values = logits[ids].astype(np.float64)
     probs = _softmax(values)
@@ -138,6 +139,20 @@ def _candidates(logits: np.ndarray, o: SamplingOptions) -> tuple[np.ndarray, np.
         ids, values = ids[mask], values[mask]
     probs = _softmax(values / o.temperature)
     return ids, probs
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the ``k`` largest logits, in no order. Partitioning a 150k vocabulary is
+    most of a sampled step's Python time, so first a cutoff: the k-th largest of every
+    _STRIDE-th logit. At least k logits reach it (those k), so the k largest are among the
+    logits that do, a few hundred to partition."""
+    sample = logits[::_STRIDE]
+    if len(sample) >= 4 * k:
+        cut = np.partition(sample, len(sample) - k)[len(sample) - k]
+        near = np.flatnonzero(logits >= cut)
+        if len(near) >= k:  # else NaNs: the whole vocabulary, as below
+            return near[np.argpartition(-logits[near], k - 1)[:k]]
+    return np.argpartition(-logits, k - 1)[:k]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
