@@ -169,9 +169,9 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
 
 
 def _child(python: str, role: str, job: dict[str, Any]) -> dict[str, Any]:
-    # llama.cpp's ggml is OpenMP too: both wait at its barriers as a shim's stage does
-    import llm_omninode.backend  # noqa: F401 - sets OMP_WAIT_POLICY (see there)
-
+    # each worker keeps its own defaults: OmniNode's sets OMP_WAIT_POLICY as a shim does
+    # (llm_omninode/backend/__init__.py), llama.cpp keeps libgomp's spinning waits, as its
+    # users run it (on a quiet machine spinning is the faster; under load, the slower)
     proc = subprocess.run(
         [python, __file__, "--worker", role, json.dumps(job)],
         capture_output=True, text=True, check=False,
