@@ -7,8 +7,8 @@ model, side by side with llama.cpp in the same run, for each model asked for.
 Prefill: one forward of a ~128-token prompt (a fresh sequence each run), tokens per second.
 Decode: 128 greedy tokens one at a time after that prompt, tokens per second. Each figure is
 the median over --runs runs, after one warm-up run that is not counted. Both sides use the
-same number of threads (default: every CPU) and OpenMP wait policy (a shim's: see
-llm_omninode/backend/__init__.py).
+same number of threads (default: every CPU); each keeps its own OpenMP wait policy (OmniNode
+a shim's, see llm_omninode/backend/__init__.py; llama.cpp libgomp's default spinning).
 
 Each measurement runs in a process of its own, so its peak resident memory (VmHWM) is its
 own: OmniNode's stage (the engine a shim uses here: ggml on Linux) and llama.cpp
