@@ -219,19 +219,14 @@ def _assert_issue_thresholds(fid) -> None:
 
 
 @pytest.mark.model
-def test_teacher_forced_smollm2(smollm2_path) -> None:
-    fid = _fidelity(smollm2_path, "smollm2")
-    _assert_issue_thresholds(fid)
-    if ggml.ggml_cpu_has_llamafile():
-        assert fid.mean_kl < 1e-6  # llama.cpp's own numbers (Q4_1 is not repacked there)
-
-
-@pytest.mark.model
-def test_teacher_forced_smollm2_two_stages(smollm2_path) -> None:
-    """Hidden states crossing as float32: the split computes what one stage computes, bit
-    for bit. (As float16, engine.Stage's format, the rounding at the boundary costs: measured
-    252/255 at margin >= 0.1, mean KL 1.8e-3.)"""
+def test_teacher_forced_smollm2_one_and_two_stages(smollm2_path) -> None:
+    """One stage gives llama.cpp's own numbers; hidden states crossing as float32, the split
+    computes what one stage computes, bit for bit. (As float16, engine.Stage's format, the
+    rounding at the boundary costs: measured 252/255 at margin >= 0.1, mean KL 1.8e-3.)"""
     one = _fidelity(smollm2_path, "smollm2")
+    _assert_issue_thresholds(one)
+    if ggml.ggml_cpu_has_llamafile():
+        assert one.mean_kl < 1e-6  # llama.cpp's own numbers (Q4_1 is not repacked there)
     two = _fidelity(smollm2_path, "smollm2", (0, 0.5, 1), hidden_dtype=np.float32)
     assert two.kl == one.kl and two.agree == one.agree
     _assert_issue_thresholds(two)

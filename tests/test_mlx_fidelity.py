@@ -84,14 +84,11 @@ def qwen2(qwen2_path: Path) -> Model:
 
 
 @pytest.mark.model
-def test_teacher_forced_smollm2(smollm2: Model) -> None:
-    assert_issue_bounds(fidelity(smollm2, "smollm2"))
-
-
-@pytest.mark.model
-def test_teacher_forced_smollm2_two_stages(smollm2: Model) -> None:
-    """Hidden states crossing as float32: two stages compute what one does, bit for bit."""
+def test_teacher_forced_smollm2_one_and_two_stages(smollm2: Model) -> None:
+    """One stage within the issue's bounds; two stages (hidden states crossing as float32)
+    compute what one does, bit for bit."""
     one = fidelity(smollm2, "smollm2")
+    assert_issue_bounds(one)
     two = fidelity(smollm2, "smollm2", (0, 0.5, 1))
     assert two.kl == one.kl and two.agree == one.agree
 
