@@ -7,8 +7,8 @@ model, side by side with llama.cpp in the same run, for each model asked for.
 Prefill: one forward of a ~128-token prompt (a fresh sequence each run), tokens per second.
 Decode: 128 greedy tokens one at a time after that prompt, tokens per second. Each figure is
 the median over --runs runs, after one warm-up run that is not counted. Both sides use the
-same number of threads (default: every CPU); each keeps its own OpenMP wait policy (OmniNode
-a shim's, see llm_omninode/backend/__init__.py; llama.cpp libgomp's default spinning).
+same number of threads (default: every CPU) and libgomp's default waits (its threads spin
+~3 ms at ggml's barriers, as in a shim; OMP_WAIT_POLICY, when set, reaches both).
 
 Each measurement runs in a process of its own, so its peak resident memory (VmHWM) is its
 own: OmniNode's stage (the engine a shim uses here: ggml on Linux) and llama.cpp
@@ -169,9 +169,6 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
 
 
 def _child(python: str, role: str, job: dict[str, Any]) -> dict[str, Any]:
-    # each worker keeps its own defaults: OmniNode's sets OMP_WAIT_POLICY as a shim does
-    # (llm_omninode/backend/__init__.py), llama.cpp keeps libgomp's spinning waits, as its
-    # users run it (on a quiet machine spinning is the faster; under load, the slower)
     proc = subprocess.run(
         [python, __file__, "--worker", role, json.dumps(job)],
         capture_output=True, text=True, check=False,

@@ -117,13 +117,15 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running(n: int, model: Path, env: dict[str, str] | None = None) -> Iterator:
+def running(
+    n: int, model: Path, env: dict[str, str] | None = None, threads: int | None = None
+) -> Iterator:
     """A client of node 0 of ``n`` shims started in a temporary directory, once they all see
     each other; the shims stop on exit."""
     from llm_omninode.client import ShimClient
 
     with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
-        cluster = Cluster(Path(tmp), n, model, env)
+        cluster = Cluster(Path(tmp), n, model, env, threads=threads)
         try:
             with ShimClient.connect(start=False) as client:
                 cluster.wait_peers(client)
@@ -132,7 +134,7 @@ def running(n: int, model: Path, env: dict[str, str] | None = None) -> Iterator:
             cluster.close()
 
 
-def measure(n: int, model: Path, runs: int, decode_tokens: int) -> dict:
+def measure(n: int, model: Path, runs: int, decode_tokens: int, threads: int | None = None) -> dict:
     from llm_omninode.backend.sampling import SamplingOptions
     from llm_omninode.request import GenerationRequest
 
@@ -142,7 +144,7 @@ def measure(n: int, model: Path, runs: int, decode_tokens: int) -> dict:
         options=SamplingOptions().updated(temperature=0.0, repeat_penalty=1.0),
         max_tokens=decode_tokens,
     )
-    with running(n, model) as client:
+    with running(n, model, threads=threads) as client:
         t0 = time.perf_counter()
         list(client.generate(request))  # plan, load (and fetch) every stage
         warm_s = time.perf_counter() - t0
@@ -170,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="1,2,3", help="cluster sizes to measure")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=32)
+    # default: the cores shared out (cores / shims each); --threads 1 compares stages as
+    # 1-core devices, one stage included (on one machine a pipeline uses one core at a time)
+    ap.add_argument("--threads", type=int, help="threads of every shim")
     args = ap.parse_args(argv)
     model = find_model(args.model)
     results = []
     for n in (int(s) for s in args.stages.split(",")):
-        r = measure(n, model, args.runs, args.decode_tokens)
+        r = measure(n, model, args.runs, args.decode_tokens, args.threads)
         results.append(r)
         print(f"{n} stage(s) {r['split']}: prefill {r['prefill_tok_s']} tok/s "
               f"({r['prompt_tokens']} tokens), decode {r['decode_tok_s']} tok/s, "

@@ -477,7 +477,10 @@ class Node:
     # ---- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
         preload_engine()
-        self.speed = measure_speed(self.config.threads)  # before runtime: counts what it keeps
+        # on the stage host's compute thread, as every ggml graph of this process: libgomp keeps
+        # a pool of threads per calling thread, and with more of them than CPUs its waits
+        # barely spin, which slows every step (before runtime: it counts what it keeps)
+        self.speed = await self.host.run(measure_speed, self.config.threads)
         self.host.runtime = resident_bytes()
         if self.host.runtime >= self.memory_budget:  # it can still coordinate and serve
             log.warning(

@@ -75,6 +75,9 @@ class ShimCluster:
             OMNI_SHIM=f"{self.host(i)}:{self.ports[i]}",
             PYTHONUNBUFFERED="1",
         )
+        # the test's shims share this machine's cores with each other and with pytest: their
+        # ggml threads sleep at barriers instead of spinning (libgomp's default ~3 ms)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(self.extra_env)
         env.update(extra)
         return env
