@@ -29,6 +29,7 @@ from llm_omninode.net.quic import FrameStream, NetError
 from llm_omninode.request import GenerationRequest, RequestError
 
 from .errors import CacheMiss, LinkLost, NodeLost, StageBusy, StageMissing
+from .hosted_stage import Tail
 from .pipeline import (
     CONSTRAINT_MARKER,
     STEP_TIMEOUT,
@@ -42,7 +43,6 @@ from .pipeline import (
     tail_frame,
 )
 from .scoring import ScoreSink, Scoring, ScoringError
-from .stage_host import Tail
 
 if TYPE_CHECKING:
     from .model_state import ModelText, PlanState

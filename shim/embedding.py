@@ -35,8 +35,8 @@ from llm_omninode.request import RequestError
 
 from .decode import Here, Ring
 from .errors import CoordinatorError
+from .hosted_stage import PoolTail
 from .pipeline import STEP_TIMEOUT, Hop, PipelineError, pool_tail_frame
-from .stage_host import PoolTail
 
 if TYPE_CHECKING:
     from .model_state import ModelText, PlanState

@@ -33,13 +33,11 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llm_omninode import __version__
-from llm_omninode.backend.generate import Chunk
 from llm_omninode.backend.registry import ModelNotFound, ModelRegistry
 from llm_omninode.backend.shards import Manifest, ManifestError
 from llm_omninode.backend.speed import measure as measure_speed
@@ -56,6 +54,7 @@ from llm_omninode.net.quic import FrameStream, QuicSettings, Server, serve
 from llm_omninode.net.transfer import ShardSource, handle_shard_read
 from llm_omninode.request import GenerationRequest, RequestError
 
+from .api_runner import ApiRunner
 from .embedding import Embedder, serve_embed
 from .errors import CoordinatorError
 from .generation import DEFAULT_PARALLEL, Generations
@@ -64,7 +63,6 @@ from .http.service import ApiService
 from .lifecycle import ModelLifecycle
 from .load_progress import REPORT_EVERY, LoadProgress
 from .metrics import Metrics, NodeGauges
-from .model_state import ModelText, PlanState
 from .peers import PeerTable, parse_host_port
 from .pipeline import serve_pipeline
 from .process import device_name, peak_bytes, physical_memory, resident_bytes
@@ -100,42 +98,6 @@ class NodeConfig:
     parallel: int = DEFAULT_PARALLEL  # sequences of one model coordinated here at once
     prefix_reuse: bool = True  # keep finished sequences' caches for a next turn
     threads: int | None = None  # of a stage's compute (None: OMNI_GGML_THREADS, else all CPUs)
-
-
-@dataclass(frozen=True)
-class ApiRunner:
-    """What the HTTP API runs models with (shim/http/service.py's ``ModelRunner``): the models'
-    lifecycle, and their generations."""
-
-    lifecycle: ModelLifecycle
-    generations: Generations
-
-    async def resolve(self, name: str) -> ModelText:
-        return await self.lifecycle.resolve(name)
-
-    def generate(
-        self,
-        request: GenerationRequest,
-        timings: dict[str, float] | None = None,
-        keep_alive: float | None = None,
-        progress: Callable[[LoadProgress], Awaitable[None]] | None = None,
-    ) -> AsyncGenerator[Chunk, None]:
-        return self.generations.generate(request, timings, keep_alive, progress)
-
-    async def load(self, name: str, keep_alive: float | None = None) -> ModelText:
-        return await self.lifecycle.load(name, keep_alive)
-
-    async def unload(self, name: str) -> bool:
-        return await self.lifecycle.unload(name)
-
-    def forget(self, model_id: str) -> None:
-        self.lifecycle.forget(model_id)
-
-    def loaded(self) -> list[tuple[ModelText, PlanState, float | None]]:
-        return self.lifecycle.loaded()
-
-    def alias_of(self, model_id: str) -> str | None:
-        return self.lifecycle.alias_of(model_id)
 
 
 class Node:

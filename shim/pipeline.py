@@ -55,8 +55,9 @@ from llm_omninode.net.frames import Frame, FrameType
 from llm_omninode.net.identity import is_node_id
 from llm_omninode.net.quic import FrameStream, NetError
 
+from .hosted_stage import HostedStage, PoolTail, Tail
 from .scoring import Scoring, score_frames, scored_pick, scoring_from
-from .stage_host import MAX_SEQUENCES, HostedStage, PoolTail, StageHost, Tail
+from .stage_host import MAX_SEQUENCES, StageHost
 
 if TYPE_CHECKING:
     from .peers import PeerTable
