@@ -36,7 +36,7 @@ from llm_omninode.request import RequestError
 from .decode import Here, Ring
 from .errors import CoordinatorError
 from .hosted_stage import PoolTail
-from .pipeline import STEP_TIMEOUT, Hop, PipelineError, pool_tail_frame
+from .pipeline import Hop, PipelineError, pool_tail_frame
 
 if TYPE_CHECKING:
     from .model_state import ModelText, PlanState
@@ -97,12 +97,7 @@ class PoolRing(Ring):
 
     async def pooled(self, step: int, width: int) -> np.ndarray:
         """The vector the last stage pooled once ``step`` (the prompt's last piece) was in."""
-        try:
-            got = await asyncio.wait_for(self.answers.get(), STEP_TIMEOUT)
-        except asyncio.TimeoutError as exc:
-            raise PipelineError(f"no embedding within {STEP_TIMEOUT} s") from exc
-        if isinstance(got, PipelineError):
-            raise got
+        got = await self._next_answer(step)
         if got.header.get("step") != step:
             raise PipelineError(f"step {step} was answered out of order")
         try:
